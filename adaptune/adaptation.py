@@ -1,0 +1,244 @@
+"""The Adaptation: every component bound to one model, with task switching and merging.
+
+It is registered on the model as the submodule `adaptune`, so `model.parameters()`, `.to()` and
+`state_dict()` see the components, while the base modules keep their own keys.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .components.base import Stack
+from .errors import ConfigError, MergeError, TaskError
+from .hooks import Hook, hook_class, hook_key
+from .sites import SiteMap, Sublayer
+
+Plan = dict[str | None, dict[str, Stack]]  # group (None = shared, else task) -> selector -> stack
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class SharedContext:
+    """What a component's shared module may need: where it binds and the adaptation's tasks."""
+    adaptation: "Adaptation"
+    group: str | None
+    points: list[Any]
+    tasks: list[str]
+    sites: SiteMap
+
+
+@dataclass
+class _Frozen:
+    flags: dict[nn.Parameter, bool] = field(default_factory=dict)
+
+
+class Group(nn.Module):
+    """The components of the shared set or of one task: bound modules per point, shared modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.points = nn.ModuleDict()  # point key -> ModuleList in stack order
+        self.common = nn.ModuleDict()  # index -> module shared by all points of one component
+
+
+def _reference(point: Any) -> torch.Tensor:
+    module = point.out_module if isinstance(point, Sublayer) else point.module
+    return next(module.parameters())
+
+
+class Adaptation(nn.Module):
+    def __init__(self, model: nn.Module, plan: Plan, active: str | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule: the model owns us
+        self.plan = plan
+        self.task_names = [g for g in plan if g is not None]
+        for name in self.task_names:
+            if not isinstance(name, str) or not _TASK_NAME.match(name):
+                raise ConfigError(f"task names are letters, digits, '_' and '-'; got {name!r}")
+        if active is None and self.task_names:
+            active = self.task_names[0]
+        self._task = None
+        self._enabled = True
+        self._installed = False
+        self.hooks: dict[tuple, Hook] = {}
+        self.shared = Group()
+        self.tasks = nn.ModuleDict({name: Group() for name in self.task_names})
+        self.sites = SiteMap(model)
+        for group, selectors in plan.items():
+            self._build(group, selectors)
+        self._set_task(active)
+
+    # ---- building -------------------------------------------------------------------------------
+
+    def group(self, name: str | None) -> Group:
+        return self.shared if name is None else self.tasks[name]
+
+    def _build(self, group: str | None, selectors: dict[str, Stack]) -> None:
+        target = self.group(group)
+        for selector, stack in selectors.items():
+            for component in stack:
+                points = self.sites.resolve(selector, component.role, repr(component))
+                ctx = SharedContext(self, group, points, self.task_names, self.sites)
+                shared = component.shared(ctx)
+                if shared is not None:
+                    ref = _reference(points[0])
+                    target.common[str(len(target.common))] = shared.to(ref.device, ref.dtype)
+                for point in points:
+                    ref = _reference(point)
+                    bound = component.bind(point, shared).to(ref.device, ref.dtype)
+                    if point.key not in target.points:
+                        target.points[point.key] = nn.ModuleList()
+                    target.points[point.key].append(bound)
+                    key = hook_key(component.role, point)
+                    if key not in self.hooks:
+                        self.hooks[key] = hook_class(component.role)(self, point)
+                    self.hooks[key].add(group, point, bound)
+
+    def install(self) -> None:
+        """Freeze the base, register on the model, install every hook; undo all on failure."""
+        model = self.model
+        if "adaptune" in model._modules or hasattr(model, "adaptune"):
+            raise ConfigError("this model already has an adaptation attached; detach it first")
+        own = {id(p) for p in self.parameters()}
+        self._frozen = _Frozen({p: p.requires_grad for p in model.parameters() if id(p) not in own})
+        installed: list[Hook] = []
+        try:
+            for p in self._frozen.flags:
+                p.requires_grad_(False)
+            model.add_module("adaptune", self)
+            for hook in self.hooks.values():
+                hook.install()
+                installed.append(hook)
+        except BaseException:
+            for hook in reversed(installed):
+                hook.remove()
+            self._restore(model)
+            raise
+        self._installed = True
+
+    def _restore(self, model: nn.Module) -> None:
+        for p, flag in self._frozen.flags.items():
+            p.requires_grad_(flag)
+        if model._modules.get("adaptune") is self:
+            del model._modules["adaptune"]
+
+    def detach(self) -> nn.Module:
+        """Unmerge, remove every hook, unfreeze: the model is back to its original, bit-exact."""
+        if not self._installed:
+            return self.model
+        if self.merged:
+            self.unmerge()
+        for hook in reversed(list(self.hooks.values())):
+            hook.remove()
+        self._restore(self.model)
+        self._installed = False
+        return self.model
+
+    # ---- tasks ----------------------------------------------------------------------------------
+
+    @property
+    def task(self) -> str | None:
+        """The active task (None: shared components only)."""
+        return self._task
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def is_active(self, group: str | None) -> bool:
+        return self._enabled and (group is None or group == self._task)
+
+    def _check_task(self, name: str | None) -> None:
+        if name is not None and name not in self.tasks:
+            valid = ", ".join(map(repr, self.task_names)) or "none (this adaptation has no tasks)"
+            raise TaskError(f"unknown task {name!r}; tasks: {valid}")
+
+    def _set_task(self, name: str | None) -> None:
+        self._check_task(name)
+        self._task = name
+
+    def _check_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise MergeError(f"cannot {action} while updates are merged into the base weights; call unmerge() first")
+
+    def use(self, task: str | None) -> "Adaptation":
+        """Make `task` the active task (None: shared components only)."""
+        self._check_task(task)
+        if task != self._task:
+            self._check_unmerged("switch tasks")
+        self._set_task(task)
+        return self
+
+    @contextmanager
+    def using(self, task: str | None) -> Iterator["Adaptation"]:
+        """Temporarily make `task` active."""
+        previous = self._task
+        self.use(task)
+        try:
+            yield self
+        finally:
+            self.use(previous)
+
+    def enable(self, on: bool = True) -> "Adaptation":
+        if on != self._enabled:
+            self._check_unmerged("enable or disable components")
+        self._enabled = on
+        return self
+
+    def disable(self) -> "Adaptation":
+        """Run the base model: every component off."""
+        return self.enable(False)
+
+    @contextmanager
+    def disabled(self) -> Iterator["Adaptation"]:
+        previous = self._enabled
+        self.enable(False)
+        try:
+            yield self
+        finally:
+            self.enable(previous)
+
+    # ---- merging --------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return any(getattr(b, "merged", False) for h in self.hooks.values() for _, _, b in h.entries)
+
+    @torch.no_grad()
+    def merge(self) -> "Adaptation":
+        """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge)."""
+        todo = [item for hook in self.hooks.values() if hasattr(hook, "to_merge") for item in hook.to_merge()]
+        for view, bound in todo:  # all checked finite before any weight changes
+            bound._backup = view.clone()
+            view.copy_(bound.merged_weight(view).to(view.dtype))
+            bound.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self) -> "Adaptation":
+        """Restore the base weights saved by merge(), bit-exact."""
+        for hook in self.hooks.values():
+            if hasattr(hook, "unmerge"):
+                hook.unmerge()
+        return self
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        """The composition as JSON-able data: shared and per-task stacks by selector."""
+        def dump(selectors: dict[str, Stack]) -> dict[str, Any]:
+            return {sel: stack.to_dict() for sel, stack in selectors.items()}
+        return {"shared": dump(self.plan.get(None, {})),
+                "tasks": {name: dump(self.plan[name]) for name in self.task_names}}
+
+    def extra_repr(self) -> str:
+        lines = [f"{sel}: {stack!r}" for sel, stack in self.plan.get(None, {}).items()]
+        for name in self.task_names:
+            lines += [f"[{name}] {sel}: {stack!r}" for sel, stack in self.plan[name].items()]
+        lines.append(f"active task: {self._task!r}, enabled: {self._enabled}, merged: {self.merged}")
+        return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""DoRA (Liu et al.): y = (m / n) ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b, n_i = ‖W_i + s·B_i·A‖.
+
+The magnitude m starts at the row norms of W, so a fresh DoRA is the identity. The norm is
+computed by the factored formula (ops.dora_norm) with ‖W_i‖² cached while W is unchanged, and is
+detached from the graph by default (DoRA paper §4.3); `detach_norm=False` backpropagates through it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..sites import linear_weight
+from .lora import LoRA, LoRAModule
+
+
+@dataclass(frozen=True)
+class DoRA(LoRA):
+    detach_norm: bool = True
+
+    def bind(self, point, shared=None) -> "DoRAModule":
+        return DoRAModule(self, point)
+
+
+class DoRAModule(LoRAModule):
+    def __init__(self, spec: DoRA, point) -> None:
+        super().__init__(spec, point)
+        weight = linear_weight(point.module).detach()
+        if point.rows is not None:
+            weight = weight[point.rows]
+        self.magnitude = nn.Parameter(weight.float().norm(dim=1))  # (out,)
+        self.detach_norm = spec.detach_norm
+        self._norm_cache: tuple[tuple, Tensor] | None = None
+
+    def _weight_norm_sq(self, weight: Tensor) -> Tensor:
+        """‖W_i‖², recomputed only when the (frozen) weight changes."""
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device, weight.dtype)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                self._norm_cache = (key, weight.float().pow(2).sum(1))
+        return self._norm_cache[1]
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return ops.dora(x, weight, bias, self.A, self.B, self.magnitude, self.scale, self.dropout,
+                        self.training, self._weight_norm_sq(weight), self.detach_norm)
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """(m / n) ⊙ (W + s·B·A) row-wise."""
+        w = super().merged_weight(weight)
+        return (self.magnitude.float() / w.norm(dim=1)).unsqueeze(1) * w

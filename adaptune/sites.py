@@ -1,0 +1,247 @@
+"""Named sites of transformer architectures, selectors, and their resolution to concrete points.
+
+A selector is `[layers.<spec>.]<site>` with site one of SITES and spec `3`, `0-7`, `0,2,5` or `*`,
+or a raw module path of the model (`encoder.layer.0.attention.self.query`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .components.base import ATTENTION, EMBED, PROJECTION, SUBLAYER
+from .errors import BindError, SiteError
+
+try:  # GPT-2's fused projections are transformers' Conv1D: weight stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but raw paths work without it
+    Conv1D = type("Conv1D", (nn.Module,), {})
+
+SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the sites of one architecture live, as paths inside a layer."""
+    name: str
+    layers: str
+    q: str
+    k: str
+    v: str
+    o: str
+    up: str
+    down: str
+    attention: str
+    fused_qkv: bool = False  # q, k, v are thirds of one projection (GPT-2's c_attn)
+
+
+_BERT = Arch("bert", "encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
+             "attention.output.dense", "intermediate.dense", "output.dense", "attention.self")
+_LLAMA = Arch("llama", "layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+              "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj", "self_attn")
+ARCHS: dict[str, Arch] = {
+    "gpt2": Arch("gpt2", "h", "attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj",
+                 "mlp.c_fc", "mlp.c_proj", "attn", fused_qkv=True),
+    "bert": _BERT,
+    "roberta": _BERT,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+}
+
+
+# ---- points: the concrete places a component binds to ------------------------------------------
+
+@dataclass
+class Projection:
+    key: str
+    layer: int | None
+    site: str
+    module: nn.Module  # nn.Linear or Conv1D
+    rows: slice | None  # output rows of a fused projection, None for all
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class Sublayer:
+    key: str
+    layer: int | None
+    site: str
+    position: int  # 0 attention, 1 feed-forward, 2 raw module
+    in_module: nn.Module  # its input is the sublayer input (parallel adapters)
+    out_module: nn.Module  # its output is the sublayer output, before residual and norm
+    dim_in: int
+    dim_out: int
+
+
+@dataclass
+class AttentionPoint:
+    key: str
+    layer: int
+    site: str
+    module: nn.Module  # calls transformers' attention interface
+    n_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class EmbedPoint:
+    key: str
+    layer: None
+    site: str
+    module: nn.Embedding
+    model: nn.Module
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight as an (out, in) matrix (a transposed view for Conv1D)."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    out, inp = linear_weight(module).shape
+    return inp, out
+
+
+_SELECTOR = re.compile(r"^(?:layers\.(?P<spec>[^.]+)\.)?(?P<site>[a-z]+(?:\.[a-z]+)?)$")
+_ROLE_SITES = {
+    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down, or a Linear/Conv1D module path",
+    SUBLAYER: "attn, ffn, or a Linear/Conv1D module path",
+    ATTENTION: "attn",
+    EMBED: "embed",
+}
+
+
+class SiteMap:
+    """Resolves selectors on one model to points."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        config = getattr(model, "config", None)
+        self.model_type: str | None = getattr(config, "model_type", None)
+        self.arch = ARCHS.get(self.model_type or "")
+        self.modules = dict(model.named_modules())
+        self.layers: list[nn.Module] = []
+        if self.arch is not None:
+            for name, module in self.modules.items():
+                if (name == self.arch.layers or name.endswith("." + self.arch.layers)) and isinstance(module, nn.ModuleList):
+                    self.layers = list(module)
+                    break
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def describe(self) -> str:
+        valid = ", ".join(SITES)
+        return (f"valid selectors: {valid} (optionally as layers.N.<site>, layers.A-B.<site>, layers.A,B.<site>), "
+                f"or a module path such as {self._example_path()!r}")
+
+    def _example_path(self) -> str:
+        linears = [n for n, m in self.modules.items() if is_linear(m)]
+        return linears[0] if linears else "encoder.layer.0.attention.self.query"
+
+    def resolve(self, selector: str, role: str, what: str) -> list[Any]:
+        """Points for `selector` in `role`; `what` names the component in errors."""
+        if not isinstance(selector, str) or not selector:
+            raise SiteError(f"a selector must be a non-empty string, got {selector!r}; {self.describe()}")
+        if selector in self.modules and selector not in SITES:
+            return [self._raw(selector, role, what)]
+        match = _SELECTOR.match(selector)
+        if not match or match["site"] not in SITES:
+            raise SiteError(f"unknown site {selector!r}; {self.describe()}")
+        site, spec = match["site"], match["spec"]
+        if self.arch is None:
+            raise SiteError(f"model type {self.model_type!r} has no site map (known: {', '.join(sorted(ARCHS))}); "
+                            f"name modules by path instead, e.g. {self._example_path()!r}")
+        if site == "embed":
+            if spec is not None:
+                raise SiteError(f"'embed' has no layers; write 'embed', not {selector!r}")
+            if role != EMBED:
+                raise BindError(f"{what} cannot bind to 'embed'; it binds to {_ROLE_SITES[role]}")
+            return [EmbedPoint("embed", None, "embed", self.model.get_input_embeddings(), self.model)]
+        return [p for i in self._layer_indices(spec, selector) for p in self._layer_points(i, site, role, what)]
+
+    def _layer_indices(self, spec: str | None, selector: str) -> list[int]:
+        n = self.n_layers
+        if spec is None or spec == "*":
+            return list(range(n))
+        out: list[int] = []
+        for part in spec.split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not m:
+                raise SiteError(f"bad layer spec {spec!r} in {selector!r}; write N, A-B, A,B or *")
+            lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+            if lo > hi or hi >= n:
+                raise SiteError(f"layers {part} in {selector!r} out of range: this model has {n} layers (0-{n - 1})")
+            out.extend(range(lo, hi + 1))
+        return sorted(set(out))
+
+    def _get(self, layer: int, path: str) -> nn.Module:
+        module = self.layers[layer]
+        for part in path.split("."):
+            module = getattr(module, part)
+        return module
+
+    def _layer_points(self, i: int, site: str, role: str, what: str) -> list[Any]:
+        a = self.arch
+        if role == PROJECTION:
+            names = {"attn": ["q", "k", "v"], "ffn": ["up", "down"]}.get(site) or [site.split(".")[1]]
+            return [self._projection(i, name) for name in names]
+        if role == SUBLAYER and site in ("attn", "ffn"):
+            inp, out = (a.q, a.o) if site == "attn" else (a.up, a.down)
+            in_module, out_module = self._get(i, inp), self._get(i, out)
+            return [Sublayer(f"layers:{i}:{site}", i, site, 0 if site == "attn" else 1, in_module, out_module,
+                             linear_dims(in_module)[0], linear_dims(out_module)[1])]
+        if role == ATTENTION and site == "attn":
+            cfg = self.model.config
+            heads = cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+            return [AttentionPoint(f"layers:{i}:attn", i, "attn", self._get(i, a.attention), kv_heads, head_dim)]
+        raise BindError(f"{what} cannot bind to {site!r}; it binds to {_ROLE_SITES[role]}")
+
+    def _projection(self, i: int, name: str) -> Projection:
+        a = self.arch
+        path = {"q": a.q, "k": a.k, "v": a.v, "o": a.o, "up": a.up, "down": a.down}[name]
+        module = self._get(i, path)
+        inp, out = linear_dims(module)
+        rows = None
+        if a.fused_qkv and name in ("q", "k", "v"):
+            part = out // 3
+            j = "qkv".index(name)
+            rows, out = slice(j * part, (j + 1) * part), part
+        site = f"{'attn' if name in 'qkvo' else 'ffn'}.{name}"
+        return Projection(f"layers:{i}:{site.replace('.', ':')}", i, site, module, rows, inp, out)
+
+    def _raw(self, path: str, role: str, what: str) -> Any:
+        module = self.modules[path]
+        key = "module:" + path.replace(".", ":")
+        if role not in (PROJECTION, SUBLAYER):
+            raise BindError(f"{what} cannot bind to module path {path!r}; it binds to {_ROLE_SITES[role]}")
+        if not is_linear(module):
+            raise BindError(f"{what} cannot bind to {path!r}: it is a {type(module).__name__}, "
+                            f"not a Linear or Conv1D layer")
+        inp, out = linear_dims(module)
+        if role == PROJECTION:
+            return Projection(key, None, path, module, None, inp, out)
+        return Sublayer(key, None, path, 2, module, module, inp, out)
+
+    def points_of(self) -> dict[str, list[str]]:
+        """Every named site with the module paths it covers (for `adaptune inspect`)."""
+        if self.arch is None or not self.layers:
+            return {}
+        names = {id(m): n for n, m in self.modules.items()}
+        a = self.arch
+        out = {"embed": [names.get(id(self.model.get_input_embeddings()), "?")]}
+        for site, path in (("attn.q", a.q), ("attn.k", a.k), ("attn.v", a.v), ("attn.o", a.o),
+                           ("ffn.up", a.up), ("ffn.down", a.down), ("attn", a.attention)):
+            out[site] = [names[id(self._get(i, path))] for i in range(self.n_layers)]
+        return out
