@@ -1,0 +1,45 @@
+"""Tiny models built from configs: nothing is downloaded."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 96
+
+
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 4, seed: int = 0, **kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=VOCAB, n_positions=128,
+                     bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, **kw):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=2 * hidden, vocab_size=VOCAB, max_position_embeddings=128, **kw)
+    return BertModel(cfg).eval()
+
+
+def randomize(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
+    """Give every parameter of `module` random values (components start as the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(params=["gpt2", "bert"])
+def model(request):
+    return tiny_gpt2() if request.param == "gpt2" else tiny_bert()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
