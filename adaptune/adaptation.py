@@ -85,7 +85,8 @@ class Adaptation(nn.Module):
                 points = self.sites.resolve(selector, component.role, repr(component))
                 ctx = SharedContext(self, group, points, self.task_names, self.sites)
                 shared = component.shared(ctx)
-                if shared is not None:
+                # a component may return a module it already registered in this group, to reuse it
+                if shared is not None and all(m is not shared for m in target.common.values()):
                     ref = _reference(points[0])
                     target.common[str(len(target.common))] = shared.to(ref.device, ref.dtype)
                 for point in points:
@@ -110,6 +111,7 @@ class Adaptation(nn.Module):
         try:
             for p in self._frozen.flags:
                 p.requires_grad_(False)
+            self.train(model.training)  # components follow the model's mode (LoRA dropout off in eval)
             model.add_module("adaptune", self)
             for hook in self.hooks.values():
                 hook.install()
@@ -226,6 +228,18 @@ class Adaptation(nn.Module):
             if hasattr(hook, "unmerge"):
                 hook.unmerge()
         return self
+
+    # ---- persistence and accounting -------------------------------------------------------------
+
+    def save(self, path: Any) -> Any:
+        """Save the components to one .safetensors file (see adaptune.persist)."""
+        from .persist import save
+        return save(self, path)
+
+    def counts(self) -> Any:
+        """Parameter counts: base, shared, per task (see adaptune.accounting)."""
+        from .accounting import counts
+        return counts(self)
 
     # ---- reporting ------------------------------------------------------------------------------
 

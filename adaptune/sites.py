@@ -234,14 +234,26 @@ class SiteMap:
             return Projection(key, None, path, module, None, inp, out)
         return Sublayer(key, None, path, 2, module, module, inp, out)
 
-    def points_of(self) -> dict[str, list[str]]:
-        """Every named site with the module paths it covers (for `adaptune inspect`)."""
+    def table(self) -> list[tuple[str, str, int, int]]:
+        """(site, module paths, layers, parameters per layer) for every named site (`adaptune inspect`)."""
         if self.arch is None or not self.layers:
-            return {}
+            return []
         names = {id(m): n for n, m in self.modules.items()}
-        a = self.arch
-        out = {"embed": [names.get(id(self.model.get_input_embeddings()), "?")]}
-        for site, path in (("attn.q", a.q), ("attn.k", a.k), ("attn.v", a.v), ("attn.o", a.o),
-                           ("ffn.up", a.up), ("ffn.down", a.down), ("attn", a.attention)):
-            out[site] = [names[id(self._get(i, path))] for i in range(self.n_layers)]
-        return out
+        embed = self.model.get_input_embeddings()
+        rows = [("embed", names.get(id(embed), "?"), 0, embed.weight.numel())]
+        counts: dict[str, int] = {}
+        for name in ("q", "k", "v", "o", "up", "down"):
+            p = self._projection(0, name)
+            counts[p.site] = p.out_features * (p.in_features + (p.module.bias is not None))
+        counts["attn"] = sum(counts[f"attn.{n}"] for n in "qkvo")
+        counts["ffn"] = counts["ffn.up"] + counts["ffn.down"]
+        for site in SITES[1:]:
+            paths = [names[id(m)] for i in range(self.n_layers) for m in self._site_modules(i, site)]
+            shown = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
+            rows.append((site, shown, self.n_layers, counts[site]))
+        return rows
+
+    def _site_modules(self, i: int, site: str) -> list[nn.Module]:
+        if site in ("attn", "ffn"):
+            return [self._get(i, self.arch.attention if site == "attn" else self.arch.up)]
+        return [self._projection(i, site.split(".")[1]).module]

@@ -1,0 +1,108 @@
+"""save / load: component parameters (safetensors) with the stacks as JSON in the file's metadata.
+
+One file holds everything `load` needs to rebuild the components without user code. Writes are
+atomic: a temporary file beside the target is renamed over it, so an existing save is never lost.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adaptation import Adaptation
+from .attach import adaptation_of, attach, plan_of
+from .components.base import Stack
+from .errors import AdaptuneError, LoadError
+
+FORMAT = "adaptune/1"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None),
+            "hidden_size": getattr(config, "hidden_size", None)}
+
+
+def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
+    """Save the components of `model`'s adaptation (not the base weights) to one .safetensors file."""
+    adaptation = adaptation_of(model)
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in adaptation.state_dict().items()}
+    meta = {"format": FORMAT, "spec": adaptation.spec(), "active": adaptation.task,
+            "model": fingerprint(adaptation.model)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"adaptune": json.dumps(meta)}))
+    return path
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, tensors) of a saved adaptation; LoadError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"no saved adaptation at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("adaptune")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoadError(f"{str(path)!r} is not a readable safetensors file: {e}") from e
+    if raw is None:
+        raise LoadError(f"{str(path)!r} holds no adaptune metadata (was it written by adaptune.save?)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise LoadError(f"{str(path)!r} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
+    return meta, tensors
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, active: str | None = None) -> Adaptation:
+    """Rebuild the saved components on `model` and load their parameters; all or nothing."""
+    meta, tensors = read(path)
+    saved, here = meta["model"], fingerprint(model)
+    if saved["model_type"] != here["model_type"]:
+        raise LoadError(f"{str(path)!r} was saved from a {saved['model_type'] or saved['class']} model; "
+                        f"this model is {here['model_type'] or here['class']}")
+    spec = meta["spec"]
+    shared = {sel: Stack.from_dict(s) for sel, s in spec["shared"].items()}
+    tasks = {name: {sel: Stack.from_dict(s) for sel, s in t.items()} for name, t in spec["tasks"].items()}
+    try:
+        adaptation = attach(model, shared or None, tasks=tasks or None, active=active or meta.get("active"))
+    except AdaptuneError as e:
+        raise LoadError(f"{str(path)!r} does not fit this model: {e}") from e
+    try:
+        _load_tensors(adaptation, tensors, path)
+    except BaseException:
+        adaptation.detach()
+        raise
+    return adaptation
+
+
+def _load_tensors(adaptation: Adaptation, tensors: dict[str, Any], path: Any) -> None:
+    own = adaptation.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise LoadError(f"{str(path)!r} does not match the rebuilt components: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    wrong = [f"{k}: saved {tuple(t.shape)}, model needs {tuple(own[k].shape)}"
+             for k, t in tensors.items() if t.shape != own[k].shape]
+    if wrong:
+        raise LoadError(f"{str(path)!r} was saved from a model of other shape: " + "; ".join(wrong[:3]))
+    adaptation.load_state_dict(tensors, strict=True)
+
+
+__all__ = ["atomic_write", "load", "plan_of", "read", "save"]

@@ -1,0 +1,1 @@
+"""The `adaptune` command line: thin Typer commands over the adaptune library."""
