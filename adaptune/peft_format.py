@@ -1,0 +1,259 @@
+"""LoRA and DoRA in Hugging Face PEFT's on-disk format, both ways.
+
+A PEFT LoRA directory holds `adapter_config.json` (peft_type "LORA", r, lora_alpha, use_dora,
+rank_pattern, alpha_pattern, ...) and `adapter_model.safetensors` with, per adapted module,
+`base_model.model.<module path>.lora_A.weight` (r, in), `.lora_B.weight` (out, r) and, for DoRA,
+`.lora_magnitude_vector` (out,). PEFT's scale is lora_alpha / r, as adaptune's alpha / r.
+
+export_peft: one PEFT LoRA per adapted Linear / Conv1D. LoRAs on row slices of one fused
+projection (GPT-2's c_attn: q, k, v) become one LoRA of rank r_total = Σ r_i on the whole module:
+A = [A_q; A_k; A_v] (r_total, in), B block-diagonal (out, r_total) with zero rows for slices left
+unadapted. Scales stay exact: lora_alpha = s·r_total when the slices share s, else each s_i is folded
+into its block of B and lora_alpha = r_total. A DoRA magnitude of an unadapted row is ‖W_i‖ (factor 1).
+Modules whose rank or alpha differ from the most common ones go in rank_pattern / alpha_pattern,
+keyed by module path (PEFT matches a key k against a module name n by `(.*\\.)?(k)$`).
+
+import_peft: the inverse, onto raw module paths of the model, all or nothing.
+
+Not carried over: DoRA's detach_norm=False (PEFT always detaches the norm; outputs are equal);
+differing dropouts (PEFT has one lora_dropout: the largest is written, with a warning); adaptune's
+limit r <= min(in, out) applies on import, so a fused export of rank r_total > in does not re-import;
+PEFT adapters whose base weights were changed at init (LoftQ, PiSSA, OLoRA unconverted) import as
+their saved tensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adaptation import Adaptation
+from .attach import adaptation_of
+from .components.dora import DoRA, DoRAModule
+from .components.lora import LoRA, LoRAModule
+from .errors import AdaptuneError, TaskError
+from .hooks.projection import ProjectionHook
+from .sites import Conv1D, linear_weight
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_OURS = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}  # what an earlier export (or PEFT's save) leaves
+
+
+@dataclass
+class PeftLayer:
+    """One PEFT LoRA on one module: what a directory holds per adapted module."""
+    path: str  # module path inside the model, e.g. "transformer.h.0.attn.c_attn"
+    A: Tensor  # (r, in)
+    B: Tensor  # (out, r)
+    alpha: float  # PEFT's lora_alpha: scale = alpha / r
+    magnitude: Tensor | None  # (out,) for DoRA
+    dropout: float
+    conv1d: bool
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+
+def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os.PathLike,
+                task: str | None = None, *, skip_unsupported: bool = False) -> Path:
+    """Write the LoRA / DoRA components of the shared set plus `task` in PEFT's format.
+
+    task: the task whose components join the shared ones (default: the active task).
+    skip_unsupported: leave out components other than LoRA / DoRA (default: raise AdaptuneError).
+    Exports whether or not the components are enabled; refuses while they are merged.
+    The directory is written into a temporary sibling and swapped into place, so an earlier
+    export there survives any failure; a directory holding other files is refused.
+    Load the result with `peft.PeftModel.from_pretrained(base_model, directory)`.
+    """
+    adaptation = adaptation_of(model_or_adaptation)
+    layers = peft_layers(adaptation, task, skip_unsupported=skip_unsupported)
+    config = peft_config(adaptation.model, layers)
+    tensors = {}
+    for layer in layers:
+        key = PREFIX + layer.path
+        tensors[key + ".lora_A.weight"] = layer.A
+        tensors[key + ".lora_B.weight"] = layer.B
+        if layer.magnitude is not None:
+            tensors[key + ".lora_magnitude_vector"] = layer.magnitude
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    target = Path(directory)
+    _write_atomic(target, config, tensors)
+    return target
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None) -> Adaptation:
+    """Attach the LoRA / DoRA adapter that PEFT saved in `directory` to `model`; returns the Adaptation.
+
+    Each PEFT module is matched to a module path of `model` (exactly, else by a unique suffix match,
+    so `bert.encoder...` and `encoder...` find each other). task_name: put the components in that
+    task instead of the shared set. Raises LoadError naming the problem; the model is then unchanged.
+    """
+    from .peft_read import import_peft as _import
+    return _import(model, directory, task_name)
+
+
+# ---- export: adaptune components -> PEFT layers --------------------------------------------------
+
+def _rows(point: Any) -> slice:
+    return point.rows if point.rows is not None else slice(0, point.out_features)
+
+
+def _number(x: float) -> float | int:
+    return int(round(x)) if abs(x - round(x)) <= 1e-9 * max(1.0, abs(x)) else x
+
+
+def peft_layers(adaptation: Adaptation, task: str | None = None, *,
+                skip_unsupported: bool = False) -> list[PeftLayer]:
+    """The PEFT LoRAs equivalent to the shared set plus `task` (default: the active task)."""
+    if task is None:
+        task = adaptation.task
+    elif task not in adaptation.task_names:
+        valid = ", ".join(map(repr, adaptation.task_names)) or "none (this adaptation has no tasks)"
+        raise TaskError(f"unknown task {task!r}; tasks: {valid}")
+    if adaptation.merged:
+        raise AdaptuneError("cannot export while updates are merged into the base weights; call unmerge() first")
+    groups = (None,) if task is None else (None, task)
+    other = [f"{sel}: {c!r}" for g in groups for sel, stack in adaptation.plan.get(g, {}).items()
+             for c in stack if type(c) not in (LoRA, DoRA)]
+    if other and not skip_unsupported:
+        raise AdaptuneError(f"only LoRA and DoRA export to PEFT's format; this adaptation also has {', '.join(other)}. "
+                            f"Pass skip_unsupported=True to export the LoRA/DoRA components alone")
+    names = {id(m): n for n, m in adaptation.model.named_modules()
+             if n != "adaptune" and not n.startswith("adaptune.")}
+    layers = []
+    for hook in adaptation.hooks.values():
+        if not isinstance(hook, ProjectionHook):
+            continue
+        entries = [(p, b) for g, p, b in hook.entries if g in groups and type(b) in (LoRAModule, DoRAModule)]
+        if entries:
+            layers.append(_layer(names[id(hook.point.module)], hook.point.module, entries))
+    if not layers:
+        where = "the shared set" + (f" and task {task!r}" if task is not None else "")
+        raise AdaptuneError(f"nothing to export: {where} has no LoRA or DoRA component")
+    if len({l.magnitude is None for l in layers}) > 1:
+        raise AdaptuneError("this adaptation mixes LoRA and DoRA, but PEFT's format has one use_dora flag for all "
+                            "modules; export an adaptation (or task) that uses only LoRA or only DoRA")
+    return layers
+
+
+@torch.no_grad()
+def _layer(path: str, module: nn.Module, entries: list[tuple[Any, nn.Module]]) -> PeftLayer:
+    """Merge the updates on the slices of one module into one PEFT LoRA of rank Σ r_i."""
+    if len({isinstance(b, DoRAModule) for _, b in entries}) > 1:
+        raise AdaptuneError(f"{path} has LoRA on some slices and DoRA on others; PEFT's format cannot express that")
+    weight = linear_weight(module)  # (out, in)
+    entries = sorted(entries, key=lambda pb: _rows(pb[0]).start)
+    bounds = [b for _, b in entries]
+    scales = {b.scale for b in bounds}
+    common = len(scales) == 1
+    r_total = sum(b.A.shape[0] for b in bounds)
+    A = torch.cat([b.A for b in bounds], dim=0)  # (r_total, in)
+    B = A.new_zeros(weight.shape[0], r_total)  # (out, r_total)
+    col = 0
+    for point, b in entries:
+        r = b.A.shape[0]
+        B[_rows(point), col:col + r] = b.B if common else b.B * b.scale  # (d, r) block
+        col += r
+    magnitude = None
+    if isinstance(bounds[0], DoRAModule):
+        magnitude = weight.float().norm(dim=1).to(bounds[0].magnitude.dtype)  # (out,): factor 1 off the slices
+        for point, b in entries:
+            magnitude[_rows(point)] = b.magnitude
+    dropouts = sorted({b.dropout for b in bounds})
+    alpha = _number(scales.pop() * r_total) if common else r_total
+    return PeftLayer(path, A, B, alpha, magnitude, dropouts[-1], isinstance(module, Conv1D))
+
+
+def _pattern_key(path: str) -> str:
+    """A rank_pattern / alpha_pattern key matching `path` under PEFT's regex (dots may stay bare)."""
+    escaped = re.escape(path)
+    return path if escaped.replace("\\.", ".") == path else escaped
+
+
+def peft_config(model: nn.Module, layers: list[PeftLayer]) -> dict[str, Any]:
+    """adapter_config.json for `layers`: only keys PEFT's LoraConfig accepts."""
+    r = Counter(l.r for l in layers).most_common(1)[0][0]
+    alpha = Counter(l.alpha for l in layers).most_common(1)[0][0]
+    dropouts = sorted({l.dropout for l in layers})
+    if len(dropouts) > 1:
+        warnings.warn(f"PEFT's format has one lora_dropout; these components use {dropouts}, writing "
+                      f"{dropouts[-1]} (dropout does not change outputs in eval mode)", stacklevel=3)
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": name,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(l.path for l in layers),
+        "rank_pattern": {_pattern_key(l.path): l.r for l in layers if l.r != r},
+        "alpha_pattern": {_pattern_key(l.path): l.alpha for l in layers if l.alpha != alpha},
+        "lora_dropout": dropouts[-1],
+        "fan_in_fan_out": any(l.conv1d for l in layers),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": layers[0].magnitude is not None,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+# ---- atomic directory write -----------------------------------------------------------------------
+
+def _write_files(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(directory / CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomic(target: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Write into a temporary sibling of `target`, then swap it into place; no half-written export."""
+    if target.is_symlink():  # swap at the real place, so the link keeps pointing at the export
+        target = target.resolve()
+    if target.exists() and not target.is_dir():
+        raise AdaptuneError(f"cannot export to {str(target)!r}: it is a file, not a directory")
+    if target.is_dir():
+        extra = sorted(set(os.listdir(target)) - _OURS)
+        if extra:
+            raise AdaptuneError(f"cannot export to {str(target)!r}: it holds other files ({', '.join(extra[:5])}); "
+                                f"export into a new directory or over an earlier export")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    tmp = target.parent / f".{target.name}.{tag}.tmp"
+    old = target.parent / f".{target.name}.{tag}.old"
+    os.mkdir(tmp)
+    try:
+        _write_files(tmp, config, tensors)
+        if target.exists():
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,202 @@
+"""Reading a LoRA / DoRA adapter saved by Hugging Face PEFT and attaching it (see peft_format).
+
+Every check (files, config, tensor names, module match, shapes) runs before anything is attached;
+tensors are then copied into the bound components, and the adaptation is detached on any failure,
+so a LoadError leaves the model unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adaptation import Adaptation
+from .attach import attach
+from .components.dora import DoRA
+from .components.lora import LoRA
+from .errors import AdaptuneError, LoadError
+from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .sites import is_linear, linear_dims
+
+_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, adapter name stripped
+          ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
+_LABEL = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+_UNSUPPORTED = {  # PEFT options that change what the saved tensors mean, or add tensors adaptune lacks
+    "use_rslora": "rank-stabilised scaling (lora_alpha / sqrt(r))",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "fully trained extra modules",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "replicated layers",
+    "target_parameters": "LoRA on bare parameters",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+}
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None) -> Adaptation:
+    """See peft_format.import_peft."""
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"import_peft needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(getattr(model, "adaptune", None), Adaptation):
+        raise LoadError("this model already has an adaptation attached; call detach(model) first")
+    directory = Path(directory)
+    config = read_config(directory)
+    use_dora = bool(config.get("use_dora", False))
+    layers = split_keys(read_tensors(directory), use_dora)
+    modules = {n: m for n, m in model.named_modules() if n}
+    kind = DoRA if use_dora else LoRA
+    spec: dict[str, LoRA] = {}
+    weights: dict[str, dict[str, Tensor]] = {}
+    origin: dict[str, str] = {}
+    for peft_path, parts in layers.items():
+        path = match_module(peft_path, modules, type(model).__name__)
+        if path in origin:
+            raise LoadError(f"PEFT modules {origin[path]!r} and {peft_path!r} both match {path!r} of this model")
+        origin[path] = peft_path
+        r = pattern_value(config.get("rank_pattern"), peft_path, config["r"], "rank_pattern")
+        alpha = pattern_value(config.get("alpha_pattern"), peft_path, config["lora_alpha"], "alpha_pattern")
+        check_shapes(peft_path, path, modules[path], parts, r)
+        try:
+            spec[path] = kind(r=r, alpha=alpha, dropout=config.get("lora_dropout") or 0.0)
+        except AdaptuneError as e:
+            raise LoadError(f"{CONFIG_NAME} for {peft_path!r}: {e}") from e
+        weights[path] = parts
+    try:
+        adaptation = attach(model, spec) if task_name is None else attach(model, tasks={task_name: spec})
+    except AdaptuneError as e:
+        raise LoadError(f"cannot attach the adapter in {str(directory)!r}: {e}") from e
+    try:
+        bound = {point.site: b for hook in adaptation.hooks.values() for _, point, b in hook.entries}
+        with torch.no_grad():
+            for path, parts in weights.items():
+                for part, tensor in parts.items():
+                    getattr(bound[path], part).copy_(tensor)
+    except BaseException:
+        adaptation.detach()
+        raise
+    return adaptation
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """adapter_config.json, checked: a plain (or DoRA) LoRA whose options adaptune can represent."""
+    if not directory.is_dir():
+        raise LoadError(f"no PEFT adapter at {str(directory)!r}: not a directory")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise LoadError(f"{str(directory)!r} has no {CONFIG_NAME}; a PEFT adapter directory holds "
+                        f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"cannot read {str(path)!r}: {e}") from e
+    if not isinstance(config, dict):
+        raise LoadError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise LoadError(f"{str(path)!r} has peft_type {config.get('peft_type')!r}; only 'LORA' adapters "
+                        f"(with or without use_dora) import")
+    used = [f"{k} ({why})" for k, why in _UNSUPPORTED.items() if config.get(k)]
+    if config.get("bias", "none") != "none":
+        used.append(f"bias={config['bias']!r} (trained base biases)")
+    if used:
+        raise LoadError(f"{str(path)!r} uses PEFT options adaptune cannot represent: {'; '.join(used)}. "
+                        f"Supported: plain LoRA or DoRA on Linear / Conv1D layers with bias='none'")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise LoadError(f"{str(path)!r}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise LoadError(f"{str(path)!r}: lora_alpha must be a positive number, got {alpha!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise LoadError(f"{str(path)!r}: {name} must be an object mapping module names to values")
+    return config
+
+
+def read_tensors(directory: Path) -> dict[str, Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        hint = (" (found adapter_model.bin: re-save with save_pretrained(..., safe_serialization=True))"
+                if (directory / "adapter_model.bin").is_file() else "")
+        raise LoadError(f"{str(directory)!r} has no {WEIGHTS_NAME}{hint}")
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise LoadError(f"cannot read {str(path)!r}: {e}") from e
+
+
+def split_keys(tensors: dict[str, Tensor], use_dora: bool) -> dict[str, dict[str, Tensor]]:
+    """PEFT module path -> {"A": (r, in), "B": (out, r), "magnitude": (out,) for DoRA}."""
+    found: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, part in _PARTS.items():
+            if name.endswith(suffix):
+                found.setdefault(name[:-len(suffix)], {})[part] = tensor
+                break
+        else:
+            raise LoadError(f"unsupported tensor {key!r} in {WEIGHTS_NAME}: only lora_A / lora_B weights and "
+                            f"DoRA's lora_magnitude_vector of Linear and Conv1D layers import "
+                            f"(no biases, embedding LoRAs or modules_to_save)")
+    if not found:
+        raise LoadError(f"{WEIGHTS_NAME} holds no LoRA tensors")
+    for path, parts in found.items():
+        want = {"A", "B", "magnitude"} if use_dora else {"A", "B"}
+        if set(parts) != want:
+            missing = sorted(_LABEL[p] for p in want - set(parts))
+            extra = sorted(_LABEL[p] for p in set(parts) - want)
+            what = f"lacks {', '.join(missing)}" if missing else f"has {', '.join(extra)} but use_dora is false"
+            raise LoadError(f"{WEIGHTS_NAME}: module {path!r} {what}")
+    return found
+
+
+def match_module(peft_path: str, modules: dict[str, nn.Module], model_name: str) -> str:
+    """The module path of this model for a PEFT module path: exact, else the one unique suffix match."""
+    if peft_path in modules:
+        path = peft_path
+    else:
+        found = [n for n in modules if n.endswith("." + peft_path) or peft_path.endswith("." + n)]
+        if not found:
+            examples = [n for n, m in modules.items() if is_linear(m)][:3]
+            raise LoadError(f"PEFT module {peft_path!r} matches no module of this {model_name} "
+                            f"(its Linear / Conv1D modules are named like {', '.join(map(repr, examples))})")
+        if len(found) > 1:
+            raise LoadError(f"PEFT module {peft_path!r} is ambiguous in this {model_name}: it could be "
+                            f"{', '.join(map(repr, found[:5]))}")
+        path = found[0]
+    if not is_linear(modules[path]):
+        raise LoadError(f"PEFT module {peft_path!r} is {path!r} here, a {type(modules[path]).__name__}; "
+                        f"only LoRA on Linear and Conv1D layers imports")
+    return path
+
+
+def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any, what: str) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with `(.*\\.)?(k)$` matching name."""
+    for key, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error as e:
+            raise LoadError(f"{CONFIG_NAME}: {what} key {key!r} is not a valid pattern: {e}") from e
+    return default
+
+
+def check_shapes(peft_path: str, path: str, module: nn.Module, parts: dict[str, Tensor], r: int) -> None:
+    inp, out = linear_dims(module)
+    expect = {"A": (r, inp), "B": (out, r), "magnitude": (out,)}
+    for part, tensor in parts.items():
+        if tuple(tensor.shape) != expect[part]:
+            raise LoadError(f"{PREFIX}{peft_path}.{_LABEL[part]} has shape {tuple(tensor.shape)}, but {path!r} "
+                            f"here is {type(module).__name__} {inp} -> {out} and the config gives r={r}: "
+                            f"expected {expect[part]}")
+    if r > min(inp, out):
+        raise LoadError(f"{peft_path!r} has rank {r}, larger than its layer ({out}×{inp}); adaptune's LoRA needs "
+                        f"r <= {min(inp, out)}")
