@@ -1,13 +1,20 @@
 """adaptune: composable parameter-efficient fine-tuning for PyTorch and Hugging Face transformers."""
 from .adaptation import Adaptation
+from .accounting import Counts, counts
 from .attach import attach, detach
-from .components import Adapter, Component, DoRA, LoRA, Stack
+from .peft_format import export_peft, import_peft
+from .persist import load, save
+from .spec import parse_spec
+from .components import Adapter, Component, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, Stack
 from .errors import (AdaptuneError, BindError, ConfigError, LoadError, MergeError, SiteError,
                      TaskError)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adaptation", "Adapter", "AdaptuneError", "BindError", "Component", "ConfigError", "DoRA",
+    "Adaptation", "Adapter", "AdaptuneError", "BindError", "Component", "ConfigError", "DoRA", "HyperAdapter",
     "LoRA", "LoadError", "MergeError", "SiteError", "Stack", "TaskError", "attach", "detach",
+    "export_peft", "import_peft",
+    "Counts", "counts", "load", "parse_spec", "save",
+    "Prefix", "PromptTuning",
 ]

@@ -2,6 +2,9 @@
 from .adapter import Adapter
 from .base import Component, Stack
 from .dora import DoRA
+from .hyper import HyperAdapter
 from .lora import LoRA
+from .prefix import Prefix
+from .prompt import PromptTuning
 
-__all__ = ["Adapter", "Component", "DoRA", "LoRA", "Stack"]
+__all__ = ["Adapter", "Component", "DoRA", "HyperAdapter", "LoRA", "Prefix", "PromptTuning", "Stack"]

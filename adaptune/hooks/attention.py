@@ -1,0 +1,173 @@
+"""Puts the active prefixes in front of the keys and values of self-attention (prefix tuning).
+
+Transformers' attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+eager_attention_forward)(module, query, key, value, attention_mask, ...)` with key and value of shape
+(B, H_kv, T_k, D), after the KV-cache update. We register wrappers of the supported implementations
+under `adaptune_<impl>` (attention and mask interfaces alike), point the attention modules' config at
+the wrapper while a prefix is attached, and put the original name back on remove.
+
+The wrapper concatenates the calling module's active prefixes in front of key and value and widens
+the mask on the left (True / 0.0: every query sees every prefix position). Prefixes are never written
+into the KV cache and take no positions, so generation with a cache sees the same prefix every step.
+Modules with no prefix (other layers, cross-attention) run the original implementation unchanged.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BindError
+from .base import Hook
+
+SUPPORTED = ("eager", "sdpa")  # None (a bare config) runs eager
+WRAPPER = "adaptune_"
+ATTRIBUTE = "_adaptune_prefix"  # on an attention module while its hook is installed (survives deepcopy)
+
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, PrefixHook]" = weakref.WeakKeyDictionary()
+
+
+def _impl(module: nn.Module) -> str | None:
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def _base_of(name: str | None) -> str:
+    name = name or "eager"
+    return name[len(WRAPPER):] if name.startswith(WRAPPER) else name
+
+
+def _eager(module: nn.Module) -> Callable | None:
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def check_point(point: Any, what: str) -> None:
+    """Raise BindError unless the attention module at `point` runs an implementation we can wrap."""
+    module = point.module
+    if getattr(module, "config", None) is None:
+        raise BindError(f"{what} at {point.site} (layer {point.layer}): {type(module).__name__} has no `config`; "
+                        f"prefix tuning needs a transformers attention module that calls the attention interface")
+    base = _base_of(_impl(module))
+    if base not in SUPPORTED:
+        raise BindError(f"{what}: attention implementation {_impl(module)!r} is not supported; prefix tuning supports "
+                        f"{', '.join(map(repr, SUPPORTED))} (switch with model.set_attn_implementation('sdpa'))")
+    if base == "eager" and _eager(module) is None:
+        raise BindError(f"{what}: {type(module).__module__} defines no eager_attention_forward to wrap; "
+                        f"use model.set_attn_implementation('sdpa')")
+
+
+# ---- the wrapped implementations ------------------------------------------------------------------
+
+def _extend_mask(mask: Tensor | None, module: nn.Module, query: Tensor, key: Tensor, p: int,
+                 is_causal: bool | None, base: str) -> Tensor | None:
+    """The mask for keys [prefix (p), key (T_k)]; prefix columns visible to every query."""
+    t_q, t_k = query.shape[2], key.shape[2]
+    if mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", base != "eager")
+        if not causal or t_q == 1:
+            return None  # no mask: every query sees every key, prefix included
+        i = torch.arange(t_q, device=query.device)[:, None]
+        j = torch.arange(t_k, device=query.device)[None, :]
+        mask = (j <= t_k - t_q + i)[None, None]  # (1, 1, T_q, T_k), aligned bottom right
+        if base == "eager":
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
+    pad = mask.new_ones(*mask.shape[:-1], p) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], p)
+    return torch.cat([pad, mask], dim=-1)  # (B | 1, H | 1, T_q, p + T_k)
+
+
+def _wrapper(base: str) -> Callable:
+    def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  **kwargs: Any):
+        hook = module.__dict__.get(ATTRIBUTE)
+        prefix = hook.prefix(key) if hook is not None else None
+        if prefix is not None:
+            pk, pv = prefix  # (B, H_kv, P, D) each
+            attention_mask = _extend_mask(attention_mask, module, query, key, pk.shape[2],
+                                          kwargs.get("is_causal"), base)
+            key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)  # (B, H_kv, P + T_k, D)
+        if base == "eager":
+            if getattr(module, "reorder_and_upcast_attn", False) and hasattr(module, "_upcast_and_reordered_attn"):
+                return module._upcast_and_reordered_attn(query, key, value, attention_mask)  # GPT-2's option
+            return _eager(module)(module, query, key, value, attention_mask, **kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        local = getattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+        return local[base](module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{WRAPPER}{base}_attention"
+    return attention
+
+
+def _mask_wrapper(base: str) -> Callable:
+    def mask(*args: Any, **kwargs: Any):
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)  # prefixes are added per layer
+    return mask
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    for base in SUPPORTED:
+        if WRAPPER + base not in AttentionInterface():
+            AttentionInterface.register(WRAPPER + base, _wrapper(base))
+            AttentionMaskInterface.register(WRAPPER + base, _mask_wrapper(base))
+
+
+def _peers(config: Any) -> list["PrefixHook"]:
+    """The installed hooks whose attention module uses `config`."""
+    return [hook for module, hook in list(_HOOKS.items()) if getattr(module, "config", None) is config]
+
+
+def _set_impl(config: Any, name: str | None) -> None:
+    if hasattr(config, "_attn_implementation_internal"):
+        config._attn_implementation_internal = name  # this config only, not its sub-configs
+    else:
+        config._attn_implementation = name
+
+
+# ---- the hook -------------------------------------------------------------------------------------
+
+class PrefixHook(Hook):
+    """One attention module: its active prefixes, and the switch of its config to the wrapper.
+
+    The first hook on a config switches it to the wrapper and keeps the original name; the last one
+    removed puts it back. Hooks sharing a config are found through a weak map of modules, so models
+    dropped without detach leave nothing behind.
+    """
+
+    def install(self) -> None:
+        module = self.point.module
+        peers = _peers(module.config)
+        if peers:
+            self._original = peers[0]._original
+        else:
+            check_point(self.point, "Prefix")
+            _register()
+            self._original = _impl(module)
+            _set_impl(module.config, WRAPPER + _base_of(self._original))
+        _HOOKS[module] = self
+        module.__dict__[ATTRIBUTE] = self
+
+    def remove(self) -> None:
+        module = self.point.module
+        if _HOOKS.get(module) is self:
+            del _HOOKS[module]
+        if module.__dict__.get(ATTRIBUTE) is self:
+            del module.__dict__[ATTRIBUTE]
+        if not _peers(module.config) and _impl(module) == WRAPPER + _base_of(self._original):
+            _set_impl(module.config, self._original)  # exactly the original (a name set meanwhile stays)
+
+    def prefix(self, key: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The active prefixes for `key` (B, H_kv, T_k, D), concatenated: (B, H_kv, P, D) twice; None if none."""
+        active = self.active()
+        if not active:
+            return None
+        pairs = [bound.kv() for _, bound in active]  # each (n_i, H_kv * D) twice
+        b, h, _, d = key.shape
+        out = []
+        for part in zip(*pairs):
+            x = torch.cat(part, dim=0).to(key.dtype).view(-1, h, d).transpose(0, 1)  # (H_kv, P, D)
+            out.append(x.unsqueeze(0).expand(b, -1, -1, -1))  # (B, H_kv, P, D)
+        return out[0], out[1]
