@@ -23,6 +23,8 @@ def _stacks(spec: Spec | None, where: str) -> dict[str, Stack]:
             raise ConfigError(f"{where}[{selector!r}] must be a component or a stack (LoRA(8) | Prefix(10)), "
                               f"got {type(stack).__name__}: {stack!r}")
         out[selector] = Stack(stack)
+        if not out[selector]:
+            raise ConfigError(f"{where}[{selector!r}] is an empty stack; give at least one component")
     return out
 
 

@@ -42,11 +42,18 @@ class Component:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "Component":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a component is a dict such as {{'type': 'LoRA', 'r': 8}}, got {data!r}")
         data = dict(data)
         name = data.pop("type", None)
-        if name not in REGISTRY:
+        if not isinstance(name, str) or name not in REGISTRY:
             raise ConfigError(f"unknown component type {name!r}; known: {', '.join(sorted(REGISTRY))}")
-        return REGISTRY[name](**data)
+        cls = REGISTRY[name]
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(data)
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"{name} has no argument(s) {', '.join(unknown)}; its arguments: {', '.join(sorted(fields))}")
+        return cls(**data)
 
     def shared(self, ctx: Any) -> nn.Module | None:
         """A module shared by all sites this component binds to (e.g. a hypernetwork); None if none."""
@@ -114,4 +121,6 @@ class Stack:
 
     @staticmethod
     def from_dict(data: list[dict[str, Any]]) -> "Stack":
+        if not isinstance(data, (list, tuple)):
+            raise ConfigError(f"a stack is a list of component dicts, got {data!r}")
         return Stack(*(Component.from_dict(d) for d in data))

@@ -75,6 +75,11 @@ class ProjectionHook(Hook):
         for point, bound in self.active():
             view = weight[_rows(point)]
             where = f"{point.site} (layer {point.layer})"
+            tied = [n for n, m in self.adaptation.model.named_modules() if m is not self.point.module
+                    and any(p is self.point.module.weight for p in m.parameters(recurse=False))]
+            if tied:
+                raise MergeError(f"cannot merge {type(bound).__name__} at {where}: its weight is tied to "
+                                 f"{', '.join(tied)}, which merging would change too; nothing was merged")
             with torch.no_grad():
                 if not torch.isfinite(bound.merged_weight(view)).all():
                     raise MergeError(f"merging {type(bound).__name__} at {where} gives non-finite weights "
