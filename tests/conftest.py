@@ -43,3 +43,27 @@ def model(request):
 @pytest.fixture
 def ids():
     return torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def main_output(out):
+    """The logits of an LM head model, else the last hidden states."""
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def assert_grads_on_components_only(model, base_names) -> None:
+    """Base parameters (names in base_names) stay frozen with no grad; every component got a gradient."""
+    for name, p in model.named_parameters():
+        if name in base_names:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert name.startswith("adaptune.") and p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def greedy(model, ids, mask, steps):
+    """Greedy decoding re-running the whole sequence without a cache, positions as generate makes them."""
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids

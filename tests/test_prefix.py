@@ -1,7 +1,7 @@
 """Prefix tuning: equal to the base model run on a KV cache pre-filled with the prefixes."""
 import pytest
 import torch
-from conftest import VOCAB, randomize, tiny_bert, tiny_gpt2
+from conftest import VOCAB, randomize, tiny_bert, tiny_gpt2, greedy
 from transformers import DynamicCache
 
 from adaptune import BindError, Prefix, attach, detach
@@ -111,16 +111,6 @@ def test_gradients_reach_only_the_prefix(hidden):
     own = {id(p) for p in ad.parameters()}
     assert own and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ad.parameters())
     assert all(p.grad is None for p in model.parameters() if id(p) not in own)
-
-
-def greedy(model, ids, mask, steps):
-    """Greedy decoding re-running the whole sequence without a cache, positions as generate makes them."""
-    for _ in range(steps):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -1,7 +1,7 @@
 """Prompt tuning: a prompt initialised from token ids t acts exactly like t prepended to the input."""
 import pytest
 import torch
-from conftest import VOCAB, randomize, tiny_bert, tiny_gpt2
+from conftest import VOCAB, randomize, tiny_bert, tiny_gpt2, greedy
 
 from adaptune import BindError, ConfigError, PromptTuning, Stack, attach, detach
 
@@ -75,16 +75,6 @@ def test_shared_and_task_prompts_concatenate():
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
         ad.use(None)
         torch.testing.assert_close(model(ids).logits, want_shared, rtol=1e-5, atol=1e-5)
-
-
-def greedy(model, ids, mask, steps):
-    """Greedy decoding re-running the whole sequence without a cache, positions as generate makes them."""
-    for _ in range(steps):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids
 
 
 @pytest.mark.parametrize("padding", [False, True])
