@@ -35,7 +35,13 @@ class DoRAModule(LoRAModule):
         self._norm_cache: tuple[tuple, Tensor] | None = None
 
     def _weight_norm_sq(self, weight: Tensor) -> Tensor:
-        """‖W_i‖², recomputed only when the (frozen) weight changes."""
+        """‖W_i‖², recomputed only when the (frozen) weight changes.
+
+        Under torch.compile it is part of the graph: the cache key holds a data pointer, which the
+        compiler cannot compare once the cache is filled by an eager call.
+        """
+        if torch.compiler.is_compiling():
+            return weight.detach().float().pow(2).sum(1)
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device, weight.dtype)
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The op functions adaptune's components call. One dispatch point per op.
+"""The op functions adaptune's components call. One dispatch point for every op.
 
 | op         | math                                                          |
 |------------|---------------------------------------------------------------|
@@ -7,15 +7,158 @@
 | dora_norm  | n by the factored formula (no out×in temporary)               |
 | bottleneck | y = residual + s·up(act(down(x)))                              |
 
-Every op runs its pure-PyTorch reference (`adaptune.ops.reference`), which is also the oracle
-that compiled kernels are tested against.
+Each op runs the compiled kernel (csrc/, built on first use, see `build.py`) when it is built for
+the tensor's device, else its pure-PyTorch reference (`adaptune.ops.reference`), which is also the
+oracle kernels are tested against. `ADAPTUNE_KERNELS` or `use_kernels()` picks the mode:
+`auto` (kernel if it builds, else the reference after one warning with the compiler's reason),
+`off` (always the reference), `require` (kernel or an `AdaptuneError`). A trainable base weight
+or bias always runs the reference: the kernels compute no gradient for them. So does a call under
+`torch.autocast` (the kernels take operands of one dtype; cast the model to use them).
 """
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..errors import AdaptuneError, ConfigError
 from . import reference
 from .reference import ACTIVATIONS
 
-lora = reference.lora
-dora = reference.dora
-dora_norm = reference.dora_norm
-bottleneck = reference.bottleneck
+MODES = ("auto", "off", "require")
+OPS = ("lora", "dora", "dora_norm", "bottleneck")
+_mode = os.environ.get("ADAPTUNE_KERNELS", "auto").strip().lower() or "auto"
+_builds = None  # device type -> build.Build, after the one build attempt
+_warned: set[str] = set()
 
-__all__ = ["ACTIVATIONS", "bottleneck", "dora", "dora_norm", "lora", "reference"]
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"kernel mode {mode!r} is not valid (from ADAPTUNE_KERNELS or use_kernels); "
+                          f"valid: {', '.join(MODES)}")
+    return mode
+
+
+class use_kernels:
+    """`use_kernels("off"|"auto"|"require")` sets the mode; as a context manager it restores the previous one."""
+
+    def __init__(self, mode: str) -> None:
+        global _mode
+        self.previous, _mode = _mode, _check_mode(mode)
+
+    def __enter__(self) -> "use_kernels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _mode
+        _mode = self.previous
+
+
+def mode() -> str:
+    return _check_mode(_mode)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned and not torch.compiler.is_compiling():
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def builds():
+    """Build (or load the cached build of) the extension once per process; {device type: Build}."""
+    global _builds
+    if _builds is None:
+        from . import build, kernels
+
+        _builds = build.build_all()
+        if any(b.ok for b in _builds.values()):
+            kernels.register()
+    return _builds
+
+
+@torch.compiler.assume_constant_result
+def _kernel_ready(device: str) -> bool:
+    """Whether the kernel runs for a device type in the current mode (the build happens here, once)."""
+    current = mode()
+    if current == "off":
+        return False
+    if device not in ("cpu", "cuda"):
+        if current == "require":
+            raise AdaptuneError(f"ADAPTUNE_KERNELS=require: adaptune has no kernels for device type {device!r}")
+        return False
+    result = builds()[device]
+    if not result.ok and current == "require":
+        raise AdaptuneError(f"ADAPTUNE_KERNELS=require but the adaptune extension is not available on {device}: "
+                            f"{result.reason}")
+    if not result.ok:
+        _warn_once(f"build:{device}", f"adaptune: the {device} kernels are not available, running the pure-PyTorch "
+                   f"reference ops (set ADAPTUNE_KERNELS=off to silence this): {result.reason}")
+    return result.ok
+
+
+def _use_kernel(op: str, x: torch.Tensor, *base) -> bool:
+    if not _kernel_ready(x.device.type):
+        return False
+    if any(t is not None and t.requires_grad for t in base):
+        _warn_once(f"trainable:{op}", f"adaptune: {op} on a trainable base weight or bias runs the reference "
+                   "(the kernels compute no gradient for the frozen base)")
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        # inside a kernel, autocast would recast some GEMMs and not others: the reference autocasts as usual
+        _warn_once(f"autocast:{op}", f"adaptune: {op} under torch.autocast runs the reference (the kernels take "
+                   "operands of one dtype; cast the model instead to use them)")
+        return False
+    return True
+
+
+def path(op: str, device: str) -> tuple[str, str]:
+    """("kernel" | "reference", why) for an op on a device type, as `adaptune info` prints it."""
+    if op not in OPS:
+        raise ConfigError(f"unknown op {op!r}; valid: {', '.join(OPS)}")
+    current = mode()
+    if current == "off":
+        return "reference", "kernels off (ADAPTUNE_KERNELS=off or use_kernels('off'))"
+    if device not in ("cpu", "cuda"):
+        return "reference", f"no kernels for device type {device!r}"
+    result = builds()[device]
+    if result.ok:
+        return "kernel", f"compiled extension ({current} mode), {result.reason}"
+    return "reference", f"kernels not available: {result.reason.splitlines()[0]}"
+
+
+def lora(x, weight, bias, A, B, scale, dropout=0.0, training=False):
+    """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ; see `reference.lora`."""
+    if _use_kernel("lora", x, weight, bias):
+        from . import kernels
+        return kernels.lora(x, weight, bias, A, B, scale, dropout, training)
+    return reference.lora(x, weight, bias, A, B, scale, dropout, training)
+
+
+def dora_norm(weight, A, B, scale, weight_norm_sq=None):
+    """Row norms of W + s·B·A by the factored formula; see `reference.dora_norm`."""
+    if _use_kernel("dora_norm", weight, weight):
+        from . import kernels
+        return kernels.dora_norm(weight, A, B, scale, weight_norm_sq)
+    return reference.dora_norm(weight, A, B, scale, weight_norm_sq)
+
+
+def dora(x, weight, bias, A, B, magnitude, scale, dropout=0.0, training=False, weight_norm_sq=None,
+         detach_norm=True):
+    """y = (m / n) ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b; see `reference.dora`."""
+    if _use_kernel("dora", x, weight, bias):
+        from . import kernels
+        return kernels.dora(x, weight, bias, A, B, magnitude, scale, dropout, training, weight_norm_sq, detach_norm)
+    return reference.dora(x, weight, bias, A, B, magnitude, scale, dropout, training, weight_norm_sq, detach_norm)
+
+
+def bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale=1.0, act="relu"):
+    """y = residual + s·up(act(down(x))); see `reference.bottleneck`."""
+    if _use_kernel("bottleneck", x):
+        from . import kernels
+        return kernels.bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale, act)
+    return reference.bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale, act)
+
+
+__all__ = ["ACTIVATIONS", "MODES", "OPS", "bottleneck", "builds", "dora", "dora_norm", "lora", "mode", "path",
+           "reference", "use_kernels"]

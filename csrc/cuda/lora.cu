@@ -1,0 +1,9 @@
+// LoRA on CUDA: y = x·Wᵀ + b, then s·(xd·Aᵀ)·Bᵀ added in place (at::addmm_ on the current stream).
+// Both GEMMs and the epilogue are cuBLAS calls; there is no elementwise part left to fuse.
+#include <torch/library.h>
+
+#include "../ops.h"
+
+TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
+  ADAPTUNE_REGISTER_LORA
+}
