@@ -33,3 +33,7 @@ class MergeError(AdaptuneError, RuntimeError):
 
 class LoadError(AdaptuneError, ValueError):
     """A saved adaptation does not fit the model it is loaded into, or the file is invalid."""
+
+
+class DataError(AdaptuneError, ValueError):
+    """An experiment's data file is missing or malformed; the message names the file and line."""

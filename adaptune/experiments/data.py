@@ -1,0 +1,184 @@
+"""Reading a dataset's tab-separated files robustly: quoted fields, blank rows, missing labels.
+
+Rows are parsed with the csv module (delimiter tab), never by splitting lines, so csv-quoted fields
+may hold tabs, quotes and newlines (GLUE's .tsv files are read with QUOTE_NONE: quotes are text).
+
+  skipped, each listed as 'file:line: reason'   blank rows; rows whose label or a text is empty
+  DataError naming the file and line             a missing file or header column, undecodable bytes,
+                                                 a row with too few fields, a label that is not a
+                                                 number (nor one of the dataset's label names), a class
+                                                 id out of range, a score outside the dataset's range
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import DataError
+from .tasks import CLASSES, REGISTRY, TaskDef
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long reviews (CFIMDB) exceed the 128 KiB default
+
+
+@dataclass(frozen=True)
+class Example:
+    a: str  # the sentence, or the first of a pair
+    b: str | None  # the second sentence of a pair (cross-encoded with a), else None
+    label: float  # class id (as a float) or score
+    line: int = 0  # 1-based line of the file where the row starts
+
+
+@dataclass
+class TaskData:
+    task: TaskDef
+    train: list[Example]
+    dev: list[Example]
+    info: dict = field(default_factory=dict)  # files, split, sizes: recorded in results.json
+    skipped: list[str] = field(default_factory=list)  # 'file:line: reason'
+
+
+def default_data_dir() -> Path:
+    """$ADAPTUNE_DATA, else ../shared/data/cs224n (from the working directory, then from the repository)."""
+    env = os.environ.get("ADAPTUNE_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[2]  # the repository root
+    for candidate in (Path.cwd() / "../shared/data/cs224n", here / "../shared/data/cs224n"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    expected = ", ".join(f for t in ("sst", "para", "sts") for f in REGISTRY[t].files)
+    raise DataError(f"no data directory: give --data-dir DIR or set ADAPTUNE_DATA. DIR holds tab-separated "
+                    f"files with a header row ({expected}), or GLUE folders (SST-2/train.tsv, SST-2/dev.tsv, ...)")
+
+
+def _column(header: list[str] | None, column: str | int, path: Path) -> int:
+    if isinstance(column, int):
+        return column
+    names = [h.strip() for h in header or []]
+    if column not in names:
+        raise DataError(f"{path}:1: no column {column!r} in the header; the columns are {names}")
+    return names.index(column)
+
+
+def _label(raw: str, where: str, task: TaskDef) -> float:
+    raw = raw.strip()
+    if raw in task.label_map:
+        return float(task.label_map[raw])
+    try:
+        value = float(raw)
+    except ValueError:
+        valid = f"one of {sorted(task.label_map)}" if task.label_map else "a number"
+        hint = " (an unclosed quote earlier in the row?)" if "\n" in raw or "\t" in raw else ""
+        raise DataError(f"{where}: label {raw[:40]!r} is not {valid}{hint}") from None
+    if value != value or abs(value) == float("inf"):
+        raise DataError(f"{where}: label {raw!r} is not a finite number")
+    if task.kind != "regression":
+        n = task.n_out if task.kind == CLASSES else 2
+        if value != int(value) or not 0 <= value < n:
+            raise DataError(f"{where}: label {raw!r} is not a class id in 0..{n - 1}")
+    elif task.label_range and not task.label_range[0] <= value <= task.label_range[1]:
+        raise DataError(f"{where}: score {raw!r} is outside {task.label_range[0]}..{task.label_range[1]}")
+    return value
+
+
+def read_file(path: str | Path, task: TaskDef) -> tuple[list[Example], list[str]]:
+    """(examples, skipped rows) of one file of `task`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (dataset {task.name!r} reads {', '.join(task.files)})")
+    examples: list[Example] = []
+    skipped: list[str] = []
+    line = 1
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=task.quoting)
+            header = None
+            if task.header:
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path}: the file is empty; expected a header row")
+            cols = [_column(header, c, path) for c in task.text]
+            at = _column(header, task.label, path)
+            need = max(cols + [at]) + 1
+            line = reader.line_num + 1
+            for row in reader:
+                start, line = line, reader.line_num + 1
+                if not any(x.strip() for x in row):
+                    skipped.append(f"{path}:{start}: blank row")
+                    continue
+                if len(row) < need and not (len(row) == need - 1 and at == need - 1):  # trailing empty label
+                    raise DataError(f"{path}:{start}: expected at least {need} tab-separated fields, got {len(row)}")
+                raw = row[at] if at < len(row) else ""
+                texts = [row[c].strip() for c in cols]
+                if not raw.strip():
+                    skipped.append(f"{path}:{start}: empty label")
+                elif not all(texts):
+                    skipped.append(f"{path}:{start}: empty text")
+                else:
+                    label = _label(raw, f"{path}:{start}", task)
+                    examples.append(Example(texts[0], texts[1] if task.pair else None, label, start))
+    except csv.Error as e:
+        raise DataError(f"{path}:{line}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not examples:
+        raise DataError(f"{path}: no labelled rows for dataset {task.name!r} ({len(skipped)} skipped)")
+    return examples, skipped
+
+
+def find(data_dir: Path, relative: str, task: TaskDef) -> Path:
+    """data_dir/relative, or data_dir/<file name> when data_dir is the dataset's own folder (GLUE)."""
+    for p in (data_dir / relative, data_dir / Path(relative).name):
+        if p.is_file():
+            return p
+    raise DataError(f"{data_dir}: no {relative} for dataset {task.name!r} "
+                    f"(it reads {', '.join(task.files)}; give --data-dir)")
+
+
+def split(examples: Sequence[Example], train_ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic train/dev split: random.Random(seed).shuffle of the indices, the first
+    round(train_ratio·n) for train, the rest for dev; both kept in file order."""
+    if not 0.0 < train_ratio < 1.0:
+        raise DataError(f"the train ratio of a split must be in (0, 1), got {train_ratio!r}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_train = round(len(order) * train_ratio)
+    return [examples[i] for i in sorted(order[:n_train])], [examples[i] for i in sorted(order[n_train:])]
+
+
+def subset(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
+    """At most n examples: a seeded sample kept in file order (all of them when n is None)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    if n <= 0:
+        raise DataError(f"a subset size must be positive, got {n}")
+    return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]
+
+
+def load_task(task: TaskDef, data_dir: Path, *, seed: int = 0, split_ratio: float = 0.8,
+              train_limit: int | None = None, dev_limit: int | None = None) -> TaskData:
+    """Train and dev examples of one dataset; `seed` picks the split of a dev-less dataset and the subsets."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such data directory (dataset {task.name!r} reads {', '.join(task.files)})")
+    train_path = find(data_dir, task.train, task)
+    train, skipped = read_file(train_path, task)
+    info: dict = {"files": [str(p) for p in task.files]}
+    if task.dev is None:
+        train, dev = split(train, split_ratio, seed)
+        info["split"] = {"file": task.train, "seed": seed, "train_ratio": split_ratio, "train": len(train),
+                         "dev": len(dev), "method": "random.Random(seed).shuffle of row indices; "
+                                                    "first round(ratio*n) train, rest dev"}
+    else:
+        dev, more = read_file(find(data_dir, task.dev, task), task)
+        skipped += more
+    info["available"] = {"train": len(train), "dev": len(dev)}
+    train, dev = subset(train, train_limit, seed), subset(dev, dev_limit, seed + 1)
+    info["used"] = {"train": len(train), "dev": len(dev)}
+    info["skipped_rows"] = len(skipped)
+    return TaskData(task, train, dev, info, skipped)

@@ -1,0 +1,158 @@
+"""The fine-tuning methods an experiment compares: what is attached, what trains, and how it is counted.
+
+| method        | what trains                                                        | default sharing |
+|---------------|--------------------------------------------------------------------|-----------------|
+| head-only     | the per-task heads only (the base is frozen; seed 004's "Pretrain") | -               |
+| full          | every base parameter, shared by all tasks, and the heads            | shared          |
+| lora, dora    | LoRA/DoRA(r) on attn (q, k, v)                                     | shared          |
+| adapter       | Adapter(dim) after attn and after ffn (Houlsby)                    | per task        |
+| lora+adapter  | shared LoRA(r) on attn + per-task Adapter(dim) on attn and ffn      | mixed           |
+| hyper         | HyperAdapter(dim) on attn and ffn: one hypernetwork, task embeddings| shared          |
+| prefix        | Prefix(n) on attn                                                  | shared          |
+| prompt        | PromptTuning(n) on embed                                           | shared          |
+| stack         | any composition, e.g. "attn=LoRA(12)|Prefix(10); ffn=Adapter(64)"   | shared          |
+
+Sharing follows seed 004 (adapters are task-specific, LoRA and the hypernetwork are shared);
+`per_task=True/False` overrides it. Every method also trains one plain nn.Linear head per task.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import Adapter, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, attach
+from ..adaptation import Adaptation
+from ..accounting import counts
+from ..errors import ConfigError
+from ..spec import parse_spec
+
+METHODS = ("head-only", "full", "lora", "dora", "adapter", "lora+adapter", "hyper", "prefix", "prompt", "stack")
+DEFAULT_LR = {"head-only": 1e-3, "full": 1e-4, "prefix": 5e-3, "prompt": 1e-2}  # others: 1e-3
+PER_TASK_BY_DEFAULT = {"adapter"}
+
+ACCOUNTING = ("% updated per task = (parameters trained for that task: shared components + the task's own "
+              "components + its head; for full fine-tuning every base parameter) / base parameters. "
+              "% stored = (extra parameters kept for all tasks together: shared components once + every task's "
+              "components + every head) / base parameters; full fine-tuning stores one fine-tuned model for all "
+              "tasks in place of the base, counted as 0% extra as in seed 004 Table 2, plus its heads.")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str = "lora+adapter"
+    r: int = 12
+    dim: int = 64
+    n: int = 20
+    stack: str | None = None
+    per_task: bool | None = None  # None: the method's default sharing
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"unknown method {self.name!r}; known: {', '.join(METHODS)}")
+        if self.name == "stack" and not self.stack:
+            raise ConfigError("method 'stack' needs a composition, e.g. --stack 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'")
+        if self.name in ("head-only", "full", "lora+adapter") and self.per_task is not None:
+            raise ConfigError(f"--per-task/--shared does not apply to {self.name!r}")
+
+    @property
+    def sharing(self) -> str:
+        if self.name in ("head-only", "full"):
+            return "shared" if self.name == "full" else "-"
+        if self.name == "lora+adapter":
+            return "shared LoRA, per-task adapters"
+        per = self.per_task if self.per_task is not None else self.name in PER_TASK_BY_DEFAULT
+        return "per task" if per else "shared"
+
+    @property
+    def default_lr(self) -> float:
+        return DEFAULT_LR.get(self.name, 1e-3)
+
+    def label(self) -> str:
+        arg = {"lora": f"r={self.r}", "dora": f"r={self.r}", "adapter": f"dim={self.dim}", "hyper": f"dim={self.dim}",
+               "lora+adapter": f"r={self.r}, dim={self.dim}", "prefix": f"n={self.n}", "prompt": f"n={self.n}",
+               "stack": self.stack}.get(self.name)
+        return f"{self.name}[{arg}]" if arg else self.name
+
+    def components(self) -> dict:
+        """The spec attached for each task (or shared): selector -> stack."""
+        both = lambda c: {"attn": c, "ffn": c}  # noqa: E731
+        return {"lora": lambda: {"attn": LoRA(self.r)}, "dora": lambda: {"attn": DoRA(self.r)},
+                "adapter": lambda: both(Adapter(self.dim)), "hyper": lambda: both(HyperAdapter(self.dim)),
+                "prefix": lambda: {"attn": Prefix(self.n)}, "prompt": lambda: {"embed": PromptTuning(self.n)},
+                "stack": lambda: parse_spec(self.stack or "")}[self.name]()
+
+    def prepare(self, model: nn.Module, tasks: list[str]) -> Adaptation | None:
+        """Freeze/unfreeze the base and attach components; returns the Adaptation (None: no components)."""
+        if self.name in ("head-only", "full"):
+            for p in model.parameters():
+                p.requires_grad_(self.name == "full")
+            return None
+        if self.name == "lora+adapter":
+            return attach(model, {"attn": LoRA(self.r)},
+                          tasks={t: {"attn": Adapter(self.dim), "ffn": Adapter(self.dim)} for t in tasks})
+        if self.sharing == "per task":
+            return attach(model, tasks={t: self.components() for t in tasks})
+        return attach(model, self.components(), tasks={t: {} for t in tasks})  # empty task sets: hyper's task embeddings
+
+
+def base_params(model: nn.Module, adaptation: Adaptation | None) -> int:
+    own = {id(p) for p in adaptation.parameters()} if adaptation is not None else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in own)
+
+
+def accounting(method: Method, model: nn.Module, adaptation: Adaptation | None, heads: nn.ModuleDict) -> dict:
+    """Parameter counts of the results table (see ACCOUNTING)."""
+    base = base_params(model, adaptation)
+    head = {t: sum(p.numel() for p in h.parameters()) for t, h in heads.items()}
+    if adaptation is not None:
+        c = counts(adaptation)
+        updated = {t: c.trainable(t) + head[t] for t in heads}
+        stored = c.stored + sum(head.values())
+        components = {"shared": c.shared, "per_task": dict(c.per_task)}
+    else:
+        updated = {t: (base if method.name == "full" else 0) + head[t] for t in heads}
+        stored = sum(head.values())
+        components = {"shared": 0, "per_task": {t: 0 for t in heads}}
+    return {"base": base, "heads": head, "components": components, "updated": updated,
+            "pct_updated": {t: 100.0 * n / base for t, n in updated.items()},
+            "stored": stored, "pct_stored": 100.0 * stored / base, "how": ACCOUNTING}
+
+
+_COMPONENT_LAYER = re.compile(r"layers:(\d+):")
+_BASE_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+_EMBED = re.compile(r"(?:^|\.)(?:embeddings|wte|wpe|embed_tokens)\.|points\.embed\.")
+
+
+def depth(name: str) -> int | None:
+    """Layer index of a parameter (-1: embeddings, None: above the layers or shared across them)."""
+    m = _COMPONENT_LAYER.search(name) or _BASE_LAYER.search(name)
+    if m:
+        return int(m[1])
+    return -1 if _EMBED.search(name) else None
+
+
+def param_groups(model: nn.Module, heads: nn.Module, lr: float, head_lr: float, n_layers: int,
+                 decay: float | None = None) -> list[dict]:
+    """AdamW groups. With layer-wise decay ξ (seed 003): layer l gets lr·ξ^(L-1-l), embeddings lr·ξ^L,
+    parameters above the layers or shared across layers (pooler, hypernetwork) lr; heads get head_lr."""
+    if decay is not None and not 0.0 < decay <= 1.0:
+        raise ConfigError(f"layer-wise learning-rate decay must be in (0, 1], got {decay}")
+    by_lr: dict[float, list] = defaultdict(list)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        d = depth(name)
+        scale = 1.0 if decay is None or d is None else decay ** (n_layers - 1 - d)
+        by_lr[lr * scale].append(p)
+    groups = [{"params": ps, "lr": g} for g, ps in sorted(by_lr.items(), reverse=True)]
+    groups.append({"params": list(heads.parameters()), "lr": head_lr})
+    return groups
+
+
+def make_heads(hidden: int, sizes: dict[str, int], seed: int) -> nn.ModuleDict:
+    torch.manual_seed(seed)
+    return nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in sizes.items()})

@@ -1,0 +1,295 @@
+"""GLUE-style multitask fine-tuning and evaluation (seed 004, with seed 002's round-robin and EDA
+and seed 003's layer-wise learning-rate decay).
+
+One base model; one plain nn.Linear head per dataset on the mean-pooled last hidden states (see
+training.py); a regression head's bias starts at the mean training score. Losses: classes cross entropy, binary one logit with BCE, regression one output with
+MSE (STS, scored by Pearson r). Within each epoch the datasets take turns batch by batch (round
+robin); the active adaptune task is switched to the dataset's before each step. AdamW, linear
+warm-up (10% of the steps) then linear decay, gradients clipped to norm 1. Seeded: the same config
+and seed give the same metrics on CPU (torch.use_deterministic_algorithms during the run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import PRESETS, load_model, minilm_path
+from ..persist import atomic_write
+from . import metrics
+from .data import TaskData, default_data_dir, load_task
+from .eda import augment, load_synonyms
+from .methods import Method, accounting, make_heads, param_groups
+from .tasks import DEFAULT_TASKS, parse_tasks
+from .training import Encoder, evaluate, loss_of, schedule, warmup_linear
+
+QUICK = {"epochs": 1, "train_limit": 512, "dev_limit": 400, "max_length": 64, "batch_size": 16}
+FULL = {"epochs": 3, "train_limit": None, "dev_limit": None, "max_length": 128, "batch_size": 32}
+FORMAT = "adaptune-multitask/1"
+
+
+@dataclass
+class ExperimentConfig:
+    method: Method = field(default_factory=Method)
+    model: str = "minilm"
+    tokenizer: str | None = None
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    data_dir: str | None = None
+    quick: bool = False
+    epochs: int | None = None  # None: the QUICK or FULL preset
+    train_limit: int | None = None  # examples per dataset (a seeded subset)
+    dev_limit: int | None = None
+    max_length: int | None = None
+    batch_size: int | None = None  # None: the preset's (16 quick, 32 otherwise)
+    lr: float | None = None  # None: the method's default
+    head_lr: float = 3e-3
+    layer_lr_decay: float | None = None
+    split_ratio: float = 0.8  # train share of a dataset without a dev file (quora-dev.csv)
+    augment: str | None = None  # "eda"
+    n_aug: int = 1
+    synonyms: str | None = None
+    seed: int = 0  # initialisation, batch order, dropout, EDA
+    data_seed: int = 0  # the train/dev split and the subsets: the same for every method and seed
+    device: str = "cpu"
+    name: str | None = None
+    out: str = "runs"
+    command: str = ""
+
+    def resolved(self) -> "ExperimentConfig":
+        preset = QUICK if self.quick else FULL
+        filled = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in preset.items()}
+        cfg = replace(self, **filled, lr=self.method.default_lr if self.lr is None else self.lr,
+                      data_dir=str(self.data_dir or default_data_dir()),
+                      tasks=tuple(t.name for t in parse_tasks(list(self.tasks))))
+        if cfg.augment not in (None, "eda"):
+            raise ConfigError(f"--augment takes 'eda', got {cfg.augment!r}")
+        for what in ("epochs", "batch_size", "max_length", "n_aug"):
+            if getattr(cfg, what) < 1:
+                raise ConfigError(f"{what} must be at least 1, got {getattr(cfg, what)}")
+        if cfg.lr <= 0 or cfg.head_lr <= 0:
+            raise ConfigError(f"learning rates must be positive, got lr={cfg.lr}, head_lr={cfg.head_lr}")
+        if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
+        if cfg.device != "cpu" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available here")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ExperimentConfig":
+        return ExperimentConfig(**{**d, "method": Method(**d["method"]), "tasks": tuple(d["tasks"])})
+
+
+def load_tokenizer(model_name: str, tokenizer: str | None = None) -> Any:
+    """The tokenizer for `model_name`: MiniLM's for 'minilm' and the random bert presets, the model
+    directory's own, or a hub name from the local cache."""
+    from transformers import AutoTokenizer
+    if tokenizer is None:
+        if model_name in PRESETS and model_name.startswith("gpt2"):
+            raise ConfigError(f"no tokenizer ships with the random preset {model_name!r}: give --tokenizer DIR")
+        tokenizer = str(minilm_path()) if model_name in PRESETS else model_name
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {tokenizer!r} (a local directory, or a hub name in the "
+                          f"local cache; downloads are off unless HF_HUB_OFFLINE=0): {e}") from e
+    if tok.pad_token is None:  # GPT-2
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(name: str, seed: int) -> nn.Module:
+    """A preset or local directory (adaptune.models.load_model), else a hub name from the local cache."""
+    if name in PRESETS or Path(name).is_dir():
+        return load_model(name, seed=seed)
+    from transformers import AutoModel
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"unknown model {name!r}: give one of {', '.join(PRESETS)}, a local Hugging Face "
+                          f"BERT/GPT-2 directory, or a hub name in the local cache ({e})") from e
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed)
+    except ImportError:  # numpy is optional
+        pass
+
+
+def score(data: dict[str, TaskData], preds: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Every metric of each dataset's kind; the dataset's own metric is the one averaged."""
+    out = {}
+    for t, d in data.items():
+        gold = [e.label for e in d.dev]
+        names = {"classes": ["accuracy", "matthews"] if d.task.n_out == 2 else ["accuracy"],
+                 "binary": ["accuracy", "f1"], "regression": ["pearson", "spearman"]}[d.task.kind]
+        out[t] = {m: metrics.METRICS[m](preds[t], gold) for m in dict.fromkeys([d.task.metric, *names])}
+    return out
+
+
+def load_data(cfg: ExperimentConfig) -> dict[str, TaskData]:
+    data = {t.name: load_task(t, Path(cfg.data_dir), seed=cfg.data_seed, split_ratio=cfg.split_ratio,
+                              train_limit=cfg.train_limit, dev_limit=cfg.dev_limit) for t in parse_tasks(list(cfg.tasks))}
+    if cfg.augment == "eda":
+        table = load_synonyms(cfg.synonyms) if cfg.synonyms else None
+        for d in data.values():
+            d.train = augment(d.train, cfg.n_aug, cfg.seed, synonyms=table)
+            d.info["used"]["train_augmented"] = len(d.train)
+    return data
+
+
+def build(cfg: ExperimentConfig, data: dict[str, TaskData]) -> tuple[nn.Module, Any, nn.ModuleDict, Encoder]:
+    set_seed(cfg.seed)
+    model = load_base(cfg.model, cfg.seed)
+    tok = load_tokenizer(cfg.model, cfg.tokenizer)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tok) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tok)} tokens but the model's embedding only {vocab}")
+    heads = make_heads(model.config.hidden_size, {t: d.task.n_out for t, d in data.items()}, cfg.seed)
+    with torch.no_grad():  # a regression head starts at the mean training score: MSE then trains the slope
+        for t, d in data.items():
+            if d.task.kind == "regression":
+                heads[t].bias.fill_(sum(e.label for e in d.train) / len(d.train))
+    adaptation = cfg.method.prepare(model, list(data))
+    model.to(cfg.device), heads.to(cfg.device)
+    return model, adaptation, heads, Encoder(model, tok, cfg.max_length, cfg.device)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: str) -> dict:
+    import transformers
+    name = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else cpu_name()
+    return {"device": device, "name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def peak_memory_mb(device: str) -> tuple[float, str]:
+    if device != "cpu":
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak resident set size of the process"
+
+
+def train(cfg: ExperimentConfig, data: dict[str, TaskData], model: nn.Module, adaptation: Any,
+          heads: nn.ModuleDict, encoder: Encoder, progress: Any = None) -> dict:
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
+    opt = torch.optim.AdamW(param_groups(model, heads, cfg.lr, cfg.head_lr, n_layers, cfg.layer_lr_decay))
+    sizes = {t: len(d.train) for t, d in data.items()}
+    plans = [schedule(sizes, cfg.batch_size, cfg.seed, e) for e in range(cfg.epochs)]
+    sched = warmup_linear(opt, sum(map(len, plans)))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    losses: dict[str, list[list[float]]] = {t: [] for t in data}
+    seen, seconds = 0, 0.0
+    set_seed(cfg.seed)
+    for epoch, plan in enumerate(plans):
+        bars = {t: progress.add_task(f"epoch {epoch + 1}/{cfg.epochs} {t}", total=sum(1 for s, _ in plan if s == t))
+                for t in data} if progress is not None else {}
+        for t in data:
+            losses[t].append([])
+        model.train(), heads.train()
+        t0 = time.perf_counter()
+        for t, idx in plan:
+            if adaptation is not None:
+                adaptation.use(t)
+            batch = [data[t].train[i] for i in idx]
+            labels = torch.tensor([e.label for e in batch], dtype=torch.float32, device=cfg.device)
+            loss = loss_of(data[t].task.kind, heads[t](encoder(batch)), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses[t][-1].append(loss.item())
+            seen += len(batch)
+            if progress is not None:
+                progress.advance(bars[t])
+        seconds += time.perf_counter() - t0
+    return {"losses": losses, "examples": seen, "seconds": seconds, "steps": sum(map(len, plans))}
+
+
+def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
+    """Train, evaluate, save under out/name; returns the results (also written to results.json).
+
+    progress: a rich.progress.Progress (optional): one bar per dataset and epoch, one per dev set."""
+    cfg = cfg.resolved()
+    start = time.perf_counter()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        data = load_data(cfg)
+        model, adaptation, heads, encoder = build(cfg, data)
+        if cfg.device != "cpu":
+            torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
+        log = train(cfg, data, model, adaptation, heads, encoder, progress)
+        t0 = time.perf_counter()
+        preds = evaluate(encoder, heads, adaptation, data, progress=progress)
+        eval_s = time.perf_counter() - t0
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    scores = score(data, preds)
+    counts = accounting(cfg.method, model, adaptation, heads)
+    memory, memory_how = peak_memory_mb(cfg.device)
+    dev = {t: scores[t][d.task.metric] for t, d in data.items()}
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    result = {
+        "format": FORMAT, "experiment": "multitask", "name": cfg.name or default_name(cfg), "command": cfg.command,
+        "label": cfg.method.label(), "method": cfg.method.name, "sharing": cfg.method.sharing,
+        "config": cfg.to_dict(), "spec": adaptation.spec() if adaptation is not None else None,
+        "model": {"name": cfg.model, "class": type(model).__name__, "params": counts["base"]},
+        "data": {t: d.info for t, d in data.items()}, "skipped_rows": {t: d.skipped for t, d in data.items()},
+        "tasks": {t: {"metric": d.task.metric, "dev": dev[t], "metrics": scores[t], "loss": d.task.loss,
+                      "train_loss_by_epoch": [mean(e) for e in log["losses"][t]],
+                      "pct_updated": counts["pct_updated"][t], "updated": counts["updated"][t]}
+                  for t, d in data.items()},
+        "dev_average": mean(list(dev.values())),
+        "pct_updated_mean": mean(list(counts["pct_updated"].values())),
+        "params": counts, "peak_memory_mb": memory, "peak_memory_how": memory_how,
+        "train_examples": log["examples"], "train_steps": log["steps"], "train_s": log["seconds"],
+        "train_examples_per_s": log["examples"] / log["seconds"] if log["seconds"] else None,
+        "eval_examples": sum(len(d.dev) for d in data.values()), "eval_s": eval_s,
+        "eval_examples_per_s": sum(len(d.dev) for d in data.values()) / eval_s if eval_s else None,
+        "device": device_info(cfg.device),
+    }
+    run_dir = Path(cfg.out) / result["name"]
+    result["files"] = save_run(run_dir, cfg, model, adaptation, heads, preds)
+    result["wall_s"] = time.perf_counter() - start
+    result["run_dir"] = str(run_dir)
+    atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    return result
+
+
+def default_name(cfg: ExperimentConfig) -> str:
+    label = re.sub(r"[^A-Za-z0-9.+]+", "-", cfg.method.label().replace("=", "")).strip("-")
+    return f"{label}-seed{cfg.seed}"
+
+
+from .runs import load_run, predict_run, save_run  # noqa: E402  (saving and reloading a run)
+
+__all__ = ["ExperimentConfig", "QUICK", "load_run", "predict_run", "run"]

@@ -1,0 +1,120 @@
+"""Results files: JSON (everything measured) and markdown (the tables), written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+_MEMORY = {"cpu": "peak RSS MB", "cuda": "peak alloc MB"}
+_MEMORY_NOTE = {"cpu": "peak RSS of the configuration's process (ru_maxrss), the Python + torch + transformers "
+                       "baseline included; 'over baseline' subtracts the peak RSS read before the build",
+                "cuda": "torch.cuda.max_memory_allocated over the warm and timed runs (weights included)"}
+COLUMNS = {  # suite: [(header, record key, format)]
+    "train_step": [("trainable", "trainable", "{:,}"), ("median s", "median_s", "{:.3f}"),
+                   ("min–max s", None, None), ("it/s", "it_per_s", "{:.2f}"),
+                   ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MEM", "peak_mb", "{:,.0f}"),
+                   ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
+    "rank_sweep": [("r", "r", "{}"), ("trainable", "trainable", "{:,}"), ("median s", "median_s", "{:.3f}"),
+                   ("min–max s", None, None), ("it/s", "it_per_s", "{:.2f}"),
+                   ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MEM", "peak_mb", "{:,.0f}"),
+                   ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
+    "ops": [("tokens", "tokens", "{:,}"), ("median ms", "median_ms", "{:.3f}"), ("min–max ms", None, None),
+            ("tokens/s", "tokens_per_s", "{:,.0f}"), ("GB/s", "bandwidth_gbs", "{:,.1f}"),
+            ("MEM", "peak_mb", "{:,.0f}"), ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
+}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _cell(record: dict, key: str | None, fmt: str | None, ms: bool) -> str:
+    if key is None:  # the spread of the timed runs
+        if "min_s" not in record:
+            return ""
+        k = 1000 if ms else 1
+        return f"{record['min_s'] * k:.3f}–{record['max_s'] * k:.3f}"
+    if key == "median_ms":
+        return f"{record['median_s'] * 1000:.3f}" if "median_s" in record else ""
+    value = record.get(key)
+    return "" if value is None else fmt.format(value)
+
+
+def _header(result: dict) -> list[str]:
+    env, s = result["environment"], result["settings"]
+    return [f"# {result['suite']} — {env['device']} ({env['device_name']})", "",
+            f"- date: {env['date']}; torch {env['torch']}, transformers {env['transformers']}, "
+            f"peft {env['peft']}, adaptune {env['adaptune']}, python {env['python']}",
+            f"- threads: {env['threads']} of {env['cpu_count']} CPUs; dtype {env['dtype']}"
+            + (f"; CUDA {env['cuda']}, {env.get('gpu_memory_gb')} GiB" if env.get("cuda") else ""),
+            f"- adaptune kernels: {env['kernels']}",
+            f"- load average (1 min) at start / end: {env.get('load_start')} / {env.get('load_end')} "
+            "(other jobs share this machine)",
+            f"- {s['warm']} warm run(s), then {s['reps']} timed runs per configuration, interleaved round-robin; "
+            "each configuration in its own process; medians quoted, min–max is the spread",
+            "- memory: " + _MEMORY_NOTE[env["device"]], ""]
+
+
+def table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Column headers and one row of cells per configuration (markdown here, rich in `adaptune bench`)."""
+    device = result["environment"]["device"]
+    cols = COLUMNS[result["suite"]]
+    ms = result["suite"] == "ops"
+    if device == "cuda":  # max_memory_allocated has no process baseline
+        cols = [c for c in cols if c[1] != "peak_over_base_mb"]
+    heads = ["configuration"] + [_MEMORY[device] if h == "MEM" else h for h, _, _ in cols]
+    rows = []
+    for r in result["records"]:
+        if "skipped" in r or "error" in r:
+            why = str(r.get("skipped") or r.get("error")).strip().splitlines()[-1]
+            rows.append([r["name"], f"{'skipped' if 'skipped' in r else 'error'}: {why}"] + [""] * (len(cols) - 1))
+        else:
+            rows.append([r["name"]] + [_cell(r, k, f, ms) for _, k, f in cols])
+    return heads, rows
+
+
+def markdown(result: dict) -> str:
+    heads, rows = table(result)
+    lines = _header(result) + ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if result.get("checks"):
+        lines.append("")
+    for c in result.get("checks", []):
+        lines.append(f"- same work: {c['a']} trains {c['a_trainable']:,} parameters, {c['b']} "
+                     f"{c['b_trainable']:,}: {'equal' if c['equal'] else 'DIFFERENT'}")
+    return "\n".join(lines) + "\n"
+
+
+def targets_markdown(rows: list[dict], env: dict, checked: str, sources: dict[str, str]) -> str:
+    measured = ", ".join(f"{suite} ({date})" for suite, date in sources.items())
+    lines = [f"# targets — {env['device']} ({env['device_name']})", "",
+             f"- checked {checked} from the results files of this directory: {measured}",
+             f"- torch {env['torch']}, {env['threads']} threads; value = measured / yardstick "
+             "(or the measured figure itself); see each suite's file for the conditions", "",
+             "| verdict | target | measured | yardstick | value | limit |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        value = f"{r['value']:.3f}" if "value" in r else r.get("why", "")
+        limit = f"{'≥' if r.get('at_least') else '≤'} {r['limit']}" if "limit" in r else ""
+        lines.append(f"| {r['verdict']} | {r['target']} | {r.get('a', '')} | {r.get('b') or ''} | {value} | {limit} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, stem: str, result: dict, md: str) -> list[Path]:
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    write_atomic(paths[0], json.dumps(result, indent=1, default=str) + "\n")
+    write_atomic(paths[1], md)
+    return paths
+
+
+def load(out: Path, stem: str) -> dict | None:
+    path = out / f"{stem}.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,90 @@
+"""The speed and memory targets, in one table, and the check that gives each a verdict.
+
+A target compares a measured record `a` with a yardstick record `b` (ratio a/b of `metric`) or, with
+no `b`, checks `metric` of `a` itself. Selectors match record fields; a record that matches `a` gets
+its own verdict line (one per adaptune path measured). In `b`, the value SAME takes `a`'s value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SAME = "same"
+
+
+@dataclass(frozen=True)
+class Target:
+    device: str  # cpu | cuda
+    suite: str  # train_step | ops | rank_sweep
+    text: str
+    a: dict
+    b: dict | None
+    limit: float
+    metric: str = "median_s"
+    at_least: bool = False  # True: value >= limit passes (speed-ups, bandwidth); else value <= limit
+
+
+_BERT = {"model": "bert-base"}
+_ADA_DORA = {"impl": "adaptune", "op": "dora"}
+_ADA_LORA = {"impl": "adaptune", "op": "lora", "path": SAME}
+TARGETS = (
+    Target("cpu", "train_step", "BERT-base step: adaptune DoRA <= 0.9 x PEFT DoRA",
+           {**_BERT, "method": "adaptune-dora"}, {**_BERT, "method": "peft-dora"}, 0.9),
+    Target("cpu", "train_step", "BERT-base step: adaptune LoRA <= 1.0 x PEFT LoRA",
+           {**_BERT, "method": "adaptune-lora"}, {**_BERT, "method": "peft-lora"}, 1.0),
+    Target("cpu", "train_step", "BERT-base step: adaptune DoRA <= 1.05 x adaptune LoRA",
+           {**_BERT, "method": "adaptune-dora"}, {**_BERT, "method": "adaptune-lora", "path": SAME}, 1.05),
+    Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 1.10 x adaptune LoRA",
+           _ADA_DORA, _ADA_LORA, 1.10),
+    Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 0.6 x PEFT DoRA",
+           _ADA_DORA, {"impl": "peft", "op": "dora"}, 0.6),
+    Target("cuda", "ops", "4096x4096 r=16 peak memory: adaptune DoRA <= 1.05 x adaptune LoRA",
+           _ADA_DORA, _ADA_LORA, 1.05, metric="peak_mb"),
+    Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune LoRA <= 0.9 x PEFT LoRA",
+           {"impl": "adaptune", "op": "lora"}, {"impl": "peft", "op": "lora"}, 0.9),
+    Target("cuda", "ops", "bottleneck fwd, hidden 4096: fused >= 1.5 x eager (eager time / fused time)",
+           {"op": "bottleneck", "mode": "fwd", "impl": "eager"},
+           {"op": "bottleneck", "mode": "fwd", "path": "kernels", "bottleneck": SAME}, 1.5, at_least=True),
+    Target("cuda", "ops", "bottleneck fwd, hidden 4096: fused >= 70% of the GPU's memory bandwidth",
+           {"op": "bottleneck", "mode": "fwd", "path": "kernels"}, None, 0.70, metric="bandwidth_frac",
+           at_least=True),
+    Target("cuda", "train_step", "training step: PEFT LoRA <= 0.70 x full fine-tuning of the same model",
+           {"method": "peft-lora"}, {"method": "full", "model": SAME}, 0.70),
+    Target("cuda", "train_step", "training step: adaptune LoRA <= 0.70 x full fine-tuning of the same model",
+           {"method": "adaptune-lora"}, {"method": "full", "model": SAME}, 0.70),
+)
+
+
+def _matches(record: dict, selector: dict) -> bool:
+    return all(record.get(k) == v for k, v in selector.items())
+
+
+def _measured(record: dict, metric: str) -> bool:
+    return record.get(metric) is not None and "skipped" not in record and "error" not in record
+
+
+def check(results: dict[str, dict], device: str) -> list[dict]:
+    """One verdict row per target and matching record. `results`: suite name -> result (run.py's)."""
+    rows = []
+    for t in (t for t in TARGETS if t.device == device):
+        records = results.get(t.suite, {}).get("records", [])
+        found = [r for r in records if _matches(r, t.a)]
+        if not found:
+            rows.append({"target": t.text, "suite": t.suite, "verdict": "MISSING", "why": "no measured record"})
+        for a in found:
+            row = {"target": t.text, "suite": t.suite, "a": a["name"], "limit": t.limit, "metric": t.metric,
+                   "at_least": t.at_least}
+            b = None
+            if t.b is not None:
+                sel = {k: a.get(k) if v == SAME else v for k, v in t.b.items()}
+                b = next((r for r in records if _matches(r, sel) and r is not a), None)
+                row["b"] = b["name"] if b else None
+            if not _measured(a, t.metric) or (t.b is not None and (b is None or not _measured(b, t.metric))):
+                why = a.get("skipped") or a.get("error") or (b or {}).get("skipped") or "yardstick not measured"
+                rows.append({**row, "verdict": "MISSING", "why": str(why).splitlines()[0]})
+                continue
+            value = a[t.metric] / b[t.metric] if b is not None else a[t.metric]
+            ok = value >= t.limit if t.at_least else value <= t.limit
+            row.update(value=value, a_value=a[t.metric], b_value=b[t.metric] if b else None,
+                       verdict="PASS" if ok else "FAIL")
+            rows.append(row)
+    return rows

@@ -1,0 +1,84 @@
+"""The benchmark suites on tiny models: results files, their records, and that compared runs do the same work.
+
+No timing is asserted: speed targets are checked by the benchmarks themselves (benchmarks/targets.py).
+"""
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+from benchmarks import run, targets  # noqa: E402
+
+STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    for suite in run.SUITES:
+        run.run_suite(suite, "cpu", quick=True, tiny=True, warm=0, reps=1, out=out, log=lambda line: None)
+    run.check_targets("cpu", tiny=True, out=out, log=lambda line: None)
+    return out
+
+
+def load(out, stem):
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def test_every_results_file_says_where_and_when_and_holds_measured_records(out):
+    for stem in STEMS:
+        result = load(out, stem)
+        env = result["environment"]
+        assert env["device"] == "cpu" and env["threads"] == 2
+        assert all(env[key] for key in ("device_name", "torch", "date", "adaptune"))
+        markdown = (out / f"{stem}.md").read_text()
+        assert env["torch"] in markdown and env["date"] in markdown and "threads: 2" in markdown
+        assert result["records"]
+        for record in result["records"]:
+            assert "error" not in record, record.get("error")
+            if "skipped" in record:  # kernel cases where kernels are not built
+                continue
+            assert record["runs"] == 1 and record["median_s"] > 0 and record["peak_mb"] > 0
+            assert record["trainable"] > 0 and record["tokens_per_s"] > 0
+
+
+def test_peft_and_adaptune_train_the_same_parameters(out):
+    train = load(out, "train_step-cpu-tiny")
+    pairs = {(c["model"], c["b"].split()[1]) for c in train["checks"]}
+    assert pairs == {(m, p) for m in ("bert-tiny", "gpt2-tiny") for p in ("peft-lora", "peft-dora")}
+    assert all(c["equal"] and c["a_trainable"] > 0 for c in train["checks"])
+    ops = {r["name"]: r for r in load(out, "ops-cpu-tiny")["records"]}
+    for op in ("lora", "dora"):
+        assert ops[f"{op} adaptune [reference]"]["trainable"] == ops[f"{op} peft"]["trainable"]
+
+
+def test_the_rank_sweep_grows_with_r_and_full_trains_everything(out):
+    records = {r["name"]: r for r in load(out, "rank_sweep-cpu-tiny")["records"]}
+    dora = [records[f"bert-tiny adaptune-dora r={r}"]["trainable"] for r in (1, 4)]
+    assert dora[0] < dora[1] < records["bert-tiny full"]["trainable"] == records["bert-tiny full"]["total_params"]
+
+
+def test_targets_file_lists_every_cpu_target(out):
+    checked = load(out, "targets-cpu-tiny")["targets"]
+    assert {r["target"] for r in checked} == {t.text for t in targets.TARGETS if t.device == "cpu"}
+
+
+def test_target_verdicts_from_records():
+    def rec(name, method, median, path="-"):
+        return {"name": name, "model": "bert-base", "method": method, "path": path, "median_s": median}
+    results = {"train_step": {"records": [rec("p-dora", "peft-dora", 3.0), rec("p-lora", "peft-lora", 2.0),
+                                          rec("a-dora", "adaptune-dora", 2.5, "reference"),
+                                          rec("a-lora", "adaptune-lora", 2.2, "reference")]}}
+    verdicts = {r["target"].split(": ")[1]: r for r in targets.check(results, "cpu")}
+    assert verdicts["adaptune DoRA <= 0.9 x PEFT DoRA"]["verdict"] == "PASS"  # 2.5 / 3.0
+    assert verdicts["adaptune LoRA <= 1.0 x PEFT LoRA"]["verdict"] == "FAIL"  # 2.2 / 2.0
+    assert verdicts["adaptune DoRA <= 1.05 x adaptune LoRA"]["value"] == pytest.approx(2.5 / 2.2)
+    assert all(r["verdict"] == "MISSING" for r in targets.check({}, "cuda"))
+
+
+def test_bench_command_rejects_an_unknown_suite():
+    from typer.testing import CliRunner
+
+    from cli.app import app
+    result = CliRunner().invoke(app, ["bench", "--suite", "nope"])
+    assert result.exit_code == 2 and "train, ops, sweep or all" in result.output

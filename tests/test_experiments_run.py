@@ -1,0 +1,209 @@
+"""Multitask runs end to end on a tiny random BERT (MiniLM's tokenizer, nothing downloaded) and tiny data."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adaptune.experiments.methods import Method, depth, param_groups
+from adaptune.experiments.multitask import ExperimentConfig, load_run, predict_run, run, schedule
+from adaptune.experiments.report import load_results, markdown_table
+
+WORDS = "good bad movie great awful plot fine dull bright dark film story acting".split()
+
+
+def _sentence(i: int, n: int = 6) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from adaptune.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 vocab_size=len(tok), max_position_embeddings=64))
+    d = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    sst = "".join(f"{i}\tid{i}\t{_sentence(i)}\t{i % 5}\n" for i in range(24))
+    (d / "ids-sst-train.csv").write_text("\tid\tsentence\tsentiment\n" + sst)
+    (d / "ids-sst-dev.csv").write_text("\tid\tsentence\tsentiment\n" + "".join(sst.splitlines(True)[:12]))
+    quora = "".join(f"{i}\tq{i}\t{_sentence(i, 5)}?\t{_sentence(i + i % 2, 5)}?\t{float((i + 1) % 2)}\n" for i in range(30))
+    (d / "quora-dev.csv").write_text("\tid\tsentence1\tsentence2\tis_duplicate\n" + quora + "\n")  # blank row at the end
+    sts = "".join(f"{i}\ts{i}\t{_sentence(i, 4)}\t{_sentence(i + 1, 4)}\t{(i % 11) / 2}\n" for i in range(24))
+    (d / "sts-train.csv").write_text("\tid\tsentence1\tsentence2\tsimilarity\n" + sts)
+    (d / "sts-dev.csv").write_text("\tid\tsentence1\tsentence2\tsimilarity\n" + "".join(sts.splitlines(True)[:12]))
+    return str(d)
+
+
+def config(model_dir, data_dir, out, method="lora", **kw):
+    m = Method(method, r=2, dim=4, n=3, stack=kw.pop("stack", None), per_task=kw.pop("per_task", None))
+    base = dict(model=model_dir, data_dir=data_dir, out=str(out), epochs=1, train_limit=4, dev_limit=8,
+                max_length=24, batch_size=4, seed=0)
+    return ExperimentConfig(m, **{**base, **kw})
+
+
+METHODS = [("head-only", {}), ("full", {}), ("lora", {}), ("dora", {}), ("adapter", {}), ("lora+adapter", {}),
+           ("hyper", {}), ("prefix", {}), ("prompt", {}), ("lora", {"per_task": True}),
+           ("stack", {"stack": "attn=LoRA(2)|Prefix(3); ffn=Adapter(4)"})]
+
+
+@pytest.mark.parametrize("method, extra", METHODS, ids=[f"{m}{'-' + str(e) if e else ''}" for m, e in METHODS])
+def test_every_method_trains_evaluates_and_saves(tiny_model_dir, tiny_data, tmp_path, method, extra):
+    cfg = config(tiny_model_dir, tiny_data, tmp_path, method, **extra)
+    result = run(cfg)
+    assert set(result["tasks"]) == {"sst", "para", "sts"}
+    assert result["train_examples"] == 12  # one batch of 4 per dataset: 3 steps, round robin
+    for t, r in result["tasks"].items():
+        assert -1.0 <= r["dev"] <= 1.0 and r["train_loss_by_epoch"][-1] == r["train_loss_by_epoch"][-1]  # finite, not NaN
+        assert r["pct_updated"] > 0
+    p = result["params"]
+    heads = sum(p["heads"].values())
+    assert p["heads"] == {"sst": 33 * 5, "para": 33, "sts": 33}  # nn.Linear(32, k): 32k + k
+    if method == "head-only":
+        assert p["stored"] == heads and p["updated"]["sst"] == 33 * 5
+    elif method == "full":
+        assert p["updated"]["para"] == p["base"] + 33 and p["stored"] == heads
+    else:
+        c = p["components"]
+        assert p["stored"] == c["shared"] + sum(c["per_task"].values()) + heads
+        assert p["updated"]["sts"] == c["shared"] + c["per_task"]["sts"] + 33
+    run_dir = tmp_path / result["run_dir"].split("/")[-1]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["dev_average"] == pytest.approx(result["dev_average"]) and saved["files"] == result["files"]
+    assert all((run_dir / f).is_file() for f in result["files"].values())
+
+
+def test_peft_trains_only_components_and_heads(tiny_model_dir, tiny_data, tmp_path):
+    from adaptune.models import load_model
+    base = load_model(tiny_model_dir).state_dict()
+    result = run(config(tiny_model_dir, tiny_data, tmp_path, "lora+adapter"))
+    cfg, model, adaptation, heads, _ = load_run(result["run_dir"])
+    own = {k for k in model.state_dict() if k.startswith("adaptune.")}
+    assert own and all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k not in own)
+    changed = [k for k in own if k.endswith(".B") and model.state_dict()[k].abs().sum() > 0]
+    assert changed  # LoRA B starts at zero: training moved it
+    assert cfg.method.name == "lora+adapter" and adaptation.task_names == ["sst", "para", "sts"]
+
+
+@pytest.mark.parametrize("method", ["head-only", "full", "lora+adapter", "prompt"])
+def test_saved_run_reloads_and_reproduces_dev_predictions(tiny_model_dir, tiny_data, tmp_path, method):
+    result = run(config(tiny_model_dir, tiny_data, tmp_path, method, epochs=2))
+    saved = json.loads((tmp_path / result["run_dir"].split("/")[-1] / "predictions.json").read_text())
+    again = predict_run(result["run_dir"])
+    assert again.keys() == saved.keys()
+    for t in saved:
+        assert again[t] == pytest.approx(saved[t], abs=1e-5), t
+
+
+def test_same_seed_same_metrics_other_seed_differs(tiny_model_dir, tiny_data, tmp_path):
+    a = run(config(tiny_model_dir, tiny_data, tmp_path / "a", "adapter"))
+    b = run(config(tiny_model_dir, tiny_data, tmp_path / "b", "adapter"))
+    c = run(config(tiny_model_dir, tiny_data, tmp_path / "c", "adapter", seed=1))
+    assert {t: r["dev"] for t, r in a["tasks"].items()} == {t: r["dev"] for t, r in b["tasks"].items()}
+    assert {t: r["train_loss_by_epoch"][-1] for t, r in a["tasks"].items()} == {t: r["train_loss_by_epoch"][-1] for t, r in b["tasks"].items()}
+    assert a["data"]["para"]["split"]["seed"] == c["data"]["para"]["split"]["seed"] == 0  # same data for every seed
+    assert {t: r["train_loss_by_epoch"][-1] for t, r in a["tasks"].items()} != {t: r["train_loss_by_epoch"][-1] for t, r in c["tasks"].items()}
+
+
+def test_eda_and_layer_decay_run(tiny_model_dir, tiny_data, tmp_path):
+    syn = tmp_path / "syn.txt"
+    syn.write_text("good fine great\nbad awful\n")
+    r = run(config(tiny_model_dir, tiny_data, tmp_path, "full", augment="eda", n_aug=2, synonyms=str(syn),
+                   layer_lr_decay=0.5))
+    assert r["train_examples"] == 36 and r["data"]["sst"]["used"]["train_augmented"] == 12
+
+
+def test_layer_wise_decay_groups():
+    from conftest import tiny_bert
+    model = tiny_bert(layers=3)
+    Method("full").prepare(model, ["a"])
+    heads = torch.nn.ModuleDict({"a": torch.nn.Linear(32, 2)})
+    groups = param_groups(model, heads, lr=1.0, head_lr=0.1, n_layers=3, decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["encoder.layer.2.attention.self.query.weight"])] == 1.0
+    assert lr_of[id(named["encoder.layer.0.output.dense.weight"])] == 0.25
+    assert lr_of[id(named["embeddings.word_embeddings.weight"])] == 0.125
+    assert lr_of[id(named["pooler.dense.weight"])] == 1.0 and lr_of[id(heads["a"].weight)] == 0.1
+    assert depth("adaptune.shared.points.layers:1:attn:q.0.A") == 1
+    assert depth("adaptune.tasks.sst.points.embed.0.prompt") == -1
+
+
+def test_round_robin_schedule():
+    plan = schedule({"sst": 10, "para": 4, "sts": 6}, batch_size=2, seed=0, epoch=0)
+    assert [t for t, _ in plan[:6]] == ["sst", "para", "sts"] * 2
+    assert [t for t, _ in plan[-2:]] == ["sst", "sst"]
+    for t, n in {"sst": 10, "para": 4, "sts": 6}.items():
+        assert sorted(i for s, idx in plan if s == t for i in idx) == list(range(n))
+    assert plan == schedule({"sst": 10, "para": 4, "sts": 6}, 2, 0, 0) != schedule({"sst": 10, "para": 4, "sts": 6}, 2, 0, 1)
+
+
+def test_cli_run_and_report(tiny_model_dir, tiny_data, tmp_path):
+    from cli.app import app
+    runner = CliRunner()
+    out = tmp_path / "runs"
+    common = ["run", "multitask", "--model", tiny_model_dir, "--data-dir", tiny_data, "--out", str(out),
+              "--train-limit", "4", "--dev-limit", "8", "--max-length", "24", "--batch-size", "4", "--quick"]
+    r1 = runner.invoke(app, common + ["--method", "lora", "--r", "2", "--name", "lora"])
+    assert r1.exit_code == 0, r1.output
+    assert "average" in r1.output and "% stored" in r1.output
+    r2 = runner.invoke(app, common + ["--method", "head-only", "--name", "head"])
+    assert r2.exit_code == 0, r2.output
+    results = load_results([out / "lora", out / "head"])
+    assert results[0]["config"]["method"]["r"] == 2 and results[0]["config"]["quick"] is True
+    command = (out / "lora" / "command.txt").read_text()
+    assert "adaptune run multitask" in command and "--method lora" in command
+    png, md = tmp_path / "plot.png", tmp_path / "table.md"
+    rep = runner.invoke(app, ["report", str(out / "lora"), str(out / "head"), "--plot", str(png), "--markdown", str(md)])
+    assert rep.exit_code == 0, rep.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "lora[r=2]" in md.read_text() and md.read_text() == markdown_table(results)
+
+
+def test_cli_errors_are_clear(tiny_model_dir, tiny_data, tmp_path):
+    from cli.app import app
+    runner = CliRunner()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ids-sst-train.csv").write_text("\tid\tsentence\tsentiment\n0\ta\tfine\t3\n1\tb\tbroken\tlots\n")
+    (bad / "ids-sst-dev.csv").write_text("\tid\tsentence\tsentiment\n0\ta\tfine\t3\n")
+    r = runner.invoke(app, ["run", "multitask", "--model", tiny_model_dir, "--data-dir", str(bad), "--tasks", "sst",
+                            "--out", str(tmp_path / "runs")])
+    text = "".join(r.output.split())  # rich wraps long lines
+    assert r.exit_code == 2 and "ids-sst-train.csv:3:" in text and "isnotanumber" in text
+    r = runner.invoke(app, ["run", "multitask", "--method", "nope", "--data-dir", tiny_data])
+    assert r.exit_code == 2 and "unknown method 'nope'" in " ".join(r.output.split())
+    r = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no results.json" in " ".join(r.output.split())
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2Model
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=30522, n_positions=64))
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+def test_gpt2_model_directory(tiny_gpt2_dir, tiny_data, tmp_path, method):
+    from adaptune.models import minilm_path
+    cfg = config(tiny_gpt2_dir, tiny_data, tmp_path, method, tokenizer=str(minilm_path()))
+    result = run(cfg)
+    assert result["model"]["class"] == "GPT2Model" and result["train_examples"] == 12
+    assert all(r["train_loss_by_epoch"][-1] > 0 for r in result["tasks"].values())
+    saved = json.loads((tmp_path / result["run_dir"].split("/")[-1] / "predictions.json").read_text())
+    assert {t: pytest.approx(p, abs=1e-5) for t, p in predict_run(result["run_dir"]).items()} == saved
