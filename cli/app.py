@@ -132,7 +132,7 @@ def run_multitask(
     seed: int = typer.Option(0, help="initialisation, batch order, dropout, EDA"),
     data_seed: int = typer.Option(0, help="the quora train/dev split and the subsets"),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
-    threads: int = typer.Option(None, help="torch CPU threads (default: torch's)"),
+    threads: int = typer.Option(1, help="torch CPU threads; 1 is the fastest on a busy shared machine (more threads than free cores stall)"),
     name: str = typer.Option(None, help="run name (default from method and seed)"),
     out: Path = typer.Option(Path("runs"), help="runs are written to OUT/NAME"),
 ) -> None:
@@ -145,8 +145,9 @@ def run_multitask(
     from adaptune.experiments.multitask import ExperimentConfig, run
     from adaptune.experiments.report import run_table
 
-    if threads:
-        torch.set_num_threads(threads)
+    if threads < 1:
+        return _fail(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
     if stack and method not in (None, "stack"):
         return _fail(f"--stack gives the composition of method 'stack'; drop --method {method} or --stack")
     try:

@@ -40,3 +40,12 @@ def test_lengths_must_match():
         accuracy([1], [1, 0])
     with pytest.raises(ValueError):
         pearson([], [])
+
+
+def test_spearman_matches_scipy_with_ties():
+    from adaptune.experiments.metrics import spearman
+    for _ in range(5):
+        x = rng.integers(0, 6, 60).astype(float)  # many ties
+        y = x + rng.normal(size=60)
+        assert spearman(x.tolist(), y.tolist()) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+    assert spearman([2.0, 2.0], [0.0, 1.0]) == 0.0  # constant side: undefined -> 0

@@ -207,3 +207,56 @@ def test_gpt2_model_directory(tiny_gpt2_dir, tiny_data, tmp_path, method):
     assert all(r["train_loss_by_epoch"][-1] > 0 for r in result["tasks"].values())
     saved = json.loads((tmp_path / result["run_dir"].split("/")[-1] / "predictions.json").read_text())
     assert {t: pytest.approx(p, abs=1e-5) for t, p in predict_run(result["run_dir"]).items()} == saved
+
+
+def test_regression_head_starts_at_the_mean_training_score(tiny_model_dir, tiny_data, tmp_path):
+    from adaptune.experiments.multitask import build, load_data
+    cfg = config(tiny_model_dir, tiny_data, tmp_path, "lora").resolved()
+    data = load_data(cfg)
+    _, _, heads, _ = build(cfg, data)
+    mean = sum(e.label for e in data["sts"].train) / len(data["sts"].train)
+    assert heads["sts"].bias.item() == pytest.approx(mean)
+    assert heads["para"].bias.item() != pytest.approx(mean)  # classification heads keep nn.Linear's init
+
+
+def test_glue_folder_runs_end_to_end(tiny_model_dir, tmp_path):
+    """GLUE layout: SST-2/{train,dev}.tsv and STS-B/{train,dev}.tsv, quotes read literally."""
+    for sub in ("SST-2", "STS-B"):
+        (tmp_path / "glue" / sub).mkdir(parents=True)
+    sst2 = "sentence\tlabel\n" + "".join(f'{_sentence(i)} "q\t{i % 2}\n' for i in range(16))
+    stsb = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+            + "".join(f"{i}\tg\tf\t2012\t{i}\ts\ts\t{_sentence(i, 4)}\t{_sentence(i + 2, 4)}\t{(i % 6) * 0.8:.1f}\n"
+                      for i in range(16)))
+    for sub, text in (("SST-2", sst2), ("STS-B", stsb)):
+        (tmp_path / "glue" / sub / "train.tsv").write_text(text)
+        (tmp_path / "glue" / sub / "dev.tsv").write_text(text)
+    result = run(config(tiny_model_dir, str(tmp_path / "glue"), tmp_path / "runs", "adapter", tasks=("sst2", "stsb")))
+    assert set(result["tasks"]) == {"sst2", "stsb"} and result["tasks"]["stsb"]["metric"] == "pearson"
+    assert set(result["tasks"]["stsb"]["metrics"]) == {"pearson", "spearman"}
+    assert set(result["tasks"]["sst2"]["metrics"]) == {"accuracy", "matthews"}
+    assert result["data"]["sst2"]["available"] == {"train": 16, "dev": 16}
+
+
+def test_report_skips_non_runs_and_labels_learning_rates(tiny_model_dir, tiny_data, tmp_path):
+    from adaptune.experiments.report import find_runs, relative_to_full, rows, run_label
+    out = tmp_path / "runs"
+    a = run(config(tiny_model_dir, tiny_data, out, "full", name="full"))
+    b = run(config(tiny_model_dir, tiny_data, out, "full", lr=3e-4, name="full-hi"))
+    (out / "report.png").write_bytes(b"")
+    (out / "unfinished").mkdir()
+    found, skipped = find_runs(sorted(out.iterdir()))
+    assert sorted(p.name for p in found) == ["full", "full-hi"] and len(skipped) == 2
+    results = load_results(found)
+    assert relative_to_full(results) == max(a["dev_average"], b["dev_average"])
+    assert sorted(run_label(r) for r in results) == ["full", "full[lr=0.0003]"]
+    head, body = rows(results)
+    assert head[0] == "method" and "% of full" in head and len(body) == 2
+
+
+def test_cli_refuses_bad_threads_and_conflicting_stack(tiny_data):
+    from cli.app import app
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", "multitask", "--threads", "0", "--data-dir", tiny_data])
+    assert r.exit_code == 2 and "--threads must be at least 1" in r.output
+    r = runner.invoke(app, ["run", "multitask", "--method", "lora", "--stack", "attn=LoRA(2)", "--data-dir", tiny_data])
+    assert r.exit_code == 2 and "drop --method lora or --stack" in " ".join(r.output.split())

@@ -46,10 +46,13 @@ def datasets(results: list[dict]) -> list[str]:
     return list(dict.fromkeys(t for r in results for t in r["tasks"]))
 
 
-def relative_to_full(results: list[dict]) -> float | None:
+def relative_to_full(results: list[dict], run: dict | None = None) -> float | None:
     """The reference of the '% of full' column: the best dev average among the full fine-tuning runs
-    (the strongest baseline when several learning rates were tried)."""
-    full = [r["dev_average"] for r in results if r.get("method") == "full"]
+    on the same datasets and model as `run` (any, if run is None); None when there is none."""
+    def key(r: dict) -> tuple:
+        return tuple(r["tasks"]), r["model"]["name"]
+    full = [r["dev_average"] for r in results
+            if r.get("method") == "full" and (run is None or key(r) == key(run))]
     return max(full) if full else None
 
 
@@ -88,12 +91,13 @@ def run_table(result: dict) -> Table:
 
 def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows across runs (sorted by % updated), for rich and markdown alike."""
-    names, full = datasets(results), relative_to_full(results)
+    names = datasets(results)
     head = ["method", "sharing", "dev avg", *names, "% of full", "% updated/task", "% stored", "train ex/s",
             "peak MiB", "wall s"]
     out = []
     for r in sorted(results, key=lambda r: (r["pct_updated_mean"], run_label(r))):
         cells = [_fmt(r["tasks"][t]["dev"]) if t in r["tasks"] else "-" for t in names]
+        full = relative_to_full(results, r)
         share = f"{100 * r['dev_average'] / full:.1f}%" if full else "-"
         out.append([run_label(r), r["sharing"], _fmt(r["dev_average"]), *cells, share, _pct(r["pct_updated_mean"]),
                     _pct(r["params"]["pct_stored"]), _fmt(r["train_examples_per_s"], 1),
@@ -112,7 +116,7 @@ def runs_table(results: list[dict]) -> Table:
 def markdown_table(results: list[dict]) -> str:
     head, body = rows(results)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]  # stacks hold '|'
     return "\n".join(lines) + "\n"
 
 

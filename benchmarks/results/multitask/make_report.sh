@@ -5,10 +5,10 @@ set -euo pipefail
 OUT=${1:-/tmp/adaptune-multitask/runs}
 ADAPTUNE=${ADAPTUNE:-adaptune}
 HERE=benchmarks/results/multitask
-mkdir -p "$HERE/runs"
+mkdir -p "$HERE/per-run"
 for d in "$OUT"/*/; do
   name=$(basename "$d")
   [ -f "$d/results.json" ] || continue
-  cp "$d/results.json" "$HERE/runs/$name.json"
+  cp "$d/results.json" "$HERE/per-run/$name.json"
 done
 COLUMNS=200 $ADAPTUNE report "$OUT"/* --plot "$HERE/dev_vs_params.png" --markdown "$HERE/table.md"
