@@ -69,10 +69,14 @@ def info() -> None:
     table.add_row("transformers", transformers.__version__)
     table.add_row("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available")
     console.print(table)
-    from adaptune import ops
+    from adaptune import AdaptuneError, ops
 
+    try:
+        mode = ops.mode()
+    except AdaptuneError as e:
+        return _fail(str(e))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    paths = Table("op", "device", "path", "why", title=f"ops (ADAPTUNE_KERNELS mode: {ops.mode()})")
+    paths = Table("op", "device", "path", "why", title=f"ops (ADAPTUNE_KERNELS mode: {mode})")
     for op in ops.OPS:
         for device in devices:
             kind, why = ops.path(op, device)

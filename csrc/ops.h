@@ -1,6 +1,7 @@
 // The device-generic part of every op: shape checks and GEMMs (at::mm / in-place addmm_, which run
 // on the current stream). The fused elementwise parts come from a device struct K (cpu/ops.cpp:
 // Cpu, cuda/fused.cuh: Cuda) with static members:
+//   mm_acc(a, b, acc) -> a·b in the accumulation dtype acc, whatever a's and b's dtype
 //   dora_combine(wsq, WA, BAA, B, s) -> n          dora_scale(z, m, n, bias) -> y
 //   dora_scale_backward(dy, z, m, n) -> (dz, dm)   down(x, W, bias, act) -> (pre, h)
 //   act_backward(dh, pre, h, s, act) -> da          residual_bias(residual, bias, s) -> y
@@ -103,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> dora_norm_forward(const Tensor& W, const Tens
   TORCH_CHECK(W.dim() == 2 && A.dim() == 2 && B.dim() == 2 && A.size(1) == W.size(1) && B.size(0) == W.size(0) &&
               B.size(1) == A.size(0), "adaptune: dora_norm shapes: weight ", W.sizes(), ", A ", A.sizes(), ", B ", B.sizes());
   const auto ct = c10::promoteTypes(W.scalar_type(), at::kFloat);
-  Tensor WA = at::mm(W, A.to(W.scalar_type()).t()).to(ct);              // (out, r)
+  Tensor WA = K::mm_acc(W, A.to(W.scalar_type()).t(), ct);              // (out, r)
   const Tensor Af = A.to(ct), Bf = B.to(ct);
   Tensor BAA = at::mm(Bf, at::mm(Af, Af.t()));                          // (out, r)
   Tensor w2 = wsq ? wsq->to(ct) : W.to(ct).square().sum(1);             // (out,)
@@ -112,14 +113,15 @@ std::tuple<Tensor, Tensor, Tensor> dora_norm_forward(const Tensor& W, const Tens
 }
 
 // n² = ‖W_i‖² + 2s·WA_i·B_i + s²·BAA_i·B_i: dB = dsq·(2s·WA + 2s²·BAA), dA = 2s·(dsq⊙B)ᵀ·W + 2s²·(Bᵀ·(dsq⊙B))·A.
-inline std::tuple<Tensor, Tensor> dora_norm_backward(const Tensor& dn, const Tensor& n, const Tensor& W, const Tensor& A,
+template <class K>
+std::tuple<Tensor, Tensor> dora_norm_backward(const Tensor& dn, const Tensor& n, const Tensor& W, const Tensor& A,
     const Tensor& B, const Tensor& WA, const Tensor& BAA, double s) {
   const auto ct = n.scalar_type();
   Tensor dsq = at::where(n > 0, dn.to(ct) / (2 * n), at::zeros({}, n.options())).unsqueeze(1);  // (out, 1)
   const Tensor Af = A.to(ct), Bf = B.to(ct);
   Tensor dB = (WA * (2 * s) + BAA * (2 * s * s)) * dsq;                 // (out, r)
   Tensor DB = Bf * dsq;                                                 // (out, r)
-  Tensor dA = at::mm(DB.to(W.scalar_type()).t(), W).to(ct).mul_(2 * s); // (r, in)
+  Tensor dA = K::mm_acc(DB.to(W.scalar_type()).t(), W, ct).mul_(2 * s); // (r, in)
   dA.addmm_(at::mm(Bf.t(), DB), Af, 1.0, 2 * s * s);
   return {dA.to(A.scalar_type()), dB.to(B.scalar_type())};
 }
@@ -181,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_backward(const Ten
 // Registers every op for one dispatch key with device struct K.
 #define ADAPTUNE_REGISTER_DORA(K)                                                  \
   m.impl("dora_norm", &adaptune::dora_norm_forward<K>);                            \
-  m.impl("dora_norm_backward", &adaptune::dora_norm_backward);                     \
+  m.impl("dora_norm_backward", &adaptune::dora_norm_backward<K>);                     \
   m.impl("dora", &adaptune::dora_forward<K>);                                      \
   m.impl("dora_backward", &adaptune::dora_backward<K>);
 #define ADAPTUNE_REGISTER_LORA                                                     \

@@ -26,3 +26,10 @@ def test_info_reports_versions_and_op_paths():
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0, result.output
     assert "torch" in result.output and "lora" in result.output and "reference" in result.output
+
+
+def test_info_with_an_invalid_kernel_mode_exits_2_naming_the_valid_modes(monkeypatch):
+    from adaptune import ops
+    monkeypatch.setattr(ops, "_mode", "fast")  # as ADAPTUNE_KERNELS=fast sets it at import
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 2 and "'fast' is not valid" in result.output and "auto, off, require" in result.output

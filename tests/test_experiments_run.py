@@ -5,6 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from adaptune.errors import ConfigError
 from adaptune.experiments.methods import Method, depth, param_groups
 from adaptune.experiments.multitask import ExperimentConfig, load_run, predict_run, run, schedule
 from adaptune.experiments.report import load_results, markdown_table
@@ -139,6 +140,19 @@ def test_layer_wise_decay_groups():
     assert depth("adaptune.shared.points.layers:1:attn:q.0.A") == 1
     assert depth("adaptune.tasks.sst.points.embed.0.prompt") == -1
 
+
+
+@pytest.mark.parametrize("per_task, shared_kinds, task_kinds", [
+    (None, {"LoRAModule"}, {"AdapterModule"}), (True, set(), {"LoRAModule", "AdapterModule"}),
+    (False, {"LoRAModule", "AdapterModule"}, set())])
+def test_lora_adapter_sharing_follows_the_flag(per_task, shared_kinds, task_kinds):
+    from conftest import tiny_bert
+    adaptation = Method("lora+adapter", r=2, dim=4, per_task=per_task).prepare(tiny_bert(layers=2), ["a", "b"])
+    kinds = lambda mods: {type(m).__name__ for m in mods.modules()} & {"LoRAModule", "AdapterModule"}  # noqa: E731
+    assert kinds(adaptation.shared) == shared_kinds
+    assert all(kinds(adaptation.tasks[t]) == task_kinds for t in ("a", "b"))
+    with pytest.raises(ConfigError, match="does not apply"):
+        Method("full", per_task=True)
 
 def test_round_robin_schedule():
     plan = schedule({"sst": 10, "para": 4, "sts": 6}, batch_size=2, seed=0, epoch=0)

@@ -51,28 +51,28 @@ def test_require_mode_raises_with_the_reason(failed_build):
         ops.bottleneck(x, x, torch.randn(2, 4), None, torch.randn(4, 2), None)
 
 
-def test_a_broken_source_gives_the_compiler_reason(tmp_path, monkeypatch):
+@pytest.fixture
+def broken_sources(tmp_path, monkeypatch):
+    """A csrc/ whose schema file does not compile, and a build root under tmp_path/ext."""
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cuda").mkdir()
     (tmp_path / "schema.cpp").write_text("#error adaptune test: broken on purpose\n")
     (tmp_path / "cpu" / "ops.cpp").write_text("int x;\n")
     monkeypatch.setattr(build, "CSRC", tmp_path)
     monkeypatch.setenv("ADAPTUNE_BUILD_DIR", str(tmp_path / "ext"))
+    return tmp_path
+
+
+def test_a_broken_source_gives_the_compiler_reason(broken_sources, tmp_path):
     result = build.build("cpu")
     assert not result.ok and "broken on purpose" in result.reason
     assert build.build_dir("cpu").parent == tmp_path / "ext"
 
 
-def test_a_stale_torch_build_lock_does_not_hang_the_next_build(tmp_path, monkeypatch):
+def test_a_stale_torch_build_lock_does_not_hang_the_next_build(broken_sources):
     """A build killed mid-way leaves torch's `lock` file; the next build must go on, not wait forever."""
     import threading
 
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cuda").mkdir()
-    (tmp_path / "schema.cpp").write_text("#error adaptune test: broken on purpose\n")
-    (tmp_path / "cpu" / "ops.cpp").write_text("int x;\n")
-    monkeypatch.setattr(build, "CSRC", tmp_path)
-    monkeypatch.setenv("ADAPTUNE_BUILD_DIR", str(tmp_path / "ext"))
     directory = build.build_dir("cpu")
     directory.mkdir(parents=True)
     (directory / "lock").write_text("")  # left behind by a killed build
@@ -90,6 +90,20 @@ def test_build_dir_is_keyed_on_sources_torch_and_arch(tmp_path, monkeypatch):
     assert build.arch("cpu") in key and torch.__version__.replace("+", "_") in key
     monkeypatch.setattr(build, "CFLAGS", ["-O2"])
     assert build.build_dir("cpu").name != key
+
+
+def test_prune_removes_older_builds_nobody_is_using(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTUNE_BUILD_DIR", str(tmp_path))
+    current = build.build_dir("cpu")
+    prefix = current.name[: -16]
+    old, busy, other = (tmp_path / (prefix + "0" * 16), tmp_path / (prefix + "1" * 16), tmp_path / "cuda-sm90-x")
+    for d in (current, old, busy, other):
+        (d / "sub").mkdir(parents=True)
+    with build._locked(busy) as got:  # a build in progress in `busy`
+        assert got
+        removed = build.prune("cpu", keep=current)
+    assert removed == [old] and not old.exists()
+    assert current.is_dir() and busy.is_dir() and other.is_dir()
 
 
 def test_trainable_base_weight_runs_the_reference_with_a_warning(monkeypatch):

@@ -13,7 +13,7 @@
 | stack         | any composition, e.g. "attn=LoRA(12)|Prefix(10); ffn=Adapter(64)"   | shared          |
 
 Sharing follows seed 004 (adapters are task-specific, LoRA and the hypernetwork are shared);
-`per_task=True/False` overrides it. Every method also trains one plain nn.Linear head per task.
+`per_task=True/False` overrides it for everything the method attaches (lora+adapter included). Every method also trains one plain nn.Linear head per task.
 """
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ class Method:
             raise ConfigError(f"unknown method {self.name!r}; known: {', '.join(METHODS)}")
         if self.name == "stack" and not self.stack:
             raise ConfigError("method 'stack' needs a composition, e.g. --stack 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'")
-        if self.name in ("head-only", "full", "lora+adapter") and self.per_task is not None:
+        if self.name in ("head-only", "full") and self.per_task is not None:
             raise ConfigError(f"--per-task/--shared does not apply to {self.name!r}")
 
     @property
     def sharing(self) -> str:
         if self.name in ("head-only", "full"):
             return "shared" if self.name == "full" else "-"
-        if self.name == "lora+adapter":
+        if self.name == "lora+adapter" and self.per_task is None:
             return "shared LoRA, per-task adapters"
         per = self.per_task if self.per_task is not None else self.name in PER_TASK_BY_DEFAULT
         return "per task" if per else "shared"
@@ -82,6 +82,7 @@ class Method:
         both = lambda c: {"attn": c, "ffn": c}  # noqa: E731
         return {"lora": lambda: {"attn": LoRA(self.r)}, "dora": lambda: {"attn": DoRA(self.r)},
                 "adapter": lambda: both(Adapter(self.dim)), "hyper": lambda: both(HyperAdapter(self.dim)),
+                "lora+adapter": lambda: {"attn": LoRA(self.r) | Adapter(self.dim), "ffn": Adapter(self.dim)},
                 "prefix": lambda: {"attn": Prefix(self.n)}, "prompt": lambda: {"embed": PromptTuning(self.n)},
                 "stack": lambda: parse_spec(self.stack or "")}[self.name]()
 
@@ -91,7 +92,7 @@ class Method:
             for p in model.parameters():
                 p.requires_grad_(self.name == "full")
             return None
-        if self.name == "lora+adapter":
+        if self.sharing == "shared LoRA, per-task adapters":
             return attach(model, {"attn": LoRA(self.r)},
                           tasks={t: {"attn": Adapter(self.dim), "ffn": Adapter(self.dim)} for t in tasks})
         if self.sharing == "per task":

@@ -2,22 +2,25 @@
 
 The build directory is keyed on the sources' hash, the torch version and the device architecture:
 `$ADAPTUNE_BUILD_DIR/<key>` (default `~/.cache/adaptune/ext/<key>`), so a cached build is reused
-across processes and sessions. An fcntl lock keeps two processes from building into the same
-directory at once. `torch.utils.cpp_extension` is imported only when a build is attempted.
+across processes and sessions; after a successful build, older builds for the same architecture and
+torch version are removed. A file lock keeps two processes from building into the same directory at
+once. `torch.utils.cpp_extension` is imported only when a build is attempted. The sources are csrc/
+of a source checkout, or the copy a regular install ships inside the package (adaptune/_csrc).
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CHECKOUT = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parents[1] / "_csrc"
 NAME = "adaptune_ops"
 CFLAGS = ["-O3"]
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
@@ -52,17 +55,50 @@ def build_dir(device: str) -> Path:
         if path.is_file() and path.suffix in {".cpp", ".cu", ".h", ".cuh"}:
             digest.update(path.relative_to(CSRC).as_posix().encode() + b"\0" + path.read_bytes())
     digest.update(" ".join(CFLAGS + CUDA_FLAGS).encode())
-    key = f"{arch(device)}-torch{torch.__version__}-{digest.hexdigest()[:16]}".replace("+", "_")
-    root = os.environ.get("ADAPTUNE_BUILD_DIR") or Path.home() / ".cache" / "adaptune" / "ext"
-    return Path(root) / key
+    return _root() / f"{_prefix(device)}{digest.hexdigest()[:16]}"
+
+
+def _root() -> Path:
+    return Path(os.environ.get("ADAPTUNE_BUILD_DIR") or Path.home() / ".cache" / "adaptune" / "ext")
+
+
+def _prefix(device: str) -> str:
+    return f"{arch(device)}-torch{torch.__version__}-".replace("+", "_")
 
 
 @contextlib.contextmanager
-def _locked(directory: Path):
+def _locked(directory: Path, wait: bool = True):
+    """Holds `directory`'s lock file (yields False without waiting when `wait` is off and it is taken)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
-        yield
+    with open(directory / ".lock", "a+") as handle:  # the lock is released when the handle closes
+        try:
+            if os.name == "nt":
+                import msvcrt
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            if wait:
+                raise
+            yield False
+            return
+        yield True
+
+
+def prune(device: str, keep: Path) -> list[Path]:
+    """Removes the other builds for this architecture and torch version (older sources) that no process
+    is building into; returns what was removed."""
+    removed = []
+    for other in _root().glob(_prefix(device) + "*"):
+        if other == keep or not other.is_dir():
+            continue
+        with _locked(other, wait=False) as free:
+            if free:
+                shutil.rmtree(other, ignore_errors=True)
+                removed.append(other)
+    return removed
 
 
 def _reason(error: BaseException, limit: int = 1500) -> str:
@@ -109,4 +145,5 @@ def build(device: str) -> Build:
                 is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 — any failure is reported, with its reason, by the caller
         return Build(device, False, _reason(error))
+    prune(device, keep=directory)
     return Build(device, True, f"built in {directory}", str(path))

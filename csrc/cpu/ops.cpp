@@ -16,6 +16,10 @@ namespace adaptune {
 namespace {
 
 struct Cpu {
+  static Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
+    return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a.to(acc), b.to(acc));  // no mm.dtype on CPU
+  }
+
   static Tensor dora_combine(const Tensor& wsq, const Tensor& WA, const Tensor& BAA, const Tensor& B, double s) {
     Tensor sq = (WA * (2 * s)).add_(BAA, s * s).mul_(B).sum(1).add_(wsq);
     return sq.clamp_min_(0).sqrt_();

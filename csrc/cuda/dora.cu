@@ -29,9 +29,10 @@ __global__ void dora_scale_kernel(const T* z, const A* m, const A* n, const T* b
   }
 }
 
-// dz = dy·(m_j / n_j); dm_j += Σ_i dy_ij·z_ij (column sums: x over columns, y over row chunks)
+// dz = dy·(m_j / n_j); part[b, j] = Σ_{i in row chunk b} dy_ij·z_ij (x over columns, y over row chunks).
+// Each block writes its own partial sums, reduced afterwards in a fixed order: dm is deterministic.
 template <typename T, typename A>
-__global__ void dora_scale_backward_kernel(const T* dy, const T* z, const A* m, const A* n, T* dz, A* dm,
+__global__ void dora_scale_backward_kernel(const T* dy, const T* z, const A* m, const A* n, T* dz, A* part_out,
                                            int64_t rows, int64_t cols) {
   __shared__ A part[8][33];
   const int64_t j = blockIdx.x * 32 + threadIdx.x;
@@ -48,11 +49,16 @@ __global__ void dora_scale_backward_kernel(const T* dy, const T* z, const A* m, 
   __syncthreads();
   if (threadIdx.y == 0 && j < cols) {
     for (int k = 1; k < 8; ++k) acc += part[k][threadIdx.x];
-    atomicAdd(dm + j, acc);
+    part_out[blockIdx.y * cols + j] = acc;
   }
 }
 
 }  // namespace
+
+Tensor Cuda::mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
+  // half / bfloat16 operands, float32 product straight from cuBLAS (no rounding to the input dtype)
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
 
 Tensor Cuda::dora_combine(const Tensor& wsq, const Tensor& WA, const Tensor& BAA, const Tensor& B, double s) {
   const c10::cuda::OptionalCUDAGuard guard(WA.device());
@@ -91,20 +97,20 @@ std::tuple<Tensor, Tensor> Cuda::dora_scale_backward(const Tensor& dy, const Ten
   const auto acc = acc_dtype(dy.scalar_type());
   const Tensor dyc = dy.contiguous(), zc = z.contiguous(), mc = m.to(acc).contiguous(), nc = n.to(acc).contiguous();
   Tensor dz = at::empty_like(dyc);
-  Tensor dm = at::zeros({dyc.size(1)}, dyc.options().dtype(acc));
+  const int64_t rows = dyc.size(0), cols = dyc.size(1);
+  const int64_t gy = std::max<int64_t>(std::min<int64_t>((rows + 255) / 256, 1024), 1);
+  Tensor part = at::zeros({gy, cols}, dyc.options().dtype(acc));  // (row chunks, out)
   if (dyc.numel() > 0) {
-    const int64_t rows = dyc.size(0), cols = dyc.size(1);
-    const int64_t gy = std::min<int64_t>((rows + 255) / 256, 1024);
     const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(gy)), block(32, 8);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dyc.scalar_type(), "adaptune_dora_scale_bwd", [&] {
       using A = typename Acc<scalar_t>::type;
       dora_scale_backward_kernel<scalar_t, A><<<grid, block, 0, stream()>>>(
           dyc.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(), mc.data_ptr<A>(), nc.data_ptr<A>(),
-          dz.data_ptr<scalar_t>(), dm.data_ptr<A>(), rows, cols);
+          dz.data_ptr<scalar_t>(), part.data_ptr<A>(), rows, cols);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {dz, dm.div_(nc).to(n.scalar_type())};
+  return {dz, part.sum(0).div_(nc).to(n.scalar_type())};
 }
 
 }  // namespace adaptune

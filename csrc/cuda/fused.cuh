@@ -14,6 +14,7 @@
 namespace adaptune {
 
 struct Cuda {
+  static Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc);
   static Tensor dora_combine(const Tensor& wsq, const Tensor& WA, const Tensor& BAA, const Tensor& B, double s);
   static Tensor dora_scale(const Tensor& z, const Tensor& m, const Tensor& n, const OptTensor& bias);
   static std::tuple<Tensor, Tensor> dora_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& m,
