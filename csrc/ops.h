@@ -1,5 +1,5 @@
 // The device-generic part of every op: shape checks and GEMMs (at::mm / in-place addmm_, which run
-// on the current stream). The fused elementwise parts come from a device struct K (cpu/ops.cpp:
+// on the current stream). The fused elementwise parts come from a device struct K (cpu/fused.h:
 // Cpu, cuda/fused.cuh: Cuda) with static members:
 //   mm_acc(a, b, acc) -> a·b in the accumulation dtype acc, whatever a's and b's dtype
 //   dora_combine(wsq, WA, BAA, B, s) -> n          dora_scale(z, m, n, bias) -> y

@@ -1,4 +1,4 @@
-// Every op's schema, defined once. Implementations: cpu/ops.cpp (CPU), cuda/*.cu (CUDA).
+// Every op's schema, defined once. Implementations: cpu/*.cpp (CPU), cuda/*.cu (CUDA), one file per op family.
 //
 // Shapes: x (..., in), weight (out, in), bias (out,), A (r, in), B (out, r), magnitude (out,).
 // Dropout stays in Python: `xd` is drop(x) (None without dropout), so kernel and reference see

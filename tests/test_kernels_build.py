@@ -29,7 +29,7 @@ def test_use_kernels_sets_the_mode_and_restores_it_as_a_context_manager():
 @pytest.fixture
 def failed_build(monkeypatch):
     """Pretend the one build attempt failed with a compiler error."""
-    failed = {d: build.Build(d, False, "RuntimeError: ops.cpp:3: error: expected ';'") for d in ("cpu", "cuda")}
+    failed = {d: build.Build(d, False, "RuntimeError: dora.cpp:3: error: expected ';'") for d in ("cpu", "cuda")}
     monkeypatch.setattr(ops, "_builds", failed)
     monkeypatch.setattr(ops, "_warned", set())
 
@@ -57,7 +57,8 @@ def broken_sources(tmp_path, monkeypatch):
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cuda").mkdir()
     (tmp_path / "schema.cpp").write_text("#error adaptune test: broken on purpose\n")
-    (tmp_path / "cpu" / "ops.cpp").write_text("int x;\n")
+    for op in build.FAMILIES:
+        (tmp_path / "cpu" / f"{op}.cpp").write_text(f"int {op};\n")
     monkeypatch.setattr(build, "CSRC", tmp_path)
     monkeypatch.setenv("ADAPTUNE_BUILD_DIR", str(tmp_path / "ext"))
     return tmp_path

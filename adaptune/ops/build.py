@@ -22,6 +22,7 @@ import torch
 _CHECKOUT = Path(__file__).resolve().parents[2] / "csrc"
 CSRC = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parents[1] / "_csrc"
 NAME = "adaptune_ops"
+FAMILIES = ("lora", "dora", "bottleneck")  # one source file per op family and device: cpu/<op>.cpp, cuda/<op>.cu
 CFLAGS = ["-O3"]
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
@@ -37,8 +38,8 @@ class Build:
 
 def sources(device: str) -> list[Path]:
     """Translation units for a device type: the schemas and CPU kernels always, the .cu files for CUDA."""
-    files = [CSRC / "schema.cpp", CSRC / "cpu" / "ops.cpp"]
-    return files + sorted((CSRC / "cuda").glob("*.cu")) if device == "cuda" else files
+    files = [CSRC / "schema.cpp", *(CSRC / "cpu" / f"{op}.cpp" for op in FAMILIES)]
+    return files + [CSRC / "cuda" / f"{op}.cu" for op in FAMILIES] if device == "cuda" else files
 
 
 def arch(device: str) -> str:
