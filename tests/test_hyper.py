@@ -157,3 +157,25 @@ def test_projection_sites_raise_bind_error(model):
 def test_spec_round_trips_as_data():
     h = HyperAdapter(dim=16, task_dim=32, hidden=64, act="relu")
     assert HyperAdapter.from_dict(h.to_dict()) == h
+
+
+@pytest.mark.parametrize("task_dim", [8, 64])
+def test_one_adam_step_moves_generated_weights_by_about_lr_whatever_task_dim(model, ids, task_dim):
+    """Through their generators, γ, D and U move by O(lr) per Adam step, not O(task_dim·lr): one
+    learning rate suits HyperAdapter and Adapter alike (with W·I instead of W·(I / t), ~t·lr).
+    Only the generators train here, so I stays fixed and what moves is the generators' own doing."""
+    h = HyperAdapter(dim=M, task_dim=task_dim, hidden=HIDDEN)
+    a = attach(model, {"attn": h, "ffn": h}, tasks={"a": {}})
+    (net,) = nets(a)
+    generated = lambda: net.heads["32"](net.embedding(0, 1, 0))  # noqa: E731  (task a, layer 1, attn)
+    before = [w.detach().clone() for w in generated()]
+    opt = torch.optim.Adam(list(net.heads.parameters()), lr=1e-3)
+    model.train()
+    for _ in range(2):  # the first step moves only γ/β (D and U get gradients once γ is off 0)
+        loss = out(model, ids).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = [(w - b).abs().max().item() for w, b in zip(generated(), before)]
+    assert max(moved) < 5 * 2e-3, moved  # two steps of lr 1e-3, a few units of lr at most
+    assert moved[4] > 1e-4  # γ did move

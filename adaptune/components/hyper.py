@@ -89,10 +89,14 @@ class HyperAdapter(Component):
 class Generators(nn.Module):
     """Linear maps from I (t,) to one width's adapter: [D | b_D] (m, d+1), [U | b_U] (d, m+1), γ, β (d,).
 
+    Each map reads I / t: with Adam every generator weight moves by about lr per step, in step with
+    the sign of I's unit-scale entries, so W·I would move by about t·lr per step; W·(I / t) moves
+    by about lr, as a directly trained adapter weight does, and one learning rate suits both.
+
     Initialisation keeps a fresh adapter the identity while letting gradients flow:
     - the γ/β generator is all zeros, so LN_t outputs exactly 0 and A(h) = h;
-    - the D/U generators are small random (weights N(0, 1/(t·fan_in)), biases 0): as I has unit-scale
-      entries, the generated D and U get fan-in-scaled entries and U·act(D·h) is a non-constant vector.
+    - the D/U generators are small random (weights N(0, t/fan_in), biases 0): as I / t has entries of
+      scale 1/t, the generated D and U get fan-in-scaled entries and U·act(D·h) is a non-constant vector.
     The first gradient reaches the γ generator through LN's normalised input, then D and U (as with
     LoRA's B = 0). Zeroing U instead would make LN_t normalise a constant vector, where its gradient
     grows like 1/sqrt(eps): unstable.
@@ -100,17 +104,18 @@ class Generators(nn.Module):
 
     def __init__(self, t: int, m: int, d: int) -> None:
         super().__init__()
-        self.m, self.d = m, d
+        self.m, self.d, self.t = m, d, t
         self.down = nn.Linear(t, m * (d + 1))
         self.up = nn.Linear(t, d * (m + 1))
         self.norm = nn.Linear(t, 2 * d)
-        nn.init.normal_(self.down.weight, std=(t * d) ** -0.5)
-        nn.init.normal_(self.up.weight, std=(t * m) ** -0.5)
+        nn.init.normal_(self.down.weight, std=(t / d) ** 0.5)
+        nn.init.normal_(self.up.weight, std=(t / m) ** 0.5)
         for p in (self.down.bias, self.up.bias, self.norm.weight, self.norm.bias):
             nn.init.zeros_(p)
 
     def forward(self, emb: Tensor) -> tuple[Tensor, ...]:
         m, d = self.m, self.d
+        emb = emb / self.t  # (t,)
         down = self.down(emb).view(m, d + 1)  # (m, d+1)
         up = self.up(emb).view(d, m + 1)  # (d, m+1)
         gain, bias = self.norm(emb).view(2, d)  # (d,), (d,)
