@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Table, plot and per-run results of the comparison made by run_comparison.sh.
-# Usage: benchmarks/results/multitask/make_report.sh [OUT]   (run from the repository root)
+# Table, plot and per-run results of the comparison made by run_comparison.sh (or medium/run_comparison.sh).
+# Usage: benchmarks/results/multitask/make_report.sh [OUT] [HERE]   (run from the repository root)
+#   OUT: the runs' directory; HERE: where the report goes (benchmarks/results/multitask or .../medium)
 set -euo pipefail
 OUT=${1:-/tmp/adaptune-multitask/runs}
 ADAPTUNE=${ADAPTUNE:-adaptune}
-HERE=benchmarks/results/multitask
+HERE=${2:-benchmarks/results/multitask}
 mkdir -p "$HERE/per-run"
 for d in "$OUT"/*/; do
   name=$(basename "$d")
