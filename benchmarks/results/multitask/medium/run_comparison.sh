@@ -22,6 +22,7 @@ queue_b() {
   run --method dora --r 24 --lr 3e-3 --name dora-r24-lr3e-3
   run --method lora --r 24 --lr 3e-3 --name lora-r24-lr3e-3
   run --method adapter --dim 64 --lr 3e-3 --name adapter-dim64-lr3e-3
+  run --method hyper --dim 8 --lr 3e-3 --name hyper-dim8-lr3e-3
 }
 queue_a & queue_b & wait
 echo "=== done ($(date -u +%H:%M:%S))"
