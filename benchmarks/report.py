@@ -99,12 +99,17 @@ def targets_markdown(rows: list[dict], env: dict, checked: str, sources: dict[st
     lines = [f"# targets — {env['device']} ({env['device_name']})", "",
              f"- checked {checked} from the results files of this directory: {measured}",
              f"- torch {env['torch']}, {env['threads']} threads; value = measured / yardstick "
-             "(or the measured figure itself); see each suite's file for the conditions", "",
-             "| verdict | target | measured | yardstick | value | limit |", "|---|---|---|---|---|---|"]
+             "(or the measured figure itself); see each suite's file for the conditions",
+             "- for times measured side by side, value is the median of the per-round ratios (the verdict's "
+             "figure) and 'ratio of medians' the two medians' ratio", "",
+             "| verdict | target | measured | yardstick | value | ratio of medians | limit |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         value = f"{r['value']:.3f}" if "value" in r else r.get("why", "")
+        of_medians = f"{r['ratio_of_medians']:.3f}" if "ratio_of_medians" in r else ""
         limit = f"{'≥' if r.get('at_least') else '≤'} {r['limit']}" if "limit" in r else ""
-        lines.append(f"| {r['verdict']} | {r['target']} | {r.get('a', '')} | {r.get('b') or ''} | {value} | {limit} |")
+        lines.append(f"| {r['verdict']} | {r['target']} | {r.get('a', '')} | {r.get('b') or ''} | {value} | "
+                     f"{of_medians} | {limit} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,9 +3,14 @@
 A target compares a measured record `a` with a yardstick record `b` (ratio a/b of `metric`) or, with
 no `b`, checks `metric` of `a` itself. Selectors match record fields; a record that matches `a` gets
 its own verdict line (one per adaptune path measured). In `b`, the value SAME takes `a`'s value.
+
+A time ratio is the median of the per-round ratios when both records were timed in the same rounds
+(the workers' interleaved design: in round k, a's and b's samples are taken side by side), which
+cancels the machine's drift between rounds; the ratio of the two medians is kept beside it.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 SAME = "same"
@@ -62,6 +67,14 @@ def _measured(record: dict, metric: str) -> bool:
     return record.get(metric) is not None and "skipped" not in record and "error" not in record
 
 
+def paired_ratio(a: dict, b: dict) -> float | None:
+    """Median over rounds of a's time / b's time in the same round; None without aligned samples."""
+    ta, tb = a.get("times_s"), b.get("times_s")
+    if not ta or not tb or len(ta) != len(tb):
+        return None
+    return statistics.median(x / y for x, y in zip(ta, tb))
+
+
 def check(results: dict[str, dict], device: str) -> list[dict]:
     """One verdict row per target and matching record. `results`: suite name -> result (run.py's)."""
     rows = []
@@ -83,6 +96,9 @@ def check(results: dict[str, dict], device: str) -> list[dict]:
                 rows.append({**row, "verdict": "MISSING", "why": str(why).splitlines()[0]})
                 continue
             value = a[t.metric] / b[t.metric] if b is not None else a[t.metric]
+            paired = paired_ratio(a, b) if b is not None and t.metric == "median_s" else None
+            if paired is not None:
+                row["ratio_of_medians"], value = value, paired
             ok = value >= t.limit if t.at_least else value <= t.limit
             row.update(value=value, a_value=a[t.metric], b_value=b[t.metric] if b else None,
                        verdict="PASS" if ok else "FAIL")

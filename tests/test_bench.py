@@ -76,6 +76,18 @@ def test_target_verdicts_from_records():
     assert all(r["verdict"] == "MISSING" for r in targets.check({}, "cuda"))
 
 
+def test_side_by_side_times_give_the_median_of_per_round_ratios():
+    """Rounds 2 and 3 ran on a slower machine: per round, a is 0.9 x b; the medians' ratio says 1.2."""
+    a = {"name": "a", "model": "bert-base", "method": "adaptune-lora", "path": "kernels", "median_s": 2.7,
+         "times_s": [1.8, 2.7, 2.7]}
+    b = {"name": "b", "model": "bert-base", "method": "peft-lora", "path": "-", "median_s": 2.25,
+         "times_s": [2.0, 3.0, 3.0]}
+    (row,) = [r for r in targets.check({"train_step": {"records": [a, b]}}, "cpu") if "LoRA <= 1.0" in r["target"]]
+    assert row["value"] == pytest.approx(0.9) and row["ratio_of_medians"] == pytest.approx(1.2)
+    assert row["verdict"] == "PASS"
+    assert targets.paired_ratio(a, {**b, "times_s": [2.0, 3.0]}) is None  # not the same rounds
+
+
 def test_bench_command_rejects_an_unknown_suite():
     from typer.testing import CliRunner
 
