@@ -1,10 +1,6 @@
 // The device-generic part of every op: shape checks and GEMMs (at::mm / in-place addmm_, which run
 // on the current stream). The fused elementwise parts come from a device struct K (cpu/fused.h:
-// Cpu, cuda/fused.cuh: Cuda) with static members:
-//   mm_acc(a, b, acc) -> a·b in the accumulation dtype acc, whatever a's and b's dtype
-//   dora_combine(wsq, WA, BAA, B, s) -> n          dora_scale(z, m, n, bias) -> y
-//   dora_scale_backward(dy, z, m, n) -> (dz, dm)   down(x, W, bias, act) -> (pre, h)
-//   act_backward(dh, pre, h, s, act) -> da          residual_bias(residual, bias, s) -> y
+// Cpu, cuda/fused.cuh: Cuda) declaring the static members of ADAPTUNE_DEVICE_MEMBERS below.
 #pragma once
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +21,21 @@
 namespace adaptune {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+// What a device struct provides: declared once here, defined next to the op that uses them.
+//   mm_acc(a, b, acc) -> a·b in the accumulation dtype acc, whatever a's and b's dtype
+//   dora_combine(wsq, WA, BAA, B, s) -> n          dora_scale(z, m, n, bias) -> (m / n) ⊙ z + b
+//   dora_scale_backward(dy, z, m, n) -> (dz, dm)   down(x, W, bias, act) -> (pre, h = act(pre))
+//   act_backward(dh, pre, h, s, act) -> da          residual_bias(residual, bias, s) -> residual + s·b
+#define ADAPTUNE_DEVICE_MEMBERS                                                                                   \
+  static Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc);                                    \
+  static Tensor dora_combine(const Tensor& wsq, const Tensor& WA, const Tensor& BAA, const Tensor& B, double s); \
+  static Tensor dora_scale(const Tensor& z, const Tensor& m, const Tensor& n, const OptTensor& bias);            \
+  static std::tuple<Tensor, Tensor> dora_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& m,      \
+                                                        const Tensor& n);                                        \
+  static std::tuple<Tensor, Tensor> down(const Tensor& x, const Tensor& W, const OptTensor& bias, int64_t act);  \
+  static Tensor act_backward(Tensor dh, const Tensor& pre, const Tensor& h, double s, int64_t act);              \
+  static Tensor residual_bias(const Tensor& residual, const OptTensor& bias, double s);
 
 enum Act : int64_t { kRelu = 0, kGelu, kGeluTanh, kSilu, kTanh, kIdentity };
 
