@@ -13,7 +13,8 @@
 | stack         | any composition, e.g. "attn=LoRA(12)|Prefix(10); ffn=Adapter(64)"   | shared          |
 
 Sharing follows seed 004 (adapters are task-specific, LoRA and the hypernetwork are shared);
-`per_task=True/False` overrides it for everything the method attaches (lora+adapter included). Every method also trains one plain nn.Linear head per task.
+`per_task=True/False` overrides it for everything the method attaches (lora+adapter included).
+Every method also trains one plain nn.Linear head per task.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class Method:
             for p in model.parameters():
                 p.requires_grad_(self.name == "full")
             return None
-        if self.sharing == "shared LoRA, per-task adapters":
+        if self.name == "lora+adapter" and self.per_task is None:  # seed 004: shared LoRA, per-task adapters
             return attach(model, {"attn": LoRA(self.r)},
                           tasks={t: {"attn": Adapter(self.dim), "ffn": Adapter(self.dim)} for t in tasks})
         if self.sharing == "per task":
