@@ -1,12 +1,13 @@
-"""Timing, peak memory, and the environment record every result carries."""
+"""Timing, peak memory, and the environment record every result carries.
+
+adaptune is imported inside the functions that need it: a worker process sets its kernel mode
+before adaptune is first imported there (see worker.py)."""
 from __future__ import annotations
 
 import datetime
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -32,12 +33,6 @@ def summary(times: list[float]) -> dict:
             "runs": len(times), "times_s": [round(t, 6) for t in times]}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (Linux reports kB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def reset_peak(device: str) -> None:
     if device == "cuda":
         import torch
@@ -49,18 +44,8 @@ def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         import torch
         return torch.cuda.max_memory_allocated() / 2**20
+    from adaptune.experiments.machine import peak_rss_mb
     return peak_rss_mb()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(name: str) -> str | None:
@@ -76,10 +61,11 @@ def environment(device: str, threads: int, dtype: str) -> dict:
     import torch
 
     import adaptune
+    from adaptune.experiments.machine import cpu_name
     env = {
         "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(),
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "dtype": dtype,

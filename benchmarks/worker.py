@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .common import peak_memory_mb, peak_rss_mb, reset_peak, summary, timed
+from .common import peak_memory_mb, reset_peak, summary, timed
 
 # adaptune's kernel modes (ADAPTUNE_KERNELS / adaptune.ops.use_kernels): "off" = the reference only,
 # "require" = the compiled kernels or the case is skipped, "auto" = kernels when built
@@ -105,7 +105,7 @@ def _serve(conn, case: Case, device: str, threads: int) -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from the libraries compared
     torch.set_num_threads(threads)
-    base_mb = peak_rss_mb()
+    base_mb = peak_memory_mb("cpu")  # the process's peak RSS before the build
     try:
         kernel_path(device, case.kernels)  # a case that asks for kernels gets them or is skipped
         built = importlib.import_module(f"benchmarks.{case.suite}").build(case.params, device)

@@ -15,7 +15,6 @@ import os
 import platform
 import random
 import re
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..persist import atomic_write
 from . import metrics
 from .data import TaskData, default_data_dir, load_task
 from .eda import augment, load_synonyms
+from .machine import cpu_name, peak_rss_mb
 from .methods import Method, accounting, make_heads, param_groups
 from .tasks import DEFAULT_TASKS, parse_tasks
 from .training import Encoder, evaluate, loss_of, schedule, warmup_linear
@@ -173,16 +173,6 @@ def build(cfg: ExperimentConfig, data: dict[str, TaskData]) -> tuple[nn.Module, 
     return model, adaptation, heads, Encoder(model, tok, cfg.max_length, cfg.device)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_info(device: str) -> dict:
     import transformers
     name = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else cpu_name()
@@ -194,7 +184,7 @@ def device_info(device: str) -> dict:
 def peak_memory_mb(device: str) -> tuple[float, str]:
     if device != "cpu":
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak resident set size of the process"
+    return peak_rss_mb(), "peak resident set size of the process"
 
 
 def train(cfg: ExperimentConfig, data: dict[str, TaskData], model: nn.Module, adaptation: Any,
