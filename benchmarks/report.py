@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from adaptune.persist import atomic_write
 
 _MEMORY = {"cpu": "peak RSS MB", "cuda": "peak alloc MB"}
 _MEMORY_NOTE = {"cpu": "peak RSS of the configuration's process (ru_maxrss), the Python + torch + transformers "
@@ -23,18 +23,6 @@ COLUMNS = {  # suite: [(header, record key, format)]
             ("tokens/s", "tokens_per_s", "{:,.0f}"), ("GB/s", "bandwidth_gbs", "{:,.1f}"),
             ("MEM", "peak_mb", "{:,.0f}"), ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _cell(record: dict, key: str | None, fmt: str | None, ms: bool) -> str:
@@ -115,8 +103,8 @@ def targets_markdown(rows: list[dict], env: dict, checked: str, sources: dict[st
 
 def write(out: Path, stem: str, result: dict, md: str) -> list[Path]:
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    write_atomic(paths[0], json.dumps(result, indent=1, default=str) + "\n")
-    write_atomic(paths[1], md)
+    atomic_write(paths[0], lambda tmp: tmp.write_text(json.dumps(result, indent=1, default=str) + "\n"))
+    atomic_write(paths[1], lambda tmp: tmp.write_text(md))
     return paths
 
 

@@ -179,6 +179,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
     """One table across multitask runs, and a plot of dev average vs % trainable parameters."""
     from adaptune import AdaptuneError
     from adaptune.experiments.report import find_runs, load_results, markdown_table, plot as plot_runs, runs_table
+    from adaptune.persist import atomic_write
 
     found, skipped = find_runs(runs)
     for line in skipped:
@@ -192,7 +193,8 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
     console.print(runs_table(results))
     console.print(f"plot: {plot_runs(results, plot)}")
     if markdown:
-        markdown.write_text(markdown_table(results))
+        table = markdown_table(results)
+        atomic_write(markdown, lambda tmp: tmp.write_text(table))
         console.print(f"markdown: {markdown}")
 
 

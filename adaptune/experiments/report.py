@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..errors import LoadError
+from ..persist import atomic_write
 from .runs import read_results
 
 
@@ -158,9 +159,8 @@ def plot(results: list[dict], path: str | Path) -> Path:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
