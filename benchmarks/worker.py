@@ -77,21 +77,24 @@ def probe_kernels(device: str) -> str | None:
     """None when adaptune's kernels run on `device`, else why not (checked in a fresh process)."""
     ctx = context(device)
     parent, child = ctx.Pipe()
-    previous = os.environ.get("ADAPTUNE_KERNELS")
-    os.environ["ADAPTUNE_KERNELS"] = "require"
     proc = ctx.Process(target=_probe, args=(child, device), daemon=True)
-    proc.start()
-    _restore(previous)
+    _start(proc, "require")
     kind, payload = _ask(parent, proc, reply=True)
     proc.join()
     return payload if kind == "reply" else f"probe failed: {payload}"
 
 
-def _restore(previous: str | None) -> None:
-    if previous is None:
-        os.environ.pop("ADAPTUNE_KERNELS", None)
-    else:
-        os.environ["ADAPTUNE_KERNELS"] = previous
+def _start(proc, kernels: str) -> None:
+    """Starts `proc` with ADAPTUNE_KERNELS=kernels in its inherited environment, ours left as it was."""
+    previous = os.environ.get("ADAPTUNE_KERNELS")
+    os.environ["ADAPTUNE_KERNELS"] = kernels
+    try:
+        proc.start()
+    finally:
+        if previous is None:
+            os.environ.pop("ADAPTUNE_KERNELS", None)
+        else:
+            os.environ["ADAPTUNE_KERNELS"] = previous
 
 
 def _serve(conn, case: Case, device: str, threads: int) -> None:
@@ -154,11 +157,8 @@ def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
     live: dict[str, tuple] = {}
     for case in cases:  # built one after another: builds do not compete for the cores
         parent, child = ctx.Pipe()
-        previous = os.environ.get("ADAPTUNE_KERNELS")
-        os.environ["ADAPTUNE_KERNELS"] = case.kernels  # inherited by the child before any import
         proc = ctx.Process(target=_serve, args=(child, case, device, threads), daemon=True)
-        proc.start()
-        _restore(previous)
+        _start(proc, case.kernels)  # inherited by the child before any import
         kind, payload = _ask(parent, proc)
         if kind == "ready":
             records[case.name].update(payload)
