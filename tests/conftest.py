@@ -1,4 +1,5 @@
 """Tiny models built from configs: nothing is downloaded."""
+import inspect
 import os
 
 import pytest
@@ -25,6 +26,26 @@ def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, 
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=2 * hidden, vocab_size=VOCAB, max_position_embeddings=128, **kw)
     return BertModel(cfg).eval()
+
+
+def tiny_llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=2 * hidden, vocab_size=VOCAB,
+                      max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def with_cache(model, cache) -> dict:
+    """`cache` as the keyword model.forward takes it by: `cache` in newer transformers, else `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def cache_of(out):
+    """The KV cache a forward returned, under either of transformers' names for it."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 def randomize(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:

@@ -1,7 +1,7 @@
 """Prefix tuning: equal to the base model run on a KV cache pre-filled with the prefixes."""
 import pytest
 import torch
-from conftest import VOCAB, randomize, tiny_bert, tiny_gpt2, greedy
+from conftest import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
 from transformers import DynamicCache
 
 from adaptune import BindError, Prefix, attach, detach
@@ -40,11 +40,11 @@ def reference(model, ad, ids, mask, groups=(None,)):
     p = cache.get_seq_length()
     with ad.disabled():
         return model(ids, attention_mask=torch.cat([torch.ones(ids.shape[0], p, dtype=mask.dtype), mask], 1),
-                     past_key_values=cache, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+                     **with_cache(model, cache), position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
 
 
 def build(kind, impl):
-    model = tiny_gpt2(attn_implementation=impl) if kind == "gpt2" else tiny_bert(attn_implementation=impl)
+    model = {"gpt2": tiny_gpt2, "bert": tiny_bert, "llama": tiny_llama}[kind](attn_implementation=impl)
     randomize(model, std=0.3, seed=3)  # a base with non-trivial attention
     return model
 
@@ -113,9 +113,10 @@ def test_gradients_reach_only_the_prefix(hidden):
     assert all(p.grad is None for p in model.parameters() if id(p) not in own)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_generate_matches_uncached_greedy(impl):
-    model = build("gpt2", impl)
+def test_generate_matches_uncached_greedy(kind, impl):
+    model = build(kind, impl)
     model.generation_config.eos_token_id = None  # run every step
     ad = attach(model, {"attn": Prefix(4)})
     randomize(ad, std=0.5, seed=2)
@@ -133,16 +134,17 @@ def test_generate_matches_uncached_greedy(impl):
             assert not torch.equal(out.sequences, greedy(model, ids, mask, 6))
 
 
-def test_chunked_forward_with_cache_equals_one_pass():
-    model = build("gpt2", "sdpa")
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_chunked_forward_with_cache_equals_one_pass(kind):
+    model = build(kind, "sdpa")
     ad = attach(model, {"attn": Prefix(N)})
     randomize(ad, std=0.5)
     ids, _ = padded()
     with torch.no_grad():
         full = model(ids).logits
         first = model(ids[:, :4], use_cache=True)
-        assert first.past_key_values.get_seq_length() == 4  # prefixes stay out of the cache
-        rest = model(ids[:, 4:], past_key_values=first.past_key_values).logits
+        assert cache_of(first).get_seq_length() == 4  # prefixes stay out of the cache
+        rest = model(ids[:, 4:], **with_cache(model, cache_of(first))).logits
     torch.testing.assert_close(torch.cat([first.logits, rest], 1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -1,9 +1,9 @@
 """Prompt tuning: a prompt initialised from token ids t acts exactly like t prepended to the input."""
 import pytest
 import torch
-from conftest import VOCAB, randomize, tiny_bert, tiny_gpt2, greedy
+from conftest import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
 
-from adaptune import BindError, ConfigError, PromptTuning, Stack, attach, detach
+from adaptune import AdaptuneError, BindError, ConfigError, PromptTuning, Stack, attach, detach
 
 T = 6
 PROMPT = (5, 17, 42)
@@ -21,8 +21,8 @@ def prepend(x, values):
     return torch.cat([torch.tensor(values, dtype=x.dtype).expand(x.shape[0], -1), x], 1)
 
 
-def gpt2():
-    model = tiny_gpt2()
+def gpt2(kind="gpt2"):
+    model = {"gpt2": tiny_gpt2, "llama": tiny_llama}[kind]()
     randomize(model, std=0.3, seed=3)
     return model
 
@@ -77,9 +77,10 @@ def test_shared_and_task_prompts_concatenate():
         torch.testing.assert_close(model(ids).logits, want_shared, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("padding", [False, True])
-def test_generate_matches_uncached_greedy(padding):
-    model = gpt2()
+def test_generate_matches_uncached_greedy(kind, padding):
+    model = gpt2(kind)
     model.generation_config.eos_token_id = None  # run every step
     ad = attach(model, {"embed": PromptTuning(4)})
     randomize(ad, std=1.0, seed=4)
@@ -96,6 +97,34 @@ def test_generate_matches_uncached_greedy(padding):
             torch.testing.assert_close(step, logits[:, 4 + T - 1 + i], rtol=1e-4, atol=1e-4)
         with ad.disabled():
             assert not torch.equal(out.sequences, greedy(model, ids, mask, 6))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_chunked_forward_with_cache_equals_one_pass(kind):
+    """A forward continued from the cache of the first chunk: the prompt comes from the cache, not again."""
+    model = gpt2(kind)
+    ad = attach(model, {"embed": PromptTuning(4)})
+    randomize(ad, std=1.0, seed=4)
+    ids, _ = batch()
+    with torch.no_grad():
+        full = model(ids).logits  # (B, 4 + T, V)
+        first = model(ids[:, :3], use_cache=True)
+        assert cache_of(first).get_seq_length() == 4 + 3  # the prompt is in the cache
+        rest = model(ids[:, 3:], **with_cache(model, cache_of(first))).logits
+    assert rest.shape[1] == T - 3
+    torch.testing.assert_close(torch.cat([first.logits, rest], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_ambiguous_and_unknown_caches():
+    model = gpt2()
+    attach(model, {"embed": PromptTuning(4)})
+    ids, _ = batch()
+    with torch.no_grad():
+        first = model(ids[:, :3], use_cache=True)
+        with pytest.raises(AdaptuneError, match="more than one KV cache"):
+            model(ids[:, 3:], **with_cache(model, cache_of(first)), cache_params=cache_of(first))
+        with pytest.raises(AdaptuneError, match="cannot tell how many positions"):
+            model(ids[:, 3:], **with_cache(model, object()))
 
 
 def test_gradients_reach_only_the_prompt():

@@ -6,10 +6,14 @@ bound to names by the signature of `model.forward` and passed on as keyword argu
 Fresh forward (no cache, or an empty one):
     input_ids -> inputs_embeds through the input embedding, the prompts (P rows) prepended;
     attention_mask gets P ones on the left, token_type_ids P zeros, 2-D token labels P × -100;
-    given position_ids become [0..P-1, position_ids + P] (the prompt takes the first positions).
+    given position_ids / cache_position become [0..P-1, ids + P] (the prompt takes the first positions).
 Continuing from a non-empty cache (generate's decoding steps), the prompt is already in the cache:
-    attention_mask gets P ones on the left, given position_ids are shifted by P.
+    attention_mask gets P ones on the left, given position_ids / cache_position are shifted by P.
 Outputs include the P virtual positions at the front.
+
+The KV cache is found by what it is, not by its argument's name (transformers has called it
+`past_key_values`, `cache_params` and `cache`): any transformers `Cache` among the arguments, else a
+legacy tuple of per-layer (key, value) pairs under one of those names.
 """
 from __future__ import annotations
 
@@ -23,11 +27,26 @@ from ..errors import AdaptuneError
 from .base import Hook
 
 
-def _cache_length(cache: Any) -> int:
-    if cache is None:
+POSITIONS = ("position_ids", "cache_position")  # (..., T) positions of the tokens
+CACHE_NAMES = ("cache", "past_key_values", "cache_params")  # the KV cache's names across transformers versions
+
+
+def _cache_length(kw: dict[str, Any]) -> int:
+    """How many positions the forward's KV cache holds (0: none, or an empty one: a fresh forward)."""
+    from transformers.cache_utils import Cache
+    found = {n: v for n, v in kw.items() if isinstance(v, Cache) or (n in CACHE_NAMES and v is not None)}
+    if len(found) > 1:
+        raise AdaptuneError(f"PromptTuning found more than one KV cache among the forward's arguments "
+                            f"({', '.join(found)}); pass one")
+    if not found:
         return 0
-    get = getattr(cache, "get_seq_length", None)
-    return int(get()) if get is not None else 1  # an unknown cache object: assume it holds the prompt
+    (cache,) = found.values()
+    if isinstance(cache, Cache):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)):  # legacy: per layer (key, value), key (B, H, T, D)
+        return int(cache[0][0].shape[-2]) if cache and cache[0] is not None and len(cache[0]) else 0
+    raise AdaptuneError(f"PromptTuning cannot tell how many positions the KV cache {type(cache).__name__} holds; "
+                        f"pass a transformers Cache (such as DynamicCache) or None")
 
 
 def _left(x: Tensor, p: int, value: int) -> Tensor:
@@ -76,12 +95,12 @@ class PromptHook(Hook):
         if mask is not None and mask.dim() != 2:
             raise AdaptuneError(f"PromptTuning needs a 2-D attention_mask (batch, tokens) or None; got shape "
                                 f"{tuple(mask.shape)} (pre-built 4-D masks and static caches are not supported)")
-        position_ids = kw.get("position_ids")
-        if _cache_length(kw.get("past_key_values")) > 0:  # decoding: the prompt is in the cache
+        if _cache_length(kw) > 0:  # decoding: the prompt is in the cache
             if mask is not None:
                 kw["attention_mask"] = _left(mask, p, 1)
-            if position_ids is not None:
-                kw["position_ids"] = position_ids + p
+            for name in POSITIONS:
+                if kw.get(name) is not None:
+                    kw[name] = kw[name] + p
             return (), kw
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         if embeds is None:
@@ -96,10 +115,10 @@ class PromptHook(Hook):
             kw["attention_mask"] = _left(mask, p, 1)
         if kw.get("token_type_ids") is not None:
             kw["token_type_ids"] = _left(kw["token_type_ids"], p, 0)
-        if position_ids is not None:
-            first = torch.arange(p, dtype=position_ids.dtype, device=position_ids.device)
-            first = first.expand(*position_ids.shape[:-1], p)
-            kw["position_ids"] = torch.cat([first, position_ids + p], dim=-1)
+        for name in POSITIONS:
+            if (pos := kw.get(name)) is not None:
+                first = torch.arange(p, dtype=pos.dtype, device=pos.device).expand(*pos.shape[:-1], p)
+                kw[name] = torch.cat([first, pos + p], dim=-1)  # (..., P + T)
         labels = kw.get("labels")
         if isinstance(labels, Tensor) and labels.dim() == 2 and tuple(labels.shape) == (b, t):
             kw["labels"] = _left(labels, p, -100)
