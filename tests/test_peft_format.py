@@ -2,6 +2,7 @@
 import json
 import os
 
+import peft
 import pytest
 import torch
 from conftest import randomize, tiny_bert, tiny_gpt2
@@ -11,7 +12,6 @@ from adaptune import Adapter, AdaptuneError, DoRA, LoadError, LoRA, TaskError, a
 from adaptune import peft_format
 from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_peft
 
-peft = pytest.importorskip("peft")
 ATOL = 1e-5
 
 

@@ -1,4 +1,6 @@
 """Prompt tuning: a prompt initialised from token ids t acts exactly like t prepended to the input."""
+import inspect
+
 import pytest
 import torch
 from conftest import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
@@ -36,7 +38,9 @@ def test_gpt2_prompt_from_ids_equals_prepended_ids():
                      labels=prepend(labels, (-100,) * P))
         attach(model, {"embed": PromptTuning(P, token_ids=PROMPT)})
         got = model(ids, attention_mask=mask, labels=labels)
-        positional = model(ids, None, mask).logits  # positional arguments are bound by name
+        names = list(inspect.signature(model.forward).parameters)
+        args = [ids] + [None] * (names.index("attention_mask") - 1) + [mask]
+        positional = model(*args).logits  # positional arguments are bound by name
     assert got.logits.shape == (2, P + T, VOCAB)  # outputs include the virtual positions
     real = mask.bool()
     torch.testing.assert_close(got.logits[:, P:][real], want.logits[:, P:][real], rtol=1e-5, atol=1e-5)
