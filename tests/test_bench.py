@@ -87,9 +87,20 @@ def test_side_by_side_times_give_the_median_of_per_round_ratios():
     assert targets.paired_ratio(a, {**b, "times_s": [2.0, 3.0]}) is None  # not the same rounds
 
 
-def test_bench_command_rejects_an_unknown_suite():
+def test_bench_command_rejects_an_unknown_suite(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
-    result = CliRunner().invoke(app, ["bench", "--suite", "nope"])
+    from adaptune.cli.app import app
+    result = CliRunner().invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "train, ops, sweep or all" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_command_runs_only_from_a_checkout(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from adaptune.cli.app import app
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "runs from a checkout" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()

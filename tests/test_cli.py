@@ -1,7 +1,7 @@
 """The CLI through typer's CliRunner."""
 from typer.testing import CliRunner
 
-from cli.app import app
+from adaptune.cli.app import app
 
 runner = CliRunner()
 

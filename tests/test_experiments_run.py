@@ -164,7 +164,7 @@ def test_round_robin_schedule():
 
 
 def test_cli_run_and_report(tiny_model_dir, tiny_data, tmp_path):
-    from cli.app import app
+    from adaptune.cli.app import app
     runner = CliRunner()
     out = tmp_path / "runs"
     common = ["run", "multitask", "--model", tiny_model_dir, "--data-dir", tiny_data, "--out", str(out),
@@ -186,7 +186,7 @@ def test_cli_run_and_report(tiny_model_dir, tiny_data, tmp_path):
 
 
 def test_cli_errors_are_clear(tiny_model_dir, tiny_data, tmp_path):
-    from cli.app import app
+    from adaptune.cli.app import app
     runner = CliRunner()
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -268,7 +268,7 @@ def test_report_skips_non_runs_and_labels_learning_rates(tiny_model_dir, tiny_da
 
 
 def test_cli_refuses_bad_threads_and_conflicting_stack(tiny_data):
-    from cli.app import app
+    from adaptune.cli.app import app
     runner = CliRunner()
     r = runner.invoke(app, ["run", "multitask", "--threads", "0", "--data-dir", tiny_data])
     assert r.exit_code == 2 and "--threads must be at least 1" in r.output

@@ -1,0 +1,29 @@
+"""A wheel of adaptune holds one top-level package, adaptune (cli/ as adaptune.cli, csrc/ as adaptune/_csrc),
+and its console script points into it; benchmarks/ and tests/ stay in the checkout."""
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("setup.py", "MANIFEST.in", "README.md", "adaptune", "cli", "csrc", "benchmarks", "tests")
+
+
+def test_the_wheel_installs_only_adaptune(tmp_path):
+    src = tmp_path / "src"  # a clean copy: no build/ left over from earlier builds in the checkout
+    src.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+        else:
+            shutil.copy2(ROOT / name, src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("adaptune-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"adaptune"}, sorted(tops)
+    assert "adaptune/cli/app.py" in names and "adaptune/_csrc/schema.cpp" in names
+    (entry,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "adaptune = adaptune.cli.app:main" in zipfile.ZipFile(wheel).read(entry).decode()
