@@ -1,59 +1,13 @@
-"""Tiny models built from configs: nothing is downloaded."""
-import inspect
+"""Test settings (offline, two threads) and the shared fixtures; helpers live in helpers.py."""
 import os
 
 import pytest
 import torch
+from helpers import VOCAB, tiny_bert, tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-VOCAB = 96
-
-
-def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 4, seed: int = 0, **kw):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=VOCAB, n_positions=128,
-                     bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, **kw):
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * hidden, vocab_size=VOCAB, max_position_embeddings=128, **kw)
-    return BertModel(cfg).eval()
-
-
-def tiny_llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, intermediate_size=2 * hidden, vocab_size=VOCAB,
-                      max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def with_cache(model, cache) -> dict:
-    """`cache` as the keyword model.forward takes it by: `cache` in newer transformers, else `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
-
-
-def cache_of(out):
-    """The KV cache a forward returned, under either of transformers' names for it."""
-    return out.cache if hasattr(out, "cache") else out.past_key_values
-
-
-def randomize(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
-    """Give every parameter of `module` random values (components start as the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture(params=["gpt2", "bert"])
@@ -64,27 +18,3 @@ def model(request):
 @pytest.fixture
 def ids():
     return torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def main_output(out):
-    """The logits of an LM head model, else the last hidden states."""
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def assert_grads_on_components_only(model, base_names) -> None:
-    """Base parameters (names in base_names) stay frozen with no grad; every component got a gradient."""
-    for name, p in model.named_parameters():
-        if name in base_names:
-            assert not p.requires_grad and p.grad is None, name
-        else:
-            assert name.startswith("adaptune.") and p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-def greedy(model, ids, mask, steps):
-    """Greedy decoding re-running the whole sequence without a cache, positions as generate makes them."""
-    for _ in range(steps):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids

@@ -1,5 +1,5 @@
 """Parameter accounting against the formulas: trainable per task, % of base, stored."""
-from conftest import tiny_bert
+from helpers import tiny_bert
 
 from adaptune import Adapter, LoRA, attach, counts
 

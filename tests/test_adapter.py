@@ -4,13 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptune import Adapter, attach
-from conftest import randomize, tiny_bert, tiny_gpt2, assert_grads_on_components_only, main_output
-
-
-def out(model, ids):
-    with torch.no_grad():
-        o = model(ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+from helpers import assert_grads_on_components_only, main_output, out, randomize, tiny_bert, tiny_gpt2
 
 
 def bottleneck(adapter, src, act=F.relu):

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import cache_of, randomize, tiny_gpt2, tiny_llama, with_cache
+from helpers import cache_of, randomize, tiny_gpt2, tiny_llama, with_cache
 
 from adaptune import Prefix, PromptTuning, attach
 

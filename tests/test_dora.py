@@ -2,13 +2,7 @@
 import torch
 
 from adaptune import DoRA, attach
-from conftest import randomize, tiny_bert, tiny_gpt2, assert_grads_on_components_only, main_output
-
-
-def out(model, ids):
-    with torch.no_grad():
-        o = model(ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+from helpers import assert_grads_on_components_only, main_output, out, randomize, tiny_bert, tiny_gpt2
 
 
 def dora_formula(x, W, b, dora):

@@ -1,17 +1,12 @@
 """Every mistake raises the right AdaptuneError, says what is valid, and leaves the model unchanged."""
 import pytest
 import torch
+from helpers import out
 from torch import nn
 
 from adaptune import (Adapter, AdaptuneError, BindError, ConfigError, DoRA, LoRA, SiteError, Stack, attach,
                       detach)
 from adaptune.hooks.sublayer import SublayerHook
-
-
-def out(model, ids):
-    with torch.no_grad():
-        o = model(ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
 def fingerprint(model):

@@ -126,7 +126,7 @@ def test_eda_and_layer_decay_run(tiny_model_dir, tiny_data, tmp_path):
 
 
 def test_layer_wise_decay_groups():
-    from conftest import tiny_bert
+    from helpers import tiny_bert
     model = tiny_bert(layers=3)
     Method("full").prepare(model, ["a"])
     heads = torch.nn.ModuleDict({"a": torch.nn.Linear(32, 2)})
@@ -146,7 +146,7 @@ def test_layer_wise_decay_groups():
     (None, {"LoRAModule"}, {"AdapterModule"}), (True, set(), {"LoRAModule", "AdapterModule"}),
     (False, {"LoRAModule", "AdapterModule"}, set())])
 def test_lora_adapter_sharing_follows_the_flag(per_task, shared_kinds, task_kinds):
-    from conftest import tiny_bert
+    from helpers import tiny_bert
     adaptation = Method("lora+adapter", r=2, dim=4, per_task=per_task).prepare(tiny_bert(layers=2), ["a", "b"])
     kinds = lambda mods: {type(m).__name__ for m in mods.modules()} & {"LoRAModule", "AdapterModule"}  # noqa: E731
     assert kinds(adaptation.shared) == shared_kinds

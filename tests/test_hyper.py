@@ -4,18 +4,13 @@ import torch
 
 from adaptune import BindError, ConfigError, HyperAdapter, attach, load
 from adaptune.components.hyper import HyperNetwork
-from conftest import randomize, tiny_bert, tiny_gpt2
+from helpers import main_output, out, randomize, tiny_bert, tiny_gpt2
 
 M, T_DIM, HIDDEN = 4, 8, 16
 
 
 def spec(**kw):
     return HyperAdapter(dim=M, task_dim=T_DIM, hidden=HIDDEN, **kw)
-
-
-def out(model, ids):
-    o = model(ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
 def nets(adaptation):
@@ -172,7 +167,7 @@ def test_one_adam_step_moves_generated_weights_by_about_lr_whatever_task_dim(mod
     opt = torch.optim.Adam(list(net.heads.parameters()), lr=1e-3)
     model.train()
     for _ in range(2):  # the first step moves only γ/β (D and U get gradients once γ is off 0)
-        loss = out(model, ids).pow(2).mean()
+        loss = main_output(model(ids)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

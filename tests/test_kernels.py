@@ -211,7 +211,7 @@ def test_autocast_runs_the_reference(op, monkeypatch):
 @pytest.mark.parametrize("spec", ["attn=LoRA(4)", "attn=DoRA(4)", "attn=DoRA(4, detach_norm=False)",
                                   "ffn=Adapter(8, act='gelu')"])
 def test_attached_model_compiles_fullgraph_after_an_eager_call(spec):
-    from conftest import randomize, tiny_bert
+    from helpers import randomize, tiny_bert
 
     from adaptune import attach
     from adaptune.spec import parse_spec

@@ -5,13 +5,7 @@ import pytest
 import torch
 
 from adaptune import Adapter, DoRA, LoRA, MergeError, attach, detach
-from conftest import randomize, tiny_gpt2
-
-
-def out(model, ids):
-    with torch.no_grad():
-        o = model(ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+from helpers import out, randomize, tiny_gpt2
 
 
 def snapshot(model):

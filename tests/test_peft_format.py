@@ -5,7 +5,7 @@ import os
 import peft
 import pytest
 import torch
-from conftest import randomize, tiny_bert, tiny_gpt2
+from helpers import randomize, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 from adaptune import Adapter, AdaptuneError, DoRA, LoadError, LoRA, TaskError, attach
@@ -15,7 +15,7 @@ from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_
 ATOL = 1e-5
 
 
-def out(model, ids):
+def every_output(model, ids):
     """Every output of the tiny models: GPT-2 logits, or BERT hidden states and pooled output."""
     o = model(input_ids=ids)
     if getattr(o, "logits", None) is not None:
@@ -52,7 +52,7 @@ def assert_untouched(model, before, ids):
     assert not hasattr(model, "adaptune")
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
-    torch.testing.assert_close(out(model, ids), before, atol=0, rtol=0)
+    torch.testing.assert_close(every_output(model, ids), before, atol=0, rtol=0)
 
 
 # ---- adaptune -> PEFT -> adaptune ---------------------------------------------------------------
@@ -70,16 +70,16 @@ CASES = {  # name: (base model, spec given the kind)
 def test_export_matches_peft_and_round_trips(case, kind, ids, tmp_path):
     build, spec = CASES[case]
     model = build()
-    base = out(model, ids)
+    base = every_output(model, ids)
     randomize_adaptation(attach(model, spec(kind)))
-    expected = out(model, ids)
+    expected = every_output(model, ids)
     assert (expected - base).abs().max() > 1e-2  # the components do change the outputs
     export_peft(model, tmp_path / "x")
     assert json.loads((tmp_path / "x" / CONFIG_NAME).read_text())["use_dora"] == (kind is DoRA)
-    torch.testing.assert_close(out(load_peft(build, tmp_path / "x"), ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(every_output(load_peft(build, tmp_path / "x"), ids), expected, atol=ATOL, rtol=0)
     fresh = build()
     import_peft(fresh, tmp_path / "x")
-    torch.testing.assert_close(out(fresh, ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(every_output(fresh, ids), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("kind", [LoRA, DoRA])
@@ -112,10 +112,10 @@ def test_export_takes_shared_plus_chosen_task(ids, tmp_path):
                tasks={"a": {"attn.v": LoRA(2)}, "b": {"attn.v": LoRA(2, alpha=4), "attn.o": LoRA(2)}})
     randomize_adaptation(a)
     with a.using("b"):
-        expected = out(model, ids)
+        expected = every_output(model, ids)
     export_peft(model, tmp_path / "b", task="b")  # "a" stays active
     assert a.task == "a"
-    torch.testing.assert_close(out(load_peft(tiny_gpt2, tmp_path / "b"), ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(every_output(load_peft(tiny_gpt2, tmp_path / "b"), ids), expected, atol=ATOL, rtol=0)
     with pytest.raises(TaskError, match="'c'"):
         export_peft(model, tmp_path / "c", task="c")
 
@@ -136,12 +136,12 @@ def test_import_matches_peft(case, use_dora, ids, tmp_path):
     build, kw = PEFT_CASES[case]
     peft_model = peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, **kw)).eval()
     randomize_peft(peft_model)
-    expected = out(peft_model, ids)
+    expected = every_output(peft_model, ids)
     peft_model.save_pretrained(str(tmp_path))
     model = build()
-    assert (expected - out(model, ids)).abs().max() > 1e-2
+    assert (expected - every_output(model, ids)).abs().max() > 1e-2
     a = import_peft(model, tmp_path)
-    torch.testing.assert_close(out(model, ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(every_output(model, ids), expected, atol=ATOL, rtol=0)
     kind = DoRA if use_dora else LoRA
     specs = {sel: stack[0] for sel, stack in a.plan[None].items()}
     assert all(type(c) is kind for c in specs.values())
@@ -164,10 +164,10 @@ def test_module_paths_match_across_model_classes(ids, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "plain"))  # keys base_model.model.encoder...
     a = import_peft(classifier, tmp_path / "plain")  # modules bert.encoder...
     assert "bert.encoder.layer.1.attention.self.value" in a.plan[None]
-    torch.testing.assert_close(out(classifier.bert, ids), out(peft_model, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(every_output(classifier.bert, ids), every_output(peft_model, ids), atol=ATOL, rtol=0)
     export_peft(classifier, tmp_path / "cls")  # keys base_model.model.bert.encoder... into a BertModel
     import_peft(bert, tmp_path / "cls")
-    torch.testing.assert_close(out(bert, ids), out(peft_model, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(every_output(bert, ids), every_output(peft_model, ids), atol=ATOL, rtol=0)
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_import_errors_leave_model_unchanged(problem, build, match, ids, tmp_pat
         tensors["base_model.model.transformer.wte.lora_embedding_A"] = torch.zeros(4, 96)
         save_file(tensors, str(directory / WEIGHTS_NAME))
     model = build()
-    before = out(model, ids)
+    before = every_output(model, ids)
     with pytest.raises(LoadError, match=match):
         import_peft(model, directory)
     assert_untouched(model, before, ids)

@@ -1,7 +1,7 @@
 """save -> load round trips exactly; bad files and other models give LoadError; writes are atomic."""
 import pytest
 import torch
-from conftest import randomize, tiny_bert, tiny_gpt2
+from helpers import randomize, tiny_bert, tiny_gpt2
 from safetensors.torch import save_file
 
 from adaptune import Adapter, DoRA, LoadError, LoRA, attach, load, save

@@ -1,7 +1,7 @@
 """Prefix tuning: equal to the base model run on a KV cache pre-filled with the prefixes."""
 import pytest
 import torch
-from conftest import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
+from helpers import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
 from transformers import DynamicCache
 
 from adaptune import BindError, Prefix, attach, detach

@@ -3,7 +3,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
+from helpers import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
 
 from adaptune import AdaptuneError, BindError, ConfigError, PromptTuning, Stack, attach, detach
 

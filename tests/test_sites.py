@@ -5,7 +5,7 @@ import torch
 from adaptune import Adapter, LoRA, attach
 from adaptune.components.base import PROJECTION, SUBLAYER
 from adaptune.sites import SITES, SiteMap
-from conftest import randomize, tiny_bert, tiny_gpt2
+from helpers import randomize, tiny_bert, tiny_gpt2
 
 GPT2 = {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
         "up": "mlp.c_fc", "down": "mlp.c_proj"}

@@ -3,13 +3,7 @@ import pytest
 import torch
 
 from adaptune import Adapter, LoRA, TaskError, attach
-from conftest import randomize
-
-
-def out(model, ids):
-    with torch.no_grad():
-        o = model(ids)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+from helpers import out, randomize
 
 
 @pytest.fixture
