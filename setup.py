@@ -14,7 +14,7 @@ class build_py_with_sources(build_py):
         shutil.copytree(Path("csrc"), Path(self.build_lib) / "adaptune" / "_csrc", dirs_exist_ok=True)
 
 
-KERNELS = ["ninja>=1.11.1", "setuptools>=70"]  # what torch's JIT build of csrc/ needs at run time
+KERNELS = ["ninja>=1.11.1", "setuptools>=70.1"]  # torch's JIT build of csrc/ needs both; 70.1 builds wheels itself
 
 setup(
     name="adaptune",
