@@ -2,7 +2,8 @@
 from .adaptation import Adaptation
 from .accounting import Counts, counts
 from .attach import attach, detach
-from .peft_format import export_peft, import_peft
+from .peft_format import export_peft
+from .peft_read import import_peft
 from .persist import load, save
 from .spec import parse_spec
 from .components import Adapter, Component, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, Stack

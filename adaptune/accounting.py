@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adaptation import Adaptation
-from .attach import adaptation_of
+from .adaptation import Adaptation, adaptation_of
 
 
 def _count(module: nn.Module) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .components.base import Stack
-from .errors import ConfigError, MergeError, TaskError
+from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Hook, hook_class, hook_key
 from .sites import SiteMap, Sublayer
 
@@ -256,3 +256,13 @@ class Adaptation(nn.Module):
             lines += [f"[{name}] {sel}: {stack!r}" for sel, stack in self.plan[name].items()]
         lines.append(f"active task: {self._task!r}, enabled: {self._enabled}, merged: {self.merged}")
         return "\n".join(lines)
+
+
+def adaptation_of(model: nn.Module | Adaptation) -> Adaptation:
+    """`model`'s adaptation (or the adaptation itself); AdaptuneError when none is attached."""
+    if isinstance(model, Adaptation):
+        return model
+    found = getattr(model, "adaptune", None)
+    if not isinstance(found, Adaptation):
+        raise AdaptuneError("this model has no adaptation attached; call attach(model, ...) first")
+    return found

@@ -1,13 +1,13 @@
 """attach / detach: bind components to a model, all or nothing."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 from torch import nn
 
-from .adaptation import Adaptation, Plan
+from .adaptation import Adaptation, Plan, adaptation_of
 from .components.base import Component, Stack
-from .errors import AdaptuneError, ConfigError
+from .errors import ConfigError
 
 Spec = Mapping[str, "Component | Stack"]
 
@@ -57,15 +57,6 @@ def attach(model: nn.Module, spec: Spec | None = None, *, tasks: Mapping[str, Sp
     adaptation = Adaptation(model, plan_of(spec, tasks), active)
     adaptation.install()
     return adaptation
-
-
-def adaptation_of(model: nn.Module | Adaptation) -> Adaptation:
-    if isinstance(model, Adaptation):
-        return model
-    found = getattr(model, "adaptune", None)
-    if not isinstance(found, Adaptation):
-        raise AdaptuneError("this model has no adaptation attached; call attach(model, ...) first")
-    return found
 
 
 def detach(model: nn.Module | Adaptation) -> nn.Module:

@@ -13,7 +13,7 @@ into its block of B and lora_alpha = r_total. A DoRA magnitude of an unadapted r
 Modules whose rank or alpha differ from the most common ones go in rank_pattern / alpha_pattern,
 keyed by module path (PEFT matches a key k against a module name n by `(.*\\.)?(k)$`).
 
-import_peft: the inverse, onto raw module paths of the model, all or nothing.
+import_peft (peft_read.py): the inverse, onto raw module paths of the model, all or nothing.
 
 Not carried over: DoRA's detach_norm=False (PEFT always detaches the norm; outputs are equal);
 differing dropouts (PEFT has one lora_dropout: the largest is written, with a warning); adaptune's
@@ -37,8 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adaptation import Adaptation
-from .attach import adaptation_of
+from .adaptation import Adaptation, adaptation_of
 from .components.dora import DoRA, DoRAModule
 from .components.lora import LoRA, LoRAModule
 from .errors import AdaptuneError, TaskError
@@ -92,17 +91,6 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
     target = Path(directory)
     _write_atomic(target, config, tensors)
     return target
-
-
-def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None) -> Adaptation:
-    """Attach the LoRA / DoRA adapter that PEFT saved in `directory` to `model`; returns the Adaptation.
-
-    Each PEFT module is matched to a module path of `model` (exactly, else by a unique suffix match,
-    so `bert.encoder...` and `encoder...` find each other). task_name: put the components in that
-    task instead of the shared set. Raises LoadError naming the problem; the model is then unchanged.
-    """
-    from .peft_read import import_peft as _import
-    return _import(model, directory, task_name)
 
 
 # ---- export: adaptune components -> PEFT layers --------------------------------------------------

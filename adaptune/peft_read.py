@@ -43,7 +43,12 @@ _UNSUPPORTED = {  # PEFT options that change what the saved tensors mean, or add
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None) -> Adaptation:
-    """See peft_format.import_peft."""
+    """Attach the LoRA / DoRA adapter that PEFT saved in `directory` to `model`; returns the Adaptation.
+
+    Each PEFT module is matched to a module path of `model` (exactly, else by a unique suffix match,
+    so `bert.encoder...` and `encoder...` find each other). task_name: put the components in that
+    task instead of the shared set. Raises LoadError naming the problem; the model is then unchanged.
+    """
     if not isinstance(model, nn.Module):
         raise LoadError(f"import_peft needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "adaptune", None), Adaptation):

@@ -14,24 +14,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adaptation import Adaptation
-from .attach import adaptation_of, attach, plan_of
+from .adaptation import Adaptation, adaptation_of
+from .attach import attach, plan_of
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
+from .files import atomic_write
 
 FORMAT = "adaptune/1"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaptune.persist import atomic_write
+from adaptune.files import atomic_write
 
 _MEMORY = {"cpu": "peak RSS MB", "cuda": "peak alloc MB"}
 _MEMORY_NOTE = {"cpu": "peak RSS of the configuration's process (ru_maxrss), the Python + torch + transformers "

@@ -180,7 +180,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
     """One table across multitask runs, and a plot of dev average vs % trainable parameters."""
     from adaptune import AdaptuneError
     from adaptune.experiments.report import find_runs, load_results, markdown_table, plot as plot_runs, runs_table
-    from adaptune.persist import atomic_write
+    from adaptune.files import atomic_write
 
     found, skipped = find_runs(runs)
     for line in skipped:

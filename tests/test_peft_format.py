@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from adaptune import Adapter, AdaptuneError, DoRA, LoadError, LoRA, TaskError, attach
 from adaptune import peft_format
-from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_peft
+from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft
+from adaptune.peft_read import import_peft
 
 ATOL = 1e-5
 

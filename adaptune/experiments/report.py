@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..errors import LoadError
-from ..persist import atomic_write
+from ..files import atomic_write
 from .runs import read_results
 
 

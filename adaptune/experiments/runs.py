@@ -21,8 +21,12 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from ..errors import LoadError
-from ..persist import atomic_write
+from ..files import atomic_write
 from ..persist import load as load_adaptation
+from .config import ExperimentConfig, load_base, load_data, load_tokenizer, set_seed
+from .methods import make_heads
+from .tasks import get_task
+from .training import Encoder, evaluate
 
 ARTIFACTS = ("command.txt", "heads.safetensors", "predictions.json", "adapters.safetensors", "model.safetensors",
              "results.json")
@@ -59,11 +63,6 @@ def read_results(run_dir: str | Path) -> dict:
 
 def load_run(run_dir: str | Path) -> tuple[Any, Any, Any, Any, Any]:
     """(config, model, adaptation or None, heads, encoder) of a saved run on the CPU, ready to predict."""
-    from .methods import make_heads
-    from .multitask import ExperimentConfig, load_base, load_tokenizer, set_seed
-    from .tasks import get_task
-    from .training import Encoder
-
     run_dir = Path(run_dir)
     result = read_results(run_dir)
     cfg = ExperimentConfig.from_dict(result["config"])
@@ -84,9 +83,6 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, Any, Any, Any]:
 
 def predict_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict[str, list[float]]:
     """Dev predictions of a saved run, recomputed from its saved files and its data (or data_dir)."""
-    from .multitask import load_data
-    from .training import evaluate
-
     cfg, _, adaptation, heads, encoder = load_run(run_dir)
     if data_dir is not None:
         cfg.data_dir = str(data_dir)

@@ -1,0 +1,128 @@
+"""The multitask experiment's settings (ExperimentConfig, with the QUICK and FULL presets) and what a
+run loads from them: the base model, its tokenizer, the datasets, the seeds."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import PRESETS, load_model, minilm_path
+from .data import TaskData, default_data_dir, load_task
+from .eda import augment, load_synonyms
+from .methods import Method
+from .tasks import DEFAULT_TASKS, parse_tasks
+
+QUICK = {"epochs": 1, "train_limit": 512, "dev_limit": 400, "max_length": 64, "batch_size": 16}
+FULL = {"epochs": 3, "train_limit": None, "dev_limit": None, "max_length": 128, "batch_size": 32}
+
+
+@dataclass
+class ExperimentConfig:
+    method: Method = field(default_factory=Method)
+    model: str = "minilm"
+    tokenizer: str | None = None
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    data_dir: str | None = None
+    quick: bool = False
+    epochs: int | None = None  # None: the QUICK or FULL preset
+    train_limit: int | None = None  # examples per dataset (a seeded subset)
+    dev_limit: int | None = None
+    max_length: int | None = None
+    batch_size: int | None = None  # None: the preset's (16 quick, 32 otherwise)
+    lr: float | None = None  # None: the method's default
+    head_lr: float = 3e-3
+    layer_lr_decay: float | None = None
+    split_ratio: float = 0.8  # train share of a dataset without a dev file (quora-dev.csv)
+    augment: str | None = None  # "eda"
+    n_aug: int = 1
+    synonyms: str | None = None
+    seed: int = 0  # initialisation, batch order, dropout, EDA
+    data_seed: int = 0  # the train/dev split and the subsets: the same for every method and seed
+    device: str = "cpu"
+    name: str | None = None
+    out: str = "runs"
+    command: str = ""
+
+    def resolved(self) -> "ExperimentConfig":
+        preset = QUICK if self.quick else FULL
+        filled = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in preset.items()}
+        cfg = replace(self, **filled, lr=self.method.default_lr if self.lr is None else self.lr,
+                      data_dir=str(self.data_dir or default_data_dir()),
+                      tasks=tuple(t.name for t in parse_tasks(list(self.tasks))))
+        if cfg.augment not in (None, "eda"):
+            raise ConfigError(f"--augment takes 'eda', got {cfg.augment!r}")
+        for what in ("epochs", "batch_size", "max_length", "n_aug"):
+            if getattr(cfg, what) < 1:
+                raise ConfigError(f"{what} must be at least 1, got {getattr(cfg, what)}")
+        if cfg.lr <= 0 or cfg.head_lr <= 0:
+            raise ConfigError(f"learning rates must be positive, got lr={cfg.lr}, head_lr={cfg.head_lr}")
+        if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
+        if cfg.device != "cpu" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available here")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ExperimentConfig":
+        return ExperimentConfig(**{**d, "method": Method(**d["method"]), "tasks": tuple(d["tasks"])})
+
+
+def load_tokenizer(model_name: str, tokenizer: str | None = None) -> Any:
+    """The tokenizer for `model_name`: MiniLM's for 'minilm' and the random bert presets, the model
+    directory's own, or a hub name from the local cache."""
+    from transformers import AutoTokenizer
+    if tokenizer is None:
+        if model_name in PRESETS and model_name.startswith("gpt2"):
+            raise ConfigError(f"no tokenizer ships with the random preset {model_name!r}: give --tokenizer DIR")
+        tokenizer = str(minilm_path()) if model_name in PRESETS else model_name
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {tokenizer!r} (a local directory, or a hub name in the "
+                          f"local cache; downloads are off unless HF_HUB_OFFLINE=0): {e}") from e
+    if tok.pad_token is None:  # GPT-2
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(name: str, seed: int) -> nn.Module:
+    """A preset or local directory (adaptune.models.load_model), else a hub name from the local cache."""
+    if name in PRESETS or Path(name).is_dir():
+        return load_model(name, seed=seed)
+    from transformers import AutoModel
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"unknown model {name!r}: give one of {', '.join(PRESETS)}, a local Hugging Face "
+                          f"BERT/GPT-2 directory, or a hub name in the local cache ({e})") from e
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed)
+    except ImportError:  # numpy is optional
+        pass
+
+
+def load_data(cfg: ExperimentConfig) -> dict[str, TaskData]:
+    data = {t.name: load_task(t, Path(cfg.data_dir), seed=cfg.data_seed, split_ratio=cfg.split_ratio,
+                              train_limit=cfg.train_limit, dev_limit=cfg.dev_limit) for t in parse_tasks(list(cfg.tasks))}
+    if cfg.augment == "eda":
+        table = load_synonyms(cfg.synonyms) if cfg.synonyms else None
+        for d in data.values():
+            d.train = augment(d.train, cfg.n_aug, cfg.seed, synonyms=table)
+            d.info["used"]["train_augmented"] = len(d.train)
+    return data
