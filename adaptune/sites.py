@@ -11,13 +11,18 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .components.base import ATTENTION, EMBED, PROJECTION, SUBLAYER
 from .errors import BindError, SiteError
 
 try:  # GPT-2's fused projections are transformers' Conv1D: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but raw paths work without it
     Conv1D = type("Conv1D", (nn.Module,), {})
+
+# roles: where a component acts
+PROJECTION = "projection"  # a linear map (LoRA, DoRA): q, k, v, o, up, down or a raw Linear/Conv1D
+SUBLAYER = "sublayer"  # the output of an attention or feed-forward sublayer (adapters)
+ATTENTION = "attention"  # the keys and values of self-attention (prefix tuning)
+EMBED = "embed"  # the input embeddings (prompt tuning)
 
 SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down")
 

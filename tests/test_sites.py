@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adaptune import Adapter, LoRA, attach
-from adaptune.components.base import PROJECTION, SUBLAYER
+from adaptune.sites import PROJECTION, SUBLAYER
 from adaptune.sites import SITES, SiteMap
 from helpers import randomize, tiny_bert, tiny_gpt2
 

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import SUBLAYER, Component, check_choice, check_positive
+from ..sites import SUBLAYER
+from .base import Component, check_choice, check_positive
 
 PLACEMENTS = ("serial", "parallel")
 

@@ -15,11 +15,6 @@ from ..errors import ConfigError
 
 REGISTRY: dict[str, type["Component"]] = {}
 
-# roles: where a component acts
-PROJECTION = "projection"  # a linear map (LoRA, DoRA): q, k, v, o, up, down or a raw Linear/Conv1D
-SUBLAYER = "sublayer"  # the output of an attention or feed-forward sublayer (adapters)
-ATTENTION = "attention"  # the keys and values of self-attention (prefix tuning)
-EMBED = "embed"  # the input embeddings (prompt tuning)
 
 
 class Component:

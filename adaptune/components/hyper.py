@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError
-from .base import SUBLAYER, Component, check_choice, check_positive
+from ..sites import SUBLAYER
+from .base import Component, check_choice, check_positive
 
 POSITIONS = 3  # attn 0, ffn 1, raw module 2
 

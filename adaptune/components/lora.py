@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError
-from .base import PROJECTION, Component, check_dropout, check_positive
+from ..sites import PROJECTION
+from .base import Component, check_dropout, check_positive
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ATTENTION, Component, check_positive
+from ..sites import ATTENTION
+from .base import Component, check_positive
 
 INIT_STD = 0.02  # direct prefixes
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BindError, ConfigError
-from .base import EMBED, Component, check_choice, check_positive
+from ..sites import EMBED
+from .base import Component, check_choice, check_positive
 
 INITS = ("vocab", "normal")
 

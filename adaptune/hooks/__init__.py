@@ -1,5 +1,5 @@
 """Hooks route a model's forward through the components bound to it, one hook per model place."""
-from ..components.base import ATTENTION, EMBED, PROJECTION, SUBLAYER
+from ..sites import ATTENTION, EMBED, PROJECTION, SUBLAYER
 from .base import Hook
 from .projection import ProjectionHook
 from .sublayer import SublayerHook
