@@ -1,7 +1,7 @@
 """adaptune: composable parameter-efficient fine-tuning for PyTorch and Hugging Face transformers."""
 from .adaptation import Adaptation
-from .accounting import Counts, counts
-from .attach import attach, detach
+from .accounting import Counts
+from .attach import attach, counts, detach
 from .peft_format import export_peft
 from .peft_read import import_peft
 from .persist import load, save

@@ -1,11 +1,13 @@
-"""Parameter accounting: the columns of AdaptBERT's Tables 2-3 (% updated per task, % stored)."""
+"""Parameter accounting: the columns of AdaptBERT's Tables 2-3 (% updated per task, % stored).
+
+Below the adaptation: it reads only what an adaptation exposes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from typing import Any
 
-from .adaptation import Adaptation, adaptation_of
+from torch import nn
 
 
 def _count(module: nn.Module) -> int:
@@ -41,8 +43,9 @@ class Counts:
                 for t in tasks]
 
 
-def counts(model: nn.Module | Adaptation) -> Counts:
-    adaptation = adaptation_of(model)
+def count(adaptation: Any) -> Counts:
+    """The counts of an adaptation (anything with model, parameters(), shared, tasks and task_names);
+    `adaptune.counts(model)` and `Adaptation.counts()` call it."""
     own = {id(p) for p in adaptation.parameters()}
     base = sum(p.numel() for p in adaptation.model.parameters() if id(p) not in own)
     return Counts(base=base, shared=_count(adaptation.shared),

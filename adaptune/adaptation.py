@@ -13,9 +13,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .accounting import Counts, count
 from .components.base import Stack
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Hook, hook_class, hook_key
+from .saved import write as write_saved
 from .sites import SiteMap, Sublayer
 
 Plan = dict[str | None, dict[str, Stack]]  # group (None = shared, else task) -> selector -> stack
@@ -232,14 +234,12 @@ class Adaptation(nn.Module):
     # ---- persistence and accounting -------------------------------------------------------------
 
     def save(self, path: Any) -> Any:
-        """Save the components to one .safetensors file (see adaptune.persist)."""
-        from .persist import save
-        return save(self, path)
+        """Save the components to one .safetensors file (see adaptune.saved); returns its path."""
+        return write_saved(self, path)
 
-    def counts(self) -> Any:
+    def counts(self) -> Counts:
         """Parameter counts: base, shared, per task (see adaptune.accounting)."""
-        from .accounting import counts
-        return counts(self)
+        return count(self)
 
     # ---- reporting ------------------------------------------------------------------------------
 

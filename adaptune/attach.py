@@ -1,10 +1,11 @@
-"""attach / detach: bind components to a model, all or nothing."""
+"""attach / detach: bind components to a model, all or nothing; counts: what they cost."""
 from __future__ import annotations
 
 from typing import Mapping
 
 from torch import nn
 
+from .accounting import Counts
 from .adaptation import Adaptation, Plan, adaptation_of
 from .components.base import Component, Stack
 from .errors import ConfigError
@@ -62,3 +63,8 @@ def attach(model: nn.Module, spec: Spec | None = None, *, tasks: Mapping[str, Sp
 def detach(model: nn.Module | Adaptation) -> nn.Module:
     """Remove every component: the original model, bit-exact."""
     return adaptation_of(model).detach()
+
+
+def counts(model: nn.Module | Adaptation) -> Counts:
+    """Parameter counts of `model`'s adaptation: base, shared, per task (see adaptune.accounting)."""
+    return adaptation_of(model).counts()

@@ -1,62 +1,27 @@
 """save / load: component parameters (safetensors) with the stacks as JSON in the file's metadata.
 
-One file holds everything `load` needs to rebuild the components without user code. Writes are
-atomic: a temporary file beside the target is renamed over it, so an existing save is never lost.
+One file holds everything `load` needs to rebuild the components without user code (the file itself:
+saved.py). Writes are atomic: a temporary file beside the target is renamed over it, so an existing
+save is never lost.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .adaptation import Adaptation, adaptation_of
 from .attach import attach, plan_of
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
-from .files import atomic_write
-
-FORMAT = "adaptune/1"
-
-
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None),
-            "hidden_size": getattr(config, "hidden_size", None)}
+from .saved import fingerprint, read, write
 
 
 def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
     """Save the components of `model`'s adaptation (not the base weights) to one .safetensors file."""
-    adaptation = adaptation_of(model)
-    path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in adaptation.state_dict().items()}
-    meta = {"format": FORMAT, "spec": adaptation.spec(), "active": adaptation.task,
-            "model": fingerprint(adaptation.model)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"adaptune": json.dumps(meta)}))
-    return path
-
-
-def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metadata, tensors) of a saved adaptation; LoadError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoadError(f"no saved adaptation at {str(path)!r}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("adaptune")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoadError(f"{str(path)!r} is not a readable safetensors file: {e}") from e
-    if raw is None:
-        raise LoadError(f"{str(path)!r} holds no adaptune metadata (was it written by adaptune.save?)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise LoadError(f"{str(path)!r} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
-    return meta, tensors
+    return write(adaptation_of(model), path)
 
 
 def load(model: nn.Module, path: str | os.PathLike, *, active: str | None = None) -> Adaptation:
@@ -94,4 +59,4 @@ def _load_tensors(adaptation: Adaptation, tensors: dict[str, Any], path: Any) ->
     adaptation.load_state_dict(tensors, strict=True)
 
 
-__all__ = ["atomic_write", "load", "plan_of", "read", "save"]
+__all__ = ["load", "plan_of", "read", "save"]

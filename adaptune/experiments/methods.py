@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import Adapter, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, attach
 from ..adaptation import Adaptation
-from ..accounting import counts
+from ..attach import counts
 from ..errors import ConfigError
 from ..spec import parse_spec
 
