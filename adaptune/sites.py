@@ -6,8 +6,9 @@ or a raw module path of the model (`encoder.layer.0.attention.self.query`).
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -262,3 +263,42 @@ class SiteMap:
         if site in ("attn", "ffn"):
             return [self._get(i, self.arch.attention if site == "attn" else self.arch.up)]
         return [self._projection(i, site.split(".")[1]).module]
+
+
+# ---- attention implementations that prefix tuning can wrap (hooks/attention.py) -----------------
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")  # None (a bare config) runs eager
+ATTENTION_WRAPPER = "adaptune_"  # the prefix hook registers its wrapper of "sdpa" as "adaptune_sdpa"
+
+
+def attention_implementation(module: nn.Module) -> str | None:
+    """The attention implementation a transformers module's config names (None: none set)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def base_implementation(name: str | None) -> str:
+    """The implementation under a name, the wrapper's prefix removed ("adaptune_sdpa" -> "sdpa")."""
+    name = name or "eager"
+    return name[len(ATTENTION_WRAPPER):] if name.startswith(ATTENTION_WRAPPER) else name
+
+
+def eager_attention(module: nn.Module) -> Callable | None:
+    """The eager_attention_forward of the module's own modeling file, if it defines one."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def check_attention_point(point: Any, what: str) -> None:
+    """Raise BindError unless the attention module at `point` runs an implementation we can wrap."""
+    module = point.module
+    if getattr(module, "config", None) is None:
+        raise BindError(f"{what} at {point.site} (layer {point.layer}): {type(module).__name__} has no `config`; "
+                        f"prefix tuning needs a transformers attention module that calls the attention interface")
+    name = attention_implementation(module)
+    base = base_implementation(name)
+    if base not in ATTENTION_IMPLEMENTATIONS:
+        raise BindError(f"{what}: attention implementation {name!r} is not supported; prefix tuning supports "
+                        f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
+                        f"(switch with model.set_attn_implementation('sdpa'))")
+    if base == "eager" and eager_attention(module) is None:
+        raise BindError(f"{what}: {type(module).__module__} defines no eager_attention_forward to wrap; "
+                        f"use model.set_attn_implementation('sdpa')")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..sites import ATTENTION
+from ..sites import ATTENTION, check_attention_point
 from .base import Component, check_positive
 
 INIT_STD = 0.02  # direct prefixes
@@ -46,8 +46,7 @@ class Prefix(Component):
         return PrefixEncoder(self.n, d_model, self.hidden, ctx.points)
 
     def bind(self, point, shared: "PrefixEncoder | None" = None) -> "PrefixModule":
-        from ..hooks.attention import check_point
-        check_point(point, repr(self))
+        check_attention_point(point, repr(self))
         return PrefixModule(self, point, shared)
 
 

@@ -20,42 +20,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import BindError
+from ..sites import (ATTENTION_IMPLEMENTATIONS, ATTENTION_WRAPPER, attention_implementation,
+                     base_implementation, check_attention_point, eager_attention)
 from .base import Hook
 
-SUPPORTED = ("eager", "sdpa")  # None (a bare config) runs eager
-WRAPPER = "adaptune_"
 ATTRIBUTE = "_adaptune_prefix"  # on an attention module while its hook is installed (survives deepcopy)
 
 _HOOKS: "weakref.WeakKeyDictionary[nn.Module, PrefixHook]" = weakref.WeakKeyDictionary()
-
-
-def _impl(module: nn.Module) -> str | None:
-    return getattr(getattr(module, "config", None), "_attn_implementation", None)
-
-
-def _base_of(name: str | None) -> str:
-    name = name or "eager"
-    return name[len(WRAPPER):] if name.startswith(WRAPPER) else name
-
-
-def _eager(module: nn.Module) -> Callable | None:
-    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-
-
-def check_point(point: Any, what: str) -> None:
-    """Raise BindError unless the attention module at `point` runs an implementation we can wrap."""
-    module = point.module
-    if getattr(module, "config", None) is None:
-        raise BindError(f"{what} at {point.site} (layer {point.layer}): {type(module).__name__} has no `config`; "
-                        f"prefix tuning needs a transformers attention module that calls the attention interface")
-    base = _base_of(_impl(module))
-    if base not in SUPPORTED:
-        raise BindError(f"{what}: attention implementation {_impl(module)!r} is not supported; prefix tuning supports "
-                        f"{', '.join(map(repr, SUPPORTED))} (switch with model.set_attn_implementation('sdpa'))")
-    if base == "eager" and _eager(module) is None:
-        raise BindError(f"{what}: {type(module).__module__} defines no eager_attention_forward to wrap; "
-                        f"use model.set_attn_implementation('sdpa')")
 
 
 # ---- the wrapped implementations ------------------------------------------------------------------
@@ -91,12 +62,12 @@ def _wrapper(base: str) -> Callable:
         if base == "eager":
             if getattr(module, "reorder_and_upcast_attn", False) and hasattr(module, "_upcast_and_reordered_attn"):
                 return module._upcast_and_reordered_attn(query, key, value, attention_mask)  # GPT-2's option
-            return _eager(module)(module, query, key, value, attention_mask, **kwargs)
+            return eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         local = getattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
         return local[base](module, query, key, value, attention_mask, **kwargs)
 
-    attention.__name__ = f"{WRAPPER}{base}_attention"
+    attention.__name__ = f"{ATTENTION_WRAPPER}{base}_attention"
     return attention
 
 
@@ -109,10 +80,10 @@ def _mask_wrapper(base: str) -> Callable:
 
 def _register() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
-    for base in SUPPORTED:
-        if WRAPPER + base not in AttentionInterface():
-            AttentionInterface.register(WRAPPER + base, _wrapper(base))
-            AttentionMaskInterface.register(WRAPPER + base, _mask_wrapper(base))
+    for base in ATTENTION_IMPLEMENTATIONS:
+        if ATTENTION_WRAPPER + base not in AttentionInterface():
+            AttentionInterface.register(ATTENTION_WRAPPER + base, _wrapper(base))
+            AttentionMaskInterface.register(ATTENTION_WRAPPER + base, _mask_wrapper(base))
 
 
 def _peers(config: Any) -> list["PrefixHook"]:
@@ -143,10 +114,10 @@ class PrefixHook(Hook):
         if peers:
             self._original = peers[0]._original
         else:
-            check_point(self.point, "Prefix")
+            check_attention_point(self.point, "Prefix")
             _register()
-            self._original = _impl(module)
-            _set_impl(module.config, WRAPPER + _base_of(self._original))
+            self._original = attention_implementation(module)
+            _set_impl(module.config, ATTENTION_WRAPPER + base_implementation(self._original))
         _HOOKS[module] = self
         module.__dict__[ATTRIBUTE] = self
 
@@ -156,7 +127,8 @@ class PrefixHook(Hook):
             del _HOOKS[module]
         if module.__dict__.get(ATTRIBUTE) is self:
             del module.__dict__[ATTRIBUTE]
-        if not _peers(module.config) and _impl(module) == WRAPPER + _base_of(self._original):
+        wrapped = ATTENTION_WRAPPER + base_implementation(self._original)
+        if not _peers(module.config) and attention_implementation(module) == wrapped:
             _set_impl(module.config, self._original)  # exactly the original (a name set meanwhile stays)
 
     def prefix(self, key: Tensor) -> tuple[Tensor, Tensor] | None:
