@@ -4,7 +4,6 @@ Below the adaptation: it reads only what an adaptation exposes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 from torch import nn
