@@ -13,10 +13,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import PRESETS, load_model, minilm_path
-from .data import TaskData, default_data_dir, load_task
+from .data import DatasetSplits, default_data_dir, load_dataset
+from .datasets import DEFAULT_DATASETS, parse_datasets
 from .eda import augment, load_synonyms
 from .methods import Method
-from .tasks import DEFAULT_TASKS, parse_tasks
 
 QUICK = {"epochs": 1, "train_limit": 512, "dev_limit": 400, "max_length": 64, "batch_size": 16}
 FULL = {"epochs": 3, "train_limit": None, "dev_limit": None, "max_length": 128, "batch_size": 32}
@@ -27,7 +27,7 @@ class ExperimentConfig:
     method: Method = field(default_factory=Method)
     model: str = "minilm"
     tokenizer: str | None = None
-    tasks: tuple[str, ...] = DEFAULT_TASKS
+    tasks: tuple[str, ...] = DEFAULT_DATASETS
     data_dir: str | None = None
     quick: bool = False
     epochs: int | None = None  # None: the QUICK or FULL preset
@@ -54,7 +54,7 @@ class ExperimentConfig:
         filled = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in preset.items()}
         cfg = replace(self, **filled, lr=self.method.default_lr if self.lr is None else self.lr,
                       data_dir=str(self.data_dir or default_data_dir()),
-                      tasks=tuple(t.name for t in parse_tasks(list(self.tasks))))
+                      tasks=tuple(d.name for d in parse_datasets(list(self.tasks))))
         if cfg.augment not in (None, "eda"):
             raise ConfigError(f"--augment takes 'eda', got {cfg.augment!r}")
         for what in ("epochs", "batch_size", "max_length", "n_aug"):
@@ -117,9 +117,10 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def load_data(cfg: ExperimentConfig) -> dict[str, TaskData]:
-    data = {t.name: load_task(t, Path(cfg.data_dir), seed=cfg.data_seed, split_ratio=cfg.split_ratio,
-                              train_limit=cfg.train_limit, dev_limit=cfg.dev_limit) for t in parse_tasks(list(cfg.tasks))}
+def load_data(cfg: ExperimentConfig) -> dict[str, DatasetSplits]:
+    data = {d.name: load_dataset(d, Path(cfg.data_dir), seed=cfg.data_seed, split_ratio=cfg.split_ratio,
+                                 train_limit=cfg.train_limit, dev_limit=cfg.dev_limit)
+            for d in parse_datasets(list(cfg.tasks))}
     if cfg.augment == "eda":
         table = load_synonyms(cfg.synonyms) if cfg.synonyms else None
         for d in data.values():

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..files import atomic_write
 from . import metrics
 from .config import QUICK, ExperimentConfig, load_base, load_data, load_tokenizer, set_seed
-from .data import TaskData
+from .data import DatasetSplits
 from .machine import cpu_name, peak_rss_mb
 from .methods import accounting, make_heads, param_groups
 from .runs import load_run, predict_run, save_run
@@ -34,28 +34,28 @@ from .training import Encoder, evaluate, loss_of, schedule, warmup_linear
 FORMAT = "adaptune-multitask/1"
 
 
-def score(data: dict[str, TaskData], preds: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+def score(data: dict[str, DatasetSplits], preds: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """Every metric of each dataset's kind; the dataset's own metric is the one averaged."""
     out = {}
     for t, d in data.items():
         gold = [e.label for e in d.dev]
-        names = {"classes": ["accuracy", "matthews"] if d.task.n_out == 2 else ["accuracy"],
-                 "binary": ["accuracy", "f1"], "regression": ["pearson", "spearman"]}[d.task.kind]
-        out[t] = {m: metrics.METRICS[m](preds[t], gold) for m in dict.fromkeys([d.task.metric, *names])}
+        names = {"classes": ["accuracy", "matthews"] if d.spec.n_out == 2 else ["accuracy"],
+                 "binary": ["accuracy", "f1"], "regression": ["pearson", "spearman"]}[d.spec.kind]
+        out[t] = {m: metrics.METRICS[m](preds[t], gold) for m in dict.fromkeys([d.spec.metric, *names])}
     return out
 
 
-def build(cfg: ExperimentConfig, data: dict[str, TaskData]) -> tuple[nn.Module, Any, nn.ModuleDict, Encoder]:
+def build(cfg: ExperimentConfig, data: dict[str, DatasetSplits]) -> tuple[nn.Module, Any, nn.ModuleDict, Encoder]:
     set_seed(cfg.seed)
     model = load_base(cfg.model, cfg.seed)
     tok = load_tokenizer(cfg.model, cfg.tokenizer)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tok) > vocab:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens but the model's embedding only {vocab}")
-    heads = make_heads(model.config.hidden_size, {t: d.task.n_out for t, d in data.items()}, cfg.seed)
+    heads = make_heads(model.config.hidden_size, {t: d.spec.n_out for t, d in data.items()}, cfg.seed)
     with torch.no_grad():  # a regression head starts at the mean training score: MSE then trains the slope
         for t, d in data.items():
-            if d.task.kind == "regression":
+            if d.spec.kind == "regression":
                 heads[t].bias.fill_(sum(e.label for e in d.train) / len(d.train))
     adaptation = cfg.method.prepare(model, list(data))
     model.to(cfg.device), heads.to(cfg.device)
@@ -76,7 +76,7 @@ def peak_memory_mb(device: str) -> tuple[float, str]:
     return peak_rss_mb(), "peak resident set size of the process"
 
 
-def train(cfg: ExperimentConfig, data: dict[str, TaskData], model: nn.Module, adaptation: Any,
+def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Module, adaptation: Any,
           heads: nn.ModuleDict, encoder: Encoder, progress: Any = None) -> dict:
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
     opt = torch.optim.AdamW(param_groups(model, heads, cfg.lr, cfg.head_lr, n_layers, cfg.layer_lr_decay))
@@ -99,7 +99,7 @@ def train(cfg: ExperimentConfig, data: dict[str, TaskData], model: nn.Module, ad
                 adaptation.use(t)
             batch = [data[t].train[i] for i in idx]
             labels = torch.tensor([e.label for e in batch], dtype=torch.float32, device=cfg.device)
-            loss = loss_of(data[t].task.kind, heads[t](encoder(batch)), labels)
+            loss = loss_of(data[t].spec.kind, heads[t](encoder(batch)), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -135,7 +135,7 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
     scores = score(data, preds)
     counts = accounting(cfg.method, model, adaptation, heads)
     memory, memory_how = peak_memory_mb(cfg.device)
-    dev = {t: scores[t][d.task.metric] for t, d in data.items()}
+    dev = {t: scores[t][d.spec.metric] for t, d in data.items()}
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     result = {
         "format": FORMAT, "experiment": "multitask", "name": cfg.name or default_name(cfg), "command": cfg.command,
@@ -143,7 +143,7 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
         "config": cfg.to_dict(), "spec": adaptation.spec() if adaptation is not None else None,
         "model": {"name": cfg.model, "class": type(model).__name__, "params": counts["base"]},
         "data": {t: d.info for t, d in data.items()}, "skipped_rows": {t: d.skipped for t, d in data.items()},
-        "tasks": {t: {"metric": d.task.metric, "dev": dev[t], "metrics": scores[t], "loss": d.task.loss,
+        "tasks": {t: {"metric": d.spec.metric, "dev": dev[t], "metrics": scores[t], "loss": d.spec.loss,
                       "train_loss_by_epoch": [mean(e) for e in log["losses"][t]],
                       "pct_updated": counts["pct_updated"][t], "updated": counts["updated"][t]}
                   for t, d in data.items()},

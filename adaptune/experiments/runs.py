@@ -24,8 +24,8 @@ from ..errors import LoadError
 from ..files import atomic_write
 from ..persist import load as load_adaptation
 from .config import ExperimentConfig, load_base, load_data, load_tokenizer, set_seed
+from .datasets import get_dataset
 from .methods import make_heads
-from .tasks import get_task
 from .training import Encoder, evaluate
 
 ARTIFACTS = ("command.txt", "heads.safetensors", "predictions.json", "adapters.safetensors", "model.safetensors",
@@ -75,7 +75,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, Any, Any, Any]:
         adaptation = load_adaptation(model, run_dir / files["adapters"])
     elif "model" in files:
         st_load_model(model, str(run_dir / files["model"]))
-    heads = make_heads(model.config.hidden_size, {t: get_task(t).n_out for t in cfg.tasks}, cfg.seed)
+    heads = make_heads(model.config.hidden_size, {t: get_dataset(t).n_out for t in cfg.tasks}, cfg.seed)
     heads.load_state_dict(load_file(str(run_dir / files["heads"])))
     model.eval(), heads.eval()
     return cfg, model, adaptation, heads, Encoder(model, load_tokenizer(cfg.model, cfg.tokenizer), cfg.max_length)
