@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -16,11 +16,13 @@ from torch import nn
 from .accounting import Counts, count
 from .components.base import Stack
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
-from .hooks import Hook, hook_class, hook_key
+from .hooks import Binding, Hook, hook_class
 from .saved import write as write_saved
-from .sites import SiteMap, Sublayer
+from .points import Point
+from .sites import SiteMap
 
-Plan = dict[str | None, dict[str, Stack]]  # group (None = shared, else task) -> selector -> stack
+Spec = dict[str, Stack]  # selector -> stack: what one group composes
+Specs = dict[str | None, Spec]  # group (None = shared, else a task name) -> its spec
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -29,7 +31,7 @@ class SharedContext:
     """What a component's shared module may need: where it binds and the adaptation's tasks."""
     adaptation: "Adaptation"
     group: str | None
-    points: list[Any]
+    points: list[Point]
     tasks: list[str]
     sites: SiteMap
 
@@ -48,17 +50,17 @@ class Group(nn.Module):
         self.common = nn.ModuleDict()  # index -> module shared by all points of one component
 
 
-def _reference(point: Any) -> torch.Tensor:
-    module = point.out_module if isinstance(point, Sublayer) else point.module
-    return next(module.parameters())
+def _reference(point: Point) -> torch.Tensor:
+    """A parameter of the model at `point`: components are built on its device, in its dtype."""
+    return next(point.module.parameters())
 
 
 class Adaptation(nn.Module):
-    def __init__(self, model: nn.Module, plan: Plan, active: str | None = None) -> None:
+    def __init__(self, model: nn.Module, specs: Specs, active: str | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: the model owns us
-        self.plan = plan
-        self.task_names = [g for g in plan if g is not None]
+        self.specs = specs
+        self.task_names = [g for g in specs if g is not None]
         for name in self.task_names:
             if not isinstance(name, str) or not _TASK_NAME.match(name):
                 raise ConfigError(f"task names are letters, digits, '_' and '-'; got {name!r}")
@@ -71,8 +73,8 @@ class Adaptation(nn.Module):
         self.shared = Group()
         self.tasks = nn.ModuleDict({name: Group() for name in self.task_names})
         self.sites = SiteMap(model)
-        for group, selectors in plan.items():
-            self._build(group, selectors)
+        for group, spec in specs.items():
+            self._build(group, spec)
         self._set_task(active)
 
     # ---- building -------------------------------------------------------------------------------
@@ -80,9 +82,9 @@ class Adaptation(nn.Module):
     def group(self, name: str | None) -> Group:
         return self.shared if name is None else self.tasks[name]
 
-    def _build(self, group: str | None, selectors: dict[str, Stack]) -> None:
+    def _build(self, group: str | None, spec: Spec) -> None:
         target = self.group(group)
-        for selector, stack in selectors.items():
+        for selector, stack in spec.items():
             for component in stack:
                 points = self.sites.resolve(selector, component.role, repr(component))
                 ctx = SharedContext(self, group, points, self.task_names, self.sites)
@@ -97,10 +99,9 @@ class Adaptation(nn.Module):
                     if point.key not in target.points:
                         target.points[point.key] = nn.ModuleList()
                     target.points[point.key].append(bound)
-                    key = hook_key(component.role, point)
-                    if key not in self.hooks:
-                        self.hooks[key] = hook_class(component.role)(self, point)
-                    self.hooks[key].add(group, point, bound)
+                    if point.place not in self.hooks:
+                        self.hooks[point.place] = hook_class(point.kind)(self, point)
+                    self.hooks[point.place].add(Binding(group, point, bound))
 
     def install(self) -> None:
         """Freeze the base, register on the model, install every hook; undo all on failure."""
@@ -211,25 +212,32 @@ class Adaptation(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return any(getattr(b, "merged", False) for h in self.hooks.values() for _, _, b in h.entries)
+        return any(hook.merged for hook in self.hooks.values())
 
-    @torch.no_grad()
     def merge(self) -> "Adaptation":
         """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge)."""
-        todo = [item for hook in self.hooks.values() if hasattr(hook, "to_merge") for item in hook.to_merge()]
-        for view, bound in todo:  # all checked finite before any weight changes
-            bound._backup = view.clone()
-            view.copy_(bound.merged_weight(view).to(view.dtype))
-            bound.merged = True
+        ready = [(hook, hook.mergeable()) for hook in self.hooks.values()]  # all checked before any change
+        for hook, bindings in ready:
+            hook.merge(bindings)
         return self
 
-    @torch.no_grad()
     def unmerge(self) -> "Adaptation":
         """Restore the base weights saved by merge(), bit-exact."""
         for hook in self.hooks.values():
-            if hasattr(hook, "unmerge"):
-                hook.unmerge()
+            hook.unmerge()
         return self
+
+    # ---- bindings -------------------------------------------------------------------------------
+
+    def bindings(self, groups: Iterable[str | None] | None = None, kind: str | None = None) -> Iterator[Binding]:
+        """Every component module bound to the model, hook by hook in build order; `groups` keeps those of
+        the given groups (None: the shared set, else task names), `kind` those at points of one kind."""
+        if groups is not None:
+            groups = set(groups)
+            for name in groups - {None}:
+                self._check_task(name)  # now, not at the first next()
+        return (b for hook in self.hooks.values() for b in hook.bindings
+                if (groups is None or b.group in groups) and (kind is None or b.point.kind == kind))
 
     # ---- persistence and accounting -------------------------------------------------------------
 
@@ -245,15 +253,15 @@ class Adaptation(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """The composition as JSON-able data: shared and per-task stacks by selector."""
-        def dump(selectors: dict[str, Stack]) -> dict[str, Any]:
-            return {sel: stack.to_dict() for sel, stack in selectors.items()}
-        return {"shared": dump(self.plan.get(None, {})),
-                "tasks": {name: dump(self.plan[name]) for name in self.task_names}}
+        def dump(spec: Spec) -> dict[str, Any]:
+            return {sel: stack.to_dict() for sel, stack in spec.items()}
+        return {"shared": dump(self.specs.get(None, {})),
+                "tasks": {name: dump(self.specs[name]) for name in self.task_names}}
 
     def extra_repr(self) -> str:
-        lines = [f"{sel}: {stack!r}" for sel, stack in self.plan.get(None, {}).items()]
+        lines = [f"{sel}: {stack!r}" for sel, stack in self.specs.get(None, {}).items()]
         for name in self.task_names:
-            lines += [f"[{name}] {sel}: {stack!r}" for sel, stack in self.plan[name].items()]
+            lines += [f"[{name}] {sel}: {stack!r}" for sel, stack in self.specs[name].items()]
         lines.append(f"active task: {self._task!r}, enabled: {self._enabled}, merged: {self.merged}")
         return "\n".join(lines)
 

@@ -6,14 +6,14 @@ from typing import Mapping
 from torch import nn
 
 from .accounting import Counts
-from .adaptation import Adaptation, Plan, adaptation_of
+from .adaptation import Adaptation, Spec, Specs, adaptation_of
 from .components.base import Component, Stack
 from .errors import ConfigError
 
-Spec = Mapping[str, "Component | Stack"]
+UserSpec = Mapping[str, "Component | Stack"]  # a spec as attach takes it: a stack or a single component
 
 
-def _stacks(spec: Spec | None, where: str) -> dict[str, Stack]:
+def _spec(spec: UserSpec | None, where: str) -> Spec:
     if spec is None:
         return {}
     if not isinstance(spec, Mapping):
@@ -29,20 +29,20 @@ def _stacks(spec: Spec | None, where: str) -> dict[str, Stack]:
     return out
 
 
-def plan_of(spec: Spec | None = None, tasks: Mapping[str, Spec] | None = None) -> Plan:
-    """Normalise attach's arguments to {None: shared stacks, task: stacks}."""
-    plan: Plan = {None: _stacks(spec, "spec")}
+def specs_of(spec: UserSpec | None = None, tasks: Mapping[str, UserSpec] | None = None) -> Specs:
+    """Normalise attach's arguments to {None: the shared spec, task: its spec}."""
+    specs: Specs = {None: _spec(spec, "spec")}
     if tasks is not None:
         if not isinstance(tasks, Mapping) or not tasks:
             raise ConfigError(f"tasks must map task names to specs, e.g. {{'sst': {{'ffn': Adapter(64)}}}}; got {tasks!r}")
         for name, task_spec in tasks.items():
-            plan[name] = _stacks(task_spec, f"tasks[{name!r}]")
-    if not any(plan.values()):
+            specs[name] = _spec(task_spec, f"tasks[{name!r}]")
+    if not any(specs.values()):
         raise ConfigError("nothing to attach: give at least one selector and component")
-    return plan
+    return specs
 
 
-def attach(model: nn.Module, spec: Spec | None = None, *, tasks: Mapping[str, Spec] | None = None,
+def attach(model: nn.Module, spec: UserSpec | None = None, *, tasks: Mapping[str, UserSpec] | None = None,
            active: str | None = None) -> Adaptation:
     """Freeze `model` and bind components to its sites; returns the Adaptation (also `model.adaptune`).
 
@@ -55,7 +55,7 @@ def attach(model: nn.Module, spec: Spec | None = None, *, tasks: Mapping[str, Sp
         raise ConfigError(f"attach needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "adaptune", None), Adaptation):
         raise ConfigError("this model already has an adaptation attached; call detach(model) first")
-    adaptation = Adaptation(model, plan_of(spec, tasks), active)
+    adaptation = Adaptation(model, specs_of(spec, tasks), active)
     adaptation.install()
     return adaptation
 

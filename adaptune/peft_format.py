@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from .adaptation import Adaptation, adaptation_of
 from .components.dora import DoRA, DoRAModule
 from .components.lora import LoRA, LoRAModule
-from .errors import AdaptuneError, TaskError
-from .hooks.projection import ProjectionHook
-from .sites import Conv1D, linear_weight
+from .errors import AdaptuneError
+from .hooks import Binding
+from .points import PROJECTION, Conv1D, linear_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,10 +95,6 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
 
 # ---- export: adaptune components -> PEFT layers --------------------------------------------------
 
-def _rows(point: Any) -> slice:
-    return point.rows if point.rows is not None else slice(0, point.out_features)
-
-
 def _number(x: float) -> float | int:
     return int(round(x)) if abs(x - round(x)) <= 1e-9 * max(1.0, abs(x)) else x
 
@@ -106,28 +102,23 @@ def _number(x: float) -> float | int:
 def peft_layers(adaptation: Adaptation, task: str | None = None, *,
                 skip_unsupported: bool = False) -> list[PeftLayer]:
     """The PEFT LoRAs equivalent to the shared set plus `task` (default: the active task)."""
-    if task is None:
-        task = adaptation.task
-    elif task not in adaptation.task_names:
-        valid = ", ".join(map(repr, adaptation.task_names)) or "none (this adaptation has no tasks)"
-        raise TaskError(f"unknown task {task!r}; tasks: {valid}")
+    task = adaptation.task if task is None else task
+    groups = (None,) if task is None else (None, task)
+    bindings = adaptation.bindings(groups, kind=PROJECTION)  # TaskError for an unknown task
     if adaptation.merged:
         raise AdaptuneError("cannot export while updates are merged into the base weights; call unmerge() first")
-    groups = (None,) if task is None else (None, task)
-    other = [f"{sel}: {c!r}" for g in groups for sel, stack in adaptation.plan.get(g, {}).items()
+    other = [f"{sel}: {c!r}" for g in groups for sel, stack in adaptation.specs.get(g, {}).items()
              for c in stack if type(c) not in (LoRA, DoRA)]
     if other and not skip_unsupported:
         raise AdaptuneError(f"only LoRA and DoRA export to PEFT's format; this adaptation also has {', '.join(other)}. "
                             f"Pass skip_unsupported=True to export the LoRA/DoRA components alone")
     names = {id(m): n for n, m in adaptation.model.named_modules()
              if n != "adaptune" and not n.startswith("adaptune.")}
-    layers = []
-    for hook in adaptation.hooks.values():
-        if not isinstance(hook, ProjectionHook):
-            continue
-        entries = [(p, b) for g, p, b in hook.entries if g in groups and type(b) in (LoRAModule, DoRAModule)]
-        if entries:
-            layers.append(_layer(names[id(hook.point.module)], hook.point.module, entries))
+    by_module: dict[nn.Module, list[Binding]] = {}
+    for b in bindings:
+        if type(b.module) in (LoRAModule, DoRAModule):
+            by_module.setdefault(b.point.module, []).append(b)
+    layers = [_layer(names[id(module)], module, found) for module, found in by_module.items()]
     if not layers:
         where = "the shared set" + (f" and task {task!r}" if task is not None else "")
         raise AdaptuneError(f"nothing to export: {where} has no LoRA or DoRA component")
@@ -138,28 +129,28 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
 
 
 @torch.no_grad()
-def _layer(path: str, module: nn.Module, entries: list[tuple[Any, nn.Module]]) -> PeftLayer:
+def _layer(path: str, module: nn.Module, bindings: list[Binding]) -> PeftLayer:
     """Merge the updates on the slices of one module into one PEFT LoRA of rank Σ r_i."""
-    if len({isinstance(b, DoRAModule) for _, b in entries}) > 1:
+    if len({isinstance(b.module, DoRAModule) for b in bindings}) > 1:
         raise AdaptuneError(f"{path} has LoRA on some slices and DoRA on others; PEFT's format cannot express that")
     weight = linear_weight(module)  # (out, in)
-    entries = sorted(entries, key=lambda pb: _rows(pb[0]).start)
-    bounds = [b for _, b in entries]
+    bindings = sorted(bindings, key=lambda b: b.point.out_rows.start)
+    bounds = [b.module for b in bindings]
     scales = {b.scale for b in bounds}
     common = len(scales) == 1
     r_total = sum(b.A.shape[0] for b in bounds)
     A = torch.cat([b.A for b in bounds], dim=0)  # (r_total, in)
     B = A.new_zeros(weight.shape[0], r_total)  # (out, r_total)
     col = 0
-    for point, b in entries:
+    for rows, b in zip((b.point.out_rows for b in bindings), bounds):
         r = b.A.shape[0]
-        B[_rows(point), col:col + r] = b.B if common else b.B * b.scale  # (d, r) block
+        B[rows, col:col + r] = b.B if common else b.B * b.scale  # (d, r) block
         col += r
     magnitude = None
     if isinstance(bounds[0], DoRAModule):
         magnitude = weight.float().norm(dim=1).to(bounds[0].magnitude.dtype)  # (out,): factor 1 off the slices
-        for point, b in entries:
-            magnitude[_rows(point)] = b.magnitude
+        for binding in bindings:
+            magnitude[binding.point.out_rows] = binding.module.magnitude
     dropouts = sorted({b.dropout for b in bounds})
     alpha = _number(scales.pop() * r_total) if common else r_total
     return PeftLayer(path, A, B, alpha, magnitude, dropouts[-1], isinstance(module, Conv1D))

@@ -21,7 +21,7 @@ from .components.dora import DoRA
 from .components.lora import LoRA
 from .errors import AdaptuneError, LoadError
 from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from .sites import is_linear, linear_dims
+from .points import is_linear, linear_dims
 
 _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, adapter name stripped
           ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
@@ -80,7 +80,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
     except AdaptuneError as e:
         raise LoadError(f"cannot attach the adapter in {str(directory)!r}: {e}") from e
     try:
-        bound = {point.site: b for hook in adaptation.hooks.values() for _, point, b in hook.entries}
+        bound = {b.point.site: b.module for b in adaptation.bindings()}
         with torch.no_grad():
             for path, parts in weights.items():
                 for part, tensor in parts.items():

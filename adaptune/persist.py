@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .adaptation import Adaptation, adaptation_of
-from .attach import attach, plan_of
+from .attach import attach
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
 from .saved import fingerprint, read, write
@@ -59,4 +59,4 @@ def _load_tensors(adaptation: Adaptation, tensors: dict[str, Any], path: Any) ->
     adaptation.load_state_dict(tensors, strict=True)
 
 
-__all__ = ["load", "plan_of", "read", "save"]
+__all__ = ["load", "read", "save"]

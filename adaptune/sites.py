@@ -1,29 +1,18 @@
 """Named sites of transformer architectures, selectors, and their resolution to concrete points.
 
-A selector is `[layers.<spec>.]<site>` with site one of SITES and spec `3`, `0-7`, `0,2,5` or `*`,
+A selector is `[layers.<range>.]<site>` with site one of SITES and range `3`, `0-7`, `0,2,5` or `*`,
 or a raw module path of the model (`encoder.layer.0.attention.self.query`).
 """
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable
 
-from torch import Tensor, nn
+from torch import nn
 
 from .errors import BindError, SiteError
-
-try:  # GPT-2's fused projections are transformers' Conv1D: weight stored (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but raw paths work without it
-    Conv1D = type("Conv1D", (nn.Module,), {})
-
-# roles: where a component acts
-PROJECTION = "projection"  # a linear map (LoRA, DoRA): q, k, v, o, up, down or a raw Linear/Conv1D
-SUBLAYER = "sublayer"  # the output of an attention or feed-forward sublayer (adapters)
-ATTENTION = "attention"  # the keys and values of self-attention (prefix tuning)
-EMBED = "embed"  # the input embeddings (prompt tuning)
+from .points import (ATTENTION, ATTENTION_SUBLAYER, EMBED, FFN_SUBLAYER, PROJECTION, RAW_SUBLAYER, SUBLAYER, Point,
+                     is_linear, linear_dims)
 
 SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down")
 
@@ -58,65 +47,7 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-# ---- points: the concrete places a component binds to ------------------------------------------
-
-@dataclass
-class Projection:
-    key: str
-    layer: int | None
-    site: str
-    module: nn.Module  # nn.Linear or Conv1D
-    rows: slice | None  # output rows of a fused projection, None for all
-    in_features: int
-    out_features: int
-
-
-@dataclass
-class Sublayer:
-    key: str
-    layer: int | None
-    site: str
-    position: int  # 0 attention, 1 feed-forward, 2 raw module
-    in_module: nn.Module  # its input is the sublayer input (parallel adapters)
-    out_module: nn.Module  # its output is the sublayer output, before residual and norm
-    dim_in: int
-    dim_out: int
-
-
-@dataclass
-class AttentionPoint:
-    key: str
-    layer: int
-    site: str
-    module: nn.Module  # calls transformers' attention interface
-    n_kv_heads: int
-    head_dim: int
-
-
-@dataclass
-class EmbedPoint:
-    key: str
-    layer: None
-    site: str
-    module: nn.Embedding
-    model: nn.Module
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def linear_weight(module: nn.Module) -> Tensor:
-    """The weight as an (out, in) matrix (a transposed view for Conv1D)."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int]:
-    out, inp = linear_weight(module).shape
-    return inp, out
-
-
-_SELECTOR = re.compile(r"^(?:layers\.(?P<spec>[^.]+)\.)?(?P<site>[a-z]+(?:\.[a-z]+)?)$")
+_SELECTOR = re.compile(r"^(?:layers\.(?P<range>[^.]+)\.)?(?P<site>[a-z]+(?:\.[a-z]+)?)$")
 _ROLE_SITES = {
     PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down, or a Linear/Conv1D module path",
     SUBLAYER: "attn, ffn, or a Linear/Conv1D module path",
@@ -148,13 +79,14 @@ class SiteMap:
     def describe(self) -> str:
         valid = ", ".join(SITES)
         return (f"valid selectors: {valid} (optionally as layers.N.<site>, layers.A-B.<site>, layers.A,B.<site>), "
-                f"or a module path such as {self._example_path()!r}")
+                f"or a module path such as {self.example_path()!r}")
 
-    def _example_path(self) -> str:
+    def example_path(self) -> str:
+        """A Linear/Conv1D module path of this model, for messages and help."""
         linears = [n for n, m in self.modules.items() if is_linear(m)]
         return linears[0] if linears else "encoder.layer.0.attention.self.query"
 
-    def resolve(self, selector: str, role: str, what: str) -> list[Any]:
+    def resolve(self, selector: str, role: str, what: str) -> list[Point]:
         """Points for `selector` in `role`; `what` names the component in errors."""
         if not isinstance(selector, str) or not selector:
             raise SiteError(f"a selector must be a non-empty string, got {selector!r}; {self.describe()}")
@@ -163,27 +95,29 @@ class SiteMap:
         match = _SELECTOR.match(selector)
         if not match or match["site"] not in SITES:
             raise SiteError(f"unknown site {selector!r}; {self.describe()}")
-        site, spec = match["site"], match["spec"]
+        site, layers = match["site"], match["range"]
         if self.arch is None:
             raise SiteError(f"model type {self.model_type!r} has no site map (known: {', '.join(sorted(ARCHS))}); "
-                            f"name modules by path instead, e.g. {self._example_path()!r}")
+                            f"name modules by path instead, e.g. {self.example_path()!r}")
         if site == "embed":
-            if spec is not None:
+            if layers is not None:
                 raise SiteError(f"'embed' has no layers; write 'embed', not {selector!r}")
             if role != EMBED:
                 raise BindError(f"{what} cannot bind to 'embed'; it binds to {_ROLE_SITES[role]}")
-            return [EmbedPoint("embed", None, "embed", self.model.get_input_embeddings(), self.model)]
-        return [p for i in self._layer_indices(spec, selector) for p in self._layer_points(i, site, role, what)]
+            embed = self.model.get_input_embeddings()
+            d = embed.embedding_dim
+            return [Point(EMBED, "embed", "embed", None, embed, d, d, model=self.model)]
+        return [p for i in self._layer_indices(layers, selector) for p in self._layer_points(i, site, role, what)]
 
-    def _layer_indices(self, spec: str | None, selector: str) -> list[int]:
+    def _layer_indices(self, layers: str | None, selector: str) -> list[int]:
         n = self.n_layers
-        if spec is None or spec == "*":
+        if layers is None or layers == "*":
             return list(range(n))
         out: list[int] = []
-        for part in spec.split(","):
+        for part in layers.split(","):
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
             if not m:
-                raise SiteError(f"bad layer spec {spec!r} in {selector!r}; write N, A-B, A,B or *")
+                raise SiteError(f"bad layer range {layers!r} in {selector!r}; write N, A-B, A,B or *")
             lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
             if lo > hi or hi >= n:
                 raise SiteError(f"layers {part} in {selector!r} out of range: this model has {n} layers (0-{n - 1})")
@@ -196,7 +130,7 @@ class SiteMap:
             module = getattr(module, part)
         return module
 
-    def _layer_points(self, i: int, site: str, role: str, what: str) -> list[Any]:
+    def _layer_points(self, i: int, site: str, role: str, what: str) -> list[Point]:
         a = self.arch
         if role == PROJECTION:
             names = {"attn": ["q", "k", "v"], "ffn": ["up", "down"]}.get(site) or [site.split(".")[1]]
@@ -204,17 +138,20 @@ class SiteMap:
         if role == SUBLAYER and site in ("attn", "ffn"):
             inp, out = (a.q, a.o) if site == "attn" else (a.up, a.down)
             in_module, out_module = self._get(i, inp), self._get(i, out)
-            return [Sublayer(f"layers:{i}:{site}", i, site, 0 if site == "attn" else 1, in_module, out_module,
-                             linear_dims(in_module)[0], linear_dims(out_module)[1])]
+            position = ATTENTION_SUBLAYER if site == "attn" else FFN_SUBLAYER
+            return [Point(SUBLAYER, f"layers:{i}:{site}", site, i, out_module, linear_dims(in_module)[0],
+                          linear_dims(out_module)[1], in_module=in_module, position=position)]
         if role == ATTENTION and site == "attn":
             cfg = self.model.config
             heads = cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
             kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-            return [AttentionPoint(f"layers:{i}:attn", i, "attn", self._get(i, a.attention), kv_heads, head_dim)]
+            d = kv_heads * head_dim
+            return [Point(ATTENTION, f"layers:{i}:attn", "attn", i, self._get(i, a.attention), d, d,
+                          n_kv_heads=kv_heads, head_dim=head_dim)]
         raise BindError(f"{what} cannot bind to {site!r}; it binds to {_ROLE_SITES[role]}")
 
-    def _projection(self, i: int, name: str) -> Projection:
+    def _projection(self, i: int, name: str) -> Point:
         a = self.arch
         path = {"q": a.q, "k": a.k, "v": a.v, "o": a.o, "up": a.up, "down": a.down}[name]
         module = self._get(i, path)
@@ -225,9 +162,9 @@ class SiteMap:
             j = "qkv".index(name)
             rows, out = slice(j * part, (j + 1) * part), part
         site = f"{'attn' if name in 'qkvo' else 'ffn'}.{name}"
-        return Projection(f"layers:{i}:{site.replace('.', ':')}", i, site, module, rows, inp, out)
+        return Point(PROJECTION, f"layers:{i}:{site.replace('.', ':')}", site, i, module, inp, out, rows=rows)
 
-    def _raw(self, path: str, role: str, what: str) -> Any:
+    def _raw(self, path: str, role: str, what: str) -> Point:
         module = self.modules[path]
         key = "module:" + path.replace(".", ":")
         if role not in (PROJECTION, SUBLAYER):
@@ -237,8 +174,8 @@ class SiteMap:
                             f"not a Linear or Conv1D layer")
         inp, out = linear_dims(module)
         if role == PROJECTION:
-            return Projection(key, None, path, module, None, inp, out)
-        return Sublayer(key, None, path, 2, module, module, inp, out)
+            return Point(PROJECTION, key, path, None, module, inp, out)
+        return Point(SUBLAYER, key, path, None, module, inp, out, in_module=module, position=RAW_SUBLAYER)
 
     def table(self) -> list[tuple[str, str, int, int]]:
         """(site, module paths, layers, parameters per layer) for every named site (`adaptune inspect`)."""
@@ -250,7 +187,7 @@ class SiteMap:
         counts: dict[str, int] = {}
         for name in ("q", "k", "v", "o", "up", "down"):
             p = self._projection(0, name)
-            counts[p.site] = p.out_features * (p.in_features + (p.module.bias is not None))
+            counts[p.site] = p.dim_out * (p.dim_in + (p.module.bias is not None))
         counts["attn"] = sum(counts[f"attn.{n}"] for n in "qkvo")
         counts["ffn"] = counts["ffn.up"] + counts["ffn.down"]
         for site in SITES[1:]:
@@ -264,41 +201,3 @@ class SiteMap:
             return [self._get(i, self.arch.attention if site == "attn" else self.arch.up)]
         return [self._projection(i, site.split(".")[1]).module]
 
-
-# ---- attention implementations that prefix tuning can wrap (hooks/attention.py) -----------------
-
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")  # None (a bare config) runs eager
-ATTENTION_WRAPPER = "adaptune_"  # the prefix hook registers its wrapper of "sdpa" as "adaptune_sdpa"
-
-
-def attention_implementation(module: nn.Module) -> str | None:
-    """The attention implementation a transformers module's config names (None: none set)."""
-    return getattr(getattr(module, "config", None), "_attn_implementation", None)
-
-
-def base_implementation(name: str | None) -> str:
-    """The implementation under a name, the wrapper's prefix removed ("adaptune_sdpa" -> "sdpa")."""
-    name = name or "eager"
-    return name[len(ATTENTION_WRAPPER):] if name.startswith(ATTENTION_WRAPPER) else name
-
-
-def eager_attention(module: nn.Module) -> Callable | None:
-    """The eager_attention_forward of the module's own modeling file, if it defines one."""
-    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-
-
-def check_attention_point(point: Any, what: str) -> None:
-    """Raise BindError unless the attention module at `point` runs an implementation we can wrap."""
-    module = point.module
-    if getattr(module, "config", None) is None:
-        raise BindError(f"{what} at {point.site} (layer {point.layer}): {type(module).__name__} has no `config`; "
-                        f"prefix tuning needs a transformers attention module that calls the attention interface")
-    name = attention_implementation(module)
-    base = base_implementation(name)
-    if base not in ATTENTION_IMPLEMENTATIONS:
-        raise BindError(f"{what}: attention implementation {name!r} is not supported; prefix tuning supports "
-                        f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
-                        f"(switch with model.set_attn_implementation('sdpa'))")
-    if base == "eager" and eager_attention(module) is None:
-        raise BindError(f"{what}: {type(module).__module__} defines no eager_attention_forward to wrap; "
-                        f"use model.set_attn_implementation('sdpa')")

@@ -44,7 +44,7 @@ def inspect(model: str = typer.Argument(..., help="minilm, gpt2-tiny, bert-tiny,
             table.add_row(site, paths, str(layers or "-"), f"{per:,}")
         console.print(table)
     else:
-        console.print(f"no site map for {sites.model_type!r}: select modules by path, e.g. {sites._example_path()!r}")
+        console.print(f"no site map for {sites.model_type!r}: select modules by path, e.g. {sites.example_path()!r}")
     if plan:
         try:
             adaptation = attach(base, plan)

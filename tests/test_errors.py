@@ -48,7 +48,7 @@ def test_bad_constructor_arguments_raise_config_error(component, pattern):
     ({"attention": LoRA(4)}, SiteError, ["unknown site 'attention'", "attn", "ffn.down", "layers.A-B"]),
     ({"layers.5.attn": LoRA(4)}, SiteError, ["layers 5", "out of range", "2 layers (0-1)"]),
     ({"layers.0-2.ffn": Adapter(4)}, SiteError, ["0-2", "out of range", "2 layers"]),
-    ({"layers.x.attn": LoRA(4)}, SiteError, ["bad layer spec 'x'", "A-B"]),
+    ({"layers.x.attn": LoRA(4)}, SiteError, ["bad layer range 'x'", "A-B"]),
     ({"layers.0.embed": LoRA(4)}, SiteError, ["'embed' has no layers"]),
     ({"attn.q": Adapter(8)}, BindError, ["Adapter(dim=8", "cannot bind to 'attn.q'", "attn, ffn"]),
     ({"embed": LoRA(4)}, BindError, ["LoRA(r=4", "cannot bind to 'embed'", "attn.q|k|v|o"]),

@@ -144,7 +144,7 @@ def test_import_matches_peft(case, use_dora, ids, tmp_path):
     a = import_peft(model, tmp_path)
     torch.testing.assert_close(every_output(model, ids), expected, atol=ATOL, rtol=0)
     kind = DoRA if use_dora else LoRA
-    specs = {sel: stack[0] for sel, stack in a.plan[None].items()}
+    specs = {sel: stack[0] for sel, stack in a.specs[None].items()}
     assert all(type(c) is kind for c in specs.values())
     if case == "bert":  # rank_pattern and alpha_pattern read as PEFT reads them
         assert specs["encoder.layer.1.intermediate.dense"] == kind(2, alpha=8)
@@ -164,7 +164,7 @@ def test_module_paths_match_across_model_classes(ids, tmp_path):
     randomize_peft(peft_model)
     peft_model.save_pretrained(str(tmp_path / "plain"))  # keys base_model.model.encoder...
     a = import_peft(classifier, tmp_path / "plain")  # modules bert.encoder...
-    assert "bert.encoder.layer.1.attention.self.value" in a.plan[None]
+    assert "bert.encoder.layer.1.attention.self.value" in a.specs[None]
     torch.testing.assert_close(every_output(classifier.bert, ids), every_output(peft_model, ids), atol=ATOL, rtol=0)
     export_peft(classifier, tmp_path / "cls")  # keys base_model.model.bert.encoder... into a BertModel
     import_peft(bert, tmp_path / "cls")

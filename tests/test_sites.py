@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adaptune import Adapter, LoRA, attach
-from adaptune.sites import PROJECTION, SUBLAYER
+from adaptune.points import PROJECTION, SUBLAYER
 from adaptune.sites import SITES, SiteMap
 from helpers import randomize, tiny_bert, tiny_gpt2
 
@@ -56,13 +56,13 @@ def test_gpt2_q_k_v_are_the_thirds_of_c_attn():
     rows = {name: projections(tiny_gpt2(), f"layers.0.attn.{name}")[0][2] for name in "qkv"}
     assert rows == {"q": slice(0, 32), "k": slice(32, 64), "v": slice(64, 96)}
     point = SiteMap(tiny_gpt2()).resolve("layers.0.attn.k", PROJECTION, "LoRA")[0]
-    assert (point.in_features, point.out_features) == (32, 32)
+    assert (point.dim_in, point.dim_out) == (32, 32)
 
 
 def test_bert_projections_are_whole_linears():
     assert all(rows is None for _, _, rows in projections(tiny_bert(), "attn"))
     up, down = SiteMap(tiny_bert()).resolve("layers.0.ffn", PROJECTION, "LoRA")
-    assert (up.in_features, up.out_features, down.in_features, down.out_features) == (32, 64, 64, 32)
+    assert (up.dim_in, up.dim_out, down.dim_in, down.dim_out) == (32, 64, 64, 32)
 
 
 @pytest.mark.parametrize("name, part", [("q", 0), ("k", 1), ("v", 2)])
@@ -87,7 +87,7 @@ def test_sublayer_points_span_the_sublayer(model):
     for site, (first, last) in {"attn": ("q", "o"), "ffn": ("up", "down")}.items():
         names = {id(m): n for n, m in model.named_modules()}
         points = SiteMap(model).resolve(f"layers.1.{site}", SUBLAYER, "Adapter")
-        assert [(p.layer, names[id(p.in_module)], names[id(p.out_module)]) for p in points] == \
+        assert [(p.layer, names[id(p.in_module)], names[id(p.module)]) for p in points] == \
             [(1, layer_path(model, 1, first), layer_path(model, 1, last))]
         assert (points[0].dim_in, points[0].dim_out) == (32, 32)
 
@@ -96,9 +96,9 @@ def test_raw_module_paths_select_that_module(model):
     path = layer_path(model, 0, "up")
     (point,) = SiteMap(model).resolve(path, PROJECTION, "LoRA")
     assert point.module is model.get_submodule(path) and point.rows is None
-    assert (point.in_features, point.out_features) == (32, 64 if model.config.model_type == "bert" else 128)
+    assert (point.dim_in, point.dim_out) == (32, 64 if model.config.model_type == "bert" else 128)
     (sub,) = SiteMap(model).resolve(path, SUBLAYER, "Adapter")
-    assert sub.in_module is sub.out_module is model.get_submodule(path)
+    assert sub.in_module is sub.module is model.get_submodule(path)
 
 
 def adapted(model):

@@ -1,4 +1,4 @@
-"""Component specs: one file per family."""
+"""Components: one file per family."""
 from .adapter import Adapter
 from .base import Component, Stack
 from .dora import DoRA

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..sites import SUBLAYER
+from ..points import SUBLAYER, Point
 from .base import Component, check_choice, check_positive
 
 PLACEMENTS = ("serial", "parallel")
@@ -34,20 +34,20 @@ class Adapter(Component):
         check_choice("placement", self.placement, PLACEMENTS)
         check_positive("scale", self.scale, (int, float))  # type: ignore[arg-type]
 
-    def bind(self, point, shared=None) -> "AdapterModule":
+    def bind(self, point: Point, shared=None) -> "AdapterModule":
         return AdapterModule(self, point)
 
 
 class AdapterModule(nn.Module):
-    def __init__(self, spec: Adapter, point) -> None:
+    def __init__(self, component: Adapter, point: Point) -> None:
         super().__init__()
-        d_in = point.dim_in if spec.placement == "parallel" else point.dim_out
-        self.down_weight = nn.Parameter(torch.empty(spec.dim, d_in))  # (m, d)
-        self.down_bias = nn.Parameter(torch.zeros(spec.dim))
-        self.up_weight = nn.Parameter(torch.zeros(point.dim_out, spec.dim))  # (d, m)
+        d_in = point.dim_in if component.placement == "parallel" else point.dim_out
+        self.down_weight = nn.Parameter(torch.empty(component.dim, d_in))  # (m, d)
+        self.down_bias = nn.Parameter(torch.zeros(component.dim))
+        self.up_weight = nn.Parameter(torch.zeros(point.dim_out, component.dim))  # (d, m)
         self.up_bias = nn.Parameter(torch.zeros(point.dim_out))
         nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
-        self.act, self.scale, self.parallel = spec.act, spec.scale, spec.placement == "parallel"
+        self.act, self.scale, self.parallel = component.act, component.scale, component.placement == "parallel"
 
     def forward(self, h: Tensor, x: Tensor | None) -> Tensor:
         """h: sublayer output (..., d); x: sublayer input, used by the parallel placement."""

@@ -1,4 +1,4 @@
-"""Component specs and the Stack that composes them with `|`.
+"""Components and the Stack that composes them with `|`.
 
 A component is plain data (a frozen dataclass of constructor arguments). It names the role it
 plays at a site and builds its modules when bound. `a | b | c` makes a flat, ordered Stack that
@@ -12,13 +12,14 @@ from typing import Any, ClassVar, Iterator
 from torch import nn
 
 from ..errors import ConfigError
+from ..points import Point
 
 REGISTRY: dict[str, type["Component"]] = {}
 
 
 
 class Component:
-    """Base of every component spec. Subclasses are frozen dataclasses."""
+    """Base of every component. Subclasses are frozen dataclasses."""
 
     role: ClassVar[str]
 
@@ -54,7 +55,7 @@ class Component:
         """A module shared by all sites this component binds to (e.g. a hypernetwork); None if none."""
         return None
 
-    def bind(self, point: Any, shared: nn.Module | None) -> nn.Module:
+    def bind(self, point: Point, shared: nn.Module | None) -> nn.Module:
         """Build the module that acts at one concrete point of the model."""
         raise NotImplementedError
 

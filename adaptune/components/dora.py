@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..sites import linear_weight
+from ..points import Point, linear_weight
 from .lora import LoRA, LoRAModule
 
 
@@ -20,18 +20,18 @@ from .lora import LoRA, LoRAModule
 class DoRA(LoRA):
     detach_norm: bool = True
 
-    def bind(self, point, shared=None) -> "DoRAModule":
+    def bind(self, point: Point, shared=None) -> "DoRAModule":
         return DoRAModule(self, point)
 
 
 class DoRAModule(LoRAModule):
-    def __init__(self, spec: DoRA, point) -> None:
-        super().__init__(spec, point)
+    def __init__(self, component: DoRA, point: Point) -> None:
+        super().__init__(component, point)
         weight = linear_weight(point.module).detach()
         if point.rows is not None:
             weight = weight[point.rows]
         self.magnitude = nn.Parameter(weight.float().norm(dim=1))  # (out,)
-        self.detach_norm = spec.detach_norm
+        self.detach_norm = component.detach_norm
         self._norm_cache: tuple[tuple, Tensor] | None = None
 
     def _weight_norm_sq(self, weight: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ for raw module paths), p_j the position embedding (attn 0, ffn 1, raw 2). The ge
 h_LN are linear maps of I, one set per distinct sublayer width d (the paper needs two hypernetworks
 because its attention and feed-forward adapters have different widths).
 
-Sharing: equal HyperAdapter specs in one group (the shared set, or one task) share one network,
+Sharing: equal HyperAdapter components in one group (the shared set, or one task) share one network,
 so `{"attn": HyperAdapter(64), "ffn": HyperAdapter(64)}` holds one hypernetwork whose position
 embedding tells the attention adapters from the feed-forward ones.
 
@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError
-from ..sites import SUBLAYER
+from ..points import RAW_SUBLAYER, SUBLAYER, Point
 from .base import Component, check_choice, check_positive
 
-POSITIONS = 3  # attn 0, ffn 1, raw module 2
+POSITIONS = RAW_SUBLAYER + 1  # ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER
 
 
 def hyper_adapter(h: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor,
@@ -69,9 +69,9 @@ class HyperAdapter(Component):
         check_choice("act", self.act, tuple(ops.ACTIVATIONS))
 
     def shared(self, ctx) -> "HyperNetwork":
-        """The group's hypernetwork for this spec: built on first use, then reused and widened."""
+        """The group's hypernetwork for this component: built on first use, then reused and widened."""
         for module in ctx.adaptation.group(ctx.group).common.values():
-            if isinstance(module, HyperNetwork) and module.spec == self:
+            if isinstance(module, HyperNetwork) and module.component == self:
                 net = module
                 break
         else:
@@ -81,7 +81,7 @@ class HyperAdapter(Component):
             net.add_width(point.dim_out)
         return net
 
-    def bind(self, point, shared=None) -> "HyperAdapterModule":
+    def bind(self, point: Point, shared=None) -> "HyperAdapterModule":
         if not isinstance(shared, HyperNetwork):
             raise BindError(f"{self!r} at {point.site} needs its hypernetwork; bind it through attach()")
         return HyperAdapterModule(shared, point)
@@ -126,11 +126,11 @@ class Generators(nn.Module):
 class HyperNetwork(nn.Module):
     """Embeddings, the projector h_I and one Generators per width; registered once per group."""
 
-    def __init__(self, spec: HyperAdapter, adaptation, tasks: list[str] | None, n_layers: int) -> None:
+    def __init__(self, component: HyperAdapter, adaptation, tasks: list[str] | None, n_layers: int) -> None:
         super().__init__()
-        t, hidden = spec.task_dim, spec.hidden
+        t, hidden = component.task_dim, component.hidden
         object.__setattr__(self, "adaptation", adaptation)  # not a submodule: it owns us
-        self.spec, self.task_names, self.raw_layer = spec, tasks, n_layers
+        self.component, self.task_names, self.raw_layer = component, tasks, n_layers
         self.task = nn.Embedding(len(tasks) if tasks else 1, t)  # (T, t)
         self.layer = nn.Embedding(n_layers + 1, t)  # (L + 1, t): last row for raw module paths
         self.position = nn.Embedding(POSITIONS, t)  # (3, t)
@@ -140,7 +140,7 @@ class HyperNetwork(nn.Module):
     def add_width(self, d: int) -> None:
         if str(d) not in self.heads:
             w = self.task.weight
-            self.heads[str(d)] = Generators(self.spec.task_dim, self.spec.dim, d).to(w.device, w.dtype)
+            self.heads[str(d)] = Generators(self.component.task_dim, self.component.dim, d).to(w.device, w.dtype)
 
     def layer_index(self, layer: int | None) -> int:
         return self.raw_layer if layer is None else layer
@@ -163,7 +163,7 @@ class HyperNetwork(nn.Module):
         if row is None:
             return h
         weights = self.heads[str(h.shape[-1])](self.embedding(row, layer, position))
-        return hyper_adapter(h, *(w.to(h.dtype) for w in weights), act=self.spec.act)
+        return hyper_adapter(h, *(w.to(h.dtype) for w in weights), act=self.component.act)
 
     def extra_repr(self) -> str:
         return f"tasks={self.task_names}, widths=[{', '.join(self.heads)}]"
@@ -172,7 +172,7 @@ class HyperNetwork(nn.Module):
 class HyperAdapterModule(nn.Module):
     """One sublayer's adapter: its layer and position ids and a reference to the shared hypernetwork."""
 
-    def __init__(self, net: HyperNetwork, point) -> None:
+    def __init__(self, net: HyperNetwork, point: Point) -> None:
         super().__init__()
         object.__setattr__(self, "net", net)  # not a submodule: registered once, in the group's common
         self.layer, self.position, self.width = net.layer_index(point.layer), point.position, point.dim_out

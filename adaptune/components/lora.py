@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError
-from ..sites import PROJECTION
+from ..points import PROJECTION, Point
 from .base import Component, check_dropout, check_positive
 
 
@@ -31,23 +31,23 @@ class LoRA(Component):
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.r) / self.r
 
-    def bind(self, point, shared=None) -> "LoRAModule":
+    def bind(self, point: Point, shared=None) -> "LoRAModule":
         return LoRAModule(self, point)
 
 
 class LoRAModule(nn.Module):
     """The low-rank factors of one projection (or one slice of a fused projection)."""
 
-    def __init__(self, spec: LoRA, point) -> None:
+    def __init__(self, component: LoRA, point: Point) -> None:
         super().__init__()
-        r, d_in, d_out = spec.r, point.in_features, point.out_features
+        r, d_in, d_out = component.r, point.dim_in, point.dim_out
         if r > min(d_in, d_out):
-            raise BindError(f"{spec!r} at {point.site} (layer {point.layer}): r={r} is larger than the layer "
+            raise BindError(f"{component!r} at {point.site} (layer {point.layer}): r={r} is larger than the layer "
                             f"({d_out}×{d_in}); r must be in 1..{min(d_in, d_out)}")
         self.A = nn.Parameter(torch.empty(r, d_in))  # (r, in)
         self.B = nn.Parameter(torch.zeros(d_out, r))  # (out, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.scale, self.dropout, self.merged = spec.scale, spec.dropout, False
+        self.scale, self.dropout = component.scale, component.dropout
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return ops.lora(x, weight, bias, self.A, self.B, self.scale, self.dropout, self.training)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..sites import ATTENTION, check_attention_point
+from ..points import ATTENTION, Point, check_attention_point
 from .base import Component, check_positive
 
 INIT_STD = 0.02  # direct prefixes
@@ -45,7 +45,7 @@ class Prefix(Component):
         d_model = getattr(config, "hidden_size", None) or first.n_kv_heads * first.head_dim
         return PrefixEncoder(self.n, d_model, self.hidden, ctx.points)
 
-    def bind(self, point, shared: "PrefixEncoder | None" = None) -> "PrefixModule":
+    def bind(self, point: Point, shared: "PrefixEncoder | None" = None) -> "PrefixModule":
         check_attention_point(point, repr(self))
         return PrefixModule(self, point, shared)
 
@@ -53,7 +53,7 @@ class Prefix(Component):
 class PrefixEncoder(nn.Module):
     """Li & Liang's MLP: one embedding of the n virtual tokens mapped to every layer's keys and values."""
 
-    def __init__(self, n: int, d_model: int, hidden: int, points: list) -> None:
+    def __init__(self, n: int, d_model: int, hidden: int, points: list[Point]) -> None:
         super().__init__()
         self.kv_dims = [p.n_kv_heads * p.head_dim for p in points]
         self.offsets = {p.key: sum(2 * d for d in self.kv_dims[:i]) for i, p in enumerate(points)}
@@ -73,19 +73,19 @@ class PrefixEncoder(nn.Module):
 class PrefixModule(nn.Module):
     """The prefix of one attention layer: own parameters, or a slice of a shared PrefixEncoder."""
 
-    def __init__(self, spec: Prefix, point, shared: PrefixEncoder | None) -> None:
+    def __init__(self, component: Prefix, point: Point, shared: PrefixEncoder | None) -> None:
         super().__init__()
-        self.n, self.kv_dim, self.key = spec.n, point.n_kv_heads * point.head_dim, point.key
-        self._encoder = [shared] if shared is not None else []  # a list: not registered, no duplicate keys
+        self.n, self.kv_dim, self.key = component.n, point.n_kv_heads * point.head_dim, point.key
+        object.__setattr__(self, "encoder", shared)  # not a submodule: registered once, in the group's common
         if shared is None:
-            self.keys = nn.Parameter(torch.randn(spec.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
-            self.values = nn.Parameter(torch.randn(spec.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
+            self.keys = nn.Parameter(torch.randn(component.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
+            self.values = nn.Parameter(torch.randn(component.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
 
     def kv(self) -> tuple[Tensor, Tensor]:
         """(keys, values), each (n, H_kv·D)."""
-        if self._encoder:
-            return self._encoder[0](self.key, self.kv_dim)
+        if self.encoder is not None:
+            return self.encoder(self.key, self.kv_dim)
         return self.keys, self.values
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, kv_dim={self.kv_dim}" + (", shared encoder" if self._encoder else "")
+        return f"n={self.n}, kv_dim={self.kv_dim}" + (", shared encoder" if self.encoder is not None else "")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BindError, ConfigError
-from ..sites import EMBED
+from ..points import EMBED, Point
 from .base import Component, check_choice, check_positive
 
 INITS = ("vocab", "normal")
@@ -44,26 +44,26 @@ class PromptTuning(Component):
                                   f"exactly {self.n} ids")
             object.__setattr__(self, "token_ids", tuple(ids))  # hashable; JSON gives back a list
 
-    def bind(self, point, shared=None) -> "PromptModule":
+    def bind(self, point: Point, shared=None) -> "PromptModule":
         return PromptModule(self, point)
 
 
 class PromptModule(nn.Module):
     """The soft prompt of one model: (n, d_model)."""
 
-    def __init__(self, spec: PromptTuning, point) -> None:
+    def __init__(self, component: PromptTuning, point: Point) -> None:
         super().__init__()
         embed = point.module
         weight = embed.weight  # (V, d)
         vocab = weight.shape[0]
-        if spec.token_ids is not None:
-            bad = [i for i in spec.token_ids if i >= vocab]
+        if component.token_ids is not None:
+            bad = [i for i in component.token_ids if i >= vocab]
             if bad:
-                raise BindError(f"{spec!r}: token ids {bad} are out of range; "
+                raise BindError(f"{component!r}: token ids {bad} are out of range; "
                                 f"the vocabulary has {vocab} ids (0-{vocab - 1})")
-            ids = torch.tensor(spec.token_ids, device=weight.device)
-        elif spec.init == "vocab":
-            ids = torch.randint(0, vocab, (spec.n,), device=weight.device)
+            ids = torch.tensor(component.token_ids, device=weight.device)
+        elif component.init == "vocab":
+            ids = torch.randint(0, vocab, (component.n,), device=weight.device)
         else:
             ids = None
         if ids is not None:
@@ -71,7 +71,7 @@ class PromptModule(nn.Module):
                 init = embed(ids).detach().clone()  # through the module: keeps any embedding scale
         else:
             std = getattr(getattr(point.model, "config", None), "initializer_range", None) or 0.02
-            init = torch.randn(spec.n, weight.shape[1], device=weight.device) * std
+            init = torch.randn(component.n, weight.shape[1], device=weight.device) * std
         self.prompt = nn.Parameter(init.float())  # (n, d)
 
     def extra_repr(self) -> str:

@@ -20,8 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..sites import (ATTENTION_IMPLEMENTATIONS, ATTENTION_WRAPPER, attention_implementation,
-                     base_implementation, check_attention_point, eager_attention)
+from ..points import (ATTENTION_IMPLEMENTATIONS, ATTENTION_WRAPPER, attention_implementation,
+                      base_implementation, check_attention_point, eager_attention)
 from .base import Hook
 
 ATTRIBUTE = "_adaptune_prefix"  # on an attention module while its hook is installed (survives deepcopy)
@@ -136,7 +136,7 @@ class PrefixHook(Hook):
         active = self.active()
         if not active:
             return None
-        pairs = [bound.kv() for _, bound in active]  # each (n_i, H_kv * D) twice
+        pairs = [b.module.kv() for b in active]  # each (n_i, H_kv * D) twice
         b, h, _, d = key.shape
         out = []
         for part in zip(*pairs):

@@ -1,32 +1,61 @@
-"""What every hook shares: entries (group, point, bound module) and the active filter."""
+"""What every hook shares: its bindings, the active filter, and the merge protocol."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+
+from ..points import Point
+
+
+@dataclass(frozen=True, eq=False)
+class Binding:
+    """One component module bound at one point, for the shared set (`group` None) or one task."""
+    group: str | None
+    point: Point
+    module: nn.Module
 
 
 class Hook:
     """Routes one place of the model through the components bound there.
 
-    `group` is None for shared components and the task name for per-task ones; an entry runs when
-    its group is active and it is not merged into the base weights.
+    A binding runs when its group is active and it is not merged into the base weights. Hooks whose
+    components fold into base weights (projections) override the merge methods and keep the backups
+    that unmerge restores; the others merge nothing and keep running.
     """
 
-    def __init__(self, adaptation: Any, point: Any) -> None:
+    def __init__(self, adaptation: Any, point: Point) -> None:
         self.adaptation = adaptation
         self.point = point
-        self.entries: list[tuple[str | None, Any, nn.Module]] = []
+        self.bindings: list[Binding] = []
+        self._backups: dict[Binding, Tensor] = {}  # merged binding -> the base weights it replaced
 
-    def add(self, group: str | None, point: Any, bound: nn.Module) -> None:
-        self.entries.append((group, point, bound))
+    def add(self, binding: Binding) -> None:
+        self.bindings.append(binding)
 
-    def active(self) -> list[tuple[Any, nn.Module]]:
+    def active(self) -> list[Binding]:
         is_active = self.adaptation.is_active
-        return [(p, b) for g, p, b in self.entries if is_active(g) and not getattr(b, "merged", False)]
+        return [b for b in self.bindings if is_active(b.group) and b not in self._backups]
 
     def install(self) -> None:
         raise NotImplementedError
 
     def remove(self) -> None:
         raise NotImplementedError
+
+    # ---- merging --------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._backups)
+
+    def mergeable(self) -> list[Binding]:
+        """The active bindings merge() would fold in, each checked; changes nothing (raises MergeError)."""
+        return []
+
+    def merge(self, bindings: list[Binding]) -> None:
+        """Fold `bindings` (from mergeable()) into the base weights, keeping backups."""
+
+    def unmerge(self) -> None:
+        """Restore the base weights from the backups, bit-exact."""

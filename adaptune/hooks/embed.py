@@ -89,7 +89,7 @@ class PromptHook(Hook):
         kw = self._kwargs(args, kwargs)
         if not kw:
             return None
-        prompt = torch.cat([bound() for _, bound in active], dim=0)  # (P, d)
+        prompt = torch.cat([b.module() for b in active], dim=0)  # (P, d)
         p = prompt.shape[0]
         mask = kw.get("attention_mask")
         if mask is not None and mask.dim() != 2:

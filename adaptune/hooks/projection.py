@@ -10,26 +10,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BindError, MergeError
-from ..sites import linear_weight
-from .base import Hook
-
-
-def _rows(point) -> slice:
-    return point.rows if point.rows is not None else slice(0, point.out_features)
+from ..points import linear_weight
+from .base import Binding, Hook
 
 
 class ProjectionHook(Hook):
-    def add(self, group, point, bound) -> None:
-        new = _rows(point)
-        for g, p, b in self.entries:
-            old = _rows(p)
+    def add(self, binding: Binding) -> None:
+        new = binding.point.out_rows
+        for other in self.bindings:
+            old = other.point.out_rows
             overlap = old.start < new.stop and new.start < old.stop
-            if overlap and (g is None or group is None or g == group):
-                where = "shared" if group is None else f"task {group!r}"
-                raise BindError(f"two low-rank updates on the same weights of {point.site} (layer {point.layer}) "
-                                f"in {where}: {type(b).__name__} and {type(bound).__name__}; a projection takes "
-                                f"at most one LoRA or DoRA among the shared and each task's components")
-        super().add(group, point, bound)
+            if overlap and (other.group is None or binding.group is None or other.group == binding.group):
+                where = "shared" if binding.group is None else f"task {binding.group!r}"
+                raise BindError(f"two low-rank updates on the same weights of {binding.point.where()} in {where}: "
+                                f"{type(other.module).__name__} and {type(binding.module).__name__}; a projection "
+                                f"takes at most one LoRA or DoRA among the shared and each task's components")
+        super().add(binding)
 
     def install(self) -> None:
         module = self.point.module
@@ -53,43 +49,50 @@ class ProjectionHook(Hook):
             return self._base(x, *args, **kwargs)
         module = self.point.module
         weight, bias = linear_weight(module), module.bias  # (out, in), (out,)
-        if len(active) == 1 and active[0][0].rows is None:
-            return active[0][1].linear(x, weight, bias)
+        if len(active) == 1 and active[0].point.rows is None:
+            return active[0].module.linear(x, weight, bias)
         parts, pos = [], 0  # fused projection: adapted slices through their op, the rest plain
-        for point, bound in sorted(active, key=lambda pb: _rows(pb[0]).start):
-            rows = _rows(point)
+        for b in sorted(active, key=lambda b: b.point.out_rows.start):
+            rows = b.point.out_rows
             if rows.start > pos:
                 parts.append(F.linear(x, weight[pos:rows.start], None if bias is None else bias[pos:rows.start]))
-            parts.append(bound.linear(x, weight[rows], None if bias is None else bias[rows]))
+            parts.append(b.module.linear(x, weight[rows], None if bias is None else bias[rows]))
             pos = rows.stop
         if pos < weight.shape[0]:
             parts.append(F.linear(x, weight[pos:], None if bias is None else bias[pos:]))
         return torch.cat(parts, dim=-1)
 
-    # ---- merge / unmerge ----------------------------------------------------------------------
+    # ---- merge / unmerge: W[rows] <- the update's merged weight; the replaced rows kept here -------
 
-    def to_merge(self) -> list[tuple[Tensor, object]]:
-        """(weight rows view, bound) for every active update; checks merged values are finite."""
+    def mergeable(self) -> list[Binding]:
+        module = self.point.module
+        weight = linear_weight(module)
         out = []
-        weight = linear_weight(self.point.module)
-        for point, bound in self.active():
-            view = weight[_rows(point)]
-            where = f"{point.site} (layer {point.layer})"
-            tied = [n for n, m in self.adaptation.model.named_modules() if m is not self.point.module
-                    and any(p is self.point.module.weight for p in m.parameters(recurse=False))]
+        for b in self.active():
+            what = f"{type(b.module).__name__} at {b.point.where()}"
+            tied = [n for n, m in self.adaptation.model.named_modules() if m is not module
+                    and any(p is module.weight for p in m.parameters(recurse=False))]
             if tied:
-                raise MergeError(f"cannot merge {type(bound).__name__} at {where}: its weight is tied to "
-                                 f"{', '.join(tied)}, which merging would change too; nothing was merged")
+                raise MergeError(f"cannot merge {what}: its weight is tied to {', '.join(tied)}, which merging "
+                                 f"would change too; nothing was merged")
             with torch.no_grad():
-                if not torch.isfinite(bound.merged_weight(view)).all():
-                    raise MergeError(f"merging {type(bound).__name__} at {where} gives non-finite weights "
-                                     f"(NaN or inf in its parameters); nothing was merged")
-            out.append((view, bound))
+                if not torch.isfinite(b.module.merged_weight(weight[b.point.out_rows])).all():
+                    raise MergeError(f"merging {what} gives non-finite weights (NaN or inf in its parameters); "
+                                     f"nothing was merged")
+            out.append(b)
         return out
 
+    @torch.no_grad()
+    def merge(self, bindings: list[Binding]) -> None:
+        weight = linear_weight(self.point.module)
+        for b in bindings:
+            view = weight[b.point.out_rows]
+            self._backups[b] = view.clone()
+            view.copy_(b.module.merged_weight(view).to(view.dtype))
+
+    @torch.no_grad()
     def unmerge(self) -> None:
         weight = linear_weight(self.point.module)
-        for _, point, bound in self.entries:
-            if bound.merged:
-                weight[_rows(point)].copy_(bound._backup)
-                bound._backup, bound.merged = None, False
+        for b, backup in self._backups.items():
+            weight[b.point.out_rows].copy_(backup)
+        self._backups.clear()

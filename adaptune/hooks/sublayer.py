@@ -13,8 +13,8 @@ from .base import Hook
 class SublayerHook(Hook):
     def install(self) -> None:
         self._x = None
-        self._handles = [self.point.out_module.register_forward_hook(self._after)]
-        if any(getattr(b, "parallel", False) for _, _, b in self.entries):
+        self._handles = [self.point.module.register_forward_hook(self._after)]
+        if any(getattr(b.module, "parallel", False) for b in self.bindings):
             self._handles.append(self.point.in_module.register_forward_pre_hook(self._before))
 
     def remove(self) -> None:
@@ -31,6 +31,6 @@ class SublayerHook(Hook):
         if not active:
             return None
         h = output[0] if isinstance(output, tuple) else output
-        for _, bound in active:
-            h = bound(h, x)
+        for b in active:
+            h = b.module(h, x)
         return (h, *output[1:]) if isinstance(output, tuple) else h

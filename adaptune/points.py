@@ -1,0 +1,126 @@
+"""Points: the concrete places of a model a component binds to, the roles they serve, and the
+linear-weight helpers and attention checks that components and hooks share.
+
+A point's `kind` is the role of the components that bind there:
+    PROJECTION  a linear map y = x Wᵀ + b (LoRA, DoRA): `module` is the Linear / Conv1D, `rows` the
+                output rows of a fused projection (GPT-2's c_attn: q, k, v are thirds), None for all
+    SUBLAYER    the output h of an attention or feed-forward sublayer, before residual and norm
+                (adapters): `module` produces h, `in_module` receives the sublayer input x
+    ATTENTION   the keys and values of self-attention (prefix tuning): `module` calls transformers'
+                attention interface with `n_kv_heads` heads of `head_dim`
+    EMBED       the input embeddings (prompt tuning): `module` is the embedding, `model` runs it
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .errors import BindError
+
+try:  # GPT-2's fused projections are transformers' Conv1D: weight stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but raw paths work without it
+    Conv1D = type("Conv1D", (nn.Module,), {})
+
+PROJECTION = "projection"
+SUBLAYER = "sublayer"
+ATTENTION = "attention"
+EMBED = "embed"
+KINDS = (PROJECTION, SUBLAYER, ATTENTION, EMBED)
+
+# a sublayer's position (hypernetwork adapters embed it)
+ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class Point:
+    """One place of one model; `key` names it uniquely ("layers:3:attn:q", "module:encoder:...", "embed")."""
+    kind: str
+    key: str
+    site: str  # the site (attn.q, ffn, ...) or module path it was resolved from
+    layer: int | None  # None: the embeddings or a raw module path
+    module: nn.Module
+    dim_in: int  # width of what enters the place (in features; the sublayer input; H_kv·D; d_model)
+    dim_out: int  # width of what it produces (out features of `rows`; the sublayer output; H_kv·D; d_model)
+    rows: slice | None = None  # PROJECTION: output rows of a fused projection
+    in_module: nn.Module | None = None  # SUBLAYER: receives the sublayer input
+    position: int | None = None  # SUBLAYER: ATTENTION_SUBLAYER, FFN_SUBLAYER or RAW_SUBLAYER
+    n_kv_heads: int | None = None  # ATTENTION
+    head_dim: int | None = None  # ATTENTION
+    model: nn.Module | None = None  # EMBED
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"point kind {self.kind!r}; kinds: {', '.join(KINDS)}")
+
+    @property
+    def out_rows(self) -> slice:
+        """The output rows the point covers: `rows`, or all of them."""
+        return self.rows if self.rows is not None else slice(0, self.dim_out)
+
+    @property
+    def place(self) -> tuple:
+        """What one hook routes: points with the same place share it."""
+        return self.kind, id(self.module), id(self.in_module)
+
+    def where(self) -> str:
+        return f"{self.site} (layer {self.layer})"
+
+
+# ---- linear layers ------------------------------------------------------------------------------
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight as an (out, in) matrix (a transposed view for Conv1D)."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in features, out features)."""
+    out, inp = linear_weight(module).shape
+    return inp, out
+
+
+# ---- attention implementations that prefix tuning can wrap (hooks/attention.py) -----------------
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")  # None (a bare config) runs eager
+ATTENTION_WRAPPER = "adaptune_"  # the prefix hook registers its wrapper of "sdpa" as "adaptune_sdpa"
+
+
+def attention_implementation(module: nn.Module) -> str | None:
+    """The attention implementation a transformers module's config names (None: none set)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def base_implementation(name: str | None) -> str:
+    """The implementation under a name, the wrapper's prefix removed ("adaptune_sdpa" -> "sdpa")."""
+    name = name or "eager"
+    return name[len(ATTENTION_WRAPPER):] if name.startswith(ATTENTION_WRAPPER) else name
+
+
+def eager_attention(module: nn.Module) -> Callable | None:
+    """The eager_attention_forward of the module's own modeling file, if it defines one."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def check_attention_point(point: Point, what: str) -> None:
+    """Raise BindError unless the attention module at `point` runs an implementation we can wrap."""
+    module = point.module
+    if getattr(module, "config", None) is None:
+        raise BindError(f"{what} at {point.where()}: {type(module).__name__} has no `config`; "
+                        f"prefix tuning needs a transformers attention module that calls the attention interface")
+    name = attention_implementation(module)
+    base = base_implementation(name)
+    if base not in ATTENTION_IMPLEMENTATIONS:
+        raise BindError(f"{what}: attention implementation {name!r} is not supported; prefix tuning supports "
+                        f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
+                        f"(switch with model.set_attn_implementation('sdpa'))")
+    if base == "eager" and eager_attention(module) is None:
+        raise BindError(f"{what}: {type(module).__module__} defines no eager_attention_forward to wrap; "
+                        f"use model.set_attn_implementation('sdpa')")
