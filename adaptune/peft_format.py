@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from .adaptation import Adaptation, adaptation_of
 from .components.dora import DoRA, DoRAModule
 from .components.lora import LoRA, LoRAModule
 from .errors import AdaptuneError
+from .files import atomic_write_dir
 from .hooks import Binding
 from .points import PROJECTION, Conv1D, linear_weight
 
@@ -89,7 +88,7 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
             tensors[key + ".lora_magnitude_vector"] = layer.magnitude
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     target = Path(directory)
-    _write_atomic(target, config, tensors)
+    _write_export(target, config, tensors)
     return target
 
 
@@ -193,7 +192,7 @@ def peft_config(model: nn.Module, layers: list[PeftLayer]) -> dict[str, Any]:
     }
 
 
-# ---- atomic directory write -----------------------------------------------------------------------
+# ---- writing the directory ---------------------------------------------------------------------------
 
 def _write_files(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     from safetensors.torch import save_file
@@ -205,8 +204,8 @@ def _write_files(directory: Path, config: dict[str, Any], tensors: dict[str, Ten
         os.fsync(f.fileno())
 
 
-def _write_atomic(target: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Write into a temporary sibling of `target`, then swap it into place; no half-written export."""
+def _write_export(target: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Check `target` is a directory adaptune may write over (or nothing), then write it atomically."""
     if target.is_symlink():  # swap at the real place, so the link keeps pointing at the export
         target = target.resolve()
     if target.exists() and not target.is_dir():
@@ -216,23 +215,4 @@ def _write_atomic(target: Path, config: dict[str, Any], tensors: dict[str, Tenso
         if extra:
             raise AdaptuneError(f"cannot export to {str(target)!r}: it holds other files ({', '.join(extra[:5])}); "
                                 f"export into a new directory or over an earlier export")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = target.parent / f".{target.name}.{tag}.tmp"
-    old = target.parent / f".{target.name}.{tag}.old"
-    os.mkdir(tmp)
-    try:
-        _write_files(tmp, config, tensors)
-        if target.exists():
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_dir(target, lambda tmp: _write_files(tmp, config, tensors))
