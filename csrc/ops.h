@@ -1,6 +1,7 @@
 // The device-generic part of every op: shape checks and GEMMs (at::mm / in-place addmm_, which run
 // on the current stream). The fused elementwise parts come from a device struct K (cpu/fused.h:
-// Cpu, cuda/fused.cuh: Cuda) declaring the static members of ADAPTUNE_DEVICE_MEMBERS below.
+// Cpu, cuda/fused.cuh: Cuda) declaring the static members of ADAPTUNE_DEVICE_MEMBERS below. Each
+// op family's cpu/<op>.cpp and cuda/<op>.cu register these functions with m.impl for their key.
 #pragma once
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -190,16 +191,3 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_backward(const Ten
 }
 
 }  // namespace adaptune
-
-// Registers every op for one dispatch key with device struct K.
-#define ADAPTUNE_REGISTER_DORA(K)                                                  \
-  m.impl("dora_norm", &adaptune::dora_norm_forward<K>);                            \
-  m.impl("dora_norm_backward", &adaptune::dora_norm_backward<K>);                     \
-  m.impl("dora", &adaptune::dora_forward<K>);                                      \
-  m.impl("dora_backward", &adaptune::dora_backward<K>);
-#define ADAPTUNE_REGISTER_LORA                                                     \
-  m.impl("lora", &adaptune::lora_forward);                                         \
-  m.impl("lora_backward", &adaptune::lora_backward);
-#define ADAPTUNE_REGISTER_BOTTLENECK(K)                                            \
-  m.impl("bottleneck", &adaptune::bottleneck_forward<K>);                          \
-  m.impl("bottleneck_backward", &adaptune::bottleneck_backward<K>);

@@ -1,32 +1,53 @@
-"""Every compiled op against the pure-PyTorch reference, through the built CPU extension.
+"""Every compiled op against the pure-PyTorch reference, on every device with kernels: the CPU
+extension always, and the CUDA kernels too where a GPU is present (the `device` fixture).
 
 The `require` fixture makes a missing or broken build fail these tests instead of falling back.
 Dropout: the RNG stays in Python (the wrappers draw drop(x) with F.dropout, as the reference does),
 so with the same seed kernel and reference use the same mask.
 """
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptune import ops
-from adaptune.ops import kernels, reference
+from adaptune.ops import reference
 
 settings.register_profile("adaptune-kernels", max_examples=15, deadline=None, derandomize=True)
 kernel_settings = settings(settings.get_profile("adaptune-kernels"))
 TIGHT = dict(rtol=1e-4, atol=1e-4)  # float32, sums in a different order
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module", autouse=True)
 def require_kernels():
     with ops.use_kernels("require"):
-        assert ops.path("lora", "cpu")[0] == "kernel"
         yield
 
 
-def tensors(seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request, require_kernels):
+    """The device a test runs its kernels on: "cpu", and "cuda" where a GPU is present."""
+    assert ops.path("lora", request.param)[0] == "kernel"
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def kernels(require_kernels):
+    """adaptune.ops.kernels, imported once the library is loaded (its registrations need the schemas)."""
+    assert ops.path("lora", "cpu")[0] == "kernel"
+    return importlib.import_module("adaptune.ops.kernels")
+
+
+def tensors(seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
+    return lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+
+def on(device, p):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
 
 
 @st.composite
@@ -44,13 +65,14 @@ def problems(draw, max_rank=256):
 def grads(fn, *leaves):
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     out = fn(*leaves)
-    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape))
     return [out.detach()] + [t.grad for t in leaves]
 
 
 @kernel_settings
-@given(problems())
-def test_lora_matches_reference_forward_and_backward(p):
+@given(p=problems())
+def test_lora_matches_reference_forward_and_backward(device, p):
+    p = on(device, p)
     b = p["b"] if p["bias"] else None
     got = grads(lambda x, A, B: ops.lora(x, p["W"], b, A, B, p["s"]), p["x"], p["A"], p["B"])
     want = grads(lambda x, A, B: reference.lora(x, p["W"], b, A, B, p["s"]), p["x"], p["A"], p["B"])
@@ -59,16 +81,18 @@ def test_lora_matches_reference_forward_and_backward(p):
 
 
 @kernel_settings
-@given(problems())
-def test_dora_norm_matches_reference_with_and_without_cache(p):
+@given(p=problems())
+def test_dora_norm_matches_reference_with_and_without_cache(device, p):
+    p = on(device, p)
     W, A, B, s = p["W"], p["A"], p["B"], p["s"]
     for cached in (None, W.pow(2).sum(1)):
         torch.testing.assert_close(ops.dora_norm(W, A, B, s, cached), reference.dora_norm(W, A, B, s, cached), **TIGHT)
 
 
 @kernel_settings
-@given(problems(), st.booleans())
-def test_dora_matches_reference_forward_and_backward(p, detach_norm):
+@given(p=problems(), detach_norm=st.booleans())
+def test_dora_matches_reference_forward_and_backward(device, p, detach_norm):
+    p = on(device, p)
     b, W, s = (p["b"] if p["bias"] else None), p["W"], p["s"]
     cached = W.pow(2).sum(1)
     run = lambda fn: grads(lambda x, A, B, m: fn(x, W, b, A, B, m, s, 0.0, False, cached, detach_norm),  # noqa: E731
@@ -78,11 +102,12 @@ def test_dora_matches_reference_forward_and_backward(p, detach_norm):
 
 
 @kernel_settings
-@given(problems(max_rank=64), st.sampled_from(sorted(ops.ACTIVATIONS)), st.booleans())
-def test_bottleneck_matches_reference_serial_and_parallel(p, act, parallel):
+@given(p=problems(max_rank=64), act=st.sampled_from(sorted(ops.ACTIVATIONS)), parallel=st.booleans())
+def test_bottleneck_matches_reference_serial_and_parallel(device, p, act, parallel):
+    p = on(device, p)
     x = p["x"]
     d, m = p["W"].shape  # model width d, bottleneck width m
-    t = tensors(7)
+    t = tensors(7, device=device)
     h = t(*x.shape[:-1], d)  # sublayer output = residual
     bd, bu = (t(m), t(d)) if p["bias"] else (None, None)
     Wd, Wu = t(m, x.shape[-1] if parallel else d) / 4, t(d, m) / 4
@@ -94,8 +119,8 @@ def test_bottleneck_matches_reference_serial_and_parallel(p, act, parallel):
         torch.testing.assert_close(g, w, **TIGHT)
 
 
-def test_non_contiguous_inputs_and_transposed_weights():
-    t = tensors(3)
+def test_non_contiguous_inputs_and_transposed_weights(device):
+    t = tensors(3, device=device)
     x = t(9, 4, 23).transpose(0, 1)  # (4, 9, 23), non-contiguous
     W = t(23, 17).t()  # (17, 23) transposed, as GPT-2's Conv1D gives it
     A, B, b, m = t(5, 23)[:, :], t(17, 10)[:, ::2], t(34)[::2], t(17).abs() + 0.5
@@ -108,8 +133,8 @@ def test_non_contiguous_inputs_and_transposed_weights():
 
 
 @pytest.mark.parametrize("op", ["lora", "dora"])
-def test_dropout_uses_the_same_mask_as_the_reference(op):
-    t = tensors(4)
+def test_dropout_uses_the_same_mask_as_the_reference(op, device):
+    t = tensors(4, device=device)
     x, W, b, A, B, m = t(3, 5, 16), t(12, 16), t(12), t(4, 16), t(12, 4), t(12).abs() + 0.5
     args = (x, W, b, A, B) + ((m,) if op == "dora" else ()) + (2.0, 0.5, True)
     results = []
@@ -123,8 +148,8 @@ def test_dropout_uses_the_same_mask_as_the_reference(op):
     assert not torch.allclose(getattr(ops, op)(*args), getattr(ops, op)(*args[:-2], 0.0, False))  # dropout was on
 
 
-def opcheck_cases():
-    t = tensors(5)
+def opcheck_cases(device):
+    t = tensors(5, device=device)
     x, W, b, A, B, m = t(2, 3, 8), t(6, 8), t(6), t(3, 8), t(6, 3), t(6).abs() + 0.5
     n = reference.dora_norm(W, A, B, 1.5)
     g = lambda *ts: [u.clone().requires_grad_(True) for u in ts]  # noqa: E731
@@ -142,13 +167,13 @@ def opcheck_cases():
 
 
 @pytest.mark.parametrize("case", range(8))
-def test_opcheck(case):
-    name, args = opcheck_cases()[case]
+def test_opcheck(case, device):
+    name, args = opcheck_cases(device)[case]
     torch.library.opcheck(getattr(torch.ops.adaptune, name).default, args)
 
 
-def test_gradcheck_in_float64():
-    t = tensors(6, torch.float64)
+def test_gradcheck_in_float64(device, kernels):
+    t = tensors(6, torch.float64, device)
     x, W, b, A, B, m = t(2, 3, 7), t(5, 7), t(5), t(3, 7), t(5, 3), t(5).abs() + 0.5
     leaf = lambda u: u.clone().requires_grad_(True)  # noqa: E731
     assert torch.autograd.gradcheck(lambda x, A, B: kernels.lora(x, W, b, A, B, 1.5), (leaf(x), leaf(A), leaf(B)))
@@ -179,9 +204,9 @@ class Tiny(torch.nn.Module):
         return ops.bottleneck(v, v, self.down, None, self.up, None, 1.0, "gelu")
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(device):
     torch._dynamo.reset()
-    model, x = Tiny(), tensors(9)(2, 5, 16)
+    model, x = Tiny().to(device), tensors(9, device=device)(2, 5, 16)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     eager_out, compiled_out = model(x), compiled(x)
     torch.testing.assert_close(compiled_out, eager_out, **TIGHT)
@@ -192,15 +217,15 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.parametrize("op", ["lora", "dora", "bottleneck"])
-def test_autocast_runs_the_reference(op, monkeypatch):
+def test_autocast_runs_the_reference(op, device, monkeypatch):
     monkeypatch.setattr(ops, "_warned", set())
-    t = tensors(12)
+    t = tensors(12, device=device)
     x, W, b, A, B, m = t(3, 8), t(6, 8), t(6), t(2, 8), t(6, 2), t(6).abs() + 0.5
     Wd, bd, Wu, bu = t(4, 8), t(4), t(8, 4), t(8)
     call = {"lora": lambda f: f.lora(x, W, b, A, B, 1.5),
             "dora": lambda f: f.dora(x, W, b, A, B, m, 1.5),
             "bottleneck": lambda f: f.bottleneck(x, x, Wd, bd, Wu, bu, 0.5, "gelu")}[op]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         want = call(reference)
         with pytest.warns(RuntimeWarning, match="under torch.autocast runs the reference"):
             got = call(ops)

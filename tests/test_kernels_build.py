@@ -3,6 +3,7 @@ every .cu (the CUDA kernels are compile-checked here, not run: CI has no GPU).""
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -105,6 +106,22 @@ def test_prune_removes_older_builds_nobody_is_using(tmp_path, monkeypatch):
         removed = build.prune("cpu", keep=current)
     assert removed == [old] and not old.exists()
     assert current.is_dir() and busy.is_dir() and other.is_dir()
+
+
+def test_importing_adaptune_builds_and_loads_nothing_and_kernels_needs_the_library():
+    """`adaptune.ops.kernels` registers fakes and autograd at import: it is imported only after the build."""
+    code = (
+        "import sys, torch, adaptune, adaptune.ops\n"
+        "assert not {'adaptune.ops.build', 'adaptune.ops.kernels', 'torch.utils.cpp_extension'} & set(sys.modules)\n"
+        "assert not hasattr(torch.ops.adaptune, 'lora')\n"
+        "try:\n"
+        "    import adaptune.ops.kernels\n"
+        "except ImportError as error:\n"
+        "    assert 'adaptune.ops.builds()' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('adaptune.ops.kernels imported without the library')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_trainable_base_weight_runs_the_reference_with_a_warning(monkeypatch):

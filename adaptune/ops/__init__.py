@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from ..errors import AdaptuneError, ConfigError
 from . import reference
 from .reference import ACTIVATIONS
+
+if TYPE_CHECKING:
+    from .build import Build
 
 MODES = ("auto", "off", "require")
 OPS = ("lora", "dora", "dora_norm", "bottleneck")
@@ -65,15 +70,16 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def builds():
+def builds() -> dict[str, Build]:
     """Build (or load the cached build of) the extension once per process; {device type: Build}."""
     global _builds
     if _builds is None:
-        from . import build, kernels
+        from . import build
 
-        _builds = build.build_all()
-        if any(b.ok for b in _builds.values()):
-            kernels.register()
+        results = build.build_all()
+        if any(b.ok for b in results.values()):
+            from . import kernels  # noqa: F401 — importing it registers the fakes and autograd
+        _builds = results
     return _builds
 
 
@@ -97,7 +103,7 @@ def _kernel_ready(device: str) -> bool:
     return result.ok
 
 
-def _use_kernel(op: str, x: torch.Tensor, *base) -> bool:
+def _use_kernel(op: str, x: Tensor, *base: Tensor | None) -> bool:
     if not _kernel_ready(x.device.type):
         return False
     if any(t is not None and t.requires_grad for t in base):
@@ -127,7 +133,8 @@ def path(op: str, device: str) -> tuple[str, str]:
     return "reference", f"kernels not available: {result.reason.splitlines()[0]}"
 
 
-def lora(x, weight, bias, A, B, scale, dropout=0.0, training=False):
+def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+         dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ; see `reference.lora`."""
     if _use_kernel("lora", x, weight, bias):
         from . import kernels
@@ -135,7 +142,7 @@ def lora(x, weight, bias, A, B, scale, dropout=0.0, training=False):
     return reference.lora(x, weight, bias, A, B, scale, dropout, training)
 
 
-def dora_norm(weight, A, B, scale, weight_norm_sq=None):
+def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_norm_sq: Tensor | None = None) -> Tensor:
     """Row norms of W + s·B·A by the factored formula; see `reference.dora_norm`."""
     if _use_kernel("dora_norm", weight, weight):
         from . import kernels
@@ -143,8 +150,9 @@ def dora_norm(weight, A, B, scale, weight_norm_sq=None):
     return reference.dora_norm(weight, A, B, scale, weight_norm_sq)
 
 
-def dora(x, weight, bias, A, B, magnitude, scale, dropout=0.0, training=False, weight_norm_sq=None,
-         detach_norm=True):
+def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, scale: float,
+         dropout: float = 0.0, training: bool = False, weight_norm_sq: Tensor | None = None,
+         detach_norm: bool = True) -> Tensor:
     """y = (m / n) ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b; see `reference.dora`."""
     if _use_kernel("dora", x, weight, bias):
         from . import kernels
@@ -152,7 +160,8 @@ def dora(x, weight, bias, A, B, magnitude, scale, dropout=0.0, training=False, w
     return reference.dora(x, weight, bias, A, B, magnitude, scale, dropout, training, weight_norm_sq, detach_norm)
 
 
-def bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale=1.0, act="relu"):
+def bottleneck(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
+               up_bias: Tensor | None, scale: float = 1.0, act: str = "relu") -> Tensor:
     """y = residual + s·up(act(down(x))); see `reference.bottleneck`."""
     if _use_kernel("bottleneck", x):
         from . import kernels

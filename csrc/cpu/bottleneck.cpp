@@ -42,8 +42,9 @@ Tensor Cpu::residual_bias(const Tensor& residual, const OptTensor& bias, double 
   return bias ? at::add(residual, *bias, s) : residual.clone(at::MemoryFormat::Contiguous);
 }
 
-}  // namespace adaptune
-
 TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
-  ADAPTUNE_REGISTER_BOTTLENECK(adaptune::Cpu)
+  m.impl("bottleneck", &bottleneck_forward<Cpu>);
+  m.impl("bottleneck_backward", &bottleneck_backward<Cpu>);
 }
+
+}  // namespace adaptune

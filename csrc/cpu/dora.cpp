@@ -32,8 +32,11 @@ std::tuple<Tensor, Tensor> Cpu::dora_scale_backward(const Tensor& dy, const Tens
   return {dy * scale_of(m, n, dy.scalar_type()), dm};
 }
 
-}  // namespace adaptune
-
 TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
-  ADAPTUNE_REGISTER_DORA(adaptune::Cpu)
+  m.impl("dora_norm", &dora_norm_forward<Cpu>);
+  m.impl("dora_norm_backward", &dora_norm_backward<Cpu>);
+  m.impl("dora", &dora_forward<Cpu>);
+  m.impl("dora_backward", &dora_backward<Cpu>);
 }
+
+}  // namespace adaptune

@@ -3,6 +3,11 @@
 
 #include "../ops.h"
 
+namespace adaptune {
+
 TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
-  ADAPTUNE_REGISTER_LORA
+  m.impl("lora", &lora_forward);
+  m.impl("lora_backward", &lora_backward);
 }
+
+}  // namespace adaptune

@@ -86,8 +86,9 @@ Tensor Cuda::residual_bias(const Tensor& residual, const OptTensor& bias, double
   return y;
 }
 
-}  // namespace adaptune
-
 TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
-  ADAPTUNE_REGISTER_BOTTLENECK(adaptune::Cuda)
+  m.impl("bottleneck", &bottleneck_forward<Cuda>);
+  m.impl("bottleneck_backward", &bottleneck_backward<Cuda>);
 }
+
+}  // namespace adaptune

@@ -113,8 +113,11 @@ std::tuple<Tensor, Tensor> Cuda::dora_scale_backward(const Tensor& dy, const Ten
   return {dz, part.sum(0).div_(nc).to(n.scalar_type())};
 }
 
-}  // namespace adaptune
-
 TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
-  ADAPTUNE_REGISTER_DORA(adaptune::Cuda)
+  m.impl("dora_norm", &dora_norm_forward<Cuda>);
+  m.impl("dora_norm_backward", &dora_norm_backward<Cuda>);
+  m.impl("dora", &dora_forward<Cuda>);
+  m.impl("dora_backward", &dora_backward<Cuda>);
 }
+
+}  // namespace adaptune

@@ -4,6 +4,11 @@
 
 #include "../ops.h"
 
+namespace adaptune {
+
 TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
-  ADAPTUNE_REGISTER_LORA
+  m.impl("lora", &lora_forward);
+  m.impl("lora_backward", &lora_backward);
 }
+
+}  // namespace adaptune
