@@ -69,6 +69,7 @@ class Adaptation(nn.Module):
         self._task = None
         self._enabled = True
         self._installed = False
+        self._detached = False
         self.hooks: dict[tuple, Hook] = {}
         self.shared = Group()
         self.tasks = nn.ModuleDict({name: Group() for name in self.task_names})
@@ -133,7 +134,8 @@ class Adaptation(nn.Module):
             del model._modules["adaptune"]
 
     def detach(self) -> nn.Module:
-        """Unmerge, remove every hook, unfreeze: the model is back to its original, bit-exact."""
+        """Unmerge, remove every hook, unfreeze: the model is back to its original, bit-exact.
+        A detached adaptation is spent: detach() again returns the model, every other method raises."""
         if not self._installed:
             return self.model
         if self.merged:
@@ -141,8 +143,18 @@ class Adaptation(nn.Module):
         for hook in reversed(list(self.hooks.values())):
             hook.remove()
         self._restore(self.model)
-        self._installed = False
+        self._installed, self._detached = False, True
         return self.model
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise AdaptuneError("this adaptation was detached from its model; attach(model, ...) or "
+                                "load(model, path) again for a new one")
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The identity: the adaptation acts through hooks, and a container that calls every child
+        (nn.Sequential) passes its input through unchanged."""
+        return x
 
     # ---- tasks ----------------------------------------------------------------------------------
 
@@ -159,6 +171,9 @@ class Adaptation(nn.Module):
         return self._enabled and (group is None or group == self._task)
 
     def _check_task(self, name: str | None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TaskError(f"a task is named by a string (or None: shared components only), got "
+                            f"{type(name).__name__}: {name!r}")
         if name is not None and name not in self.tasks:
             valid = ", ".join(map(repr, self.task_names)) or "none (this adaptation has no tasks)"
             raise TaskError(f"unknown task {name!r}; tasks: {valid}")
@@ -173,6 +188,7 @@ class Adaptation(nn.Module):
 
     def use(self, task: str | None) -> "Adaptation":
         """Make `task` the active task (None: shared components only)."""
+        self._check_attached()
         self._check_task(task)
         if task != self._task:
             self._check_unmerged("switch tasks")
@@ -190,6 +206,7 @@ class Adaptation(nn.Module):
             self.use(previous)
 
     def enable(self, on: bool = True) -> "Adaptation":
+        self._check_attached()
         if on != self._enabled:
             self._check_unmerged("enable or disable components")
         self._enabled = on
@@ -216,6 +233,7 @@ class Adaptation(nn.Module):
 
     def merge(self) -> "Adaptation":
         """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge)."""
+        self._check_attached()
         ready = [(hook, hook.mergeable()) for hook in self.hooks.values()]  # all checked before any change
         for hook, bindings in ready:
             hook.merge(bindings)
@@ -223,6 +241,7 @@ class Adaptation(nn.Module):
 
     def unmerge(self) -> "Adaptation":
         """Restore the base weights saved by merge(), bit-exact."""
+        self._check_attached()
         for hook in self.hooks.values():
             hook.unmerge()
         return self
@@ -232,6 +251,7 @@ class Adaptation(nn.Module):
     def bindings(self, groups: Iterable[str | None] | None = None, kind: str | None = None) -> Iterator[Binding]:
         """Every component module bound to the model, hook by hook in build order; `groups` keeps those of
         the given groups (None: the shared set, else task names), `kind` those at points of one kind."""
+        self._check_attached()
         if groups is not None:
             groups = set(groups)
             for name in groups - {None}:
@@ -243,10 +263,12 @@ class Adaptation(nn.Module):
 
     def save(self, path: Any) -> Any:
         """Save the components to one .safetensors file (see adaptune.saved); returns its path."""
+        self._check_attached()
         return write_saved(self, path)
 
     def counts(self) -> Counts:
         """Parameter counts: base, shared, per task (see adaptune.accounting)."""
+        self._check_attached()
         return count(self)
 
     # ---- reporting ------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ from .adaptation import Adaptation, adaptation_of
 from .attach import attach
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
-from .saved import fingerprint, read, write
+from .saved import fingerprint, read
 
 
 def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
     """Save the components of `model`'s adaptation (not the base weights) to one .safetensors file."""
-    return write(adaptation_of(model), path)
+    return adaptation_of(model).save(path)
 
 
 def load(model: nn.Module, path: str | os.PathLike, *, active: str | None = None) -> Adaptation:

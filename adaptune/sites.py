@@ -56,6 +56,14 @@ _ROLE_SITES = {
 }
 
 
+def _require_linear(module: nn.Module, path: str, what: str) -> None:
+    if not is_linear(module):
+        wrapped = (" (it wraps another layer: is the model already adapted, e.g. by PEFT? Call merge_and_unload() "
+                   "on it, or attach to the base model)" if hasattr(module, "base_layer") else "")
+        raise BindError(f"{what} cannot bind to {path!r}: it is a {type(module).__name__}, not a Linear or "
+                        f"Conv1D layer{wrapped}")
+
+
 class SiteMap:
     """Resolves selectors on one model to points."""
 
@@ -119,7 +127,9 @@ class SiteMap:
             if not m:
                 raise SiteError(f"bad layer range {layers!r} in {selector!r}; write N, A-B, A,B or *")
             lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
-            if lo > hi or hi >= n:
+            if lo > hi:
+                raise SiteError(f"layers {part} in {selector!r} is a reversed range; write {hi}-{lo}")
+            if hi >= n:
                 raise SiteError(f"layers {part} in {selector!r} out of range: this model has {n} layers (0-{n - 1})")
             out.extend(range(lo, hi + 1))
         return sorted(set(out))
@@ -130,14 +140,19 @@ class SiteMap:
             module = getattr(module, part)
         return module
 
+    def _linear(self, layer: int, path: str, what: str) -> nn.Module:
+        module = self._get(layer, path)
+        _require_linear(module, f"layers.{layer}.{path}", what)
+        return module
+
     def _layer_points(self, i: int, site: str, role: str, what: str) -> list[Point]:
         a = self.arch
         if role == PROJECTION:
             names = {"attn": ["q", "k", "v"], "ffn": ["up", "down"]}.get(site) or [site.split(".")[1]]
-            return [self._projection(i, name) for name in names]
+            return [self._projection(i, name, what) for name in names]
         if role == SUBLAYER and site in ("attn", "ffn"):
             inp, out = (a.q, a.o) if site == "attn" else (a.up, a.down)
-            in_module, out_module = self._get(i, inp), self._get(i, out)
+            in_module, out_module = self._linear(i, inp, what), self._linear(i, out, what)
             position = ATTENTION_SUBLAYER if site == "attn" else FFN_SUBLAYER
             return [Point(SUBLAYER, f"layers:{i}:{site}", site, i, out_module, linear_dims(in_module)[0],
                           linear_dims(out_module)[1], in_module=in_module, position=position)]
@@ -151,10 +166,10 @@ class SiteMap:
                           n_kv_heads=kv_heads, head_dim=head_dim)]
         raise BindError(f"{what} cannot bind to {site!r}; it binds to {_ROLE_SITES[role]}")
 
-    def _projection(self, i: int, name: str) -> Point:
+    def _projection(self, i: int, name: str, what: str = "a component") -> Point:
         a = self.arch
         path = {"q": a.q, "k": a.k, "v": a.v, "o": a.o, "up": a.up, "down": a.down}[name]
-        module = self._get(i, path)
+        module = self._linear(i, path, what)
         inp, out = linear_dims(module)
         rows = None
         if a.fused_qkv and name in ("q", "k", "v"):
@@ -169,9 +184,7 @@ class SiteMap:
         key = "module:" + path.replace(".", ":")
         if role not in (PROJECTION, SUBLAYER):
             raise BindError(f"{what} cannot bind to module path {path!r}; it binds to {_ROLE_SITES[role]}")
-        if not is_linear(module):
-            raise BindError(f"{what} cannot bind to {path!r}: it is a {type(module).__name__}, "
-                            f"not a Linear or Conv1D layer")
+        _require_linear(module, path, what)
         inp, out = linear_dims(module)
         if role == PROJECTION:
             return Point(PROJECTION, key, path, None, module, inp, out)

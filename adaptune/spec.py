@@ -21,6 +21,12 @@ def parse_component(text: str) -> Component:
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         raise ConfigError(f"a component is written Name(args), e.g. LoRA(12); got {text!r}")
     name = node.func.id
+    names = [k.arg for k in node.keywords]
+    if None in names:
+        raise ConfigError(f"{text!r}: write arguments out (name=value); **kwargs is not accepted")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{text!r} gives {', '.join(repeated)} more than once; give each argument once")
     if name not in REGISTRY:
         raise ConfigError(f"unknown component {name!r} in {text!r}; known: {', '.join(sorted(REGISTRY))}")
     try:
@@ -40,11 +46,17 @@ def parse_stack(text: str) -> Stack:
 
 def parse_spec(text: str) -> dict[str, Stack]:
     """`attn=LoRA(12)|Prefix(10); ffn=Adapter(64)` -> {"attn": Stack, "ffn": Stack}."""
+    if not isinstance(text, str):
+        raise ConfigError(f"a spec is text such as 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)', "
+                          f"got {type(text).__name__}: {text!r}")
     out: dict[str, Stack] = {}
     for item in filter(None, (s.strip() for s in text.split(";"))):
         selector, eq, stack = item.partition("=")
         if not eq or not selector.strip():
             raise ConfigError(f"write each site as selector=Stack, e.g. 'attn=LoRA(12)'; got {item!r}")
+        if selector.strip() in out:
+            raise ConfigError(f"selector {selector.strip()!r} appears twice in {text!r}; stack its components "
+                              f"with '|' instead ({selector.strip()}=LoRA(4)|Adapter(8))")
         out[selector.strip()] = parse_stack(stack)
     if not out:
         raise ConfigError(f"empty spec {text!r}; e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'")

@@ -32,12 +32,12 @@ def assert_unchanged(model, ids, before, output):
     (lambda: DoRA(0), "r must be a positive integer"),
     (lambda: LoRA(2.5), "r must be a positive integer"),
     (lambda: LoRA(True), "r must be a positive integer"),
-    (lambda: LoRA(4, alpha=0), "alpha must be a positive number"),
+    (lambda: LoRA(4, alpha=0), "alpha must be a positive finite number"),
     (lambda: LoRA(4, dropout=1.0), r"dropout must be a float in \[0, 1\)"),
     (lambda: Adapter(0), "dim must be a positive integer"),
     (lambda: Adapter(8, placement="middle"), "placement must be one of 'serial', 'parallel'; got 'middle'"),
     (lambda: Adapter(8, act="swish"), "act must be one of .*'relu'.*; got 'swish'"),
-    (lambda: Adapter(8, scale=-1.0), "scale must be a positive number"),
+    (lambda: Adapter(8, scale=-1.0), "scale must be a positive finite number"),
 ])
 def test_bad_constructor_arguments_raise_config_error(component, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -7,6 +7,7 @@ serialises to JSON and back.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Iterator
 
 from torch import nn
@@ -62,8 +63,8 @@ class Component:
 
 def check_positive(name: str, value: Any, kind: type | tuple[type, ...] = int) -> None:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        label = "integer" if kinds == (int,) else "number"
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+        label = "integer" if kinds == (int,) else "finite number"
         raise ConfigError(f"{name} must be a positive {label}, got {value!r}")
 
 

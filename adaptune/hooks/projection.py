@@ -44,6 +44,11 @@ class ProjectionHook(Hook):
         return (self._previous or type(module).forward.__get__(module))(*args, **kwargs)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self._backups and self.point.module.training and torch.is_grad_enabled() and any(
+                p.requires_grad for b in self._backups for p in b.module.parameters()):
+            raise MergeError(f"cannot train {self.point.where()} while its updates are merged into the base weights: "
+                             f"merged components get no gradient; call unmerge() before training (or eval() / "
+                             f"torch.no_grad() to run merged)")
         active = self.active()
         if not active:
             return self._base(x, *args, **kwargs)
