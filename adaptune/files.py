@@ -1,36 +1,99 @@
-"""Writing files so that a reader never sees half of one: the bottom layer, beside errors."""
+"""Writing files so that a reader never sees half of one: the bottom layer, beside errors.
+
+A write goes into a hidden sibling directory named after the target and the writing process
+(`.<name>.<pid>-<tag>.tmp`) and is then renamed over the target. A directory is swapped in with one
+atomic exchange (Linux renameat2 RENAME_EXCHANGE), so the target path holds a complete copy, old or
+new, at every instant; where the exchange is unsupported it falls back to two renames, keeping the old
+copy as `.<name>.<pid>-<tag>.old` in between. Siblings left by a killed writer are cleaned up by the
+next write to the same target (an `.old` whose target is missing is put back first).
+"""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.{suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> None:
+    """Remove what killed writers of `path` left beside it; restore an `.old` copy if `path` is gone."""
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.(tmp|old)$")
+    found = [(m, p) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
+    for m, stale in sorted(found, key=lambda mp: mp[0][2] == "tmp"):  # .old first
+        if int(m[1]) == os.getpid() or _alive(int(m[1])):
+            continue
+        if m[2] == "old" and not os.path.lexists(path):
+            os.rename(stale, path)
+        elif stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure."""
+    """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure.
+    tmp_path lies in a private sibling directory, so whatever temporary files `write` itself makes
+    (safetensors makes its own) are cleaned up with it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    clean_stale(path)
+    tmp = _sibling(path, "tmp")
+    os.mkdir(tmp)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write(tmp / path.name)
+        os.replace(tmp / path.name, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system cannot (then nothing moved)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without renameat2
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system or kernel without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp_dir) on a new sibling directory, then swap it in for `path`; the old
-    directory survives any failure before the swap (the swap is two renames)."""
+    """Call write(tmp_dir) on a new sibling directory, then swap it in for `path`; `path` holds a
+    complete directory, the old or the new one, at every instant (see the module docstring)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = path.parent / f".{path.name}.{tag}.tmp"
-    old = path.parent / f".{path.name}.{tag}.old"
+    clean_stale(path)
+    tmp = _sibling(path, "tmp")
     os.mkdir(tmp)
     try:
         write(tmp)
-        if path.exists():
+        if not path.exists():
+            os.rename(tmp, path)
+        elif not exchange(tmp, path):
+            old = _sibling(path, "old")
             os.rename(path, old)
             try:
                 os.rename(tmp, path)
@@ -38,8 +101,6 @@ def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:
                 os.rename(old, path)
                 raise
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # after an exchange: the old directory
             shutil.rmtree(tmp, ignore_errors=True)

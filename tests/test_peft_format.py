@@ -9,7 +9,7 @@ from helpers import randomize, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 from adaptune import Adapter, AdaptuneError, DoRA, LoadError, LoRA, TaskError, attach
-from adaptune import peft_format
+from adaptune import files, peft_format
 from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft
 from adaptune.peft_read import import_peft
 
@@ -245,7 +245,7 @@ def _snapshot(directory):
     return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
 
 
-@pytest.mark.parametrize("failure", ["while writing", "while swapping"])
+@pytest.mark.parametrize("failure", ["while writing", "while exchanging", "while renaming (no exchange)"])
 def test_failed_export_keeps_the_previous_one(failure, tmp_path, monkeypatch):
     model = tiny_gpt2()
     a = attach(model, {"attn": LoRA(4)})
@@ -258,14 +258,19 @@ def test_failed_export_keeps_the_previous_one(failure, tmp_path, monkeypatch):
             save_file(tensors, str(directory / WEIGHTS_NAME))
             raise OSError("disk full")
         monkeypatch.setattr(peft_format, "_write_files", write)
-    else:
+    elif failure == "while exchanging":
+        def exchange(a, b):
+            raise OSError("exchange failed")
+        monkeypatch.setattr(files, "exchange", exchange)
+    else:  # a system without exchange: two renames
+        monkeypatch.setattr(files, "exchange", lambda a, b: False)
         rename, calls = os.rename, []
         def flaky(src, dst):  # the old export moves aside, then the new one fails to move in
             calls.append(src)
             if len(calls) == 2:
                 raise OSError("rename failed")
             rename(src, dst)
-        monkeypatch.setattr(peft_format.os, "rename", flaky)
+        monkeypatch.setattr(files.os, "rename", flaky)
     with pytest.raises(OSError):
         export_peft(a, tmp_path / "x")
     monkeypatch.undo()
