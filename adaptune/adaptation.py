@@ -50,9 +50,14 @@ class Group(nn.Module):
         self.common = nn.ModuleDict()  # index -> module shared by all points of one component
 
 
-def _reference(point: Point) -> torch.Tensor:
-    """A parameter of the model at `point`: components are built on its device, in its dtype."""
-    return next(point.module.parameters())
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _placement(point: Point) -> tuple[torch.device, torch.dtype]:
+    """Where components at `point` live: on its module's device, in its dtype, but float32 on a
+    half-precision base (as PEFT: updates trained in float16 overflow; the ops compute them in float32)."""
+    ref = next(point.module.parameters())
+    return ref.device, torch.float32 if ref.dtype in HALF else ref.dtype
 
 
 class Adaptation(nn.Module):
@@ -92,11 +97,9 @@ class Adaptation(nn.Module):
                 shared = component.shared(ctx)
                 # a component may return a module it already registered in this group, to reuse it
                 if shared is not None and all(m is not shared for m in target.common.values()):
-                    ref = _reference(points[0])
-                    target.common[str(len(target.common))] = shared.to(ref.device, ref.dtype)
+                    target.common[str(len(target.common))] = shared.to(*_placement(points[0]))
                 for point in points:
-                    ref = _reference(point)
-                    bound = component.bind(point, shared).to(ref.device, ref.dtype)
+                    bound = component.bind(point, shared).to(*_placement(point))
                     if point.key not in target.points:
                         target.points[point.key] = nn.ModuleList()
                     target.points[point.key].append(bound)

@@ -81,9 +81,10 @@ class ProjectionHook(Hook):
                 raise MergeError(f"cannot merge {what}: its weight is tied to {', '.join(tied)}, which merging "
                                  f"would change too; nothing was merged")
             with torch.no_grad():
-                if not torch.isfinite(b.module.merged_weight(weight[b.point.out_rows])).all():
-                    raise MergeError(f"merging {what} gives non-finite weights (NaN or inf in its parameters); "
-                                     f"nothing was merged")
+                merged = b.module.merged_weight(weight[b.point.out_rows]).to(weight.dtype)  # as merge() writes it
+                if not torch.isfinite(merged).all():
+                    raise MergeError(f"merging {what} gives non-finite weights in {weight.dtype} (NaN or inf in its "
+                                     f"parameters, or values beyond the dtype's range); nothing was merged")
             out.append(b)
         return out
 

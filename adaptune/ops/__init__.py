@@ -13,7 +13,8 @@ oracle kernels are tested against. `ADAPTUNE_KERNELS` or `use_kernels()` picks t
 `auto` (kernel if it builds, else the reference after one warning with the compiler's reason),
 `off` (always the reference), `require` (kernel or an `AdaptuneError`). A trainable base weight
 or bias always runs the reference: the kernels compute no gradient for them. So does a call under
-`torch.autocast` (the kernels take operands of one dtype; cast the model to use them).
+`torch.autocast`, and so do components whose dtype differs from the input's (float32 components on a
+half-precision base): the kernels take operands of one dtype.
 """
 from __future__ import annotations
 
@@ -103,9 +104,11 @@ def _kernel_ready(device: str) -> bool:
     return result.ok
 
 
-def _use_kernel(op: str, x: Tensor, *base: Tensor | None) -> bool:
+def _use_kernel(op: str, x: Tensor, *base: Tensor | None, params: tuple[Tensor | None, ...] = ()) -> bool:
     if not _kernel_ready(x.device.type):
         return False
+    if any(t is not None and t.dtype != x.dtype for t in params):
+        return False  # mixed precision (float32 components, half base): the reference
     if any(t is not None and t.requires_grad for t in base):
         _warn_once(f"trainable:{op}", f"adaptune: {op} on a trainable base weight or bias runs the reference "
                    "(the kernels compute no gradient for the frozen base)")
@@ -136,7 +139,7 @@ def path(op: str, device: str) -> tuple[str, str]:
 def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
          dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ; see `reference.lora`."""
-    if _use_kernel("lora", x, weight, bias):
+    if _use_kernel("lora", x, weight, bias, params=(A, B)):
         from . import kernels
         return kernels.lora(x, weight, bias, A, B, scale, dropout, training)
     return reference.lora(x, weight, bias, A, B, scale, dropout, training)
@@ -144,7 +147,7 @@ def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s
 
 def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_norm_sq: Tensor | None = None) -> Tensor:
     """Row norms of W + s·B·A by the factored formula; see `reference.dora_norm`."""
-    if _use_kernel("dora_norm", weight, weight):
+    if _use_kernel("dora_norm", weight, weight, params=(A, B)):
         from . import kernels
         return kernels.dora_norm(weight, A, B, scale, weight_norm_sq)
     return reference.dora_norm(weight, A, B, scale, weight_norm_sq)
@@ -154,7 +157,7 @@ def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m
          dropout: float = 0.0, training: bool = False, weight_norm_sq: Tensor | None = None,
          detach_norm: bool = True) -> Tensor:
     """y = (m / n) ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b; see `reference.dora`."""
-    if _use_kernel("dora", x, weight, bias):
+    if _use_kernel("dora", x, weight, bias, params=(A, B, magnitude)):
         from . import kernels
         return kernels.dora(x, weight, bias, A, B, magnitude, scale, dropout, training, weight_norm_sq, detach_norm)
     return reference.dora(x, weight, bias, A, B, magnitude, scale, dropout, training, weight_norm_sq, detach_norm)
@@ -163,7 +166,7 @@ def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m
 def bottleneck(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
                up_bias: Tensor | None, scale: float = 1.0, act: str = "relu") -> Tensor:
     """y = residual + s·up(act(down(x))); see `reference.bottleneck`."""
-    if _use_kernel("bottleneck", x):
+    if _use_kernel("bottleneck", x, params=(residual, down_weight, down_bias, up_weight, up_bias)):
         from . import kernels
         return kernels.bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale, act)
     return reference.bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale, act)

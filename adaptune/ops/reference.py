@@ -1,6 +1,8 @@
 """Pure-PyTorch reference of every op: the fallback on every machine and the oracle of every test.
 
 Shapes: x (..., in), weight (out, in), bias (out,), A (r, in), B (out, r), magnitude (out,).
+Precision: the components' part runs in their parameters' dtype (float32 on a half-precision base),
+and the sum is returned in the base's dtype, as PEFT does.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s
          dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ — W is never combined with B·A."""
     y = F.linear(x, weight, bias)  # (..., out)
-    low = F.linear(F.linear(_drop(x, dropout, training), A), B)  # (..., r) -> (..., out)
-    return y + scale * low
+    low = F.linear(F.linear(_drop(x, dropout, training).to(A.dtype), A), B)  # (..., r) -> (..., out)
+    return (y + scale * low).to(y.dtype)
 
 
 def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float,
@@ -55,9 +57,10 @@ def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m
             norm = dora_norm(weight, A, B, scale, weight_norm_sq)
     else:
         norm = dora_norm(weight, A, B, scale, weight_norm_sq)
-    y = F.linear(x, weight)  # (..., out)
-    y = y + scale * F.linear(F.linear(_drop(x, dropout, training), A), B)
-    y = y * (magnitude / norm).to(y.dtype)
+    dtype = torch.promote_types(x.dtype, A.dtype)
+    y = F.linear(x, weight).to(dtype)  # (..., out)
+    y = y + scale * F.linear(F.linear(_drop(x, dropout, training).to(A.dtype), A), B).to(dtype)
+    y = (y * (magnitude / norm).to(dtype)).to(x.dtype)
     return y + bias if bias is not None else y
 
 
@@ -65,5 +68,5 @@ def bottleneck(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tens
                up_weight: Tensor, up_bias: Tensor | None, scale: float = 1.0,
                act: str = "relu") -> Tensor:
     """y = residual + s·up(act(down(x))). Serial placement: x is residual; parallel: x is the sublayer input."""
-    h = ACTIVATIONS[act](F.linear(x, down_weight, down_bias))  # (..., m)
-    return residual + scale * F.linear(h, up_weight, up_bias)  # (..., d)
+    h = ACTIVATIONS[act](F.linear(x.to(down_weight.dtype), down_weight, down_bias))  # (..., m)
+    return (residual + scale * F.linear(h, up_weight, up_bias)).to(residual.dtype)  # (..., d)
