@@ -1,4 +1,6 @@
-"""`adaptune inspect` and `adaptune info`: parse, call adaptune, render with rich."""
+"""The adaptune CLI (inspect, info, run multitask, report, bench): parse, call adaptune, render with rich.
+
+`run multitask`'s options are generated from the fields of Method and ExperimentConfig (cli/options.py)."""
 from __future__ import annotations
 
 import platform
@@ -8,6 +10,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from adaptune.experiments.config import ExperimentConfig
+from adaptune.experiments.methods import Method
+
+from .options import fields_of, options, with_options
 
 app = typer.Typer(help="adaptune: composable parameter-efficient fine-tuning.", no_args_is_help=True,
                   add_completion=False)
@@ -94,76 +101,53 @@ app.add_typer(run_app, name="run")
 def _command_line(ctx: typer.Context) -> str:
     """The command as typed (console script), else rebuilt from the options that differ from defaults."""
     import shlex
-    import sys
 
     if Path(sys.argv[0]).name == "adaptune":
         return shlex.join(["adaptune", *sys.argv[1:]])
     parts = ["adaptune", "run", ctx.info_name or "multitask"]
     for p in ctx.command.params:
         v = ctx.params.get(p.name)
-        if v is None or v == p.default or v is False:
+        if v is None or v == p.default or (v is False and not p.secondary_opts):
             continue
-        flag = max(p.opts, key=len)
-        parts += [flag] if v is True else [flag, str(v)]
+        if isinstance(v, bool):
+            parts.append(max(p.opts, key=len) if v else max(p.secondary_opts, key=len))
+        else:
+            parts += [max(p.opts, key=len), str(v)]
     return shlex.join(parts)
 
 
-@run_app.command("multitask")
-def run_multitask(
-    ctx: typer.Context,
-    method: str = typer.Option(None, help="head-only, full, lora, dora, adapter, lora+adapter (default), hyper, prefix, prompt, stack"),
-    r: int = typer.Option(12, "--r", help="LoRA/DoRA rank (lora, dora, lora+adapter)"),
-    dim: int = typer.Option(64, "--dim", help="adapter / hyper-adapter bottleneck (adapter, lora+adapter, hyper)"),
-    n: int = typer.Option(20, "--n", help="prefix / prompt length (prefix, prompt)"),
-    stack: str = typer.Option(None, help="any composition, e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)' (method 'stack')"),
-    per_task: bool = typer.Option(None, "--per-task/--shared", help="per-task or shared components (default: the method's, as seed 004)"),
-    model: str = typer.Option("minilm", help="minilm (all-MiniLM-L6-v2), a local Hugging Face BERT/GPT-2 directory, or a cached hub name"),
-    tokenizer: str = typer.Option(None, help="tokenizer directory or hub name (default: the model's)"),
-    tasks: str = typer.Option("sst,para,sts", help="datasets, comma-separated: sst, para (quora), sts, cfimdb; GLUE: sst2, stsb, mrpc, qqp, cola, rte, wnli, qnli, mnli"),
-    data_dir: Path = typer.Option(None, help="default: $ADAPTUNE_DATA, else ../shared/data/cs224n"),
-    quick: bool = typer.Option(False, "--quick", help="1 epoch on 512 train / 400 dev examples per dataset, batches of 16, at most 64 tokens"),
-    epochs: int = typer.Option(None, help="default 3 (1 with --quick)"),
-    train_limit: int = typer.Option(None, help="train examples per dataset, a seeded subset (default all; 512 with --quick)"),
-    dev_limit: int = typer.Option(None, help="dev examples per dataset, a seeded subset (default all; 400 with --quick)"),
-    max_length: int = typer.Option(None, help="tokens per example or pair (default 128; 64 with --quick)"),
-    batch_size: int = typer.Option(None, help="default 32 (16 with --quick)"),
-    lr: float = typer.Option(None, help="learning rate of the base or components (default: full 1e-4, prefix 5e-3, prompt 1e-2, others 1e-3)"),
-    head_lr: float = typer.Option(3e-3, help="learning rate of the per-dataset heads"),
-    layer_lr_decay: float = typer.Option(None, help="layer-wise learning-rate decay xi in (0, 1]: layer l gets lr*xi^(L-1-l) (seed 003)"),
-    split_ratio: float = typer.Option(0.8, help="train share of quora-dev.csv, split by --data-seed (the rest is dev)"),
-    augment: str = typer.Option(None, help="'eda': random insertion, swap, deletion; synonym replacement with --synonyms (seed 002)"),
-    n_aug: int = typer.Option(1, help="EDA copies per training example"),
-    synonyms: Path = typer.Option(None, help="synonym list for EDA: 'word syn1,syn2' per line"),
-    seed: int = typer.Option(0, help="initialisation, batch order, dropout, EDA"),
-    data_seed: int = typer.Option(0, help="the quora train/dev split and the subsets"),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
-    threads: int = typer.Option(1, help="torch CPU threads; 1 is the fastest on a busy shared machine (more threads than free cores stall)"),
-    name: str = typer.Option(None, help="run name (default from method and seed)"),
-    out: Path = typer.Option(Path("runs"), help="runs are written to OUT/NAME"),
-) -> None:
+MULTITASK_OPTIONS = options(Method, panel="Method") + options(ExperimentConfig)  # Method's fields, then the config's
+
+
+def multitask_config(values: dict, command: str = "") -> ExperimentConfig:
+    """The ExperimentConfig of `run multitask`'s generated option values (keyed by parameter name)."""
+    method = Method(**fields_of(Method, MULTITASK_OPTIONS, values))
+    return ExperimentConfig(method=method, command=command, **fields_of(ExperimentConfig, MULTITASK_OPTIONS, values))
+
+
+def run_multitask(ctx: typer.Context, *,
+                  threads: int = typer.Option(1, help="torch CPU threads; 1 is the fastest on a busy shared machine "
+                                                      "(more threads than free cores stall)", rich_help_panel="Run"),
+                  **values) -> None:
     """Multitask fine-tuning (SST-5, Quora paraphrase, STS by default) and dev evaluation."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from adaptune import AdaptuneError
-    from adaptune.experiments.methods import Method
-    from adaptune.experiments.multitask import ExperimentConfig, run
+    from adaptune.experiments.multitask import run
     from adaptune.experiments.report import run_table
 
     if threads < 1:
         return _fail(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
-    if stack and method not in (None, "stack"):
-        return _fail(f"--stack gives the composition of method 'stack'; drop --method {method} or --stack")
+    if values["stack"]:
+        if ctx.get_parameter_source("method").name == "DEFAULT":  # typer's own click: compare by name
+            values["method"] = "stack"  # --stack alone selects method 'stack'
+        elif values["method"] != "stack":
+            return _fail(f"--stack gives the composition of method 'stack'; "
+                         f"drop --method {values['method']} or --stack")
     try:
-        m = Method(method or ("stack" if stack else "lora+adapter"), r=r, dim=dim, n=n, stack=stack, per_task=per_task)
-        cfg = ExperimentConfig(
-            method=m, model=model, tokenizer=tokenizer, tasks=tuple(tasks.split(",")),
-            data_dir=str(data_dir) if data_dir else None, quick=quick, epochs=epochs, train_limit=train_limit,
-            dev_limit=dev_limit, max_length=max_length, batch_size=batch_size, lr=lr, head_lr=head_lr,
-            layer_lr_decay=layer_lr_decay, split_ratio=split_ratio, augment=augment, n_aug=n_aug,
-            synonyms=str(synonyms) if synonyms else None, seed=seed, data_seed=data_seed, device=device, name=name,
-            out=str(out), command=_command_line(ctx))
+        cfg = multitask_config(values, command=_command_line(ctx))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=console) as progress:
             result = run(cfg, progress)
@@ -171,6 +155,9 @@ def run_multitask(
         return _fail(str(e))
     console.print(run_table(result))
     console.print(f"saved to {result['run_dir']}/ (results.json, {', '.join(sorted(result['files'].values()))})")
+
+
+run_app.command("multitask")(with_options(run_multitask, MULTITASK_OPTIONS))
 
 
 @app.command()

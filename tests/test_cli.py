@@ -33,3 +33,80 @@ def test_info_with_an_invalid_kernel_mode_exits_2_naming_the_valid_modes(monkeyp
     monkeypatch.setattr(ops, "_mode", "fast")  # as ADAPTUNE_KERNELS=fast sets it at import
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 2 and "'fast' is not valid" in result.output and "auto, off, require" in result.output
+
+
+# `run multitask`: options generated from the config dataclasses
+LEGACY_OPTIONS = {  # the option names of `run multitask` before they were generated: users' scripts use them
+    "--method", "--r", "--dim", "--n", "--stack", "--per-task", "--shared", "--model", "--tokenizer", "--tasks",
+    "--data-dir", "--quick", "--epochs", "--train-limit", "--dev-limit", "--max-length", "--batch-size", "--lr",
+    "--head-lr", "--layer-lr-decay", "--split-ratio", "--augment", "--n-aug", "--synonyms", "--seed", "--data-seed",
+    "--device", "--threads", "--name", "--out"}
+
+
+def multitask_command():
+    import typer
+    return typer.main.get_command(app).commands["run"].commands["multitask"]
+
+
+def test_every_config_field_is_an_option_with_the_fields_default_and_help():
+    import dataclasses
+
+    from adaptune.experiments.config import ExperimentConfig
+    from adaptune.experiments.methods import Method
+    params = {p.name: p for p in multitask_command().params}
+    names = {"name": "method"}  # Method.name is --method (ExperimentConfig.name is the run's --name)
+    for cls, skip in ((Method, set()), (ExperimentConfig, {"method", "command"})):
+        fields = dataclasses.fields(cls)
+        assert {f.name for f in fields if "help" not in f.metadata} == skip  # a new field needs help to be an option
+        for f in fields:
+            if f.name in skip:
+                continue
+            p = params[names.get(f.name, f.name) if cls is Method else f.name]
+            assert p.default == (",".join(f.default) if isinstance(f.default, tuple) else f.default), f.name
+            assert p.help == f.metadata["help"], f.name
+    assert {o for p in params.values() for o in (*p.opts, *p.secondary_opts)} == LEGACY_OPTIONS
+
+
+def capture_config(monkeypatch, args):
+    """The ExperimentConfig that `run multitask ARGS` hands to the experiment (which is not run)."""
+    from adaptune.errors import ConfigError
+    from adaptune.experiments import multitask
+    seen = []
+
+    def fake_run(cfg, progress=None):
+        seen.append(cfg)
+        raise ConfigError("not run in this test")
+
+    monkeypatch.setattr(multitask, "run", fake_run)
+    result = runner.invoke(app, ["run", "multitask", *args])
+    assert result.exit_code == 2 and "not run in this test" in result.output, result.output
+    return seen[0]
+
+
+def test_options_given_reach_the_config(monkeypatch):
+    cfg = capture_config(monkeypatch, [
+        "--method", "dora", "--r", "4", "--shared", "--model", "bert-tiny", "--tasks", "sst,sts", "--data-dir", "d",
+        "--quick", "--epochs", "2", "--train-limit", "8", "--lr", "0.01", "--head-lr", "0.5", "--layer-lr-decay",
+        "0.9", "--split-ratio", "0.5", "--augment", "eda", "--n-aug", "3", "--seed", "7", "--data-seed", "5",
+        "--name", "x", "--out", "o"])
+    assert (cfg.method.name, cfg.method.r, cfg.method.per_task) == ("dora", 4, False)
+    assert (cfg.model, cfg.tasks, cfg.data_dir, cfg.quick, cfg.epochs, cfg.train_limit) == (
+        "bert-tiny", ("sst", "sts"), "d", True, 2, 8)
+    assert (cfg.lr, cfg.head_lr, cfg.layer_lr_decay, cfg.split_ratio) == (0.01, 0.5, 0.9, 0.5)
+    assert (cfg.augment, cfg.n_aug, cfg.seed, cfg.data_seed, cfg.name, cfg.out) == ("eda", 3, 7, 5, "x", "o")
+    for part in ("--method dora", "--r 4", "--shared", "--tasks sst,sts", "--quick", "--lr 0.01", "--out o"):
+        assert part in cfg.command, cfg.command  # the command line recorded in command.txt
+    assert "--dim" not in cfg.command  # defaults are left out
+
+
+def test_no_options_give_the_config_defaults_and_stack_alone_selects_method_stack(monkeypatch):
+    import dataclasses
+
+    from adaptune.experiments.config import ExperimentConfig
+    from adaptune.experiments.methods import Method
+    cfg = capture_config(monkeypatch, [])
+    assert dataclasses.replace(cfg, command="") == ExperimentConfig()
+    assert cfg.command == "adaptune run multitask"
+    cfg = capture_config(monkeypatch, ["--stack", "attn=LoRA(2)", "--per-task"])
+    assert cfg.method == Method("stack", stack="attn=LoRA(2)", per_task=True)
+    assert "--per-task" in cfg.command and "--method" not in cfg.command

@@ -1,5 +1,9 @@
 """The multitask experiment's settings (ExperimentConfig, with the QUICK and FULL presets) and what a
-run loads from them: the base model, its tokenizer, the datasets, the seeds."""
+run loads from them: the base model, its tokenizer, the datasets, the seeds.
+
+Every setting is written once, here and in Method: default and help (field metadata "help"; "flags",
+"metavar" and "panel" shape the CLI option). cli/options.py builds `adaptune run multitask`'s options
+from these fields."""
 from __future__ import annotations
 
 import os
@@ -13,41 +17,76 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import PRESETS, load_model, minilm_path
-from .data import DatasetSplits, default_data_dir, load_dataset
-from .datasets import DEFAULT_DATASETS, parse_datasets
+from .data import SHARED_DATA, DatasetSplits, default_data_dir, load_dataset
+from .datasets import ALIASES, DATASETS, DEFAULT_DATASETS, parse_datasets
 from .eda import augment, load_synonyms
-from .methods import Method
+from .methods import Method, lr_defaults
 
 QUICK = {"epochs": 1, "train_limit": 512, "dev_limit": 400, "max_length": 64, "batch_size": 16}
 FULL = {"epochs": 3, "train_limit": None, "dev_limit": None, "max_length": 128, "batch_size": 32}
 
 
+def _words(preset: dict) -> str:
+    """'--epochs 1, --train-limit 512, ...' (None: all)."""
+    return ", ".join(f"--{k.replace('_', '-')} {'all' if v is None else v}" for k, v in preset.items())
+
+
+def _preset(text: str, key: str) -> dict:
+    """Field metadata of a setting that QUICK / FULL fill when it is None."""
+    show = lambda v: "all" if v is None else v  # noqa: E731
+    return {"help": f"{text} (default {show(FULL[key])}; {show(QUICK[key])} with --quick)", "panel": "Budget"}
+
+
 @dataclass
 class ExperimentConfig:
+    """The settings of one multitask run; the field metadata is the help of `adaptune run multitask`'s options
+    (fields without help, like `command`, are not options)."""
     method: Method = field(default_factory=Method)
-    model: str = "minilm"
-    tokenizer: str | None = None
-    tasks: tuple[str, ...] = DEFAULT_DATASETS
-    data_dir: str | None = None
-    quick: bool = False
-    epochs: int | None = None  # None: the QUICK or FULL preset
-    train_limit: int | None = None  # examples per dataset (a seeded subset)
-    dev_limit: int | None = None
-    max_length: int | None = None
-    batch_size: int | None = None  # None: the preset's (16 quick, 32 otherwise)
-    lr: float | None = None  # None: the method's default
-    head_lr: float = 3e-3
-    layer_lr_decay: float | None = None
-    split_ratio: float = 0.8  # train share of a dataset without a dev file (quora-dev.csv)
-    augment: str | None = None  # "eda"
-    n_aug: int = 1
-    synonyms: str | None = None
-    seed: int = 0  # initialisation, batch order, dropout, EDA
-    data_seed: int = 0  # the train/dev split and the subsets: the same for every method and seed
-    device: str = "cpu"
-    name: str | None = None
-    out: str = "runs"
-    command: str = ""
+    model: str = field(default="minilm", metadata={
+        "help": "minilm (all-MiniLM-L6-v2), a local Hugging Face BERT/GPT-2 directory, or a cached hub name",
+        "panel": "Model and data"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer directory or hub name (default: the model's)", "panel": "Model and data"})
+    tasks: tuple[str, ...] = field(default=DEFAULT_DATASETS, metadata={
+        "help": f"datasets, comma-separated, of {', '.join(DATASETS)} (aliases: "
+                f"{', '.join(f'{a}={n}' for a, n in ALIASES.items())})", "panel": "Model and data"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": f"default: $ADAPTUNE_DATA, else {SHARED_DATA}", "metavar": "<dir>", "panel": "Model and data"})
+    quick: bool = field(default=False, metadata={
+        "help": f"a quick look: {_words(QUICK)} in place of {_words(FULL)}", "flags": ("--quick",),
+        "panel": "Budget"})
+    epochs: int | None = field(default=None, metadata=_preset("passes over the training data", "epochs"))
+    train_limit: int | None = field(default=None, metadata=_preset("train examples per dataset, a seeded subset",
+                                                                   "train_limit"))
+    dev_limit: int | None = field(default=None, metadata=_preset("dev examples per dataset, a seeded subset",
+                                                                 "dev_limit"))
+    max_length: int | None = field(default=None, metadata=_preset("tokens per example or pair", "max_length"))
+    batch_size: int | None = field(default=None, metadata=_preset("training examples per step", "batch_size"))
+    lr: float | None = field(default=None, metadata={
+        "help": f"learning rate of the base or components (default: {lr_defaults()})", "panel": "Training"})
+    head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the per-dataset heads",
+                                                   "panel": "Training"})
+    layer_lr_decay: float | None = field(default=None, metadata={
+        "help": "layer-wise learning-rate decay xi in (0, 1]: layer l gets lr*xi^(L-1-l) (seed 003)",
+        "panel": "Training"})
+    split_ratio: float = field(default=0.8, metadata={
+        "help": "train share of a dataset without a dev file (quora-dev.csv), split by --data-seed; the rest is dev",
+        "panel": "Model and data"})
+    augment: str | None = field(default=None, metadata={
+        "help": "'eda': random insertion, swap, deletion; synonym replacement with --synonyms (seed 002)",
+        "panel": "Training"})
+    n_aug: int = field(default=1, metadata={"help": "EDA copies per training example", "panel": "Training"})
+    synonyms: str | None = field(default=None, metadata={
+        "help": "synonym list for EDA: 'word syn1,syn2' per line", "metavar": "<file>", "panel": "Training"})
+    seed: int = field(default=0, metadata={"help": "initialisation, batch order, dropout, EDA", "panel": "Training"})
+    data_seed: int = field(default=0, metadata={
+        "help": "the train/dev split and the subsets: the same for every method and seed", "panel": "Model and data"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N", "panel": "Run"})
+    name: str | None = field(default=None, metadata={"help": "run name (default from method and seed)",
+                                                     "panel": "Run"})
+    out: str = field(default="runs", metadata={"help": "runs are written to OUT/NAME", "metavar": "<dir>",
+                                               "panel": "Run"})
+    command: str = ""  # the command line that started the run, recorded in command.txt
 
     def resolved(self) -> "ExperimentConfig":
         preset = QUICK if self.quick else FULL

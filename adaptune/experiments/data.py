@@ -43,13 +43,16 @@ class DatasetSplits:
     skipped: list[str] = field(default_factory=list)  # 'file:line: reason'
 
 
+SHARED_DATA = "../shared/data/cs224n"  # the data directory without --data-dir or $ADAPTUNE_DATA
+
+
 def default_data_dir() -> Path:
-    """$ADAPTUNE_DATA, else ../shared/data/cs224n (from the working directory, then from the repository)."""
+    """$ADAPTUNE_DATA, else SHARED_DATA (from the working directory, then from the repository)."""
     env = os.environ.get("ADAPTUNE_DATA")
     if env:
         return Path(env)
     here = Path(__file__).resolve().parents[2]  # the repository root
-    for candidate in (Path.cwd() / "../shared/data/cs224n", here / "../shared/data/cs224n"):
+    for candidate in (Path.cwd() / SHARED_DATA, here / SHARED_DATA):
         if candidate.is_dir():
             return candidate.resolve()
     expected = ", ".join(f for t in ("sst", "para", "sts") for f in DATASETS[t].files)

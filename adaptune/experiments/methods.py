@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,7 +32,8 @@ from ..errors import ConfigError
 from ..spec import parse_spec
 
 METHODS = ("head-only", "full", "lora", "dora", "adapter", "lora+adapter", "hyper", "prefix", "prompt", "stack")
-DEFAULT_LR = {"head-only": 1e-3, "full": 1e-4, "prefix": 5e-3, "prompt": 1e-2}  # others: 1e-3
+COMPONENT_LR = 1e-3  # the learning rate of every method DEFAULT_LR does not name
+DEFAULT_LR = {"full": 1e-4, "prefix": 5e-3, "prompt": 1e-2}
 PER_TASK_BY_DEFAULT = {"adapter"}
 
 ACCOUNTING = ("% updated per task = (parameters trained for that task: shared components + the task's own "
@@ -42,14 +43,25 @@ ACCOUNTING = ("% updated per task = (parameters trained for that task: shared co
               "tasks in place of the base, counted as 0% extra as in seed 004 Table 2, plus its heads.")
 
 
+def lr_defaults() -> str:
+    """The default learning rates in words: 'full 0.0001, prefix 0.005, prompt 0.01, others 0.001'."""
+    return ", ".join([f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()] + [f"others {COMPONENT_LR:g}"])
+
+
 @dataclass(frozen=True)
 class Method:
-    name: str = "lora+adapter"
-    r: int = 12
-    dim: int = 64
-    n: int = 20
-    stack: str | None = None
-    per_task: bool | None = None  # None: the method's default sharing
+    """What an experiment attaches and trains; the field metadata is the help of the CLI's options."""
+    name: str = field(default="lora+adapter", metadata={"help": f"one of {', '.join(METHODS)}",
+                                                        "flags": ("--method",)})
+    r: int = field(default=12, metadata={"help": "LoRA/DoRA rank (lora, dora, lora+adapter)"})
+    dim: int = field(default=64, metadata={"help": "adapter / hyper-adapter bottleneck (adapter, lora+adapter, hyper)"})
+    n: int = field(default=20, metadata={"help": "prefix / prompt length (prefix, prompt)"})
+    stack: str | None = field(default=None, metadata={
+        "help": "any composition, e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)' (method 'stack'; "
+                "--stack alone selects it)"})
+    per_task: bool | None = field(default=None, metadata={
+        "help": "per-task or shared components (default: the method's, as seed 004)",
+        "flags": ("--per-task/--shared",)})
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -70,7 +82,7 @@ class Method:
 
     @property
     def default_lr(self) -> float:
-        return DEFAULT_LR.get(self.name, 1e-3)
+        return DEFAULT_LR.get(self.name, COMPONENT_LR)
 
     def label(self) -> str:
         arg = {"lora": f"r={self.r}", "dora": f"r={self.r}", "adapter": f"dim={self.dim}", "hyper": f"dim={self.dim}",

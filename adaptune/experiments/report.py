@@ -59,10 +59,10 @@ def relative_to_full(results: list[dict], run: dict | None = None) -> float | No
 
 def _lr_note(result: dict) -> str:
     """', lr=...' when the run's learning rate is not its method's default, else ''."""
-    from .methods import DEFAULT_LR
+    from .methods import COMPONENT_LR, DEFAULT_LR
     cfg = result.get("config", {})
     lr, method = cfg.get("lr"), result.get("method")
-    if lr is None or method in (None, "head-only") or lr == DEFAULT_LR.get(method, 1e-3):
+    if lr is None or method in (None, "head-only") or lr == DEFAULT_LR.get(method, COMPONENT_LR):
         return ""
     return f", lr={lr:g}"
 
