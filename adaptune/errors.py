@@ -35,5 +35,9 @@ class LoadError(AdaptuneError, ValueError):
     """A saved adaptation does not fit the model it is loaded into, or the file is invalid."""
 
 
+class WriteError(AdaptuneError, OSError):
+    """A file or directory could not be written; what was at its path before is kept."""
+
+
 class DataError(AdaptuneError, ValueError):
     """An experiment's data file is missing or malformed; the message names the file and line."""

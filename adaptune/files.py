@@ -15,8 +15,11 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from .errors import WriteError
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
@@ -52,19 +55,35 @@ def clean_stale(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+@contextmanager
+def _os_errors(path: Path, what: str) -> Iterator[None]:
+    """OSError -> WriteError naming the path and the reason."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        raise WriteError(f"cannot write {what} {str(path)!r}: {reason}") from e
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure.
     tmp_path lies in a private sibling directory, so whatever temporary files `write` itself makes
-    (safetensors makes its own) are cleaned up with it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = _sibling(path, "tmp")
-    os.mkdir(tmp)
-    try:
-        write(tmp / path.name)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    (safetensors makes some) are cleaned up with it. OSErrors become WriteError."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(f"cannot write the file {str(path)!r}: it is a directory; give a file path")
+    with _os_errors(path, "the file"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        tmp = _sibling(path, "tmp")
+        os.mkdir(tmp)
+        try:
+            write(tmp / path.name)
+            os.replace(tmp / path.name, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -83,24 +102,27 @@ def exchange(a: Path, b: Path) -> bool:
 
 def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_dir) on a new sibling directory, then swap it in for `path`; `path` holds a
-    complete directory, the old or the new one, at every instant (see the module docstring)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = _sibling(path, "tmp")
-    os.mkdir(tmp)
-    try:
-        write(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        elif not exchange(tmp, path):
-            old = _sibling(path, "old")
-            os.rename(path, old)
-            try:
+    complete directory, the old or the new one, at every instant (see the module docstring).
+    OSErrors become WriteError."""
+    path = Path(path)
+    with _os_errors(path, "the directory"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        tmp = _sibling(path, "tmp")
+        os.mkdir(tmp)
+        try:
+            write(tmp)
+            if not path.exists():
                 os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():  # after an exchange: the old directory
-            shutil.rmtree(tmp, ignore_errors=True)
+            elif not exchange(tmp, path):
+                old = _sibling(path, "old")
+                os.rename(path, old)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():  # after an exchange: the old directory
+                shutil.rmtree(tmp, ignore_errors=True)

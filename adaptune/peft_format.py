@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from .adaptation import Adaptation, adaptation_of
 from .components.dora import DoRA, DoRAModule
 from .components.lora import LoRA, LoRAModule
-from .errors import AdaptuneError
+from .errors import AdaptuneError, WriteError
 from .files import atomic_write_dir
 from .hooks import Binding
 from .points import PROJECTION, Conv1D, linear_weight
@@ -215,4 +216,7 @@ def _write_export(target: Path, config: dict[str, Any], tensors: dict[str, Tenso
         if extra:
             raise AdaptuneError(f"cannot export to {str(target)!r}: it holds other files ({', '.join(extra[:5])}); "
                                 f"export into a new directory or over an earlier export")
-    atomic_write_dir(target, lambda tmp: _write_files(tmp, config, tensors))
+    try:
+        atomic_write_dir(target, lambda tmp: _write_files(tmp, config, tensors))
+    except SafetensorError as e:
+        raise WriteError(f"cannot export to {str(target)!r}: {e}") from e

@@ -22,6 +22,7 @@ from .components.lora import LoRA
 from .errors import AdaptuneError, LoadError
 from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .points import is_linear, linear_dims
+from .saved import check_finite
 
 _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, adapter name stripped
           ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
@@ -42,12 +43,14 @@ _UNSUPPORTED = {  # PEFT options that change what the saved tensors mean, or add
 }
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None) -> Adaptation:
+def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None, *,
+                allow_nonfinite: bool = False) -> Adaptation:
     """Attach the LoRA / DoRA adapter that PEFT saved in `directory` to `model`; returns the Adaptation.
 
     Each PEFT module is matched to a module path of `model` (exactly, else by a unique suffix match,
     so `bert.encoder...` and `encoder...` find each other). task_name: put the components in that
-    task instead of the shared set. Raises LoadError naming the problem; the model is then unchanged.
+    task instead of the shared set. Tensors holding NaN or inf are refused unless `allow_nonfinite`.
+    Raises LoadError naming the problem; the model is then unchanged.
     """
     if not isinstance(model, nn.Module):
         raise LoadError(f"import_peft needs a torch.nn.Module, got {type(model).__name__}")
@@ -56,7 +59,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
     directory = Path(directory)
     config = read_config(directory)
     use_dora = bool(config.get("use_dora", False))
-    layers = split_keys(read_tensors(directory), use_dora)
+    tensors = read_tensors(directory)
+    if not allow_nonfinite:
+        check_finite(tensors, f"{str(directory / WEIGHTS_NAME)!r}")
+    layers = split_keys(tensors, use_dora)
     modules = {n: m for n, m in model.named_modules() if n}
     kind = DoRA if use_dora else LoRA
     spec: dict[str, LoRA] = {}

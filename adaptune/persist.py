@@ -16,7 +16,7 @@ from .adaptation import Adaptation, adaptation_of
 from .attach import attach
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
-from .saved import fingerprint, read
+from .saved import check_finite, fingerprint, read
 
 
 def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
@@ -24,16 +24,23 @@ def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
     return adaptation_of(model).save(path)
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, active: str | None = None) -> Adaptation:
-    """Rebuild the saved components on `model` and load their parameters; all or nothing."""
+def load(model: nn.Module, path: str | os.PathLike, *, active: str | None = None,
+         allow_nonfinite: bool = False) -> Adaptation:
+    """Rebuild the saved components on `model` and load their parameters; all or nothing.
+    A file whose tensors hold NaN or inf is refused unless `allow_nonfinite`."""
     meta, tensors = read(path)
+    if not allow_nonfinite:
+        check_finite(tensors, repr(str(path)))
     saved, here = meta["model"], fingerprint(model)
     if saved["model_type"] != here["model_type"]:
         raise LoadError(f"{str(path)!r} was saved from a {saved['model_type'] or saved['class']} model; "
                         f"this model is {here['model_type'] or here['class']}")
     spec = meta["spec"]
-    shared = {sel: Stack.from_dict(s) for sel, s in spec["shared"].items()}
-    tasks = {name: {sel: Stack.from_dict(s) for sel, s in t.items()} for name, t in spec["tasks"].items()}
+    try:
+        shared = {sel: Stack.from_dict(s) for sel, s in spec["shared"].items()}
+        tasks = {name: {sel: Stack.from_dict(s) for sel, s in t.items()} for name, t in spec["tasks"].items()}
+    except (AdaptuneError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LoadError(f"{str(path)!r} has damaged adaptune metadata: its stacks do not rebuild ({e})") from e
     try:
         adaptation = attach(model, shared or None, tasks=tasks or None, active=active or meta.get("active"))
     except AdaptuneError as e:

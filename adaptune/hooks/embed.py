@@ -54,9 +54,19 @@ def _left(x: Tensor, p: int, value: int) -> Tensor:
     return torch.cat([x.new_full((*x.shape[:-1], p), value), x], dim=-1)
 
 
+def _learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with learned absolute position embeddings has (GPT-2's wpe, BERT's
+    position_embeddings); None for models without a table (rotary), which index nothing."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings"):
+            return module.num_embeddings
+    return None
+
+
 class PromptHook(Hook):
     def install(self) -> None:
         model = self.point.model
+        self._positions = _learned_positions(model)
         self._signature = inspect.signature(model.forward)
         self._handle = model.register_forward_pre_hook(self._before, with_kwargs=True)
 
@@ -95,7 +105,14 @@ class PromptHook(Hook):
         if mask is not None and mask.dim() != 2:
             raise AdaptuneError(f"PromptTuning needs a 2-D attention_mask (batch, tokens) or None; got shape "
                                 f"{tuple(mask.shape)} (pre-built 4-D masks and static caches are not supported)")
-        if _cache_length(kw) > 0:  # decoding: the prompt is in the cache
+        cached = _cache_length(kw)
+        tokens = next((kw[n].shape[1] for n in ("input_ids", "inputs_embeds") if kw.get(n) is not None), 0)
+        if self._positions is not None and cached + (0 if cached else p) + tokens > self._positions:
+            used = cached if cached else p
+            raise AdaptuneError(f"PromptTuning: {tokens} tokens after {used} positions ({p} of them the prompt) "
+                                f"exceed the model's {self._positions} positions; at most "
+                                f"{max(self._positions - used, 0)} tokens fit")
+        if cached > 0:  # decoding: the prompt is in the cache
             if mask is not None:
                 kw["attention_mask"] = _left(mask, p, 1)
             for name in POSITIONS:

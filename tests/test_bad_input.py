@@ -1,0 +1,203 @@
+"""Bad input, table-driven: each case raises the named error with a message naming the problem, and
+leaves the model and every file on disk as they were. (More cases: test_errors.py, test_persist.py,
+test_peft_format.py, test_crash_safe.py, test_half_precision.py.)"""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adaptune import (Adapter, AdaptuneError, BindError, ConfigError, LoadError, LoRA, MergeError, PromptTuning,
+                      SiteError, TaskError, WriteError, attach, detach, export_peft, import_peft, load, parse_spec)
+from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from helpers import VOCAB, tiny_gpt2
+
+NAN, INF = math.nan, math.inf
+
+
+class Ctx:
+    """A tiny GPT-2 (no adaptation), and a directory holding a saved adaptation and a PEFT export."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        self.model = tiny_gpt2()
+        donor = tiny_gpt2()
+        adaptation = attach(donor, {"attn": LoRA(4)}, tasks={"t1": {"ffn": Adapter(8)}})
+        self.saved = adaptation.save(tmp_path / "a.safetensors")
+        self.peft = export_peft(adaptation, tmp_path / "peft", skip_unsupported=True)
+
+    def files(self):
+        return {str(p.relative_to(self.dir)): p.read_bytes() for p in sorted(self.dir.rglob("*")) if p.is_file()}
+
+    def state(self):
+        return {k: v.clone() for k, v in self.model.state_dict().items()}, hasattr(self.model, "adaptune")
+
+    def tampered(self, name, meta=None, tensors=None):
+        """A copy of the saved file with other metadata or tensors."""
+        from safetensors import safe_open
+        with safe_open(str(self.saved), framework="pt") as f:
+            raw, own = f.metadata()["adaptune"], {k: f.get_tensor(k) for k in f.keys()}
+        path = self.dir / name
+        save_file(tensors(own) if tensors else own, str(path), metadata={"adaptune": meta(raw) if meta else raw})
+        return path
+
+    def peft_with(self, name, **config):
+        """A copy of the PEFT export with config keys replaced (written with NaN / Infinity as JSON allows)."""
+        path = self.dir / name
+        path.mkdir()
+        (path / WEIGHTS_NAME).write_bytes((self.peft / WEIGHTS_NAME).read_bytes())
+        data = json.loads((self.peft / CONFIG_NAME).read_text()) | config
+        (path / CONFIG_NAME).write_text(json.dumps(data))
+        return path
+
+
+def _detached(c):
+    a = attach(c.model, {"attn": LoRA(4)})
+    detach(c.model)
+    return a
+
+
+def _merged_training(c):
+    a = attach(c.model, {"attn": LoRA(4)})
+    a.merge()
+    c.model.train()
+    try:
+        c.model(input_ids=torch.randint(2, VOCAB, (1, 4)))
+    finally:
+        c.model.eval()
+        detach(c.model)
+
+
+def _peft_wrapped(c):
+    import peft
+    wrapped = peft.get_peft_model(c.model, peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    try:
+        attach(wrapped, {"attn": LoRA(4)})
+    finally:
+        wrapped.unload()
+
+
+def _long_prompt(c):
+    attach(c.model, {"embed": PromptTuning(10)})
+    try:
+        c.model(input_ids=torch.randint(2, VOCAB, (1, 125)))
+    finally:
+        detach(c.model)
+
+
+def _nan_tensor(own):
+    key = sorted(own)[0]
+    return own | {key: torch.full_like(own[key], NAN)}
+
+
+def _peft_nan(c):
+    from safetensors.torch import load_file
+    path = c.peft_with("pn")
+    save_file(_nan_tensor(load_file(str(path / WEIGHTS_NAME))), str(path / WEIGHTS_NAME))
+    return import_peft(c.model, path)
+
+
+def _read_only_replace(c, monkeypatch):
+    def denied(src, dst):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "replace", denied)
+    attach(c.model, {"attn": LoRA(4)})
+    try:
+        c.model.adaptune.save(c.saved)
+    finally:
+        monkeypatch.undo()
+        detach(c.model)
+
+
+CASES = {
+    # non-finite numbers
+    "LoRA alpha inf": (lambda c: LoRA(4, alpha=INF), ConfigError, "alpha must be a positive finite number, got inf"),
+    "LoRA alpha nan": (lambda c: LoRA(4, alpha=NAN), ConfigError, "alpha must be a positive finite number, got nan"),
+    "LoRA dropout nan": (lambda c: LoRA(4, dropout=NAN), ConfigError, "dropout must be a float in [0, 1)"),
+    "Adapter scale nan": (lambda c: Adapter(8, scale=NAN), ConfigError, "scale must be a positive finite number"),
+    "PEFT lora_alpha NaN": (lambda c: import_peft(c.model, c.peft_with("p1", lora_alpha=NAN)), LoadError,
+                            "alpha must be a positive finite number"),
+    "PEFT lora_alpha Infinity": (lambda c: import_peft(c.model, c.peft_with("p2", lora_alpha=INF)), LoadError,
+                                 "alpha must be a positive finite number"),
+    "saved tensor NaN": (lambda c: load(c.model, c.tampered("n.safetensors", tensors=_nan_tensor)), LoadError,
+                         "holds NaN or inf"),
+    "PEFT tensor NaN": (_peft_nan, LoadError, "holds NaN or inf"),
+    # repeats and types in specs
+    "repeated selector": (lambda c: parse_spec("attn=LoRA(4); attn=Adapter(8)"), ConfigError, "appears twice"),
+    "repeated argument": (lambda c: parse_spec("attn=LoRA(r=4, r=5)"), ConfigError, "gives r more than once"),
+    "positional and keyword": (lambda c: parse_spec("attn=LoRA(4, r=5)"), ConfigError, "bad arguments"),
+    "spec None": (lambda c: parse_spec(None), ConfigError, "a spec is text"),
+    "spec int": (lambda c: parse_spec(123), ConfigError, "got int: 123"),
+    "reversed layer range": (lambda c: attach(c.model, {"layers.1-0.attn": LoRA(4)}), SiteError,
+                             "is a reversed range; write 0-1"),
+    # stale handles and wrong models
+    "detached merge": (lambda c: _detached(c).merge(), AdaptuneError, "was detached"),
+    "detached use": (lambda c: _detached(c).use(None), AdaptuneError, "was detached"),
+    "detached save": (lambda c: _detached(c).save(c.dir / "new.safetensors"), AdaptuneError, "was detached"),
+    "detached counts": (lambda c: _detached(c).counts(), AdaptuneError, "was detached"),
+    "detached enable": (lambda c: _detached(c).disable(), AdaptuneError, "was detached"),
+    "detached export": (lambda c: export_peft(_detached(c), c.dir / "new"), AdaptuneError, "was detached"),
+    "training while merged": (_merged_training, MergeError, "merged components get no gradient"),
+    "task as a list": (lambda c: attach(c.model, tasks={"t1": {"ffn": Adapter(4)}}).use(["t1"]), TaskError,
+                       "a task is named by a string"),
+    "model wrapped by PEFT": (_peft_wrapped, BindError, "already adapted, e.g. by PEFT"),
+    # one error family
+    "metadata not JSON": (lambda c: load(c.model, c.tampered("j.safetensors", meta=lambda raw: raw[:-3])),
+                          LoadError, "damaged adaptune metadata: not JSON"),
+    "metadata without spec": (lambda c: load(c.model, c.tampered("s.safetensors", meta=lambda raw: json.dumps(
+        {k: v for k, v in json.loads(raw).items() if k != "spec"}))), LoadError, "'spec' must be"),
+    "metadata with a bad stack": (lambda c: load(c.model, c.tampered("k.safetensors", meta=lambda raw: json.dumps(
+        json.loads(raw) | {"spec": {"shared": {"attn": [{"type": "Nope"}]}, "tasks": {}}}))), LoadError,
+        "its stacks do not rebuild"),
+    "metadata active not a name": (lambda c: load(c.model, c.tampered("t.safetensors", meta=lambda raw: json.dumps(
+        json.loads(raw) | {"active": [1]}))), LoadError, "'active' must be a task name"),
+    "load a directory": (lambda c: load(c.model, c.dir), LoadError, "is a directory"),
+    "save to a directory": (lambda c: attach(c.model, {"attn": LoRA(4)}).save(c.dir), WriteError,
+                            "it is a directory"),
+    "prompt past the positions": (_long_prompt, AdaptuneError, "at most 118 tokens fit"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_raises_a_clear_error_and_changes_nothing(name, tmp_path):
+    c = Ctx(tmp_path)
+    action, error, fragment = CASES[name]
+    files, (state, attached) = c.files(), c.state()
+    with pytest.raises(error) as raised:
+        action(c)
+    assert fragment in str(raised.value), str(raised.value)
+    if hasattr(c.model, "adaptune") and not attached:
+        detach(c.model)  # a case whose attach succeeded before the bad call
+    new_state, _ = c.state()
+    assert new_state.keys() == state.keys() and all(torch.equal(new_state[k], state[k]) for k in state)
+    created = {k for k in c.files() if k not in files}  # tampered inputs the case wrote itself
+    assert {k: v for k, v in c.files().items() if k not in created} == files
+
+
+def test_permission_denied_on_save_keeps_the_old_file(tmp_path, monkeypatch):
+    c = Ctx(tmp_path)
+    files = c.files()
+    with pytest.raises(WriteError, match="permission denied"):
+        _read_only_replace(c, monkeypatch)
+    assert c.files() == files
+
+
+def test_loading_a_nonfinite_file_can_be_asked_for(tmp_path):
+    c = Ctx(tmp_path)
+    adaptation = load(c.model, c.tampered("n.safetensors", tensors=_nan_tensor), allow_nonfinite=True)
+    assert not all(torch.isfinite(p).all() for p in adaptation.parameters())
+
+
+def test_an_adaptation_inside_a_sequential_leaves_its_forward_working():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    before = model(x)
+    adaptation = attach(model, {"0": LoRA(2)})
+    torch.testing.assert_close(model(x), before)  # B = 0: the LoRA starts as the identity update
+    with torch.no_grad():
+        adaptation.shared.points["module:0"][0].B.fill_(0.1)
+    assert not torch.allclose(model(x), before)
+    detach(model)
+    torch.testing.assert_close(model(x), before)
