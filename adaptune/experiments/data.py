@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
-from .datasets import CLASSES, DATASETS, DatasetSpec
+from .datasets import CLASSES, DATASETS, Dataset
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long reviews (CFIMDB) exceed the 128 KiB default
 
@@ -36,7 +36,7 @@ class Example:
 @dataclass
 class DatasetSplits:
     """One dataset loaded: its train and dev examples, what was read and what was skipped."""
-    spec: DatasetSpec
+    dataset: Dataset
     train: list[Example]
     dev: list[Example]
     info: dict = field(default_factory=dict)  # files, split, sizes: recorded in results.json
@@ -69,45 +69,45 @@ def _column(header: list[str] | None, column: str | int, path: Path) -> int:
     return names.index(column)
 
 
-def _label(raw: str, where: str, spec: DatasetSpec) -> float:
+def _label(raw: str, where: str, dataset: Dataset) -> float:
     raw = raw.strip()
-    if raw in spec.label_map:
-        return float(spec.label_map[raw])
+    if raw in dataset.label_map:
+        return float(dataset.label_map[raw])
     try:
         value = float(raw)
     except ValueError:
-        valid = f"one of {sorted(spec.label_map)}" if spec.label_map else "a number"
+        valid = f"one of {sorted(dataset.label_map)}" if dataset.label_map else "a number"
         hint = " (an unclosed quote earlier in the row?)" if "\n" in raw or "\t" in raw else ""
         raise DataError(f"{where}: label {raw[:40]!r} is not {valid}{hint}") from None
     if value != value or abs(value) == float("inf"):
         raise DataError(f"{where}: label {raw!r} is not a finite number")
-    if spec.kind != "regression":
-        n = spec.n_out if spec.kind == CLASSES else 2
+    if dataset.kind != "regression":
+        n = dataset.n_out if dataset.kind == CLASSES else 2
         if value != int(value) or not 0 <= value < n:
             raise DataError(f"{where}: label {raw!r} is not a class id in 0..{n - 1}")
-    elif spec.label_range and not spec.label_range[0] <= value <= spec.label_range[1]:
-        raise DataError(f"{where}: score {raw!r} is outside {spec.label_range[0]}..{spec.label_range[1]}")
+    elif dataset.label_range and not dataset.label_range[0] <= value <= dataset.label_range[1]:
+        raise DataError(f"{where}: score {raw!r} is outside {dataset.label_range[0]}..{dataset.label_range[1]}")
     return value
 
 
-def read_file(path: str | Path, spec: DatasetSpec) -> tuple[list[Example], list[str]]:
-    """(examples, skipped rows) of one file of `spec`."""
+def read_file(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[str]]:
+    """(examples, skipped rows) of one file of `dataset`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file (dataset {spec.name!r} reads {', '.join(spec.files)})")
+        raise DataError(f"{path}: no such file (dataset {dataset.name!r} reads {', '.join(dataset.files)})")
     examples: list[Example] = []
     skipped: list[str] = []
     line = 1
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=spec.quoting)
+            reader = csv.reader(f, delimiter="\t", quoting=dataset.quoting)
             header = None
-            if spec.header:
+            if dataset.header:
                 header = next(reader, None)
                 if header is None:
                     raise DataError(f"{path}: the file is empty; expected a header row")
-            cols = [_column(header, c, path) for c in spec.text]
-            at = _column(header, spec.label, path)
+            cols = [_column(header, c, path) for c in dataset.text]
+            at = _column(header, dataset.label, path)
             need = max(cols + [at]) + 1
             line = reader.line_num + 1
             for row in reader:
@@ -124,24 +124,24 @@ def read_file(path: str | Path, spec: DatasetSpec) -> tuple[list[Example], list[
                 elif not all(texts):
                     skipped.append(f"{path}:{start}: empty text")
                 else:
-                    label = _label(raw, f"{path}:{start}", spec)
-                    examples.append(Example(texts[0], texts[1] if spec.pair else None, label, start))
+                    label = _label(raw, f"{path}:{start}", dataset)
+                    examples.append(Example(texts[0], texts[1] if dataset.pair else None, label, start))
     except csv.Error as e:
         raise DataError(f"{path}:{line}: {e}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not examples:
-        raise DataError(f"{path}: no labelled rows for dataset {spec.name!r} ({len(skipped)} skipped)")
+        raise DataError(f"{path}: no labelled rows for dataset {dataset.name!r} ({len(skipped)} skipped)")
     return examples, skipped
 
 
-def find(data_dir: Path, relative: str, spec: DatasetSpec) -> Path:
+def find(data_dir: Path, relative: str, dataset: Dataset) -> Path:
     """data_dir/relative, or data_dir/<file name> when data_dir is the dataset's own folder (GLUE)."""
     for p in (data_dir / relative, data_dir / Path(relative).name):
         if p.is_file():
             return p
-    raise DataError(f"{data_dir}: no {relative} for dataset {spec.name!r} "
-                    f"(it reads {', '.join(spec.files)}; give --data-dir)")
+    raise DataError(f"{data_dir}: no {relative} for dataset {dataset.name!r} "
+                    f"(it reads {', '.join(dataset.files)}; give --data-dir)")
 
 
 def split(examples: Sequence[Example], train_ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -164,25 +164,25 @@ def subset(examples: Sequence[Example], n: int | None, seed: int) -> list[Exampl
     return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]
 
 
-def load_dataset(spec: DatasetSpec, data_dir: Path, *, seed: int = 0, split_ratio: float = 0.8,
+def load_dataset(dataset: Dataset, data_dir: Path, *, seed: int = 0, split_ratio: float = 0.8,
                  train_limit: int | None = None, dev_limit: int | None = None) -> DatasetSplits:
     """Train and dev examples of one dataset; `seed` picks the split of a dev-less dataset and the subsets."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such data directory (dataset {spec.name!r} reads {', '.join(spec.files)})")
-    train_path = find(data_dir, spec.train, spec)
-    train, skipped = read_file(train_path, spec)
-    info: dict = {"files": [str(p) for p in spec.files]}
-    if spec.dev is None:
+        raise DataError(f"{data_dir}: no such data directory (dataset {dataset.name!r} reads {', '.join(dataset.files)})")
+    train_path = find(data_dir, dataset.train, dataset)
+    train, skipped = read_file(train_path, dataset)
+    info: dict = {"files": [str(p) for p in dataset.files]}
+    if dataset.dev is None:
         train, dev = split(train, split_ratio, seed)
-        info["split"] = {"file": spec.train, "seed": seed, "train_ratio": split_ratio, "train": len(train),
+        info["split"] = {"file": dataset.train, "seed": seed, "train_ratio": split_ratio, "train": len(train),
                          "dev": len(dev), "method": "random.Random(seed).shuffle of row indices; "
                                                     "first round(ratio*n) train, rest dev"}
     else:
-        dev, more = read_file(find(data_dir, spec.dev, spec), spec)
+        dev, more = read_file(find(data_dir, dataset.dev, dataset), dataset)
         skipped += more
     info["available"] = {"train": len(train), "dev": len(dev)}
     train, dev = subset(train, train_limit, seed), subset(dev, dev_limit, seed + 1)
     info["used"] = {"train": len(train), "dev": len(dev)}
     info["skipped_rows"] = len(skipped)
-    return DatasetSplits(spec, train, dev, info, skipped)
+    return DatasetSplits(dataset, train, dev, info, skipped)

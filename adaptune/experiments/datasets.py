@@ -22,7 +22,7 @@ LOSSES = {CLASSES: "cross_entropy", BINARY: "bce_with_logits", REGRESSION: "mse"
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class Dataset:
     """One dataset: where its files are, which columns hold text and label, what the head predicts."""
     name: str
     kind: str
@@ -52,33 +52,33 @@ class DatasetSpec:
 
 
 _NONE = csv.QUOTE_NONE
-DATASETS: dict[str, DatasetSpec] = {d.name: d for d in [
+DATASETS: dict[str, Dataset] = {d.name: d for d in [
     # CS224N minBERT multitask data (seeds 002, 004)
-    DatasetSpec("sst", CLASSES, 5, "accuracy", ("sentence",), "sentiment", "ids-sst-train.csv", "ids-sst-dev.csv",
+    Dataset("sst", CLASSES, 5, "accuracy", ("sentence",), "sentiment", "ids-sst-train.csv", "ids-sst-dev.csv",
                 description="SST-5 sentiment, 5 classes"),
-    DatasetSpec("para", BINARY, 1, "accuracy", ("sentence1", "sentence2"), "is_duplicate", "quora-dev.csv", None,
+    Dataset("para", BINARY, 1, "accuracy", ("sentence1", "sentence2"), "is_duplicate", "quora-dev.csv", None,
                 description="Quora paraphrase (quora-dev.csv split into train/dev)"),
-    DatasetSpec("sts", REGRESSION, 1, "pearson", ("sentence1", "sentence2"), "similarity", "sts-train.csv",
+    Dataset("sts", REGRESSION, 1, "pearson", ("sentence1", "sentence2"), "similarity", "sts-train.csv",
                 "sts-dev.csv", label_range=(0.0, 5.0), description="STS similarity 0..5, Pearson r"),
-    DatasetSpec("cfimdb", CLASSES, 2, "accuracy", ("sentence",), "sentiment", "ids-cfimdb-train.csv",
+    Dataset("cfimdb", CLASSES, 2, "accuracy", ("sentence",), "sentiment", "ids-cfimdb-train.csv",
                 "ids-cfimdb-dev.csv", description="CFIMDB movie-review polarity"),
     # standard GLUE directories
-    DatasetSpec("sst2", CLASSES, 2, "accuracy", ("sentence",), "label", "SST-2/train.tsv", "SST-2/dev.tsv",
+    Dataset("sst2", CLASSES, 2, "accuracy", ("sentence",), "label", "SST-2/train.tsv", "SST-2/dev.tsv",
                 quoting=_NONE),
-    DatasetSpec("stsb", REGRESSION, 1, "pearson", ("sentence1", "sentence2"), "score", "STS-B/train.tsv",
+    Dataset("stsb", REGRESSION, 1, "pearson", ("sentence1", "sentence2"), "score", "STS-B/train.tsv",
                 "STS-B/dev.tsv", quoting=_NONE, label_range=(0.0, 5.0)),
-    DatasetSpec("mrpc", BINARY, 1, "accuracy", ("#1 String", "#2 String"), "Quality", "MRPC/train.tsv", "MRPC/dev.tsv",
+    Dataset("mrpc", BINARY, 1, "accuracy", ("#1 String", "#2 String"), "Quality", "MRPC/train.tsv", "MRPC/dev.tsv",
                 quoting=_NONE),
-    DatasetSpec("qqp", BINARY, 1, "accuracy", ("question1", "question2"), "is_duplicate", "QQP/train.tsv",
+    Dataset("qqp", BINARY, 1, "accuracy", ("question1", "question2"), "is_duplicate", "QQP/train.tsv",
                 "QQP/dev.tsv", quoting=_NONE),
-    DatasetSpec("cola", CLASSES, 2, "matthews", (3,), 1, "CoLA/train.tsv", "CoLA/dev.tsv", header=False, quoting=_NONE),
-    DatasetSpec("rte", CLASSES, 2, "accuracy", ("sentence1", "sentence2"), "label", "RTE/train.tsv", "RTE/dev.tsv",
+    Dataset("cola", CLASSES, 2, "matthews", (3,), 1, "CoLA/train.tsv", "CoLA/dev.tsv", header=False, quoting=_NONE),
+    Dataset("rte", CLASSES, 2, "accuracy", ("sentence1", "sentence2"), "label", "RTE/train.tsv", "RTE/dev.tsv",
                 quoting=_NONE, label_map={"entailment": 0, "not_entailment": 1}),
-    DatasetSpec("wnli", CLASSES, 2, "accuracy", ("sentence1", "sentence2"), "label", "WNLI/train.tsv", "WNLI/dev.tsv",
+    Dataset("wnli", CLASSES, 2, "accuracy", ("sentence1", "sentence2"), "label", "WNLI/train.tsv", "WNLI/dev.tsv",
                 quoting=_NONE),
-    DatasetSpec("qnli", CLASSES, 2, "accuracy", ("question", "sentence"), "label", "QNLI/train.tsv", "QNLI/dev.tsv",
+    Dataset("qnli", CLASSES, 2, "accuracy", ("question", "sentence"), "label", "QNLI/train.tsv", "QNLI/dev.tsv",
                 quoting=_NONE, label_map={"entailment": 0, "not_entailment": 1}),
-    DatasetSpec("mnli", CLASSES, 3, "accuracy", ("sentence1", "sentence2"), "gold_label", "MNLI/train.tsv",
+    Dataset("mnli", CLASSES, 3, "accuracy", ("sentence1", "sentence2"), "gold_label", "MNLI/train.tsv",
                 "MNLI/dev_matched.tsv", quoting=_NONE, label_map={"contradiction": 0, "entailment": 1, "neutral": 2}),
 ]}
 
@@ -88,7 +88,7 @@ DEFAULT_DATASETS = ("sst", "para", "sts")  # seed 004's three datasets
 ALIASES = {"quora": "para", "paraphrase": "para", "sst5": "sst", "sts-b": "stsb"}
 
 
-def get_dataset(name: str) -> DatasetSpec:
+def get_dataset(name: str) -> Dataset:
     """The registered dataset called `name` (or one of its ALIASES)."""
     name = ALIASES.get(name, name)
     if name not in DATASETS:
@@ -96,8 +96,8 @@ def get_dataset(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def parse_datasets(text: str | list[str]) -> list[DatasetSpec]:
-    """'sst,para,sts' -> their DatasetSpecs (order kept, duplicates refused)."""
+def parse_datasets(text: str | list[str]) -> list[Dataset]:
+    """'sst,para,sts' -> their Datasets (order kept, duplicates refused)."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
         raise ConfigError(f"give at least one dataset; known: {', '.join(DATASETS)}")

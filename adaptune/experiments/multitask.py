@@ -39,9 +39,9 @@ def score(data: dict[str, DatasetSplits], preds: dict[str, list[float]]) -> dict
     out = {}
     for t, d in data.items():
         gold = [e.label for e in d.dev]
-        names = {"classes": ["accuracy", "matthews"] if d.spec.n_out == 2 else ["accuracy"],
-                 "binary": ["accuracy", "f1"], "regression": ["pearson", "spearman"]}[d.spec.kind]
-        out[t] = {m: metrics.METRICS[m](preds[t], gold) for m in dict.fromkeys([d.spec.metric, *names])}
+        names = {"classes": ["accuracy", "matthews"] if d.dataset.n_out == 2 else ["accuracy"],
+                 "binary": ["accuracy", "f1"], "regression": ["pearson", "spearman"]}[d.dataset.kind]
+        out[t] = {m: metrics.METRICS[m](preds[t], gold) for m in dict.fromkeys([d.dataset.metric, *names])}
     return out
 
 
@@ -52,10 +52,10 @@ def build(cfg: ExperimentConfig, data: dict[str, DatasetSplits]) -> tuple[nn.Mod
     vocab = model.get_input_embeddings().num_embeddings
     if len(tok) > vocab:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens but the model's embedding only {vocab}")
-    heads = make_heads(model.config.hidden_size, {t: d.spec.n_out for t, d in data.items()}, cfg.seed)
+    heads = make_heads(model.config.hidden_size, {t: d.dataset.n_out for t, d in data.items()}, cfg.seed)
     with torch.no_grad():  # a regression head starts at the mean training score: MSE then trains the slope
         for t, d in data.items():
-            if d.spec.kind == "regression":
+            if d.dataset.kind == "regression":
                 heads[t].bias.fill_(sum(e.label for e in d.train) / len(d.train))
     adaptation = cfg.method.prepare(model, list(data))
     model.to(cfg.device), heads.to(cfg.device)
@@ -99,7 +99,7 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
                 adaptation.use(t)
             batch = [data[t].train[i] for i in idx]
             labels = torch.tensor([e.label for e in batch], dtype=torch.float32, device=cfg.device)
-            loss = loss_of(data[t].spec.kind, heads[t](encoder(batch)), labels)
+            loss = loss_of(data[t].dataset.kind, heads[t](encoder(batch)), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -135,7 +135,7 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
     scores = score(data, preds)
     counts = accounting(cfg.method, model, adaptation, heads)
     memory, memory_how = peak_memory_mb(cfg.device)
-    dev = {t: scores[t][d.spec.metric] for t, d in data.items()}
+    dev = {t: scores[t][d.dataset.metric] for t, d in data.items()}
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     result = {
         "format": FORMAT, "experiment": "multitask", "name": cfg.name or default_name(cfg), "command": cfg.command,
@@ -143,7 +143,7 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
         "config": cfg.to_dict(), "spec": adaptation.spec() if adaptation is not None else None,
         "model": {"name": cfg.model, "class": type(model).__name__, "params": counts["base"]},
         "data": {t: d.info for t, d in data.items()}, "skipped_rows": {t: d.skipped for t, d in data.items()},
-        "tasks": {t: {"metric": d.spec.metric, "dev": dev[t], "metrics": scores[t], "loss": d.spec.loss,
+        "tasks": {t: {"metric": d.dataset.metric, "dev": dev[t], "metrics": scores[t], "loss": d.dataset.loss,
                       "train_loss_by_epoch": [mean(e) for e in log["losses"][t]],
                       "pct_updated": counts["pct_updated"][t], "updated": counts["updated"][t]}
                   for t, d in data.items()},

@@ -103,7 +103,7 @@ def evaluate(encoder: Encoder, heads: nn.ModuleDict, adaptation: Any, data: dict
         bar = progress.add_task(f"dev {t}", total=len(chunks)) if progress is not None else None
         out = [0.0] * len(d.dev)
         for idx in chunks:
-            for i, p in zip(idx, predictions(d.spec.kind, heads[t](encoder([d.dev[i] for i in idx])))):
+            for i, p in zip(idx, predictions(d.dataset.kind, heads[t](encoder([d.dev[i] for i in idx])))):
                 out[i] = p
             if bar is not None:
                 progress.advance(bar)
