@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from adaptune import ops
@@ -62,6 +62,13 @@ def problems(draw, max_rank=256):
                 bias=draw(st.booleans()))
 
 
+def well_conditioned(p) -> None:
+    """Skip draws whose DoRA row norms ‖W + s·B·A‖ nearly cancel (< 0.2·‖W‖): there float32 keeps too few
+    digits of the norm for any two summation orders to agree to 1e-4."""
+    W, A, B = (p[k].double() for k in ("W", "A", "B"))
+    assume(bool(((W + p["s"] * B @ A).norm(dim=1) >= 0.2 * W.norm(dim=1)).all()))
+
+
 def grads(fn, *leaves):
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     out = fn(*leaves)
@@ -83,6 +90,7 @@ def test_lora_matches_reference_forward_and_backward(device, p):
 @kernel_settings
 @given(p=problems())
 def test_dora_norm_matches_reference_with_and_without_cache(device, p):
+    well_conditioned(p)
     p = on(device, p)
     W, A, B, s = p["W"], p["A"], p["B"], p["s"]
     for cached in (None, W.pow(2).sum(1)):
@@ -92,6 +100,7 @@ def test_dora_norm_matches_reference_with_and_without_cache(device, p):
 @kernel_settings
 @given(p=problems(), detach_norm=st.booleans())
 def test_dora_matches_reference_forward_and_backward(device, p, detach_norm):
+    well_conditioned(p)
     p = on(device, p)
     b, W, s = (p["b"] if p["bias"] else None), p["W"], p["s"]
     cached = W.pow(2).sum(1)
