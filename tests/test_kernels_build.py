@@ -1,5 +1,8 @@
-"""The kernel build and dispatch: modes, failed builds, build directory, and an nvcc compile check of
-every .cu (the CUDA kernels are compile-checked here, not run: CI has no GPU)."""
+"""The kernel build and dispatch: modes, failed builds, build directory, the build manifest (a damaged
+cached library is rebuilt, never loaded), and an nvcc compile check of every .cu (the CUDA kernels are
+compile-checked here, not run: CI has no GPU)."""
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -159,3 +162,118 @@ def test_every_cuda_source_compiles_with_nvcc(tmp_path):
     proc = subprocess.run([nvcc, *flags, str(umbrella)], capture_output=True, text=True)
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error" in line]
     assert proc.returncode == 0, "nvcc failed:\n" + "\n".join(errors or [proc.stderr[-3000:]])
+
+
+# --- the build manifest: a cached library is loaded only if it matches what its build recorded ---
+
+_RUN_OP = """
+import json, warnings, torch
+from adaptune import ops
+from adaptune.ops import reference
+g = torch.Generator().manual_seed(0)
+x, W, b, A, B = (torch.randn(*s, generator=g) for s in [(5, 8), (6, 8), (6,), (3, 8), (6, 3)])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = ops.lora(x, W, b, A, B, 2.0)
+torch.testing.assert_close(y, reference.lora(x, W, b, A, B, 2.0), rtol=1e-5, atol=1e-5)
+built = ops.builds()["cpu"]
+print(json.dumps({"path": ops.path("lora", "cpu"), "library": built.path, "reason": built.reason,
+                  "warnings": [str(w.message) for w in caught if "adaptune" in str(w.message)]}))
+"""
+
+
+def _run_op(root: Path, mode: str = "auto") -> dict:
+    """Run one lora op (checked against the reference) in a fresh process building into `root`."""
+    env = {**os.environ, "ADAPTUNE_BUILD_DIR": str(root), "ADAPTUNE_KERNELS": mode,
+           "CUDA_VISIBLE_DEVICES": ""}  # the CPU build: the manifest does not depend on the device
+    proc = subprocess.run([sys.executable, "-c", _RUN_OP], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _matches_manifest(library: Path) -> bool:
+    recorded = build.read_manifest(library.parent)
+    digest = hashlib.sha256(library.read_bytes()).hexdigest()
+    return recorded is not None and recorded.get(library.name) == {"size": library.stat().st_size, "sha256": digest}
+
+
+@pytest.fixture(scope="module")
+def built_root(tmp_path_factory):
+    """One real CPU build, in its own build root; tests copy it (mtimes kept, so ninja sees it up to date)."""
+    root = tmp_path_factory.mktemp("ext")
+    result = _run_op(root)
+    assert result["path"][0] == "kernel", result
+    return root
+
+
+@pytest.fixture
+def cache(built_root, tmp_path):
+    """(build root, library) of a private copy of the one real build."""
+    root = tmp_path / "ext"
+    shutil.copytree(built_root, root)
+    (library,) = root.glob(f"*/{build.NAME}.so")
+    return root, library
+
+
+def test_a_build_records_its_outputs_and_an_intact_cache_is_loaded_as_is(cache):
+    root, library = cache
+    assert _matches_manifest(library)
+    recorded = build.read_manifest(library.parent)
+    assert {"schema.o", "lora.o", "dora.o", "bottleneck.o"} <= set(recorded)
+    before = library.stat().st_mtime_ns
+    result = _run_op(root)
+    assert result["path"][0] == "kernel" and "rebuilt" not in result["reason"] and not result["warnings"]
+    assert library.stat().st_mtime_ns == before
+
+
+def test_a_truncated_library_is_rebuilt_not_loaded(cache):
+    """Loading a truncated .so dies of SIGBUS: it is relinked (the object files are sound) instead."""
+    root, library = cache
+    size = library.stat().st_size
+    with open(library, "r+b") as handle:
+        handle.truncate(size // 2)
+    result = _run_op(root)
+    assert result["path"][0] == "kernel" and not result["warnings"], result
+    assert f"{size // 2} bytes, {size} recorded" in result["reason"]
+    assert Path(result["library"]) == library and library.stat().st_size == size and _matches_manifest(library)
+
+
+def test_a_damaged_object_file_is_recompiled_with_the_library(cache):
+    root, library = cache
+    for path in (library, library.parent / "lora.o"):
+        with open(path, "r+b") as handle:
+            handle.truncate(1000)
+    result = _run_op(root)
+    assert result["path"][0] == "kernel" and "lora.o: 1000 bytes" in result["reason"], result
+    assert _matches_manifest(library)
+    assert build.read_manifest(library.parent)["lora.o"]["size"] == (library.parent / "lora.o").stat().st_size
+
+
+def test_a_library_without_a_manifest_is_rebuilt_from_scratch_not_loaded(cache):
+    """No manifest: nothing in the directory can be verified (here the .so is truncated too: loading it
+    would kill the process)."""
+    root, library = cache
+    (library.parent / build.MANIFEST).unlink()
+    with open(library, "r+b") as handle:
+        handle.truncate(library.stat().st_size // 2)
+    result = _run_op(root)
+    assert result["path"][0] == "kernel" and f"no valid {build.MANIFEST}" in result["reason"], result
+    assert _matches_manifest(library)
+
+
+def test_a_failed_rebuild_of_an_unverified_library_says_why_and_loads_nothing(broken_sources, monkeypatch):
+    """The garbage library is removed, never loaded; auto mode then warns once, require mode raises."""
+    directory = build.build_dir("cpu")
+    directory.mkdir(parents=True)
+    (directory / f"{build.NAME}.so").write_bytes(b"\x7fELF truncated")
+    result = build.build("cpu")
+    assert not result.ok and "broken on purpose" in result.reason
+    assert f"(rebuilding: {build.NAME}.so had no valid {build.MANIFEST})" in result.reason
+    assert not (directory / f"{build.NAME}.so").exists()
+    monkeypatch.setattr(ops, "_builds", {"cpu": result, "cuda": build.Build("cuda", False, "no CUDA")})
+    monkeypatch.setattr(ops, "_warned", set())
+    x = torch.randn(2, 4)
+    with ops.use_kernels("require"), pytest.raises(AdaptuneError, match="(?s)not available on cpu: .*no valid manifest"):
+        ops.lora(x, torch.randn(3, 4), None, torch.randn(2, 4), torch.randn(3, 2), 1.0)
+    with ops.use_kernels("auto"), pytest.warns(RuntimeWarning, match="broken on purpose"):
+        ops.lora(x, torch.randn(3, 4), None, torch.randn(2, 4), torch.randn(3, 2), 1.0)

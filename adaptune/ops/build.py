@@ -6,11 +6,17 @@ across processes and sessions; after a successful build, older builds for the sa
 torch version are removed. A file lock keeps two processes from building into the same directory at
 once. `torch.utils.cpp_extension` is imported only when a build is attempted. The sources are csrc/
 of a source checkout, or the copy a regular install ships inside the package (adaptune/_csrc).
+
+A successful build records `manifest.json` beside its outputs: the build key, the torch version and
+{file: size, SHA-256} for the library and every object file. A cached library is loaded only if it
+matches its manifest (mapping a truncated .so kills the process with SIGBUS); otherwise the outputs
+that do not match are removed, so ninja rebuilds them (all outputs, when the manifest is missing).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -19,12 +25,15 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_write
+
 _CHECKOUT = Path(__file__).resolve().parents[2] / "csrc"
 CSRC = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parents[1] / "_csrc"
 NAME = "adaptune_ops"
 FAMILIES = ("lora", "dora", "bottleneck")  # one source file per op family and device: cpu/<op>.cpp, cuda/<op>.cu
 CFLAGS = ["-O3"]
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,91 @@ def prune(device: str, keep: Path) -> list[Path]:
     return removed
 
 
+def _digest(path: Path) -> dict:
+    """{"size": bytes, "sha256": hex digest} of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _outputs(directory: Path, lib_ext: str) -> tuple[list[Path], list[Path]]:
+    """(libraries, object files) ninja has left in `directory`."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    return ([p for p in files if p.name.startswith(NAME) and p.name.endswith(lib_ext)],
+            [p for p in files if p.suffix == ".o"])
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """{file name: {"size", "sha256"}} recorded for `directory`'s build; None if missing, unreadable or
+    written for another key or torch version."""
+    try:
+        data = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(data, dict) or data.get("key") != directory.name or data.get("torch") != torch.__version__
+            or not isinstance(data.get("files"), dict)):
+        return None
+    return data["files"]
+
+
+def write_manifest(directory: Path, lib_ext: str) -> None:
+    """Record every library and object file in `directory` (atomically: a reader sees all of it or none)."""
+    libraries, objects = _outputs(directory, lib_ext)
+    files = {p.name: _digest(p) for p in libraries + objects}
+    text = json.dumps({"key": directory.name, "torch": torch.__version__, "files": files}, indent=1)
+    atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+def _clear(directory: Path) -> None:
+    """Remove everything in `directory` but the held lock file."""
+    for entry in directory.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def discard_unverified(directory: Path, lib_ext: str) -> tuple[str | None, dict[str, tuple]]:
+    """Remove the cached outputs the manifest does not vouch for, so that ninja rebuilds them and no
+    unverified library is ever loaded. Returns (what was wrong or None, {verified library: its stat key}).
+    Only the libraries are hashed when they match; the object files only when one does not."""
+    libraries, objects = _outputs(directory, lib_ext)
+    recorded = read_manifest(directory)
+    if recorded is None:
+        if not libraries:
+            return None, {}  # nothing was loadable: ninja finishes (or starts) the build
+        _clear(directory)  # the object files cannot be verified either: build from scratch
+        return f"{', '.join(p.name for p in libraries)} had no valid {MANIFEST}", {}
+    verified, bad = {}, []
+    for library in libraries:
+        stat = library.stat()
+        if _digest(library) == recorded.get(library.name):
+            verified[library.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        else:
+            bad.append(library)
+    if not bad and libraries:
+        return None, verified
+    bad += [p for p in objects if _digest(p) != recorded.get(p.name)]
+    found = [_mismatch(p, recorded.get(p.name)) for p in bad]
+    for path in bad:
+        path.unlink()
+    return (f"{'; '.join(found)} (did not match {MANIFEST})" if found else None), verified
+
+
+def _mismatch(path: Path, entry: dict | None) -> str:
+    size = path.stat().st_size
+    if not isinstance(entry, dict):
+        return f"{path.name}: {size} bytes, not recorded"
+    if size != entry.get("size"):
+        return f"{path.name}: {size} bytes, {entry.get('size')} recorded"
+    return f"{path.name}: {size} bytes as recorded, another SHA-256"
+
+
 def _reason(error: BaseException, limit: int = 1500) -> str:
     """The compiler's own words: the first error lines of the ninja output, else the message's tail."""
     text = str(error)
@@ -136,15 +230,24 @@ def build(device: str) -> Build:
         directory = build_dir(device)
         from torch.utils import cpp_extension  # lazy: importing it costs time and is needed only here
 
+        lib_ext = getattr(cpp_extension, "LIB_EXT", ".so")
+        problem = None
         with _locked(directory):
             # torch's own baton: a build killed mid-way (SIGKILL, OOM, a CI timeout) leaves it behind and
             # load() would wait for it forever; holding our lock, no other adaptune build is running here
             (directory / "lock").unlink(missing_ok=True)
-            path = cpp_extension.load(
+            problem, verified = discard_unverified(directory, lib_ext)
+            path = Path(cpp_extension.load(
                 name=NAME, sources=[str(p) for p in sources(device)], build_directory=str(directory),
                 extra_cflags=CFLAGS, extra_cuda_cflags=CUDA_FLAGS, extra_include_paths=[str(CSRC)],
-                is_python_module=False, verbose=False)
+                is_python_module=False, verbose=False))
+            stat, note = path.stat(), f", rebuilt: {problem}" if problem else ""
+            if verified.get(path.name) != (stat.st_ino, stat.st_size, stat.st_mtime_ns):  # ninja (re)built it
+                try:
+                    write_manifest(directory, lib_ext)
+                except OSError as error:  # loaded all the same; the next process rebuilds
+                    note += f"; {MANIFEST} not written: {error}"
     except Exception as error:  # noqa: BLE001 — any failure is reported, with its reason, by the caller
-        return Build(device, False, _reason(error))
+        return Build(device, False, _reason(error) + (f" (rebuilding: {problem})" if problem else ""))
     prune(device, keep=directory)
-    return Build(device, True, f"built in {directory}", str(path))
+    return Build(device, True, f"built in {directory}{note}", str(path))
