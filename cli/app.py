@@ -22,7 +22,9 @@ console = Console()
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    """One line, 'error: MESSAGE', and exit status 2: the message is printed as is (no rich markup, no wrapping)."""
+    from rich.markup import escape
+    console.print(f"[red]error:[/red] {escape(' '.join(str(message).split()))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -31,12 +33,12 @@ def inspect(model: str = typer.Argument(..., help="minilm, gpt2-tiny, bert-tiny,
             spec: str = typer.Option(None, "--spec", help="components to attach, e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'")) -> None:
     """Print a model's sites with their modules and parameter counts (and what SPEC would add)."""
     from adaptune import AdaptuneError, attach
-    from adaptune.models import load_model
+    from adaptune.experiments.config import load_base
     from adaptune.sites import SiteMap
     from adaptune.spec import parse_spec
 
     try:
-        base = load_model(model)
+        base = load_base(model, seed=0)  # a preset, a model directory (with its config.json), a cached hub name
         plan = parse_spec(spec) if spec else None
     except AdaptuneError as e:
         return _fail(str(e))
@@ -168,21 +170,29 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
     from adaptune import AdaptuneError
     from adaptune.experiments.report import find_runs, load_results, markdown_table, plot as plot_runs, runs_table
     from adaptune.files import atomic_write
+    from rich.markup import escape
 
+    for option, path in (("--plot", plot), ("--markdown", markdown)):
+        if path is not None and path.is_dir():
+            return _fail(f"{option} {str(path)!r} is a directory; give a file path, e.g. {path / 'report'}"
+                         f"{'.png' if option == '--plot' else '.md'}")
     found, skipped = find_runs(runs)
     for line in skipped:
-        console.print(f"[yellow]skipped[/yellow] {line}")
+        console.print(f"[yellow]skipped[/yellow] {escape(line)}")
     if not found:
         return _fail("no finished runs (directories with a results.json) among the paths given; e.g. adaptune report runs/*")
     try:
         results = load_results(found)
+        table = runs_table(results)
+        written = plot_runs(results, plot)
+        if markdown:
+            text = markdown_table(results)
+            atomic_write(markdown, lambda tmp: tmp.write_text(text))
     except AdaptuneError as e:
         return _fail(str(e))
-    console.print(runs_table(results))
-    console.print(f"plot: {plot_runs(results, plot)}")
+    console.print(table)
+    console.print(f"plot: {written}")
     if markdown:
-        table = markdown_table(results)
-        atomic_write(markdown, lambda tmp: tmp.write_text(table))
         console.print(f"markdown: {markdown}")
 
 

@@ -40,7 +40,7 @@ LEGACY_OPTIONS = {  # the option names of `run multitask` before they were gener
     "--method", "--r", "--dim", "--n", "--stack", "--per-task", "--shared", "--model", "--tokenizer", "--tasks",
     "--data-dir", "--quick", "--epochs", "--train-limit", "--dev-limit", "--max-length", "--batch-size", "--lr",
     "--head-lr", "--layer-lr-decay", "--split-ratio", "--augment", "--n-aug", "--synonyms", "--seed", "--data-seed",
-    "--device", "--threads", "--name", "--out"}
+    "--device", "--threads", "--name", "--out", "--overwrite"}
 
 
 def multitask_command():

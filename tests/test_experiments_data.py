@@ -46,9 +46,9 @@ def test_malformed_rows_name_file_and_line(tmp_path, body, line, problem):
     assert isinstance(e.value, AdaptuneError) and isinstance(e.value, ValueError)
 
 
-def test_multiline_quoted_field_counts_lines(tmp_path):
-    f = write(tmp_path / "m.csv", SST_HEAD + '0\ta\t"two\nlines"\t1\n1\tb\tok\tnine\n')
-    with pytest.raises(DataError, match=r"m\.csv:4: label 'nine'"):
+def test_a_field_spanning_lines_is_refused_where_its_quote_opened(tmp_path):
+    f = write(tmp_path / "m.csv", SST_HEAD + '0\ta\t"tab\tinside"\t1\n1\tb\t"two\nlines"\t1\n')
+    with pytest.raises(DataError, match=r"m\.csv:3: a quoted field opened on this line runs on to line 4"):
         read_file(f, get_dataset("sst"))
 
 

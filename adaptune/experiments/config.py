@@ -3,11 +3,16 @@ run loads from them: the base model, its tokenizer, the datasets, the seeds.
 
 Every setting is written once, here and in Method: default and help (field metadata "help"; "flags",
 "metavar" and "panel" shape the CLI option). cli/options.py builds `adaptune run multitask`'s options
-from these fields."""
+from these fields. Every setting is checked when the config is made (__post_init__), so the Python API and
+the CLI refuse the same values (a NaN learning rate, a run name with a path in it) before anything runs."""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,11 +87,37 @@ class ExperimentConfig:
     data_seed: int = field(default=0, metadata={
         "help": "the train/dev split and the subsets: the same for every method and seed", "panel": "Model and data"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N", "panel": "Run"})
-    name: str | None = field(default=None, metadata={"help": "run name (default from method and seed)",
-                                                     "panel": "Run"})
+    name: str | None = field(default=None, metadata={
+        "help": "run name, a plain directory name (default: method, seed and a hash of the settings)",
+        "panel": "Run"})
     out: str = field(default="runs", metadata={"help": "runs are written to OUT/NAME", "metavar": "<dir>",
                                                "panel": "Run"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a run saved under the same OUT/NAME (once the new run is complete); without it the run "
+                "is refused before training", "flags": ("--overwrite",), "panel": "Run"})
     command: str = ""  # the command line that started the run, recorded in command.txt
+
+    def __post_init__(self) -> None:
+        for what in ("lr", "head_lr"):
+            _check(self, what, "a positive finite number", lambda v: _real(v) and v > 0, optional=what == "lr")
+        _check(self, "layer_lr_decay", "a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1, optional=True)
+        _check(self, "split_ratio", "a number in (0, 1)", lambda v: _real(v) and 0 < v < 1)
+        for what in ("epochs", "train_limit", "dev_limit", "max_length", "batch_size", "n_aug"):
+            _check(self, what, "an integer of at least 1", lambda v: _integer(v) and v >= 1, optional=what != "n_aug")
+        for what in ("seed", "data_seed"):
+            _check(self, what, "an integer", _integer)
+        for what in ("quick", "overwrite"):
+            _check(self, what, "True or False", lambda v: isinstance(v, bool))
+        _check(self, "augment", "'eda'", lambda v: v == "eda", optional=True)
+        _check(self, "device", "cpu, cuda or cuda:N", lambda v: isinstance(v, str) and bool(DEVICE.fullmatch(v)))
+        _check(self, "model", "a model name or directory", lambda v: isinstance(v, str) and bool(v.strip()))
+        _check(self, "out", "a directory path", lambda v: isinstance(v, (str, os.PathLike)) and bool(str(v).strip()))
+        if self.name is not None:
+            check_run_name(self.name)
+
+    def run_dir(self) -> Path:
+        """OUT/NAME, NAME defaulting to default_name (of the resolved settings: call on cfg.resolved())."""
+        return Path(self.out) / (self.name or default_name(self))
 
     def resolved(self) -> "ExperimentConfig":
         preset = QUICK if self.quick else FULL
@@ -94,15 +125,6 @@ class ExperimentConfig:
         cfg = replace(self, **filled, lr=self.method.default_lr if self.lr is None else self.lr,
                       data_dir=str(self.data_dir or default_data_dir()),
                       tasks=tuple(d.name for d in parse_datasets(list(self.tasks))))
-        if cfg.augment not in (None, "eda"):
-            raise ConfigError(f"--augment takes 'eda', got {cfg.augment!r}")
-        for what in ("epochs", "batch_size", "max_length", "n_aug"):
-            if getattr(cfg, what) < 1:
-                raise ConfigError(f"{what} must be at least 1, got {getattr(cfg, what)}")
-        if cfg.lr <= 0 or cfg.head_lr <= 0:
-            raise ConfigError(f"learning rates must be positive, got lr={cfg.lr}, head_lr={cfg.head_lr}")
-        if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
         if cfg.device != "cpu" and not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available here")
         return cfg
@@ -113,6 +135,41 @@ class ExperimentConfig:
     @staticmethod
     def from_dict(d: dict) -> "ExperimentConfig":
         return ExperimentConfig(**{**d, "method": Method(**d["method"]), "tasks": tuple(d["tasks"])})
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+NOT_HASHED = ("name", "out", "overwrite", "command")  # where a run goes and how it was typed, not what it computes
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(cfg: ExperimentConfig, what: str, rule: str, ok: Any, optional: bool = False) -> None:
+    value = getattr(cfg, what)
+    if not (optional and value is None) and not ok(value):
+        raise ConfigError(f"{what} (--{what.replace('_', '-')}) must be {rule}, got {value!r}")
+
+
+def check_run_name(name: Any) -> None:
+    """A run name is one plain directory name inside OUT: never a path, '.', '..' or hidden."""
+    if not isinstance(name, str) or not name.strip() or name.startswith(".") or "\0" in name \
+            or any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")):
+        raise ConfigError(f"--name {name!r} is not a plain directory name: a run is written to OUT/NAME, so NAME "
+                          f"must be non-empty, hold no '/' or '\\', and not start with '.' (no '.', '..')")
+
+
+def default_name(cfg: ExperimentConfig) -> str:
+    """'<method label>-seed<seed>-<hash>': the hash (8 hex digits) of every setting but NOT_HASHED, so runs that
+    differ in any setting (--lr, --epochs, the data) get different names."""
+    label = re.sub(r"[^A-Za-z0-9.+]+", "-", cfg.method.label().replace("=", "")).strip("-")
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{label}-seed{cfg.seed}-{digest}"
 
 
 def load_tokenizer(model_name: str, tokenizer: str | None = None) -> Any:
@@ -135,15 +192,28 @@ def load_tokenizer(model_name: str, tokenizer: str | None = None) -> Any:
 
 def load_base(name: str, seed: int) -> nn.Module:
     """A preset or local directory (adaptune.models.load_model), else a hub name from the local cache."""
-    if name in PRESETS or Path(name).is_dir():
+    valid = f"give one of {', '.join(PRESETS)}, a local Hugging Face BERT/GPT-2 directory, or a hub name in the local cache"
+    if name in PRESETS:
         return load_model(name, seed=seed)
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{name}: no config.json, so not a Hugging Face model directory (save_pretrained "
+                              f"writes config.json and the weights); {valid}")
+        try:
+            return load_model(name, seed=seed)
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{name}: cannot load the model directory ({type(e).__name__}: {e}); {valid}") from e
+    if path.exists():
+        raise ConfigError(f"{name}: a file, not a model; {valid}")
     from transformers import AutoModel
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return AutoModel.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"unknown model {name!r}: give one of {', '.join(PRESETS)}, a local Hugging Face "
-                          f"BERT/GPT-2 directory, or a hub name in the local cache ({e})") from e
+        raise ConfigError(f"unknown model {name!r}: {valid} ({e})") from e
 
 
 def set_seed(seed: int) -> None:

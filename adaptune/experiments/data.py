@@ -1,13 +1,18 @@
 """Reading a dataset's tab-separated files robustly: quoted fields, blank rows, missing labels.
 
-Rows are parsed with the csv module (delimiter tab), never by splitting lines, so csv-quoted fields
-may hold tabs, quotes and newlines (GLUE's .tsv files are read with QUOTE_NONE: quotes are text).
+Rows are parsed with the csv module (delimiter tab, strict), never by splitting lines, so csv-quoted
+fields may hold tabs and doubled quotes (GLUE's .tsv files are read with QUOTE_NONE: quotes are text).
+Every row is one line of the file: a field that spans lines, or holds a line break, is refused, since a
+stray '"' at the start of a field otherwise swallows the rows after it (one row read for many lines).
+Files are read as UTF-8, with or without a byte-order mark (encoding utf-8-sig).
 
   skipped, each listed as 'file:line: reason'   blank rows; rows whose label or a text is empty
   DataError naming the file and line             a missing file or header column, undecodable bytes,
-                                                 a row with too few fields, a label that is not a
-                                                 number (nor one of the dataset's label names), a class
-                                                 id out of range, a score outside the dataset's range
+                                                 an unclosed quote (the line where it opened), a
+                                                 quoted field running over lines, a row with too few
+                                                 fields, a label that is not a number (nor one of the
+                                                 dataset's label names), a class id out of range, a
+                                                 score outside the dataset's range
 """
 from __future__ import annotations
 
@@ -90,6 +95,23 @@ def _label(raw: str, where: str, dataset: Dataset) -> float:
     return value
 
 
+QUOTE_HELP = "close it, double a quote inside a quoted field (\"\"), or remove the stray '\"'"
+
+
+def _one_line(row: list[str], where: str, last: int) -> None:
+    """Refuse a row whose fields hold a line break: a quote opened on the row's first line ran on."""
+    if any("\n" in x or "\r" in x for x in row):
+        raise DataError(f"{where}: a quoted field opened on this line runs on to line {last} (an unclosed quote "
+                        f"swallows the rows after it); every row must be on one line: {QUOTE_HELP}")
+
+
+def _csv_error(e: csv.Error, where: str) -> DataError:
+    if "unexpected end of data" in str(e):
+        return DataError(f"{where}: a quote opened on this line is never closed, so the rest of the file would "
+                         f"be one field: {QUOTE_HELP}")
+    return DataError(f"{where}: {e} (a quoted field must end with '\"' before the next tab; {QUOTE_HELP})")
+
+
 def read_file(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[str]]:
     """(examples, skipped rows) of one file of `dataset`."""
     path = Path(path)
@@ -99,19 +121,21 @@ def read_file(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[s
     skipped: list[str] = []
     line = 1
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=dataset.quoting)
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=dataset.quoting, strict=True)
             header = None
             if dataset.header:
                 header = next(reader, None)
                 if header is None:
                     raise DataError(f"{path}: the file is empty; expected a header row")
+                _one_line(header, f"{path}:1", reader.line_num)
             cols = [_column(header, c, path) for c in dataset.text]
             at = _column(header, dataset.label, path)
             need = max(cols + [at]) + 1
             line = reader.line_num + 1
             for row in reader:
                 start, line = line, reader.line_num + 1
+                _one_line(row, f"{path}:{start}", reader.line_num)
                 if not any(x.strip() for x in row):
                     skipped.append(f"{path}:{start}: blank row")
                     continue
@@ -127,7 +151,7 @@ def read_file(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[s
                     label = _label(raw, f"{path}:{start}", dataset)
                     examples.append(Example(texts[0], texts[1] if dataset.pair else None, label, start))
     except csv.Error as e:
-        raise DataError(f"{path}:{line}: {e}") from None
+        raise _csv_error(e, f"{path}:{line}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not examples:

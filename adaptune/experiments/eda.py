@@ -16,8 +16,12 @@ def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such synonym list")
+    try:
+        content = path.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     table: dict[str, list[str]] = {}
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(content.splitlines(), 1):
         text = raw.split("#", 1)[0].strip()
         if not text:
             continue

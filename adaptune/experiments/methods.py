@@ -66,6 +66,10 @@ class Method:
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"unknown method {self.name!r}; known: {', '.join(METHODS)}")
+        for what in ("r", "dim", "n"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{what} (--{what}) must be an integer of at least 1, got {value!r}")
         if self.name == "stack" and not self.stack:
             raise ConfigError("method 'stack' needs a composition, e.g. --stack 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'")
         if self.name in ("head-only", "full") and self.per_task is not None:

@@ -7,31 +7,30 @@ MSE (STS, scored by Pearson r). Within each epoch the datasets take turns batch 
 robin); the active adaptune task is switched to the dataset's before each step. AdamW, linear
 warm-up (10% of the steps) then linear decay, gradients clipped to norm 1. Seeded: the same config
 and seed give the same metrics on CPU (torch.use_deterministic_algorithms during the run).
+
+Before anything is loaded the destination is checked (runs.check_destination); a non-finite loss or
+gradient norm stops training with a TrainingError naming the step and the dataset, and non-finite dev
+predictions stop the run too: a failed run saves nothing (runs.py).
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import platform
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..files import atomic_write
 from . import metrics
-from .config import QUICK, ExperimentConfig, load_base, load_data, load_tokenizer, set_seed
+from .config import QUICK, ExperimentConfig, default_name, load_base, load_data, load_tokenizer, set_seed
 from .data import DatasetSplits
 from .machine import cpu_name, peak_rss_mb
 from .methods import accounting, make_heads, param_groups
-from .runs import load_run, predict_run, save_run
-from .training import Encoder, evaluate, loss_of, schedule, warmup_linear
-
-FORMAT = "adaptune-multitask/1"
+from .runs import FORMAT, check_destination, load_run, predict_run, save_run
+from .training import Encoder, TrainingError, evaluate, loss_of, schedule, warmup_linear
 
 
 def score(data: dict[str, DatasetSplits], preds: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -85,7 +84,7 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
     sched = warmup_linear(opt, sum(map(len, plans)))
     params = [p for g in opt.param_groups for p in g["params"]]
     losses: dict[str, list[list[float]]] = {t: [] for t in data}
-    seen, seconds = 0, 0.0
+    seen, seconds, step, total = 0, 0.0, 0, sum(map(len, plans))
     set_seed(cfg.seed)
     for epoch, plan in enumerate(plans):
         bars = {t: progress.add_task(f"epoch {epoch + 1}/{cfg.epochs} {t}", total=sum(1 for s, _ in plan if s == t))
@@ -100,17 +99,28 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
             batch = [data[t].train[i] for i in idx]
             labels = torch.tensor([e.label for e in batch], dtype=torch.float32, device=cfg.device)
             loss = loss_of(data[t].dataset.kind, heads[t](encoder(batch)), labels)
+            step += 1
+            where = f"step {step} of {total} (epoch {epoch + 1}, dataset {t!r})"
+            value = _finite(loss.item(), "the loss", where, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            _finite(torch.nn.utils.clip_grad_norm_(params, 1.0).item(), "the gradient norm", where, cfg)
             opt.step()
             sched.step()
-            losses[t][-1].append(loss.item())
+            losses[t][-1].append(value)
             seen += len(batch)
             if progress is not None:
                 progress.advance(bars[t])
         seconds += time.perf_counter() - t0
-    return {"losses": losses, "examples": seen, "seconds": seconds, "steps": sum(map(len, plans))}
+    return {"losses": losses, "examples": seen, "seconds": seconds, "steps": total}
+
+
+def _finite(value: float, what: str, where: str, cfg: ExperimentConfig) -> float:
+    """`value`, or a TrainingError: a non-finite loss or gradient would make every later step NaN."""
+    if not math.isfinite(value):
+        raise TrainingError(f"training diverged at {where}: {what} is {value}; the run is stopped and nothing "
+                            f"is saved (try a lower --lr than {cfg.lr:g} or --head-lr than {cfg.head_lr:g})")
+    return value
 
 
 def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
@@ -118,6 +128,8 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
 
     progress: a rich.progress.Progress (optional): one bar per dataset and epoch, one per dev set."""
     cfg = cfg.resolved()
+    run_dir = cfg.run_dir()
+    check_destination(run_dir, cfg.overwrite)  # before any loading or training
     start = time.perf_counter()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -132,13 +144,17 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
         eval_s = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(deterministic)
+    for t, p in preds.items():
+        if not all(map(math.isfinite, p)):
+            raise TrainingError(f"the dev predictions of dataset {t!r} are not finite after {log['steps']} steps; "
+                                f"the run is stopped and nothing is saved (try a lower --lr than {cfg.lr:g})")
     scores = score(data, preds)
     counts = accounting(cfg.method, model, adaptation, heads)
     memory, memory_how = peak_memory_mb(cfg.device)
     dev = {t: scores[t][d.dataset.metric] for t, d in data.items()}
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     result = {
-        "format": FORMAT, "experiment": "multitask", "name": cfg.name or default_name(cfg), "command": cfg.command,
+        "format": FORMAT, "experiment": "multitask", "name": run_dir.name, "command": cfg.command,
         "label": cfg.method.label(), "method": cfg.method.name, "sharing": cfg.method.sharing,
         "config": cfg.to_dict(), "spec": adaptation.spec() if adaptation is not None else None,
         "model": {"name": cfg.model, "class": type(model).__name__, "params": counts["base"]},
@@ -156,17 +172,10 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
         "eval_examples_per_s": sum(len(d.dev) for d in data.values()) / eval_s if eval_s else None,
         "device": device_info(cfg.device),
     }
-    run_dir = Path(cfg.out) / result["name"]
-    result["files"] = save_run(run_dir, cfg, model, adaptation, heads, preds)
     result["wall_s"] = time.perf_counter() - start
     result["run_dir"] = str(run_dir)
-    atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    save_run(run_dir, cfg, model, adaptation, heads, preds, result)
     return result
 
 
-def default_name(cfg: ExperimentConfig) -> str:
-    label = re.sub(r"[^A-Za-z0-9.+]+", "-", cfg.method.label().replace("=", "")).strip("-")
-    return f"{label}-seed{cfg.seed}"
-
-
-__all__ = ["ExperimentConfig", "QUICK", "load_run", "predict_run", "run"]
+__all__ = ["ExperimentConfig", "QUICK", "TrainingError", "default_name", "load_run", "predict_run", "run"]

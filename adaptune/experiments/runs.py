@@ -1,6 +1,6 @@
 """Saving a multitask run and reloading it: runs/<name>/ holds
 
-    results.json          metrics, accounting, data sizes, config, device (written last, atomically)
+    results.json          metrics, accounting, data sizes, config, device
     command.txt           the exact command line
     adapters.safetensors  the components (adaptune.save; reloads with adaptune.load, no code needed)
     model.safetensors     full fine-tuning only: the fine-tuned base
@@ -8,11 +8,16 @@
     predictions.json      dev predictions per dataset (what a reloaded run reproduces)
 
 head-only saves no model: its base is the unchanged pretrained model, rebuilt from config.model.
-Every file is written atomically (a temporary file renamed over the target).
+A run is saved as a whole: every file is written into a hidden sibling directory, which is then swapped in
+for runs/<name>/ (adaptune.files.atomic_write_dir), so runs/<name>/ is absent or complete at every instant.
+A run that fails (bad data, a non-finite loss) leaves no directory; with --overwrite, a run saved before
+under that name stays until the new one is complete. Without --overwrite an existing runs/<name>/ is
+refused before training (check_destination), and --overwrite replaces only a directory of run files.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +25,90 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from ..errors import LoadError
-from ..files import atomic_write
+from ..errors import ConfigError, LoadError
+from ..files import atomic_write_dir
 from ..persist import load as load_adaptation
 from .config import ExperimentConfig, load_base, load_data, load_tokenizer, set_seed
 from .datasets import get_dataset
 from .methods import make_heads
 from .training import Encoder, evaluate
 
+FORMAT = "adaptune-multitask/1"
 ARTIFACTS = ("command.txt", "heads.safetensors", "predictions.json", "adapters.safetensors", "model.safetensors",
              "results.json")
+NUMBER = (int, float)
+REQUIRED = {"name": str, "label": str, "method": str, "sharing": str, "config": dict, "files": dict, "tasks": dict,
+            "model.name": str, "params.base": int, "params.pct_stored": NUMBER, "dev_average": NUMBER,
+            "pct_updated_mean": NUMBER, "peak_memory_mb": NUMBER, "wall_s": NUMBER}  # what reports and reloads read
+REQUIRED_PER_DATASET = {"metric": str, "dev": NUMBER, "metrics": dict, "pct_updated": NUMBER,
+                        "train_loss_by_epoch": list}
 
 
-def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, preds: dict) -> dict:
-    """Write everything but results.json; returns {role: file name}."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ARTIFACTS:  # a run saved here before (same name) must not leave its files behind
-        (run_dir / stale).unlink(missing_ok=True)
+def check_destination(run_dir: Path, overwrite: bool) -> None:
+    """Refuse, before training, a run directory that cannot be written or would replace a run silently."""
+    out = run_dir.parent
+    for p in (out, *out.parents):
+        if os.path.lexists(p):
+            if not p.is_dir():
+                raise ConfigError(f"--out {str(out)!r}: {str(p)!r} is a file, not a directory; runs are written "
+                                  f"to OUT/NAME: give a directory (it is made if missing)")
+            break
+    if not os.path.lexists(run_dir):
+        return
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise ConfigError(f"{str(run_dir)!r} exists and is not a run directory; give another --name")
+    if not overwrite:
+        raise ConfigError(f"{str(run_dir)!r} exists: a run was saved under that name; give another --name, or "
+                          f"--overwrite to replace it (the old run is kept until the new one is complete)")
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in ARTIFACTS)
+    if others:
+        raise ConfigError(f"--overwrite replaces only a run directory, and {str(run_dir)!r} also holds "
+                          f"{', '.join(others[:5])}: move them away, or give another --name")
+
+
+def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, preds: dict, result: dict) -> None:
+    """Write the run, results.json last, into a new directory swapped in for run_dir; sets result["files"]."""
+    check_destination(run_dir, cfg.overwrite)  # again: another process may have saved there meanwhile
     files = {"command": "command.txt", "heads": "heads.safetensors", "predictions": "predictions.json"}
-    atomic_write(run_dir / "command.txt", lambda tmp: tmp.write_text(cfg.command + "\n"))
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in heads.state_dict().items()}
-    atomic_write(run_dir / "heads.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     if adaptation is not None:
-        adaptation.save(run_dir / "adapters.safetensors")
         files["adapters"] = "adapters.safetensors"
     elif cfg.method.name == "full":
-        atomic_write(run_dir / "model.safetensors", lambda tmp: st_save_model(model, str(tmp)))
         files["model"] = "model.safetensors"
-    atomic_write(run_dir / "predictions.json", lambda tmp: tmp.write_text(json.dumps(preds)))
-    return files
+    result["files"] = files
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in heads.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / "command.txt").write_text(cfg.command + "\n")
+        save_file(tensors, str(tmp / "heads.safetensors"))
+        if adaptation is not None:
+            adaptation.save(tmp / "adapters.safetensors")
+        elif cfg.method.name == "full":
+            st_save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "predictions.json").write_text(json.dumps(preds))
+        (tmp / "results.json").write_text(json.dumps(result, indent=2))
+
+    atomic_write_dir(run_dir, write)
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def check_results(result: Any, path: Path) -> dict:
+    """`result` if it is a multitask run's results.json, else LoadError naming what is wrong and what is valid."""
+    valid = f"a results.json written by adaptune run multitask (format {FORMAT!r})"
+    if not isinstance(result, dict) or result.get("format") != FORMAT:
+        found = f"format {result.get('format')!r}" if isinstance(result, dict) else f"a JSON {type(result).__name__}"
+        raise LoadError(f"{path}: not a multitask results.json ({found}); expected {valid}")
+    wrong = [k for k, kind in REQUIRED.items() if not isinstance(_get(result, k), kind)]
+    if "tasks" not in wrong:
+        wrong += [f"tasks.{t}.{k}" for t, r in result["tasks"].items() for k, kind in REQUIRED_PER_DATASET.items()
+                  if not isinstance(_get(r, k), kind)]
+    if wrong:
+        raise LoadError(f"{path}: missing or malformed {', '.join(wrong[:6])}; expected {valid}")
+    return result
 
 
 def read_results(run_dir: str | Path) -> dict:
@@ -56,16 +116,19 @@ def read_results(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise LoadError(f"{run_dir}: no results.json (not a finished multitask run)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}: not valid JSON ({e})") from e
+        return check_results(json.loads(path.read_text(encoding="utf-8-sig")), path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: not valid JSON ({e}); expected a results.json written by adaptune run multitask") from e
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, Any, Any, Any, Any]:
     """(config, model, adaptation or None, heads, encoder) of a saved run on the CPU, ready to predict."""
     run_dir = Path(run_dir)
     result = read_results(run_dir)
-    cfg = ExperimentConfig.from_dict(result["config"])
+    try:
+        cfg = ExperimentConfig.from_dict(result["config"])
+    except (TypeError, KeyError) as e:
+        raise LoadError(f"{run_dir}: results.json has a config this version cannot read ({e})") from e
     cfg.device = "cpu"
     set_seed(cfg.seed)
     model = load_base(cfg.model, cfg.seed)
