@@ -7,8 +7,8 @@ from .peft_read import import_peft
 from .persist import load, save
 from .spec import parse_spec
 from .components import Adapter, Component, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, Stack
-from .errors import (AdaptuneError, BindError, ConfigError, LoadError, MergeError, SiteError,
-                     TaskError, WriteError)
+from .errors import (AdaptuneError, BindError, ConfigError, DataError, LoadError, MergeError, SiteError,
+                     TaskError, TrainingError, WriteError)
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,5 @@ __all__ = [
     "LoRA", "LoadError", "MergeError", "SiteError", "Stack", "TaskError", "attach", "detach",
     "export_peft", "import_peft",
     "Counts", "counts", "load", "parse_spec", "save",
-    "Prefix", "PromptTuning", "WriteError",
+    "DataError", "Prefix", "PromptTuning", "TrainingError", "WriteError",
 ]

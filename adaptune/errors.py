@@ -39,5 +39,9 @@ class WriteError(AdaptuneError, OSError):
     """A file or directory could not be written; what was at its path before is kept."""
 
 
+class TrainingError(AdaptuneError, RuntimeError):
+    """Training cannot go on: a non-finite loss, gradient or prediction (the message names step and dataset)."""
+
+
 class DataError(AdaptuneError, ValueError):
     """An experiment's data file is missing or malformed; the message names the file and line."""

@@ -40,5 +40,11 @@ def load_model(name: str, seed: int = 0) -> Any:
     if name == "bert-base":
         return BertModel(BertConfig())
     if Path(name).is_dir():
-        return AutoModel.from_pretrained(name, local_files_only=True)
+        if not (Path(name) / "config.json").is_file():
+            raise ConfigError(f"{name}: no config.json, so not a Hugging Face model directory (save_pretrained "
+                              f"writes config.json and the weights)")
+        try:
+            return AutoModel.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{name}: cannot load the model directory ({type(e).__name__}: {e})") from e
     raise ConfigError(f"unknown model {name!r}: give one of {', '.join(PRESETS)} or a local model directory")

@@ -193,19 +193,12 @@ def load_tokenizer(model_name: str, tokenizer: str | None = None) -> Any:
 def load_base(name: str, seed: int) -> nn.Module:
     """A preset or local directory (adaptune.models.load_model), else a hub name from the local cache."""
     valid = f"give one of {', '.join(PRESETS)}, a local Hugging Face BERT/GPT-2 directory, or a hub name in the local cache"
-    if name in PRESETS:
-        return load_model(name, seed=seed)
     path = Path(name)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{name}: no config.json, so not a Hugging Face model directory (save_pretrained "
-                              f"writes config.json and the weights); {valid}")
+    if name in PRESETS or path.is_dir():
         try:
             return load_model(name, seed=seed)
-        except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"{name}: cannot load the model directory ({type(e).__name__}: {e}); {valid}") from e
+        except ConfigError as e:
+            raise ConfigError(f"{e}; {valid}") from e
     if path.exists():
         raise ConfigError(f"{name}: a file, not a model; {valid}")
     from transformers import AutoModel

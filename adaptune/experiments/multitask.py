@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from . import metrics
 from .config import QUICK, ExperimentConfig, default_name, load_base, load_data, load_tokenizer, set_seed
 from .data import DatasetSplits
 from .machine import cpu_name, peak_rss_mb
 from .methods import accounting, make_heads, param_groups
 from .runs import FORMAT, check_destination, load_run, predict_run, save_run
-from .training import Encoder, TrainingError, evaluate, loss_of, schedule, warmup_linear
+from .training import Encoder, evaluate, loss_of, schedule, warmup_linear
 
 
 def score(data: dict[str, DatasetSplits], preds: dict[str, list[float]]) -> dict[str, dict[str, float]]:

@@ -13,14 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AdaptuneError
 from .datasets import BINARY, CLASSES
 
 EVAL_BATCH = 64  # dev batches (no gradients): larger than training batches
-
-
-class TrainingError(AdaptuneError, RuntimeError):
-    """Training cannot go on: a non-finite loss, gradient or prediction (the message names step and dataset)."""
 
 
 class Encoder:
