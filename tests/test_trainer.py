@@ -1,0 +1,125 @@
+"""AdapterTrainer: adapter-only checkpoints with transformers.Trainer; a resumed run ends bit-exact."""
+import pytest
+import torch
+from helpers import VOCAB, tiny_gpt2
+from transformers import TrainerCallback, TrainingArguments
+
+from adaptune import ConfigError, LoRA, LoadError, attach, load
+from adaptune.trainer import ADAPTERS_FILE, AdapterTrainer
+
+STEPS, SAVE_EVERY = 8, 4
+
+
+def dataset(n: int = 24, length: int = 12) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, VOCAB, (n, length), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def adapted(seed: int):
+    """The same base every time (as from_pretrained gives it); components drawn with `seed`."""
+    model = tiny_gpt2().train()
+    torch.manual_seed(seed)
+    attach(model, {"attn": LoRA(4, dropout=0.1)})
+    return model
+
+
+def args(out, **kw) -> TrainingArguments:
+    return TrainingArguments(str(out), max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=4,
+                             learning_rate=1e-2, warmup_steps=2, seed=0, use_cpu=True, report_to=[],
+                             disable_tqdm=True, dataloader_num_workers=0, logging_strategy="no", **kw)
+
+
+class StopAt(TrainerCallback):
+    """Interrupt training after step `step` (after its checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.adaptune.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run, and one interrupted at step 4 then resumed by a new trainer on a new model."""
+    root, data = tmp_path_factory.mktemp("trainer"), dataset()
+    whole = adapted(seed=1)
+    AdapterTrainer(whole, args(root / "whole"), train_dataset=data).train()
+    first = adapted(seed=1)
+    AdapterTrainer(first, args(root / "cut"), train_dataset=data, callbacks=[StopAt(SAVE_EVERY)]).train()
+    resumed = adapted(seed=2)  # other initial components: the checkpoint must overwrite them
+    trainer = AdapterTrainer(resumed, args(root / "cut"), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(root / "cut" / f"checkpoint-{SAVE_EVERY}"))
+    return {"root": root, "whole": whole, "first": first, "resumed": resumed, "trainer": trainer}
+
+
+def test_resumed_run_ends_bit_exact(runs):
+    w1, w2 = weights(runs["whole"]), weights(runs["resumed"])
+    assert w1.keys() == w2.keys() and w1
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert runs["trainer"].state.global_step == STEPS
+    assert not torch.equal(w1[next(iter(w1))], weights(runs["first"])[next(iter(w1))])  # training moved on
+
+
+def test_checkpoint_holds_adapters_not_the_base(runs):
+    ckpt = runs["root"] / "cut" / f"checkpoint-{SAVE_EVERY}"
+    names = {p.name for p in ckpt.iterdir()}
+    assert ADAPTERS_FILE in names and {"optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                        "pytorch_model.bin.index.json", "config.json"}
+    sizes = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+    params = dict(runs["whole"].named_parameters())
+    adapters = sum(p.numel() * p.element_size() for n, p in params.items() if n.startswith("adaptune."))
+    base = sum(p.numel() * p.element_size() for n, p in params.items() if not n.startswith("adaptune."))
+    assert sizes[ADAPTERS_FILE] < adapters + 4096, sizes  # parameters and a JSON header
+    assert sizes["optimizer.pt"] < 2 * adapters + 16384, sizes  # Adam's two moments of the components only
+    assert sum(sizes.values()) < base / 2, (sizes, base)  # rng_state.pth and training_args.bin: fixed costs
+
+
+def test_save_model_writes_a_loadable_adaptation(runs, tmp_path):
+    runs["trainer"].save_model(str(tmp_path))
+    assert (tmp_path / ADAPTERS_FILE).is_file() and not (tmp_path / "model.safetensors").exists()
+    fresh = tiny_gpt2().train()
+    load(fresh, tmp_path / ADAPTERS_FILE)
+    w, w2 = weights(fresh), weights(runs["resumed"])
+    assert all(torch.equal(w[k], w2[k]) for k in w)
+
+
+def test_refuses_a_model_without_adaptation(tmp_path):
+    with pytest.raises(ConfigError, match="attach"):
+        AdapterTrainer(tiny_gpt2(), args(tmp_path), train_dataset=dataset())
+
+
+def test_refuses_trainable_base_parameters(tmp_path):
+    model = adapted(seed=1)
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="base parameters train"):
+        AdapterTrainer(model, args(tmp_path), train_dataset=dataset())
+
+
+def test_resume_refuses_other_checkpoints(runs, tmp_path):
+    trainer = AdapterTrainer(adapted(seed=1), args(tmp_path), train_dataset=dataset())
+    with pytest.raises(LoadError, match=ADAPTERS_FILE):
+        trainer.train(resume_from_checkpoint=str(tmp_path))
+    other = tiny_gpt2().train()
+    attach(other, {"attn": LoRA(8)})
+    trainer = AdapterTrainer(other, args(tmp_path), train_dataset=dataset())
+    with pytest.raises(LoadError, match="other components"):
+        trainer.train(resume_from_checkpoint=str(runs["root"] / "cut" / f"checkpoint-{SAVE_EVERY}"))
+
+
+def test_best_model_loads_from_an_adapter_checkpoint(runs, tmp_path):
+    """load_best_model_at_end goes through _load_best_model: the adapters of the best checkpoint come back."""
+    model = adapted(seed=3)
+    trainer = AdapterTrainer(model, args(tmp_path), train_dataset=dataset())
+    trainer.state.best_model_checkpoint = str(runs["root"] / "cut" / f"checkpoint-{SAVE_EVERY}")
+    trainer._load_best_model()
+    w, w4 = weights(model), weights(runs["first"])
+    assert all(torch.equal(w[k], w4[k]) for k in w4)
