@@ -10,6 +10,10 @@ projection (GPT-2's c_attn: q, k, v) become one LoRA of rank r_total = Σ r_i on
 A = [A_q; A_k; A_v] (r_total, in), B block-diagonal (out, r_total) with zero rows for slices left
 unadapted. Scales stay exact: lora_alpha = s·r_total when the slices share s, else each s_i is folded
 into its block of B and lora_alpha = r_total. A DoRA magnitude of an unadapted row is ‖W_i‖ (factor 1).
+use_rslora is written when every exported component has rslora=True (then lora_alpha = s·√r_total).
+A PiSSA / OLoRA component (rank r, frozen A₀, B₀: see components/lora.py) exports as the plain LoRA
+that gives the same outputs on the unmodified base: A′ = [A; A₀], B′ = [B, −B₀], rank 2r, with
+init_lora_weights true, as PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) does.
 Modules whose rank or alpha differ from the most common ones go in rank_pattern / alpha_pattern,
 keyed by module path (PEFT matches a key k against a module name n by `(.*\\.)?(k)$`).
 
@@ -19,7 +23,8 @@ Not carried over: DoRA's detach_norm=False (PEFT always detaches the norm; outpu
 differing dropouts (PEFT has one lora_dropout: the largest is written, with a warning); adaptune's
 limit r <= min(in, out) applies on import, so a fused export of rank r_total > in does not re-import;
 PEFT adapters whose base weights were changed at init (LoftQ, PiSSA, OLoRA unconverted) import as
-their saved tensors only.
+their saved tensors only; unconverted PiSSA / OLoRA adapters import as LoRA(init=...), which
+recomputes the residual from the base weights as PEFT does when it loads them.
 """
 from __future__ import annotations
 
@@ -56,10 +61,12 @@ class PeftLayer:
     path: str  # module path inside the model, e.g. "transformer.h.0.attn.c_attn"
     A: Tensor  # (r, in)
     B: Tensor  # (out, r)
-    alpha: float  # PEFT's lora_alpha: scale = alpha / r
+    scale: float  # s: the update is s·B·A
     magnitude: Tensor | None  # (out,) for DoRA
     dropout: float
     conv1d: bool
+    rslora: bool  # every component on the module has rslora=True
+    alpha: float = 0.0  # PEFT's lora_alpha: s = alpha / r (alpha / √r with use_rslora); set by peft_layers
 
     @property
     def r(self) -> int:
@@ -125,6 +132,10 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
     if len({layer.magnitude is None for layer in layers}) > 1:
         raise AdaptuneError("this adaptation mixes LoRA and DoRA, but PEFT's format has one use_dora flag for all "
                             "modules; export an adaptation (or task) that uses only LoRA or only DoRA")
+    rslora = all(layer.rslora for layer in layers)  # PEFT has one use_rslora flag: alpha follows it
+    for layer in layers:
+        layer.rslora = rslora
+        layer.alpha = _number(layer.scale * (layer.r ** 0.5 if rslora else layer.r))
     return layers
 
 
@@ -136,15 +147,16 @@ def _layer(path: str, module: nn.Module, bindings: list[Binding]) -> PeftLayer:
     weight = linear_weight(module)  # (out, in)
     bindings = sorted(bindings, key=lambda b: b.point.out_rows.start)
     bounds = [b.module for b in bindings]
+    updates = [b.update() for b in bounds]  # (A′, B′): rank 2r for PiSSA / OLoRA
     scales = {b.scale for b in bounds}
     common = len(scales) == 1
-    r_total = sum(b.A.shape[0] for b in bounds)
-    A = torch.cat([b.A for b in bounds], dim=0)  # (r_total, in)
+    r_total = sum(a.shape[0] for a, _ in updates)
+    A = torch.cat([a for a, _ in updates], dim=0)  # (r_total, in)
     B = A.new_zeros(weight.shape[0], r_total)  # (out, r_total)
     col = 0
-    for rows, b in zip((b.point.out_rows for b in bindings), bounds):
-        r = b.A.shape[0]
-        B[rows, col:col + r] = b.B if common else b.B * b.scale  # (d, r) block
+    for rows, b, (a, b_) in zip((b.point.out_rows for b in bindings), bounds, updates):
+        r = a.shape[0]
+        B[rows, col:col + r] = b_ if common else b_ * b.scale  # (d, r) block
         col += r
     magnitude = None
     if isinstance(bounds[0], DoRAModule):
@@ -152,8 +164,9 @@ def _layer(path: str, module: nn.Module, bindings: list[Binding]) -> PeftLayer:
         for binding in bindings:
             magnitude[binding.point.out_rows] = binding.module.magnitude
     dropouts = sorted({b.dropout for b in bounds})
-    alpha = _number(scales.pop() * r_total) if common else r_total
-    return PeftLayer(path, A, B, alpha, magnitude, dropouts[-1], isinstance(module, Conv1D))
+    scale = scales.pop() if common else 1.0
+    return PeftLayer(path, A, B, scale, magnitude, dropouts[-1], isinstance(module, Conv1D),
+                     all(b.rslora for b in bounds))
 
 
 def _pattern_key(path: str) -> str:
@@ -184,7 +197,7 @@ def peft_config(model: nn.Module, layers: list[PeftLayer]) -> dict[str, Any]:
         "lora_dropout": dropouts[-1],
         "fan_in_fan_out": any(layer.conv1d for layer in layers),
         "bias": "none",
-        "use_rslora": False,
+        "use_rslora": layers[0].rslora,
         "use_dora": layers[0].magnitude is not None,
         "lora_bias": False,
         "modules_to_save": None,

@@ -21,14 +21,13 @@ from .components.dora import DoRA
 from .components.lora import LoRA
 from .errors import AdaptuneError, LoadError
 from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from .points import is_linear, linear_dims
+from .points import Conv1D, is_linear, linear_dims
 from .saved import check_finite
 
 _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, adapter name stripped
           ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
 _LABEL = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 _UNSUPPORTED = {  # PEFT options that change what the saved tensors mean, or add tensors adaptune lacks
-    "use_rslora": "rank-stabilised scaling (lora_alpha / sqrt(r))",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained extra modules",
     "trainable_token_indices": "trainable token embeddings",
@@ -41,23 +40,29 @@ _UNSUPPORTED = {  # PEFT options that change what the saved tensors mean, or add
     "monteclora_config": "MonteCLoRA",
     "arrow_config": "Arrow routing",
 }
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # base untouched: the saved A, B are the LoRA
+_RESIDUAL_INITS = ("pissa", "olora")  # base minus s·B₀·A₀, recomputable from the base: LoRA(init=...)
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None, *,
-                allow_nonfinite: bool = False) -> Adaptation:
+                adapter_name: str | None = None, allow_nonfinite: bool = False) -> Adaptation:
     """Attach the LoRA / DoRA adapter that PEFT saved in `directory` to `model`; returns the Adaptation.
 
     Each PEFT module is matched to a module path of `model` (exactly, else by a unique suffix match,
     so `bert.encoder...` and `encoder...` find each other). task_name: put the components in that
-    task instead of the shared set. Tensors holding NaN or inf are refused unless `allow_nonfinite`.
+    task instead of the shared set. A directory PEFT saved under a named adapter holds
+    `<name>/adapter_config.json`: the only such subdirectory is used, or the one `adapter_name` names.
+    use_rslora reads as LoRA(rslora=True); init_lora_weights "pissa" / "olora" (saved unconverted, for
+    the residual base PEFT makes at load) as LoRA(init=...), which recomputes that residual from `model`. Tensors holding NaN or inf are refused unless `allow_nonfinite`.
     Raises LoadError naming the problem; the model is then unchanged.
     """
     if not isinstance(model, nn.Module):
         raise LoadError(f"import_peft needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "adaptune", None), Adaptation):
         raise LoadError("this model already has an adaptation attached; call detach(model) first")
-    directory = Path(directory)
+    directory = find_adapter(Path(directory), adapter_name)
     config = read_config(directory)
+    init = config.get("init_lora_weights", True)
     use_dora = bool(config.get("use_dora", False))
     tensors = read_tensors(directory)
     if not allow_nonfinite:
@@ -76,8 +81,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
         r = pattern_value(config.get("rank_pattern"), peft_path, config["r"], "rank_pattern")
         alpha = pattern_value(config.get("alpha_pattern"), peft_path, config["lora_alpha"], "alpha_pattern")
         check_shapes(peft_path, path, modules[path], parts, r)
+        if init == "olora" and isinstance(modules[path], Conv1D):
+            raise LoadError(f"{peft_path!r} is a Conv1D with init_lora_weights 'olora': PEFT factors its transposed "
+                            f"weight there, which adaptune's OLoRA does not reproduce; convert the adapter to "
+                            f"plain LoRA in PEFT (path_initial_model_for_weight_conversion)")
         try:
-            spec[path] = kind(r=r, alpha=alpha, dropout=config.get("lora_dropout") or 0.0)
+            spec[path] = kind(r=r, alpha=alpha, dropout=config.get("lora_dropout") or 0.0,
+                              rslora=bool(config.get("use_rslora", False)),
+                              init=init if init in _RESIDUAL_INITS else "default")
         except AdaptuneError as e:
             raise LoadError(f"{CONFIG_NAME} for {peft_path!r}: {e}") from e
         weights[path] = parts
@@ -95,6 +106,35 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
         adaptation.detach()
         raise
     return adaptation
+
+
+def find_adapter(directory: Path, adapter_name: str | None = None) -> Path:
+    """The directory holding adapter_config.json: `directory`, or its one named-adapter subdirectory."""
+    if not directory.is_dir():
+        raise LoadError(f"no PEFT adapter at {str(directory)!r}: not a directory")
+    if adapter_name is not None:
+        if (directory / adapter_name / CONFIG_NAME).is_file():
+            return directory / adapter_name
+        if adapter_name == "default" and (directory / CONFIG_NAME).is_file():
+            return directory  # PEFT saves its "default" adapter at the top
+        named = _named_adapters(directory)
+        raise LoadError(f"{str(directory)!r} has no adapter named {adapter_name!r} (no {adapter_name}/{CONFIG_NAME})"
+                        + (f"; it holds {', '.join(map(repr, named))}" if named else ""))
+    if (directory / CONFIG_NAME).is_file():
+        return directory
+    named = _named_adapters(directory)
+    if len(named) == 1:
+        return directory / named[0]
+    if len(named) > 1:
+        raise LoadError(f"{str(directory)!r} holds several PEFT adapters ({', '.join(map(repr, named))}); "
+                        f"pick one with adapter_name=")
+    raise LoadError(f"{str(directory)!r} has no {CONFIG_NAME}, nor any subdirectory <adapter name>/{CONFIG_NAME} "
+                    f"(where PEFT saves a named adapter); a PEFT adapter directory holds {CONFIG_NAME} and "
+                    f"{WEIGHTS_NAME}")
+
+
+def _named_adapters(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -117,9 +157,14 @@ def read_config(directory: Path) -> dict[str, Any]:
     used = [f"{k} ({why})" for k, why in _UNSUPPORTED.items() if config.get(k)]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r} (trained base biases)")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS + _RESIDUAL_INITS:
+        used.append(f"init_lora_weights={init!r} (changes the base weights in a way adaptune cannot recompute; "
+                    f"save it converted to plain LoRA with path_initial_model_for_weight_conversion)")
     if used:
         raise LoadError(f"{str(path)!r} uses PEFT options adaptune cannot represent: {'; '.join(used)}. "
-                        f"Supported: plain LoRA or DoRA on Linear / Conv1D layers with bias='none'")
+                        f"Supported: LoRA or DoRA on Linear / Conv1D layers with bias='none', use_rslora, "
+                        f"init_lora_weights {', '.join(map(repr, _PLAIN_INITS + _RESIDUAL_INITS))}")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise LoadError(f"{str(path)!r}: r must be a positive integer, got {r!r}")

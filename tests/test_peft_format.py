@@ -192,7 +192,7 @@ def _edit_config(directory, **changes):
     ("wider model", lambda: tiny_gpt2(n_embd=48), r"shape \(\d+, 32\).*expected \(\d+, 48\)"),
     ("other architecture", tiny_bert, "matches no module"),
     ("peft type", tiny_gpt2, "peft_type 'IA3'"),
-    ("rslora", tiny_gpt2, "use_rslora"),
+    ("loftq", tiny_gpt2, "init_lora_weights='loftq'"),
     ("lora bias", tiny_gpt2, "lora_bias"),
     ("rank pattern", tiny_gpt2, r"shape \(12, 32\).*r=3: expected \(3, 32\)"),
     ("extra tensor", tiny_gpt2, "unsupported tensor 'base_model.model.transformer.wte.lora_embedding_A'"),
@@ -204,8 +204,8 @@ def test_import_errors_leave_model_unchanged(problem, build, match, ids, tmp_pat
         directory = tmp_path / "missing"
     elif problem in ("no weights", "no config"):
         os.remove(directory / (WEIGHTS_NAME if problem == "no weights" else CONFIG_NAME))
-    elif problem in ("peft type", "rslora", "lora bias", "rank pattern", "dora without magnitude"):
-        _edit_config(directory, **{"peft type": {"peft_type": "IA3"}, "rslora": {"use_rslora": True},
+    elif problem in ("peft type", "loftq", "lora bias", "rank pattern", "dora without magnitude"):
+        _edit_config(directory, **{"peft type": {"peft_type": "IA3"}, "loftq": {"init_lora_weights": "loftq"},
                                    "lora bias": {"lora_bias": True}, "dora without magnitude": {"use_dora": True},
                                    "rank pattern": {"rank_pattern": {"c_attn": 3}}}[problem])
     elif problem == "extra tensor":

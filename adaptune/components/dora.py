@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..errors import ConfigError
 from ..points import Point, linear_weight
 from .lora import LoRA, LoRAModule
 
@@ -19,6 +20,12 @@ from .lora import LoRA, LoRAModule
 @dataclass(frozen=True)
 class DoRA(LoRA):
     detach_norm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init != "default":
+            raise ConfigError(f"DoRA supports init='default' only, got init={self.init!r}: its magnitude starts at "
+                              f"‖W_i‖, which PiSSA / OLoRA's residual would change; use LoRA(init={self.init!r})")
 
     def bind(self, point: Point, shared=None) -> "DoRAModule":
         return DoRAModule(self, point)

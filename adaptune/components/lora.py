@@ -1,23 +1,39 @@
-"""LoRA (Hu et al.): y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ with s = alpha / r; B starts at zero."""
+"""LoRA (Hu et al.): y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ with s = alpha / r; B starts at zero.
+
+Options as in Hugging Face PEFT:
+- rslora=True (rank-stabilised LoRA, Kalajdzievski): s = alpha / √r.
+- init="pissa" (Meng et al.): W = U·S·Vᵀ, A₀ = √(S_r/s)·V_rᵀ, B₀ = U_r·√(S_r/s), so s·B₀·A₀ is the top-r
+  part of W. init="olora" (Büyükakyüz): W = Q·R, A₀ = R_r (first r rows), B₀ = Q_r (first r columns).
+  Both start A = A₀, B = B₀ and train on the residual W − s·B₀·A₀. PEFT writes that residual into the
+  base weight; adaptune never touches the base: the module keeps A₀, B₀ as frozen buffers and computes
+  y = x·Wᵀ + b − s·(x·A₀ᵀ)·B₀ᵀ + s·(drop(x)·Aᵀ)·Bᵀ, the same function, so a fresh PiSSA / OLoRA is the
+  identity and detach() leaves W bit-exact. Only the product B₀·A₀ matters (the truncated SVD, or
+  the projection Q_r·Q_rᵀ·W), so it is unique whatever signs the decomposition picks.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..errors import BindError
-from ..points import PROJECTION, Point
-from .base import Component, check_dropout, check_positive
+from ..errors import BindError, ConfigError
+from ..points import PROJECTION, Point, linear_weight
+from .base import Component, check_choice, check_dropout, check_positive
+
+INITS = ("default", "pissa", "olora")  # data-free initialisations; PEFT's init_lora_weights True, "pissa", "olora"
 
 
 @dataclass(frozen=True)
 class LoRA(Component):
     r: int = 8
-    alpha: float | None = None  # None: alpha = r, so s = 1
+    alpha: float | None = None  # None: alpha = r (alpha = √r with rslora), so s = 1
     dropout: float = 0.0
+    rslora: bool = False  # s = alpha / √r instead of alpha / r
+    init: str = "default"  # "default" (A Kaiming-uniform, B = 0), "pissa" or "olora"
 
     role = PROJECTION
 
@@ -26,13 +42,30 @@ class LoRA(Component):
         if self.alpha is not None:
             check_positive("alpha", self.alpha, (int, float))  # type: ignore[arg-type]
         check_dropout(self.dropout)
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"rslora must be True or False, got {self.rslora!r}")
+        check_choice("init", self.init, INITS)
 
     @property
     def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.r) / self.r
+        if self.alpha is None:
+            return 1.0
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def bind(self, point: Point, shared=None) -> "LoRAModule":
         return LoRAModule(self, point)
+
+
+@torch.no_grad()
+def initial_factors(weight: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
+    """A₀ (r, in), B₀ (out, r) in float32 from W (out, in), as PEFT's pissa_init / olora_init make them."""
+    w = weight.detach().float()
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+        root = (S[:r] / scale).sqrt()  # (r,)
+        return (root[:, None] * Vh[:r]).contiguous(), (U[:, :r] * root).contiguous()
+    Q, R = torch.linalg.qr(w)  # olora: (out, k), (k, in)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
 
 
 class LoRAModule(nn.Module):
@@ -44,15 +77,40 @@ class LoRAModule(nn.Module):
         if r > min(d_in, d_out):
             raise BindError(f"{component!r} at {point.site} (layer {point.layer}): r={r} is larger than the layer "
                             f"({d_out}×{d_in}); r must be in 1..{min(d_in, d_out)}")
-        self.A = nn.Parameter(torch.empty(r, d_in))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(d_out, r))  # (out, r)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale, self.dropout = component.scale, component.dropout
+        self.init, self.rslora = component.init, component.rslora
+        if component.init == "default":
+            self.A = nn.Parameter(torch.empty(r, d_in))  # (r, in)
+            self.B = nn.Parameter(torch.zeros(d_out, r))  # (out, r)
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            return
+        weight = linear_weight(point.module)
+        weight = weight[point.rows] if point.rows is not None else weight  # (out, in)
+        if not weight.is_floating_point():
+            raise BindError(f"{component!r} at {point.where()}: init={component.init!r} needs a float weight")
+        A0, B0 = initial_factors(weight, r, self.scale, component.init)
+        self.A, self.B = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
+        self.register_buffer("A0", A0)  # (r, in), frozen: the part of W the factors start from
+        self.register_buffer("B0", B0)  # (out, r)
+
+    @property
+    def residual(self) -> bool:
+        """Whether the module subtracts s·B₀·A₀ (PiSSA / OLoRA)."""
+        return self.init != "default"
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return ops.lora(x, weight, bias, self.A, self.B, self.scale, self.dropout, self.training)
+        y = ops.lora(x, weight, bias, self.A, self.B, self.scale, self.dropout, self.training)
+        if self.residual:
+            y = y - self.scale * F.linear(F.linear(x, self.A0.to(x.dtype)), self.B0.to(x.dtype))
+        return y
+
+    def update(self) -> tuple[Tensor, Tensor]:
+        """Factors (A′, B′) with s·B′·A′ the whole update to W: (A, B), or ([A; A₀], [B, −B₀]) of rank 2r."""
+        if not self.residual:
+            return self.A, self.B
+        return torch.cat([self.A, self.A0.to(self.A.dtype)]), torch.cat([self.B, -self.B0.to(self.B.dtype)], dim=1)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
-        """W + s·B·A, in float32 at least; used only by merge()."""
-        w = weight.float()
-        return w + self.scale * (self.B.float() @ self.A.float())
+        """W + s·B′·A′, in float32 at least; used only by merge()."""
+        A, B = self.update()
+        return weight.float() + self.scale * (B.float() @ A.float())
