@@ -67,6 +67,16 @@ def _os_errors(path: Path, what: str) -> Iterator[None]:
         raise WriteError(f"cannot write {what} {str(path)!r}: {reason}") from e
 
 
+def _mode(path: Path) -> int:
+    """The permissions a written file gets: the replaced file's, else what open() would give (0666 & ~umask);
+    writers' own temporaries are often 0600."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure.
     tmp_path lies in a private sibling directory, so whatever temporary files `write` itself makes
@@ -81,6 +91,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.mkdir(tmp)
         try:
             write(tmp / path.name)
+            os.chmod(tmp / path.name, _mode(path))
             os.replace(tmp / path.name, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -89,3 +89,16 @@ def test_exchange_swaps_two_directories_or_says_it_cannot(tmp_path):
         assert os.listdir(tmp_path / "b") == ["from_a"] and os.listdir(tmp_path / "a") == []
     else:  # nothing moved
         assert os.listdir(tmp_path / "a") == ["from_a"] and os.listdir(tmp_path / "b") == []
+
+
+def test_a_saved_file_gets_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        adaptation = attach(tiny_gpt2(), {"attn": LoRA(2)})
+        path = adaptation.save(tmp_path / "a.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o640)
+        adaptation.save(path)  # a replaced file keeps its mode
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
