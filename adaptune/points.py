@@ -12,6 +12,7 @@ A point's `kind` is the role of the components that bind there:
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +30,8 @@ PROJECTION = "projection"
 SUBLAYER = "sublayer"
 ATTENTION = "attention"
 EMBED = "embed"
-KINDS = (PROJECTION, SUBLAYER, ATTENTION, EMBED)
+MODULE = "module"  # a whole module, by its path: `module` is it (a trained copy replaces it)
+KINDS = (PROJECTION, SUBLAYER, ATTENTION, EMBED, MODULE)
 
 # a sublayer's position (hypernetwork adapters embed it)
 ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER = 0, 1, 2
@@ -109,12 +111,25 @@ def eager_attention(module: nn.Module) -> Callable | None:
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
+def calls_attention_interface(module: nn.Module) -> bool:
+    """Whether the module's forward dispatches through transformers' attention interface (its source
+    names ALL_ATTENTION_FUNCTIONS); modules that branch on the implementation's name cannot be wrapped."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
 def check_attention_point(point: Point, what: str) -> None:
     """Raise BindError unless the attention module at `point` runs an implementation we can wrap."""
     module = point.module
     if getattr(module, "config", None) is None:
         raise BindError(f"{what} at {point.where()}: {type(module).__name__} has no `config`; "
                         f"prefix tuning needs a transformers attention module that calls the attention interface")
+    if not calls_attention_interface(module):
+        raise BindError(f"{what} at {point.where()}: {type(module).__name__} does not call transformers' attention "
+                        f"interface (ALL_ATTENTION_FUNCTIONS), so prefix tuning cannot reach its keys and values")
     name = attention_implementation(module)
     base = base_implementation(name)
     if base not in ATTENTION_IMPLEMENTATIONS:

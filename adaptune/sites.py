@@ -6,50 +6,19 @@ or a raw module path of the model (`encoder.layer.0.attention.self.query`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
 from torch import nn
 
+from .archs import ARCHS, discover
 from .errors import BindError, SiteError
 from .points import (ATTENTION, ATTENTION_SUBLAYER, EMBED, FFN_SUBLAYER, PROJECTION, RAW_SUBLAYER, SUBLAYER, Point,
                      is_linear, linear_dims)
 
-SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down")
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Where the sites of one architecture live, as paths inside a layer."""
-    name: str
-    layers: str
-    q: str
-    k: str
-    v: str
-    o: str
-    up: str
-    down: str
-    attention: str
-    fused_qkv: bool = False  # q, k, v are thirds of one projection (GPT-2's c_attn)
-
-
-_BERT = Arch("bert", "encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
-             "attention.output.dense", "intermediate.dense", "output.dense", "attention.self")
-_LLAMA = Arch("llama", "layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-              "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj", "self_attn")
-ARCHS: dict[str, Arch] = {
-    "gpt2": Arch("gpt2", "h", "attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj",
-                 "mlp.c_fc", "mlp.c_proj", "attn", fused_qkv=True),
-    "bert": _BERT,
-    "roberta": _BERT,
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-}
+SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down", "ffn.gate")
 
 
 _SELECTOR = re.compile(r"^(?:layers\.(?P<range>[^.]+)\.)?(?P<site>[a-z]+(?:\.[a-z]+)?)$")
 _ROLE_SITES = {
-    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down, or a Linear/Conv1D module path",
+    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, or a Linear/Conv1D module path",
     SUBLAYER: "attn, ffn, or a Linear/Conv1D module path",
     ATTENTION: "attn",
     EMBED: "embed",
@@ -72,6 +41,9 @@ class SiteMap:
         config = getattr(model, "config", None)
         self.model_type: str | None = getattr(config, "model_type", None)
         self.arch = ARCHS.get(self.model_type or "")
+        self.why_not = ""  # why no site map was found
+        if self.arch is None:
+            self.arch, self.why_not = discover(model)
         self.modules = dict(model.named_modules())
         self.layers: list[nn.Module] = []
         if self.arch is not None:
@@ -105,8 +77,8 @@ class SiteMap:
             raise SiteError(f"unknown site {selector!r}; {self.describe()}")
         site, layers = match["site"], match["range"]
         if self.arch is None:
-            raise SiteError(f"model type {self.model_type!r} has no site map (known: {', '.join(sorted(ARCHS))}); "
-                            f"name modules by path instead, e.g. {self.example_path()!r}")
+            raise SiteError(f"no site map for model type {self.model_type!r}: {self.why_not} (exact maps: "
+                            f"{', '.join(sorted(ARCHS))}); name modules by path instead, e.g. {self.example_path()!r}")
         if site == "embed":
             if layers is not None:
                 raise SiteError(f"'embed' has no layers; write 'embed', not {selector!r}")
@@ -148,10 +120,13 @@ class SiteMap:
     def _layer_points(self, i: int, site: str, role: str, what: str) -> list[Point]:
         a = self.arch
         if role == PROJECTION:
-            names = {"attn": ["q", "k", "v"], "ffn": ["up", "down"]}.get(site) or [site.split(".")[1]]
+            names = {"attn": ["qkv"] if a.qkv else ["q", "k", "v"], "ffn": ["up", "down"]}.get(site) \
+                or [site.split(".")[1]]
             return [self._projection(i, name, what) for name in names]
         if role == SUBLAYER and site in ("attn", "ffn"):
             inp, out = (a.q, a.o) if site == "attn" else (a.up, a.down)
+            if inp is None or out is None:
+                self._no_ffn(what)
             in_module, out_module = self._linear(i, inp, what), self._linear(i, out, what)
             position = ATTENTION_SUBLAYER if site == "attn" else FFN_SUBLAYER
             return [Point(SUBLAYER, f"layers:{i}:{site}", site, i, out_module, linear_dims(in_module)[0],
@@ -166,9 +141,24 @@ class SiteMap:
                           n_kv_heads=kv_heads, head_dim=head_dim)]
         raise BindError(f"{what} cannot bind to {site!r}; it binds to {_ROLE_SITES[role]}")
 
+    def _no_ffn(self, what: str) -> None:
+        experts = [type(m).__name__ for m in self.layers[0].modules() if "expert" in type(m).__name__.lower()]
+        kind = f" (a mixture of experts: {experts[0]})" if experts else ""
+        raise BindError(f"{what}: this model's feed-forward has no Linear up/down projections{kind}; "
+                        f"bind to attention sites, or name modules by path")
+
     def _projection(self, i: int, name: str, what: str = "a component") -> Point:
         a = self.arch
-        path = {"q": a.q, "k": a.k, "v": a.v, "o": a.o, "up": a.up, "down": a.down}[name]
+        if a.qkv and name in ("q", "k", "v"):
+            raise BindError(f"{what}: q, k and v are one fused projection in this model "
+                            f"(layers.{i}.{a.qkv}); bind to 'attn' to adapt it whole")
+        path = {"q": a.q, "k": a.k, "v": a.v, "qkv": a.qkv, "o": a.o, "up": a.up, "down": a.down,
+                "gate": a.gate}[name]
+        if path is None:
+            if name == "gate":
+                raise BindError(f"{what}: this model's feed-forward has no gate projection; "
+                                f"its sites: ffn.up, ffn.down")
+            self._no_ffn(what)
         module = self._linear(i, path, what)
         inp, out = linear_dims(module)
         rows = None
@@ -191,26 +181,20 @@ class SiteMap:
         return Point(SUBLAYER, key, path, None, module, inp, out, in_module=module, position=RAW_SUBLAYER)
 
     def table(self) -> list[tuple[str, str, int, int]]:
-        """(site, module paths, layers, parameters per layer) for every named site (`adaptune inspect`)."""
+        """(site, module paths, layers, parameters per layer) for every site this model has (`adaptune inspect`)."""
         if self.arch is None or not self.layers:
             return []
         names = {id(m): n for n, m in self.modules.items()}
         embed = self.model.get_input_embeddings()
-        rows = [("embed", names.get(id(embed), "?"), 0, embed.weight.numel())]
-        counts: dict[str, int] = {}
-        for name in ("q", "k", "v", "o", "up", "down"):
-            p = self._projection(0, name)
-            counts[p.site] = p.dim_out * (p.dim_in + (p.module.bias is not None))
-        counts["attn"] = sum(counts[f"attn.{n}"] for n in "qkvo")
-        counts["ffn"] = counts["ffn.up"] + counts["ffn.down"]
+        rows = [("embed", names.get(id(embed), "?"), 0, embed.weight.numel())] if embed is not None else []
         for site in SITES[1:]:
-            paths = [names[id(m)] for i in range(self.n_layers) for m in self._site_modules(i, site)]
+            try:
+                per_layer = [self._layer_points(i, site, PROJECTION, "a component") for i in range(self.n_layers)]
+            except BindError:
+                continue  # a site this model does not have (a gate, q alone in a fused projection)
+            modules = {id(p.module): p.module for points in per_layer for p in points}
+            paths = [names[id(m)] for m in modules.values()]
             shown = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
-            rows.append((site, shown, self.n_layers, counts[site]))
+            count = sum(p.dim_out * (p.dim_in + (p.module.bias is not None)) for p in per_layer[0])
+            rows.append((site, shown, self.n_layers, count))
         return rows
-
-    def _site_modules(self, i: int, site: str) -> list[nn.Module]:
-        if site in ("attn", "ffn"):
-            return [self._get(i, self.arch.attention if site == "attn" else self.arch.up)]
-        return [self._projection(i, site.split(".")[1]).module]
-

@@ -102,7 +102,7 @@ inline std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& W,
   TORCH_CHECK(!xd || xd->sizes() == x.sizes(), "adaptune: xd must have x's shape");
   const Tensor x2 = x.reshape({-1, x.size(-1)});
   auto [y, h] = low_rank_linear(x2, xd ? xd->reshape({-1, x.size(-1)}) : x2, W, bias, A, B, s);
-  return {y.view(with_last(x.sizes(), W.size(0))), h};
+  return {at::_unsafe_view(y, with_last(x.sizes(), W.size(0))), h};  // untracked: an output, not a view
 }
 
 inline std::tuple<Tensor, Tensor, Tensor, Tensor> lora_backward(const Tensor& dy, const Tensor& xs, const Tensor& W,
@@ -148,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> dora_forward(const Tensor& x, const Tensor& W
   const Tensor x2 = x.reshape({-1, x.size(-1)});
   auto [z, h] = low_rank_linear(x2, xd ? xd->reshape({-1, x.size(-1)}) : x2, W, std::nullopt, A, B, s);
   Tensor y = K::dora_scale(z, m, n, bias);                              // (m / n) ⊙ z + b, one pass
-  return {y.view(with_last(x.sizes(), W.size(0))), h, z};
+  return {at::_unsafe_view(y, with_last(x.sizes(), W.size(0))), h, z};  // untracked: an output, not a view
 }
 
 template <class K>
@@ -172,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> bottleneck_forward(const Tensor& x, const Ten
   auto [pre, h] = K::down(x.reshape({-1, x.size(-1)}), Wd, bd, code);   // (N, m): bias + act fused
   Tensor y = K::residual_bias(residual.reshape({-1, residual.size(-1)}), bu, s);  // residual + s·b_up
   y.addmm_(h, Wu.t(), 1.0, s);
-  return {y.view(residual.sizes()), pre, h};
+  return {at::_unsafe_view(y, residual.sizes()), pre, h};  // untracked: an output, not a view
 }
 
 template <class K>

@@ -27,7 +27,7 @@ def projections(model, selector):
 
 
 def test_sites_are_the_documented_names():
-    assert set(SITES) == {"embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down"}
+    assert set(SITES) == {"embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down", "ffn.gate"}
 
 
 @pytest.mark.parametrize("selector, layers, names", [
