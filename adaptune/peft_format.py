@@ -17,6 +17,12 @@ init_lora_weights true, as PEFT's save_pretrained(path_initial_model_for_weight_
 Modules whose rank or alpha differ from the most common ones go in rank_pattern / alpha_pattern,
 keyed by module path (PEFT matches a key k against a module name n by `(.*\\.)?(k)$`).
 
+Trainable modules (components/trainable.py) export as PEFT's modules_to_save: the copy's state dict under
+`base_model.model.<module path>.<name>` (the names PEFT's save_pretrained writes) and the paths in the
+config's modules_to_save. BitFit has no PEFT equivalent (PEFT's bias="all" / "lora_only" write trained
+values into the base biases themselves, of every layer or of every LoRA layer): it is refused, or left
+out with skip_unsupported.
+
 import_peft (peft_read.py): the inverse, onto raw module paths of the model, all or nothing.
 
 Not carried over: DoRA's detach_norm=False (PEFT always detaches the norm; outputs are equal);
@@ -44,10 +50,11 @@ from torch import Tensor, nn
 from .adaptation import Adaptation, adaptation_of
 from .components.dora import DoRA, DoRAModule
 from .components.lora import LoRA, LoRAModule
+from .components.trainable import Trainable
 from .errors import AdaptuneError, WriteError
 from .files import atomic_write_dir
 from .hooks import Binding
-from .points import PROJECTION, Conv1D, linear_weight
+from .points import MODULE, PROJECTION, Conv1D, linear_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,10 +82,11 @@ class PeftLayer:
 
 def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os.PathLike,
                 task: str | None = None, *, skip_unsupported: bool = False) -> Path:
-    """Write the LoRA / DoRA components of the shared set plus `task` in PEFT's format.
+    """Write the LoRA / DoRA components (and Trainable modules, as modules_to_save) of the shared set plus
+    `task` in PEFT's format.
 
     task: the task whose components join the shared ones (default: the active task).
-    skip_unsupported: leave out components other than LoRA / DoRA (default: raise AdaptuneError).
+    skip_unsupported: leave out components other than LoRA / DoRA / Trainable (default: raise AdaptuneError).
     Exports whether or not the components are enabled; refuses while they are merged.
     The directory is written into a temporary sibling and swapped into place, so an earlier
     export there survives any failure; a directory holding other files is refused.
@@ -87,7 +95,9 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
     adaptation = adaptation_of(model_or_adaptation)
     layers = peft_layers(adaptation, task, skip_unsupported=skip_unsupported)
     config = peft_config(adaptation.model, layers)
-    tensors = {}
+    saved = saved_modules(adaptation, task)
+    config["modules_to_save"] = sorted(saved) or None
+    tensors = {PREFIX + path + "." + name: t for path, state in saved.items() for name, t in state.items()}
     for layer in layers:
         key = PREFIX + layer.path
         tensors[key + ".lora_A.weight"] = layer.A
@@ -102,6 +112,13 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
 
 # ---- export: adaptune components -> PEFT layers --------------------------------------------------
 
+def saved_modules(adaptation: Adaptation, task: str | None = None) -> dict[str, dict[str, Tensor]]:
+    """Module path -> the state dict of its trained copy, for the Trainable modules of the shared set plus `task`."""
+    task = adaptation.task if task is None else task
+    groups = (None,) if task is None else (None, task)
+    return {b.point.site: b.module.module.state_dict() for b in adaptation.bindings(groups, kind=MODULE)}
+
+
 def _number(x: float) -> float | int:
     return int(round(x)) if abs(x - round(x)) <= 1e-9 * max(1.0, abs(x)) else x
 
@@ -115,10 +132,11 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
     if adaptation.merged:
         raise AdaptuneError("cannot export while updates are merged into the base weights; call unmerge() first")
     other = [f"{sel}: {c!r}" for g in groups for sel, stack in adaptation.specs.get(g, {}).items()
-             for c in stack if type(c) not in (LoRA, DoRA)]
+             for c in stack if type(c) not in (LoRA, DoRA, Trainable)]
     if other and not skip_unsupported:
-        raise AdaptuneError(f"only LoRA and DoRA export to PEFT's format; this adaptation also has {', '.join(other)}. "
-                            f"Pass skip_unsupported=True to export the LoRA/DoRA components alone")
+        raise AdaptuneError(f"only LoRA and DoRA export to PEFT's format (and Trainable modules, as modules_to_save); "
+                            f"this adaptation also has {', '.join(other)}. Pass skip_unsupported=True to export "
+                            f"the others alone")
     names = {id(m): n for n, m in adaptation.model.named_modules()
              if n != "adaptune" and not n.startswith("adaptune.")}
     by_module: dict[nn.Module, list[Binding]] = {}

@@ -1,4 +1,5 @@
-"""Reading a LoRA / DoRA adapter saved by Hugging Face PEFT and attaching it (see peft_format).
+"""Reading a LoRA / DoRA adapter saved by Hugging Face PEFT and attaching it (see peft_format); its
+modules_to_save (a SEQ_CLS adapter's classifier / score head) import as Trainable modules.
 
 Every check (files, config, tensor names, module match, shapes) runs before anything is attached;
 tensors are then copied into the bound components, and the adaptation is detached on any failure,
@@ -19,6 +20,7 @@ from .adaptation import Adaptation
 from .attach import attach
 from .components.dora import DoRA
 from .components.lora import LoRA
+from .components.trainable import Trainable
 from .errors import AdaptuneError, LoadError
 from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .points import Conv1D, is_linear, linear_dims
@@ -29,7 +31,6 @@ _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, a
 _LABEL = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 _UNSUPPORTED = {  # PEFT options that change what the saved tensors mean, or add tensors adaptune lacks
     "lora_bias": "a bias on lora_B",
-    "modules_to_save": "fully trained extra modules",
     "trainable_token_indices": "trainable token embeddings",
     "layer_replication": "replicated layers",
     "target_parameters": "LoRA on bare parameters",
@@ -67,12 +68,20 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
     tensors = read_tensors(directory)
     if not allow_nonfinite:
         check_finite(tensors, f"{str(directory / WEIGHTS_NAME)!r}")
+    tensors, saved = split_saved(tensors, config.get("modules_to_save") or [])
     layers = split_keys(tensors, use_dora)
     modules = {n: m for n, m in model.named_modules() if n}
     kind = DoRA if use_dora else LoRA
-    spec: dict[str, LoRA] = {}
+    spec: dict[str, LoRA | Trainable] = {}
     weights: dict[str, dict[str, Tensor]] = {}
     origin: dict[str, str] = {}
+    for peft_path, state in saved.items():
+        path = find_module(peft_path, modules, type(model).__name__)
+        if path in origin:
+            raise LoadError(f"PEFT modules {origin[path]!r} and {peft_path!r} both match {path!r} of this model")
+        origin[path] = peft_path
+        check_state(peft_path, path, modules[path], state)
+        spec[path], weights[path] = Trainable(), state
     for peft_path, parts in layers.items():
         path = match_module(peft_path, modules, type(model).__name__)
         if path in origin:
@@ -100,6 +109,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
         bound = {b.point.site: b.module for b in adaptation.bindings()}
         with torch.no_grad():
             for path, parts in weights.items():
+                if isinstance(spec[path], Trainable):
+                    bound[path].module.load_state_dict(parts, strict=True)
+                    continue
                 for part, tensor in parts.items():
                     getattr(bound[path], part).copy_(tensor)
     except BaseException:
@@ -170,6 +182,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise LoadError(f"{str(path)!r}: r must be a positive integer, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise LoadError(f"{str(path)!r}: lora_alpha must be a positive number, got {alpha!r}")
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(n, str) and n for n in saved):
+        raise LoadError(f"{str(path)!r}: modules_to_save must be a list of module names, got {saved!r}")
     for name in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(name) or {}, dict):
             raise LoadError(f"{str(path)!r}: {name} must be an object mapping module names to values")
@@ -189,6 +204,36 @@ def read_tensors(directory: Path) -> dict[str, Tensor]:
         raise LoadError(f"cannot read {str(path)!r}: {e}") from e
 
 
+def split_saved(tensors: dict[str, Tensor], names: list[str]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """(the LoRA tensors, PEFT module path -> state dict of each of its modules_to_save). A key belongs to the
+    outermost module whose path is a configured name or ends with "." + one (PEFT's match)."""
+    rest: dict[str, Tensor] = {}
+    saved: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        parts = name.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+        owner = next((p for p in prefixes if any(p == n or p.endswith("." + n) for n in names)), None)
+        if owner is None or name.endswith(tuple(_PARTS)):
+            rest[key] = tensor
+        else:
+            saved.setdefault(owner, {})[name[len(owner) + 1:]] = tensor
+    return rest, saved
+
+
+def check_state(peft_path: str, path: str, module: nn.Module, state: dict[str, Tensor]) -> None:
+    """The saved state of a module to save has exactly the names and shapes of `module`'s state dict."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise LoadError(f"{WEIGHTS_NAME}: the saved module {peft_path!r} does not match {path!r} here "
+                        f"({type(module).__name__}): missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise LoadError(f"{PREFIX}{peft_path}.{name} has shape {tuple(tensor.shape)}, but {path!r} here "
+                            f"needs {tuple(own[name].shape)}")
+
+
 def split_keys(tensors: dict[str, Tensor], use_dora: bool) -> dict[str, dict[str, Tensor]]:
     """PEFT module path -> {"A": (r, in), "B": (out, r), "magnitude": (out,) for DoRA}."""
     found: dict[str, dict[str, Tensor]] = {}
@@ -201,7 +246,7 @@ def split_keys(tensors: dict[str, Tensor], use_dora: bool) -> dict[str, dict[str
         else:
             raise LoadError(f"unsupported tensor {key!r} in {WEIGHTS_NAME}: only lora_A / lora_B weights and "
                             f"DoRA's lora_magnitude_vector of Linear and Conv1D layers import "
-                            f"(no biases, embedding LoRAs or modules_to_save)")
+                            f"(no biases or embedding LoRAs; a module's own tensors import when modules_to_save names it)")
     if not found:
         raise LoadError(f"{WEIGHTS_NAME} holds no LoRA tensors")
     for path, parts in found.items():
@@ -215,6 +260,15 @@ def split_keys(tensors: dict[str, Tensor], use_dora: bool) -> dict[str, dict[str
 
 
 def match_module(peft_path: str, modules: dict[str, nn.Module], model_name: str) -> str:
+    """The Linear / Conv1D module path of this model for a PEFT module path (see find_module)."""
+    path = find_module(peft_path, modules, model_name)
+    if not is_linear(modules[path]):
+        raise LoadError(f"PEFT module {peft_path!r} is {path!r} here, a {type(modules[path]).__name__}; "
+                        f"only LoRA on Linear and Conv1D layers imports")
+    return path
+
+
+def find_module(peft_path: str, modules: dict[str, nn.Module], model_name: str) -> str:
     """The module path of this model for a PEFT module path: exact, else the one unique suffix match."""
     if peft_path in modules:
         path = peft_path
@@ -228,9 +282,6 @@ def match_module(peft_path: str, modules: dict[str, nn.Module], model_name: str)
             raise LoadError(f"PEFT module {peft_path!r} is ambiguous in this {model_name}: it could be "
                             f"{', '.join(map(repr, found[:5]))}")
         path = found[0]
-    if not is_linear(modules[path]):
-        raise LoadError(f"PEFT module {peft_path!r} is {path!r} here, a {type(modules[path]).__name__}; "
-                        f"only LoRA on Linear and Conv1D layers imports")
     return path
 
 

@@ -6,5 +6,7 @@ from .hyper import HyperAdapter
 from .lora import LoRA
 from .prefix import Prefix
 from .prompt import PromptTuning
+from .trainable import BitFit, Trainable
 
-__all__ = ["Adapter", "Component", "DoRA", "HyperAdapter", "LoRA", "Prefix", "PromptTuning", "Stack"]
+__all__ = ["Adapter", "BitFit", "Component", "DoRA", "HyperAdapter", "LoRA", "Prefix", "PromptTuning", "Stack",
+           "Trainable"]

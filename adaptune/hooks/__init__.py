@@ -1,6 +1,7 @@
 """Hooks route a model's forward through the components bound to it, one hook per model place."""
-from ..points import ATTENTION, EMBED, PROJECTION, SUBLAYER
+from ..points import ATTENTION, EMBED, MODULE, PROJECTION, SUBLAYER
 from .base import Binding, Hook
+from .module import ModuleHook
 from .projection import ProjectionHook
 from .sublayer import SublayerHook
 
@@ -13,7 +14,7 @@ def hook_class(kind: str) -> type[Hook]:
     if kind == EMBED:
         from .embed import PromptHook
         return PromptHook
-    return {PROJECTION: ProjectionHook, SUBLAYER: SublayerHook}[kind]
+    return {PROJECTION: ProjectionHook, SUBLAYER: SublayerHook, MODULE: ModuleHook}[kind]
 
 
-__all__ = ["Binding", "Hook", "ProjectionHook", "hook_class"]
+__all__ = ["Binding", "Hook", "ModuleHook", "ProjectionHook", "hook_class"]

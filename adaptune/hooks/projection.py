@@ -1,4 +1,5 @@
-"""Routes a Linear / Conv1D through its active low-rank update (LoRA or DoRA), slice by slice.
+"""Routes a Linear / Conv1D through its active low-rank update (LoRA or DoRA), slice by slice, and adds
+the active bias shifts (BitFit: modules with `bias_only`) to their output rows.
 
 The module's `forward` is replaced on the instance (base weights and state-dict keys untouched);
 `remove()` puts the original back.
@@ -18,13 +19,17 @@ class ProjectionHook(Hook):
     def add(self, binding: Binding) -> None:
         new = binding.point.out_rows
         for other in self.bindings:
+            if _bias_only(other) != _bias_only(binding):
+                continue  # a bias shift and a low-rank update combine
             old = other.point.out_rows
             overlap = old.start < new.stop and new.start < old.stop
             if overlap and (other.group is None or binding.group is None or other.group == binding.group):
                 where = "shared" if binding.group is None else f"task {binding.group!r}"
-                raise BindError(f"two low-rank updates on the same weights of {binding.point.where()} in {where}: "
+                what = "bias shifts on the same bias" if _bias_only(binding) else "low-rank updates on the same weights"
+                raise BindError(f"two {what} of {binding.point.where()} in {where}: "
                                 f"{type(other.module).__name__} and {type(binding.module).__name__}; a projection "
-                                f"takes at most one LoRA or DoRA among the shared and each task's components")
+                                f"takes at most one LoRA or DoRA, and one BitFit, among the shared and each task's "
+                                f"components")
         super().add(binding)
 
     def install(self) -> None:
@@ -50,6 +55,11 @@ class ProjectionHook(Hook):
                              f"merged components get no gradient; call unmerge() before training (or eval() / "
                              f"torch.no_grad() to run merged)")
         active = self.active()
+        shifts = [b for b in active if _bias_only(b)]
+        y = self._low_rank([b for b in active if not _bias_only(b)], x, *args, **kwargs)
+        return y + _shift(shifts, y.shape[-1]).to(y.dtype) if shifts else y
+
+    def _low_rank(self, active: list[Binding], x: Tensor, *args, **kwargs) -> Tensor:
         if not active:
             return self._base(x, *args, **kwargs)
         module = self.point.module
@@ -67,21 +77,33 @@ class ProjectionHook(Hook):
             parts.append(F.linear(x, weight[pos:], None if bias is None else bias[pos:]))
         return torch.cat(parts, dim=-1)
 
-    # ---- merge / unmerge: W[rows] <- the update's merged weight; the replaced rows kept here -------
+    # ---- merge / unmerge: W[rows] (b[rows] for BitFit) <- the merged value; the replaced rows kept here
+
+    def _target(self, binding: Binding) -> Tensor:
+        """What merging `binding` changes: the bias for a bias shift, else the (out, in) weight."""
+        module = self.point.module
+        return module.bias if _bias_only(binding) else linear_weight(module)
+
+    def _merged(self, binding: Binding, rows: Tensor) -> Tensor:
+        return binding.module.merged_bias(rows) if _bias_only(binding) else binding.module.merged_weight(rows)
 
     def mergeable(self) -> list[Binding]:
         module = self.point.module
-        weight = linear_weight(module)
         out = []
         for b in self.active():
             what = f"{type(b.module).__name__} at {b.point.where()}"
+            weight = self._target(b)
+            if weight is None:
+                raise MergeError(f"cannot merge {what}: the layer has no bias to add the shift into (BitFit on a "
+                                 f"layer without bias runs unmerged); nothing was merged")
+            param = module.bias if _bias_only(b) else module.weight
             tied = [n for n, m in self.adaptation.model.named_modules() if m is not module
-                    and any(p is module.weight for p in m.parameters(recurse=False))]
+                    and any(p is param for p in m.parameters(recurse=False))]
             if tied:
                 raise MergeError(f"cannot merge {what}: its weight is tied to {', '.join(tied)}, which merging "
                                  f"would change too; nothing was merged")
             with torch.no_grad():
-                merged = b.module.merged_weight(weight[b.point.out_rows]).to(weight.dtype)  # as merge() writes it
+                merged = self._merged(b, weight[b.point.out_rows]).to(weight.dtype)  # as merge() writes it
                 if not torch.isfinite(merged).all():
                     raise MergeError(f"merging {what} gives non-finite weights in {weight.dtype} (NaN or inf in its "
                                      f"parameters, or values beyond the dtype's range); nothing was merged")
@@ -90,15 +112,31 @@ class ProjectionHook(Hook):
 
     @torch.no_grad()
     def merge(self, bindings: list[Binding]) -> None:
-        weight = linear_weight(self.point.module)
         for b in bindings:
-            view = weight[b.point.out_rows]
+            view = self._target(b)[b.point.out_rows]
             self._backups[b] = view.clone()
-            view.copy_(b.module.merged_weight(view).to(view.dtype))
+            view.copy_(self._merged(b, view).to(view.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        weight = linear_weight(self.point.module)
         for b, backup in self._backups.items():
-            weight[b.point.out_rows].copy_(backup)
+            self._target(b)[b.point.out_rows].copy_(backup)
         self._backups.clear()
+
+
+def _bias_only(binding: Binding) -> bool:
+    return getattr(binding.module, "bias_only", False)
+
+
+def _shift(bindings: list[Binding], d_out: int) -> Tensor:
+    """The active bias shifts as one (out,) vector, zeros on rows none covers."""
+    parts, pos = [], 0
+    for b in sorted(bindings, key=lambda b: b.point.out_rows.start):
+        rows, delta = b.point.out_rows, b.module.delta
+        if rows.start > pos:
+            parts.append(delta.new_zeros(rows.start - pos))
+        parts.append(delta)
+        pos = rows.stop
+    if pos < d_out:
+        parts.append(parts[-1].new_zeros(d_out - pos))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,96 @@
+"""Trainable base parts: a whole module trained as is (Trainable, PEFT's modules_to_save) and BitFit.
+
+Trainable() on a module path ("classifier", "score", "lm_head", any module type) routes that module's
+forward through a trainable copy owned by the adaptation, as PEFT's ModulesToSaveWrapper does: the
+original is never changed, so detach() restores it bit-exact, and every task can have its own copy
+(per-task heads) while the shared set or no task runs the original. The copy's parameters (and
+buffers) are the adaptation's, so save / load carry them. It merges nothing: merge() leaves it running.
+
+BitFit (Ben Zaken et al.) on projection sites ("attn": q, k, v; "ffn"; "attn.o"; Linear paths):
+y = x·Wᵀ + b + δ with δ (out,) starting at zero. The base bias is untouched (detach is bit-exact) and
+a layer without bias gets one. merge() adds δ into the base bias (exactly undone by unmerge); a layer
+without bias has nothing to merge into, and merge() refuses it.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SiteError
+from ..points import MODULE, PROJECTION, Point, is_linear, linear_dims
+from .base import Component
+
+
+@dataclass(frozen=True)
+class Trainable(Component):
+    """Train a module of the base model as a whole (a classification head): a copy of it, per group."""
+
+    role = MODULE
+
+    def bind(self, point: Point, shared=None) -> "ModuleCopy":
+        return ModuleCopy(point.module)
+
+
+class ModuleCopy(nn.Module):
+    """The trainable copy of one base module; called in its place with the same arguments."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        module = copy.deepcopy(original)
+        module.__dict__.pop("forward", None)  # a forward replaced on the instance is not the module's own
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        for p in module.parameters():
+            p.requires_grad_(True)
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        """The copy's output; floating inputs cast to the copy's dtype and the output back to theirs (the
+        copy is float32 on a half-precision base, as every component)."""
+        ref = next(self.module.parameters(), None)
+        if ref is None:
+            return self.module(*args, **kwargs)
+        dtypes = [a.dtype for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()]
+        if not dtypes or dtypes[0] == ref.dtype:
+            return self.module(*args, **kwargs)
+        cast = lambda a, t: a.to(t) if isinstance(a, Tensor) and a.is_floating_point() else a  # noqa: E731
+        out = self.module(*(cast(a, ref.dtype) for a in args), **{k: cast(v, ref.dtype) for k, v in kwargs.items()})
+        if isinstance(out, tuple):
+            return tuple(cast(o, dtypes[0]) for o in out)
+        return cast(out, dtypes[0])
+
+
+def module_point(modules: dict[str, nn.Module], path: str, what: str) -> Point:
+    """The MODULE point of a module path (any module type but the model itself and the adaptation)."""
+    if not isinstance(path, str) or not path or path not in modules or path.split(".")[0] == "adaptune":
+        heads = [n for n in modules if n and "." not in n and n != "adaptune"]
+        raise SiteError(f"{what} binds to a module path of the model (the module trained as a whole, e.g. a "
+                        f"classification head); {path!r} is none. Top-level modules: {', '.join(heads[:8])}")
+    module = modules[path]
+    inp, out = linear_dims(module) if is_linear(module) else (0, 0)
+    return Point(MODULE, "module:" + path.replace(".", ":"), path, None, module, inp, out)
+
+
+@dataclass(frozen=True)
+class BitFit(Component):
+    """Train a bias shift δ (out,) on projections: y = x·Wᵀ + b + δ, δ = 0 at first."""
+
+    role = PROJECTION
+
+    def bind(self, point: Point, shared=None) -> "BiasShift":
+        return BiasShift(point.dim_out)
+
+
+class BiasShift(nn.Module):
+    bias_only = True  # the projection hook adds `delta` to the output rows instead of calling `linear`
+
+    def __init__(self, d_out: int) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(d_out))  # (out,)
+
+    def merged_bias(self, bias: Tensor) -> Tensor:
+        """b + δ, in float32 at least; used only by merge()."""
+        return bias.float() + self.delta.float()
