@@ -20,8 +20,8 @@ _SELECTOR = re.compile(r"^(?:layers\.(?P<range>[^.]+)\.)?(?P<site>[a-z]+(?:\.[a-
 _ROLE_SITES = {
     PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, or a Linear/Conv1D module path",
     SUBLAYER: "attn, ffn, or a Linear/Conv1D module path",
-    ATTENTION: "attn",
-    EMBED: "embed",
+    ATTENTION: "attn, or an attention module path",
+    EMBED: "embed, or an nn.Embedding path",
 }
 
 
@@ -73,6 +73,8 @@ class SiteMap:
         if selector in self.modules and selector not in SITES:
             return [self._raw(selector, role, what)]
         match = _SELECTOR.match(selector)
+        if (not match or match["site"] not in SITES) and ("*" in selector or selector.startswith("re:")):
+            return [self._raw(path, role, what) for path in self._matching(selector)]
         if not match or match["site"] not in SITES:
             raise SiteError(f"unknown site {selector!r}; {self.describe()}")
         site, layers = match["site"], match["range"]
@@ -132,13 +134,7 @@ class SiteMap:
             return [Point(SUBLAYER, f"layers:{i}:{site}", site, i, out_module, linear_dims(in_module)[0],
                           linear_dims(out_module)[1], in_module=in_module, position=position)]
         if role == ATTENTION and site == "attn":
-            cfg = self.model.config
-            heads = cfg.num_attention_heads
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-            kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-            d = kv_heads * head_dim
-            return [Point(ATTENTION, f"layers:{i}:attn", "attn", i, self._get(i, a.attention), d, d,
-                          n_kv_heads=kv_heads, head_dim=head_dim)]
+            return [self._attention_point(f"layers:{i}:attn", "attn", i, self._get(i, a.attention))]
         raise BindError(f"{what} cannot bind to {site!r}; it binds to {_ROLE_SITES[role]}")
 
     def _no_ffn(self, what: str) -> None:
@@ -169,9 +165,41 @@ class SiteMap:
         site = f"{'attn' if name in 'qkvo' else 'ffn'}.{name}"
         return Point(PROJECTION, f"layers:{i}:{site.replace('.', ':')}", site, i, module, inp, out, rows=rows)
 
+    def _attention_point(self, key: str, site: str, layer: int | None, module: nn.Module) -> Point:
+        """Heads from the model's config: n_kv_heads of head_dim (grouped-query models have fewer kv heads)."""
+        cfg = getattr(module, "config", None) or getattr(self.model, "config", None)
+        if cfg is None or not hasattr(cfg, "num_attention_heads"):
+            raise BindError(f"prefix tuning at {site}: no config with num_attention_heads to size its keys and values")
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        d = kv_heads * head_dim
+        return Point(ATTENTION, key, site, layer, module, d, d, n_kv_heads=kv_heads, head_dim=head_dim)
+
+    def _matching(self, pattern: str) -> list[str]:
+        """Module paths matching `pattern`: `*` stands for one path part (`model.layers.*.mlp.gate_proj`);
+        `re:<regex>` must match a whole path."""
+        try:
+            regex = re.compile(pattern[3:] if pattern.startswith("re:") else
+                               "[^.]+".join(map(re.escape, pattern.split("*"))))
+        except re.error as e:
+            raise SiteError(f"bad regular expression in {pattern!r}: {e}") from e
+        paths = [n for n in self.modules if n and regex.fullmatch(n) and not n.startswith("adaptune")]
+        if not paths:
+            raise SiteError(f"{pattern!r} matches no module of this model; e.g. {self.example_path()!r}")
+        return paths
+
     def _raw(self, path: str, role: str, what: str) -> Point:
         module = self.modules[path]
         key = "module:" + path.replace(".", ":")
+        if role == ATTENTION:
+            return self._attention_point(key, path, None, module)
+        if role == EMBED:
+            if not isinstance(module, nn.Embedding):
+                raise BindError(f"{what} cannot bind to {path!r}: it is a {type(module).__name__}, not an "
+                                f"nn.Embedding (prompt tuning prepends rows of the input embedding)")
+            d = module.embedding_dim
+            return Point(EMBED, key, path, None, module, d, d, model=self.model)
         if role not in (PROJECTION, SUBLAYER):
             raise BindError(f"{what} cannot bind to module path {path!r}; it binds to {_ROLE_SITES[role]}")
         _require_linear(module, path, what)
