@@ -15,11 +15,10 @@ from torch import nn
 
 from .accounting import Counts, count
 from .components.base import Stack
-from .components.trainable import module_point
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
 from .saved import write as write_saved
-from .points import MODULE, Point
+from .points import Point
 from .sites import SiteMap
 
 Spec = dict[str, Stack]  # selector -> stack: what one group composes
@@ -93,8 +92,7 @@ class Adaptation(nn.Module):
         target = self.group(group)
         for selector, stack in spec.items():
             for component in stack:
-                points = ([module_point(self.sites.modules, selector, repr(component))] if component.role == MODULE
-                          else self.sites.resolve(selector, component.role, repr(component)))
+                points = self.sites.resolve(selector, component.role, repr(component))
                 ctx = SharedContext(self, group, points, self.task_names, self.sites)
                 shared = component.shared(ctx)
                 # a component may return a module it already registered in this group, to reuse it

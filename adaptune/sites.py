@@ -10,8 +10,8 @@ from torch import nn
 
 from .archs import ARCHS, discover
 from .errors import BindError, SiteError
-from .points import (ATTENTION, ATTENTION_SUBLAYER, EMBED, FFN_SUBLAYER, PROJECTION, RAW_SUBLAYER, SUBLAYER, Point,
-                     is_linear, linear_dims)
+from .points import (ATTENTION, ATTENTION_SUBLAYER, EMBED, FFN_SUBLAYER, MODULE, PROJECTION, RAW_SUBLAYER, SUBLAYER,
+                     Point, is_linear, linear_dims)
 
 SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down", "ffn.gate")
 
@@ -70,6 +70,9 @@ class SiteMap:
         """Points for `selector` in `role`; `what` names the component in errors."""
         if not isinstance(selector, str) or not selector:
             raise SiteError(f"a selector must be a non-empty string, got {selector!r}; {self.describe()}")
+        if role == MODULE:  # a module trained as a whole: any module path (or pattern)
+            patterned = "*" in selector or selector.startswith("re:")
+            return [self._module_point(p, what) for p in (self._matching(selector) if patterned else [selector])]
         if selector in self.modules and selector not in SITES:
             return [self._raw(selector, role, what)]
         match = _SELECTOR.match(selector)
@@ -175,6 +178,15 @@ class SiteMap:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         d = kv_heads * head_dim
         return Point(ATTENTION, key, site, layer, module, d, d, n_kv_heads=kv_heads, head_dim=head_dim)
+
+    def _module_point(self, path: str, what: str) -> Point:
+        if path not in self.modules or not path or path.split(".")[0] == "adaptune":
+            heads = [n for n in self.modules if n and "." not in n and n != "adaptune"]
+            raise SiteError(f"{what} binds to a module path of the model (the module trained as a whole, e.g. a "
+                            f"classification head); {path!r} is none. Top-level modules: {', '.join(heads[:8])}")
+        module = self.modules[path]
+        inp, out = linear_dims(module) if is_linear(module) else (0, 0)
+        return Point(MODULE, "module:" + path.replace(".", ":"), path, None, module, inp, out)
 
     def _matching(self, pattern: str) -> list[str]:
         """Module paths matching `pattern`: `*` stands for one path part (`model.layers.*.mlp.gate_proj`);

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import SiteError
-from ..points import MODULE, PROJECTION, Point, is_linear, linear_dims
+from ..points import MODULE, PROJECTION, Point
 from .base import Component
 
 
@@ -61,17 +60,6 @@ class ModuleCopy(nn.Module):
         if isinstance(out, tuple):
             return tuple(cast(o, dtypes[0]) for o in out)
         return cast(out, dtypes[0])
-
-
-def module_point(modules: dict[str, nn.Module], path: str, what: str) -> Point:
-    """The MODULE point of a module path (any module type but the model itself and the adaptation)."""
-    if not isinstance(path, str) or not path or path not in modules or path.split(".")[0] == "adaptune":
-        heads = [n for n in modules if n and "." not in n and n != "adaptune"]
-        raise SiteError(f"{what} binds to a module path of the model (the module trained as a whole, e.g. a "
-                        f"classification head); {path!r} is none. Top-level modules: {', '.join(heads[:8])}")
-    module = modules[path]
-    inp, out = linear_dims(module) if is_linear(module) else (0, 0)
-    return Point(MODULE, "module:" + path.replace(".", ":"), path, None, module, inp, out)
 
 
 @dataclass(frozen=True)
