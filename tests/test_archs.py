@@ -122,3 +122,22 @@ def test_encoder_decoder_models_say_why_they_have_no_site_map():
                                      vocab_size=VOCAB))
     with pytest.raises(SiteError, match="2 layer stacks"):
         attach(model, {"attn": LoRA(4)})
+
+
+@pytest.mark.parametrize("name", ["modernbert", "vit"])
+def test_fused_and_vision_encoders_train_through_named_sites(name):
+    torch.manual_seed(0)
+    if name == "modernbert":
+        model = T.ModernBertModel(T.ModernBertConfig(**SMALL, cls_token_id=0, sep_token_id=1,
+                                                     global_attn_every_n_layers=1)).eval()
+        inputs = {"input_ids": torch.randint(2, VOCAB, (2, 6))}
+    else:
+        model = T.ViTModel(T.ViTConfig(**{k: v for k, v in SMALL.items() if "token" not in k and k != "vocab_size"},
+                                       image_size=32, patch_size=8)).eval()
+        inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    adaptation = attach(model, {"attn": LoRA(4), "attn.o": DoRA(2), "ffn": Adapter(4)})
+    with torch.no_grad():
+        for p in adaptation.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model(**inputs).last_hidden_state.pow(2).mean().backward()
+    assert all(p.grad is not None for p in adaptation.parameters() if p.requires_grad)
