@@ -3,6 +3,7 @@
 `run multitask`'s options are generated from the fields of Method and ExperimentConfig (cli/options.py)."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -150,6 +151,9 @@ def run_multitask(ctx: typer.Context, *,
                          f"drop --method {values['method']} or --stack")
     try:
         cfg = multitask_config(values, command=_command_line(ctx))
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 shows progress, prints and saves
+            run(cfg)
+            return None
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=console) as progress:
             result = run(cfg, progress)

@@ -8,6 +8,9 @@ robin); the active adaptune task is switched to the dataset's before each step. 
 warm-up (10% of the steps) then linear decay, gradients clipped to norm 1. Seeded: the same config
 and seed give the same metrics on CPU (torch.use_deterministic_algorithms during the run).
 
+Under torchrun (WORLD_SIZE > 1) the run is data parallel: each batch is split across the ranks and the
+gradients summed with one all-reduce per step (distributed.py); only rank 0 writes the run directory.
+
 Before anything is loaded the destination is checked (runs.check_destination); a non-finite loss or
 gradient norm stops training with a TrainingError naming the step and the dataset, and non-finite dev
 predictions stop the run too: a failed run saves nothing (runs.py).
@@ -18,6 +21,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +31,7 @@ from ..errors import ConfigError, TrainingError
 from . import metrics
 from .config import QUICK, ExperimentConfig, default_name, load_base, load_data, load_tokenizer, set_seed
 from .data import DatasetSplits
+from .distributed import Ranks, setup
 from .machine import cpu_name, peak_rss_mb
 from .methods import accounting, make_heads, param_groups
 from .runs import FORMAT, check_destination, load_run, predict_run, save_run
@@ -76,7 +81,8 @@ def peak_memory_mb(device: str) -> tuple[float, str]:
 
 
 def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Module, adaptation: Any,
-          heads: nn.ModuleDict, encoder: Encoder, progress: Any = None) -> dict:
+          heads: nn.ModuleDict, encoder: Encoder, progress: Any = None, ranks: Ranks | None = None) -> dict:
+    ranks = ranks or Ranks()
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
     opt = torch.optim.AdamW(param_groups(model, heads, cfg.lr, cfg.head_lr, n_layers, cfg.layer_lr_decay))
     sizes = {t: len(d.train) for t, d in data.items()}
@@ -85,7 +91,7 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
     params = [p for g in opt.param_groups for p in g["params"]]
     losses: dict[str, list[list[float]]] = {t: [] for t in data}
     seen, seconds, step, total = 0, 0.0, 0, sum(map(len, plans))
-    set_seed(cfg.seed)
+    set_seed(cfg.seed + ranks.rank)  # the same weights on every rank (built before), not the same dropout
     for epoch, plan in enumerate(plans):
         bars = {t: progress.add_task(f"epoch {epoch + 1}/{cfg.epochs} {t}", total=sum(1 for s, _ in plan if s == t))
                 for t in data} if progress is not None else {}
@@ -96,19 +102,22 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
         for t, idx in plan:
             if adaptation is not None:
                 adaptation.use(t)
-            batch = [data[t].train[i] for i in idx]
+            mine, share = ranks.part(idx) if ranks.world > 1 else (idx, 1.0)
+            batch = [data[t].train[i] for i in mine]
             labels = torch.tensor([e.label for e in batch], dtype=torch.float32, device=cfg.device)
             loss = loss_of(data[t].dataset.kind, heads[t](encoder(batch)), labels)
+            if ranks.world > 1:
+                loss = loss * share  # summed across ranks: the whole batch's mean
             step += 1
             where = f"step {step} of {total} (epoch {epoch + 1}, dataset {t!r})"
-            value = _finite(loss.item(), "the loss", where, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            value = _finite(ranks.reduce(params, loss), "the loss", where, cfg)
             _finite(torch.nn.utils.clip_grad_norm_(params, 1.0).item(), "the gradient norm", where, cfg)
             opt.step()
             sched.step()
             losses[t][-1].append(value)
-            seen += len(batch)
+            seen += len(idx)
             if progress is not None:
                 progress.advance(bars[t])
         seconds += time.perf_counter() - t0
@@ -128,6 +137,17 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
 
     progress: a rich.progress.Progress (optional): one bar per dataset and epoch, one per dev set."""
     cfg = cfg.resolved()
+    ranks, device = setup(cfg.device)
+    try:
+        result = _run(replace(cfg, device=device), ranks, progress if ranks.main else None)
+    except BaseException:
+        ranks.close(ok=False)
+        raise
+    ranks.close()
+    return result
+
+
+def _run(cfg: ExperimentConfig, ranks: Ranks, progress: Any) -> dict:
     run_dir = cfg.run_dir()
     check_destination(run_dir, cfg.overwrite)  # before any loading or training
     start = time.perf_counter()
@@ -138,9 +158,10 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
         model, adaptation, heads, encoder = build(cfg, data)
         if cfg.device != "cpu":
             torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
-        log = train(cfg, data, model, adaptation, heads, encoder, progress)
+        log = train(cfg, data, model, adaptation, heads, encoder, progress, ranks)
         t0 = time.perf_counter()
-        preds = evaluate(encoder, heads, adaptation, data, progress=progress)
+        preds = ranks.gather(evaluate(encoder, heads, adaptation, data, progress=progress,
+                                      shard=(ranks.rank, ranks.world)))
         eval_s = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -171,10 +192,12 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
         "eval_examples": sum(len(d.dev) for d in data.values()), "eval_s": eval_s,
         "eval_examples_per_s": sum(len(d.dev) for d in data.values()) / eval_s if eval_s else None,
         "device": device_info(cfg.device),
+        "distributed": {"world_size": ranks.world, "backend": ranks.backend},
     }
     result["wall_s"] = time.perf_counter() - start
     result["run_dir"] = str(run_dir)
-    save_run(run_dir, cfg, model, adaptation, heads, preds, result)
+    if ranks.main:
+        save_run(run_dir, cfg, model, adaptation, heads, preds, result)
     return result
 
 

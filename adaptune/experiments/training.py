@@ -89,9 +89,10 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total: int, warmup: float = 
 
 @torch.no_grad()
 def evaluate(encoder: Encoder, heads: nn.ModuleDict, adaptation: Any, data: dict, batch_size: int = EVAL_BATCH,
-             progress: Any = None) -> dict[str, list[float]]:
+             progress: Any = None, shard: tuple[int, int] = (0, 1)) -> dict[str, list[float]]:
     """Dev predictions per dataset, in file order. Batches hold examples of similar length (sorted by
-    character length) to cut padding; masked padding leaves each prediction mathematically unchanged."""
+    character length) to cut padding; masked padding leaves each prediction mathematically unchanged.
+    shard=(rank, world): only every world-th batch from rank's; the others' predictions are None."""
     encoder.model.eval()
     heads.eval()
     preds: dict[str, list[float]] = {}
@@ -99,9 +100,9 @@ def evaluate(encoder: Encoder, heads: nn.ModuleDict, adaptation: Any, data: dict
         if adaptation is not None:
             adaptation.use(t)
         order = sorted(range(len(d.dev)), key=lambda i: len(d.dev[i].a) + len(d.dev[i].b or ""))
-        chunks = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
+        chunks = [order[j:j + batch_size] for j in range(0, len(order), batch_size)][shard[0]::shard[1]]
         bar = progress.add_task(f"dev {t}", total=len(chunks)) if progress is not None else None
-        out = [0.0] * len(d.dev)
+        out: list = [None] * len(d.dev)
         for idx in chunks:
             for i, p in zip(idx, predictions(d.dataset.kind, heads[t](encoder([d.dev[i] for i in idx])))):
                 out[i] = p
