@@ -77,6 +77,21 @@ def _mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
+@contextmanager
+def _staged(path: Path, what: str) -> Iterator[Path]:
+    """A new private sibling directory of `path` to write in, removed afterwards; OSError -> WriteError."""
+    with _os_errors(path, what):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        tmp = _sibling(path, "tmp")
+        os.mkdir(tmp)
+        try:
+            yield tmp
+        finally:
+            if tmp.exists():  # what was not renamed away (after an exchange: the old directory)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure.
     tmp_path lies in a private sibling directory, so whatever temporary files `write` itself makes
@@ -84,17 +99,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     path = Path(path)
     if path.is_dir():
         raise WriteError(f"cannot write the file {str(path)!r}: it is a directory; give a file path")
-    with _os_errors(path, "the file"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(path)
-        tmp = _sibling(path, "tmp")
-        os.mkdir(tmp)
-        try:
-            write(tmp / path.name)
-            os.chmod(tmp / path.name, _mode(path))
-            os.replace(tmp / path.name, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _staged(path, "the file") as tmp:
+        write(tmp / path.name)
+        os.chmod(tmp / path.name, _mode(path))
+        os.replace(tmp / path.name, path)
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -116,24 +124,16 @@ def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:
     complete directory, the old or the new one, at every instant (see the module docstring).
     OSErrors become WriteError."""
     path = Path(path)
-    with _os_errors(path, "the directory"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(path)
-        tmp = _sibling(path, "tmp")
-        os.mkdir(tmp)
-        try:
-            write(tmp)
-            if not path.exists():
+    with _staged(path, "the directory") as tmp:
+        write(tmp)
+        if not path.exists():
+            os.rename(tmp, path)
+        elif not exchange(tmp, path):
+            old = _sibling(path, "old")
+            os.rename(path, old)
+            try:
                 os.rename(tmp, path)
-            elif not exchange(tmp, path):
-                old = _sibling(path, "old")
-                os.rename(path, old)
-                try:
-                    os.rename(tmp, path)
-                except BaseException:
-                    os.rename(old, path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():  # after an exchange: the old directory
-                shutil.rmtree(tmp, ignore_errors=True)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)

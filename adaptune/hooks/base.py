@@ -59,3 +59,27 @@ class Hook:
 
     def unmerge(self) -> None:
         """Restore the base weights from the backups, bit-exact."""
+
+
+class ForwardHook(Hook):
+    """A hook that replaces its module's `forward` on the instance (weights and state-dict keys
+    untouched); `remove()` puts the original back and `_base` runs it."""
+
+    def install(self) -> None:
+        module = self.point.module
+        self._previous = module.__dict__.get("forward")
+        module.forward = self.forward
+
+    def remove(self) -> None:
+        module = self.point.module
+        if self._previous is None:
+            del module.forward
+        else:
+            module.forward = self._previous
+
+    def _base(self, *args, **kwargs):
+        module = self.point.module
+        return (self._previous or type(module).forward.__get__(module))(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError

@@ -6,10 +6,10 @@ projection hook does; `remove()` puts the original back. With no copy active the
 from __future__ import annotations
 
 from ..errors import BindError
-from .base import Binding, Hook
+from .base import Binding, ForwardHook
 
 
-class ModuleHook(Hook):
+class ModuleHook(ForwardHook):
     def add(self, binding: Binding) -> None:
         for other in self.bindings:
             if other.group is None or binding.group is None or other.group == binding.group:
@@ -27,19 +27,8 @@ class ModuleHook(Hook):
                 raise BindError(f"Trainable on {self.point.site!r} trains a copy of it, but {hook.point.where()} "
                                 f"(inside it) also has components, which the copy would bypass; train the module "
                                 f"as a whole or adapt its parts, not both")
-        self._previous = module.__dict__.get("forward")
-        module.forward = self.forward
-
-    def remove(self) -> None:
-        module = self.point.module
-        if self._previous is None:
-            del module.forward
-        else:
-            module.forward = self._previous
+        super().install()
 
     def forward(self, *args, **kwargs):
         active = self.active()
-        if active:
-            return active[0].module(*args, **kwargs)
-        module = self.point.module
-        return (self._previous or type(module).forward.__get__(module))(*args, **kwargs)
+        return active[0].module(*args, **kwargs) if active else self._base(*args, **kwargs)

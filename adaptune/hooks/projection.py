@@ -12,10 +12,10 @@ from torch import Tensor
 
 from ..errors import BindError, MergeError
 from ..points import linear_weight
-from .base import Binding, Hook
+from .base import Binding, ForwardHook
 
 
-class ProjectionHook(Hook):
+class ProjectionHook(ForwardHook):
     def add(self, binding: Binding) -> None:
         new = binding.point.out_rows
         for other in self.bindings:
@@ -32,21 +32,6 @@ class ProjectionHook(Hook):
                                 f"components")
         super().add(binding)
 
-    def install(self) -> None:
-        module = self.point.module
-        self._previous = module.__dict__.get("forward")
-        module.forward = self.forward
-
-    def remove(self) -> None:
-        module = self.point.module
-        if self._previous is None:
-            del module.forward
-        else:
-            module.forward = self._previous
-
-    def _base(self, *args, **kwargs):
-        module = self.point.module
-        return (self._previous or type(module).forward.__get__(module))(*args, **kwargs)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self._backups and self.point.module.training and torch.is_grad_enabled() and any(
