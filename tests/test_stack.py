@@ -45,7 +45,13 @@ def test_json_round_trip_gives_an_equal_stack():
     back = Stack.from_dict(json.loads(text))
     assert back == stack and repr(back) == repr(stack)
     assert [type(c) for c in back] == [LoRA, DoRA, Adapter]
-    assert json.loads(text)[0] == {"type": "LoRA", "r": 4, "alpha": 8.0, "dropout": 0.1}
+    assert json.loads(text)[0] == {"type": "LoRA", "r": 4, "alpha": 8.0, "dropout": 0.1, "rslora": False,
+                                   "init": "default"}
+
+
+def test_a_stack_saved_before_a_field_existed_loads_with_its_default():
+    (lora,) = Stack.from_dict([{"type": "LoRA", "r": 4, "alpha": 8.0, "dropout": 0.1}])
+    assert lora == LoRA(4, alpha=8.0, dropout=0.1) and not lora.rslora and lora.init == "default"
 
 
 def test_from_dict_rejects_an_unknown_type_naming_the_known_ones():
