@@ -12,6 +12,7 @@ A point's `kind` is the role of the components that bind there:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -114,8 +115,13 @@ def eager_attention(module: nn.Module) -> Callable | None:
 def calls_attention_interface(module: nn.Module) -> bool:
     """Whether the module's forward dispatches through transformers' attention interface (its source
     names ALL_ATTENTION_FUNCTIONS); modules that branch on the implementation's name cannot be wrapped."""
+    return _calls_interface(type(module))
+
+
+@functools.cache
+def _calls_interface(cls: type) -> bool:  # read once per class, not once per layer
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source

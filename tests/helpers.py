@@ -50,6 +50,14 @@ def randomize(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 3) -> None:
+    """Add noise to every parameter of `module` (moves factors off their start, as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+
+
 def main_output(out):
     """The logits of an LM head model, else the last hidden states."""
     return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from helpers import tiny_bert, tiny_gpt2
+from helpers import perturb, tiny_bert, tiny_gpt2
 from test_peft_format import ATOL, every_output, load_peft, randomize_adaptation, randomize_peft
 
 import adaptune
@@ -19,14 +19,6 @@ from adaptune.peft_read import import_peft
 
 def specs_of(adaptation):
     return {sel: stack[0] for sel, stack in adaptation.specs[None].items()}
-
-
-def perturb(adaptation, seed=3, std=0.05):
-    """Move the factors off their initial values (as training would), leaving A₀, B₀ alone."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adaptation.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
 
 
 def peft_factors(peft_model):
@@ -59,7 +51,7 @@ def test_fresh_pissa_olora_keep_outputs_and_leave_the_base_bit_exact(init, build
     a = attach(model, {"attn": LoRA(4, alpha=8, init=init, rslora=True), "ffn": LoRA(2, init=init)})
     torch.testing.assert_close(every_output(model, ids), before, atol=ATOL, rtol=0)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if not k.startswith("adaptune."))
-    perturb(a)
+    perturb(a, std=0.05)
     changed = every_output(model, ids)
     assert (changed - before).abs().max() > 1e-3
     a.merge()
@@ -141,7 +133,7 @@ def test_peft_rslora_imports(build, kw, use_dora, ids, tmp_path):
 def test_pissa_olora_export_as_rank_2r_lora_for_the_original_base(build, init, rslora, ids, tmp_path):
     model = build()
     a = attach(model, {"attn.q": LoRA(4, alpha=8, init=init, rslora=rslora), "attn.o": LoRA(2, init=init)})
-    perturb(a)
+    perturb(a, std=0.05)
     expected = every_output(model, ids)
     export_peft(model, tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -163,7 +155,7 @@ def test_unconverted_peft_pissa_olora_import_onto_the_original_base(init, build,
     config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, use_rslora=rslora, target_modules=targets,
                              fan_in_fan_out=build is tiny_gpt2)
     peft_model = peft.get_peft_model(build(), config).eval()  # its base now holds W − s·B₀·A₀
-    perturb(peft_factors(peft_model))
+    perturb(peft_factors(peft_model), std=0.05)
     expected = every_output(peft_model, ids)
     peft_model.save_pretrained(str(tmp_path))
     torch.testing.assert_close(every_output(load_peft(build, tmp_path), ids), expected, atol=ATOL, rtol=0)
@@ -177,7 +169,7 @@ def test_converted_peft_pissa_imports_as_plain_lora(ids, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["query", "value"])
     peft_model = peft.get_peft_model(tiny_bert(), config).eval()
     peft_model.save_pretrained(str(tmp_path / "init"))  # the initial factors, before training
-    perturb(peft_factors(peft_model))
+    perturb(peft_factors(peft_model), std=0.05)
     expected = every_output(peft_model, ids)
     peft_model.save_pretrained(str(tmp_path / "lora"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     assert json.loads((tmp_path / "lora" / CONFIG_NAME).read_text())["r"] == 8

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from helpers import VOCAB
+from helpers import VOCAB, perturb
 from safetensors.torch import load_file
 
 import adaptune
@@ -39,13 +39,6 @@ BUILDS = {"bert": (bert_cls, "classifier"), "gpt2": (gpt2_cls, "score")}
 
 def logits(model, ids):
     return model(input_ids=ids).logits
-
-
-def perturb(module, seed=3, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
 
 
 def state(model):
