@@ -18,7 +18,8 @@ SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up
 
 _SELECTOR = re.compile(r"^(?:layers\.(?P<range>[^.]+)\.)?(?P<site>[a-z]+(?:\.[a-z]+)?)$")
 _ROLE_SITES = {
-    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, or a Linear/Conv1D module path",
+    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, embed, or a Linear/Conv1D/"
+                "Embedding module path",
     SUBLAYER: "attn, ffn, or a Linear/Conv1D module path",
     ATTENTION: "attn, or an attention module path",
     EMBED: "embed, or an nn.Embedding path",
@@ -87,11 +88,9 @@ class SiteMap:
         if site == "embed":
             if layers is not None:
                 raise SiteError(f"'embed' has no layers; write 'embed', not {selector!r}")
-            if role != EMBED:
+            if role not in (EMBED, PROJECTION):
                 raise BindError(f"{what} cannot bind to 'embed'; it binds to {_ROLE_SITES[role]}")
-            embed = self.model.get_input_embeddings()
-            d = embed.embedding_dim
-            return [Point(EMBED, "embed", "embed", None, embed, d, d, model=self.model)]
+            return [self._embedding(self.model.get_input_embeddings(), "embed", "embed", role, what)]
         return [p for i in self._layer_indices(layers, selector) for p in self._layer_points(i, site, role, what)]
 
     def _layer_indices(self, layers: str | None, selector: str) -> list[int]:
@@ -206,12 +205,8 @@ class SiteMap:
         key = "module:" + path.replace(".", ":")
         if role == ATTENTION:
             return self._attention_point(key, path, None, module)
-        if role == EMBED:
-            if not isinstance(module, nn.Embedding):
-                raise BindError(f"{what} cannot bind to {path!r}: it is a {type(module).__name__}, not an "
-                                f"nn.Embedding (prompt tuning prepends rows of the input embedding)")
-            d = module.embedding_dim
-            return Point(EMBED, key, path, None, module, d, d, model=self.model)
+        if role == EMBED or (role == PROJECTION and isinstance(module, nn.Embedding)):
+            return self._embedding(module, key, path, role, what)
         if role not in (PROJECTION, SUBLAYER):
             raise BindError(f"{what} cannot bind to module path {path!r}; it binds to {_ROLE_SITES[role]}")
         _require_linear(module, path, what)
@@ -219,6 +214,17 @@ class SiteMap:
         if role == PROJECTION:
             return Point(PROJECTION, key, path, None, module, inp, out)
         return Point(SUBLAYER, key, path, None, module, inp, out, in_module=module, position=RAW_SUBLAYER)
+
+    def _embedding(self, module: nn.Module, key: str, site: str, role: str, what: str) -> Point:
+        """An embedding table: prompt tuning prepends rows of its output (EMBED); a low-rank update of its
+        (num_embeddings, dim) table is a PROJECTION point with dim_in the number of rows."""
+        if not isinstance(module, nn.Embedding):
+            raise BindError(f"{what} cannot bind to {site!r}: it is a {type(module).__name__}, not an "
+                            f"nn.Embedding (prompt tuning prepends rows of the input embedding)")
+        if role == PROJECTION:
+            return Point(PROJECTION, key, site, None, module, module.num_embeddings, module.embedding_dim)
+        d = module.embedding_dim
+        return Point(EMBED, key, site, None, module, d, d, model=self.model)
 
     def table(self) -> list[tuple[str, str, int, int]]:
         """(site, module paths, layers, parameters per layer) for every site this model has (`adaptune inspect`)."""
