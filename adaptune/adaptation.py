@@ -104,7 +104,7 @@ class Adaptation(nn.Module):
                         target.points[point.key] = nn.ModuleList()
                     target.points[point.key].append(bound)
                     if point.place not in self.hooks:
-                        self.hooks[point.place] = hook_class(point.kind)(self, point)
+                        self.hooks[point.place] = hook_class(point)(self, point)
                     self.hooks[point.place].add(Binding(group, point, bound))
 
     def install(self) -> None:

@@ -3,7 +3,9 @@
 A PEFT LoRA directory holds `adapter_config.json` (peft_type "LORA", r, lora_alpha, use_dora,
 rank_pattern, alpha_pattern, ...) and `adapter_model.safetensors` with, per adapted module,
 `base_model.model.<module path>.lora_A.weight` (r, in), `.lora_B.weight` (out, r) and, for DoRA,
-`.lora_magnitude_vector` (out,). PEFT's scale is lora_alpha / r, as adaptune's alpha / r.
+`.lora_magnitude_vector` (out,). PEFT's scale is lora_alpha / r, as adaptune's alpha / r. A LoRA on an
+embedding table (nn.Embedding: 'embed' or its path) is `.lora_embedding_A` (r, num_embeddings) and
+`.lora_embedding_B` (dim, r), as PEFT's lora.Embedding saves them.
 
 export_peft: one PEFT LoRA per adapted Linear / Conv1D. LoRAs on row slices of one fused
 projection (GPT-2's c_attn: q, k, v) become one LoRA of rank r_total = Σ r_i on the whole module:
@@ -54,7 +56,7 @@ from .components.trainable import Trainable
 from .errors import AdaptuneError, WriteError
 from .files import atomic_write_dir
 from .hooks import Binding
-from .points import MODULE, PROJECTION, Conv1D, linear_weight
+from .points import MODULE, PROJECTION, Conv1D, is_table, linear_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -74,6 +76,7 @@ class PeftLayer:
     conv1d: bool
     rslora: bool  # every component on the module has rslora=True
     alpha: float = 0.0  # PEFT's lora_alpha: s = alpha / r (alpha / √r with use_rslora); set by peft_layers
+    table: bool = False  # an embedding table: saved as lora_embedding_A / lora_embedding_B
 
     @property
     def r(self) -> int:
@@ -100,8 +103,8 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
     tensors = {PREFIX + path + "." + name: t for path, state in saved.items() for name, t in state.items()}
     for layer in layers:
         key = PREFIX + layer.path
-        tensors[key + ".lora_A.weight"] = layer.A
-        tensors[key + ".lora_B.weight"] = layer.B
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if layer.table else (".lora_A.weight", ".lora_B.weight")
+        tensors[key + a], tensors[key + b] = layer.A, layer.B
         if layer.magnitude is not None:
             tensors[key + ".lora_magnitude_vector"] = layer.magnitude
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -184,7 +187,7 @@ def _layer(path: str, module: nn.Module, bindings: list[Binding]) -> PeftLayer:
     dropouts = sorted({b.dropout for b in bounds})
     scale = scales.pop() if common else 1.0
     return PeftLayer(path, A, B, scale, magnitude, dropouts[-1], isinstance(module, Conv1D),
-                     all(b.rslora for b in bounds))
+                     all(b.rslora for b in bounds), table=is_table(module))
 
 
 def _pattern_key(path: str) -> str:

@@ -1,5 +1,7 @@
 """Reading a LoRA / DoRA adapter saved by Hugging Face PEFT and attaching it (see peft_format); its
-modules_to_save (a SEQ_CLS adapter's classifier / score head) import as Trainable modules.
+modules_to_save (a SEQ_CLS adapter's classifier / score head) import as Trainable modules, its
+lora_embedding_A / B as LoRA on the nn.Embedding. The copy of a targeted layer's base weights PEFT saves
+with embedding LoRAs (`<path>.base_layer.weight`, save_embedding_layers) must equal this model's.
 
 Every check (files, config, tensor names, module match, shapes) runs before anything is attached;
 tensors are then copied into the bound components, and the adaptation is detached on any failure,
@@ -23,12 +25,15 @@ from .components.lora import LoRA
 from .components.trainable import Trainable
 from .errors import AdaptuneError, LoadError
 from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from .points import Conv1D, is_linear, linear_dims
+from .points import Conv1D, is_linear, is_table, linear_dims
 from .saved import check_finite
 
 _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, adapter name stripped
-          ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
-_LABEL = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+          ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+          ".lora_embedding_A": "embedding_A", ".lora_embedding_B": "embedding_B"}  # on an nn.Embedding
+_LABEL = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+          "embedding_A": "lora_embedding_A", "embedding_B": "lora_embedding_B"}
+_BASE_COPY = ".base_layer."  # `<path>.base_layer.<name>`: a targeted layer's own weights (save_embedding_layers)
 _UNSUPPORTED = {  # PEFT options that change what the saved tensors mean, or add tensors adaptune lacks
     "lora_bias": "a bias on lora_B",
     "trainable_token_indices": "trainable token embeddings",
@@ -69,8 +74,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
     if not allow_nonfinite:
         check_finite(tensors, f"{str(directory / WEIGHTS_NAME)!r}")
     tensors, saved = split_saved(tensors, config.get("modules_to_save") or [])
+    tensors, base_copies = split_base_copies(tensors)
     layers = split_keys(tensors, use_dora)
     modules = {n: m for n, m in model.named_modules() if n}
+    for peft_path, state in base_copies.items():
+        check_base_copy(peft_path, find_module(peft_path, modules, type(model).__name__), modules, state)
     kind = DoRA if use_dora else LoRA
     spec: dict[str, LoRA | Trainable] = {}
     weights: dict[str, dict[str, Tensor]] = {}
@@ -83,7 +91,13 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
         check_state(peft_path, path, modules[path], state)
         spec[path], weights[path] = Trainable(), state
     for peft_path, parts in layers.items():
-        path = match_module(peft_path, modules, type(model).__name__)
+        table = "embedding_A" in parts
+        if table:
+            if use_dora:
+                raise LoadError(f"{peft_path!r} is a DoRA on an embedding table (lora_embedding_A / B with "
+                                f"use_dora); adaptune's DoRA binds to Linear / Conv1D layers only, LoRA to embeddings")
+            parts = {"A": parts["embedding_A"], "B": parts["embedding_B"]}
+        path = match_module(peft_path, modules, type(model).__name__, table)
         if path in origin:
             raise LoadError(f"PEFT modules {origin[path]!r} and {peft_path!r} both match {path!r} of this model")
         origin[path] = peft_path
@@ -94,10 +108,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
             raise LoadError(f"{peft_path!r} is a Conv1D with init_lora_weights 'olora': PEFT factors its transposed "
                             f"weight there, which adaptune's OLoRA does not reproduce; convert the adapter to "
                             f"plain LoRA in PEFT (path_initial_model_for_weight_conversion)")
-        try:
-            spec[path] = kind(r=r, alpha=alpha, dropout=config.get("lora_dropout") or 0.0,
+        try:  # on an embedding PEFT applies no dropout and no PiSSA / OLoRA init
+            spec[path] = kind(r=r, alpha=alpha, dropout=0.0 if table else config.get("lora_dropout") or 0.0,
                               rslora=bool(config.get("use_rslora", False)),
-                              init=init if init in _RESIDUAL_INITS else "default")
+                              init=init if init in _RESIDUAL_INITS and not table else "default")
         except AdaptuneError as e:
             raise LoadError(f"{CONFIG_NAME} for {peft_path!r}: {e}") from e
         weights[path] = parts
@@ -175,7 +189,8 @@ def read_config(directory: Path) -> dict[str, Any]:
                     f"save it converted to plain LoRA with path_initial_model_for_weight_conversion)")
     if used:
         raise LoadError(f"{str(path)!r} uses PEFT options adaptune cannot represent: {'; '.join(used)}. "
-                        f"Supported: LoRA or DoRA on Linear / Conv1D layers with bias='none', use_rslora, "
+                        f"Supported: LoRA or DoRA on Linear / Conv1D layers (LoRA on nn.Embedding) with bias='none', "
+                        f"use_rslora, "
                         f"init_lora_weights {', '.join(map(repr, _PLAIN_INITS + _RESIDUAL_INITS))}")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -245,12 +260,15 @@ def split_keys(tensors: dict[str, Tensor], use_dora: bool) -> dict[str, dict[str
                 break
         else:
             raise LoadError(f"unsupported tensor {key!r} in {WEIGHTS_NAME}: only lora_A / lora_B weights and "
-                            f"DoRA's lora_magnitude_vector of Linear and Conv1D layers import "
-                            f"(no biases or embedding LoRAs; a module's own tensors import when modules_to_save names it)")
+                            f"DoRA's lora_magnitude_vector of Linear and Conv1D layers, and lora_embedding_A / "
+                            f"lora_embedding_B of embeddings import (no LoRA biases; a module's own tensors import "
+                            f"when modules_to_save names it)")
     if not found:
         raise LoadError(f"{WEIGHTS_NAME} holds no LoRA tensors")
     for path, parts in found.items():
-        want = {"A", "B", "magnitude"} if use_dora else {"A", "B"}
+        table = bool({"embedding_A", "embedding_B"} & set(parts))
+        want = {"embedding_A", "embedding_B"} if table else {"A", "B"}
+        want |= {"magnitude"} if use_dora else set()
         if set(parts) != want:
             missing = sorted(_LABEL[p] for p in want - set(parts))
             extra = sorted(_LABEL[p] for p in set(parts) - want)
@@ -259,13 +277,44 @@ def split_keys(tensors: dict[str, Tensor], use_dora: bool) -> dict[str, dict[str
     return found
 
 
-def match_module(peft_path: str, modules: dict[str, nn.Module], model_name: str) -> str:
-    """The Linear / Conv1D module path of this model for a PEFT module path (see find_module)."""
+def match_module(peft_path: str, modules: dict[str, nn.Module], model_name: str, table: bool = False) -> str:
+    """The Linear / Conv1D module path (nn.Embedding for `table`) of this model for a PEFT module path
+    (see find_module)."""
     path = find_module(peft_path, modules, model_name)
-    if not is_linear(modules[path]):
-        raise LoadError(f"PEFT module {peft_path!r} is {path!r} here, a {type(modules[path]).__name__}; "
-                        f"only LoRA on Linear and Conv1D layers imports")
+    module = modules[path]
+    if table and not is_table(module):
+        raise LoadError(f"PEFT module {peft_path!r} has lora_embedding_A / B, but {path!r} here is a "
+                        f"{type(module).__name__}, not an nn.Embedding")
+    if not table and not is_linear(module):
+        raise LoadError(f"PEFT module {peft_path!r} is {path!r} here, a {type(module).__name__}; "
+                        f"only LoRA on Linear and Conv1D layers imports (lora_embedding_A / B on nn.Embedding)")
     return path
+
+
+def split_base_copies(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """(the rest, PEFT module path -> {name: tensor}) for the `<path>.base_layer.<name>` keys."""
+    rest: dict[str, Tensor] = {}
+    copies: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if _BASE_COPY in name:
+            path, param = name.rsplit(_BASE_COPY, 1)
+            copies.setdefault(path, {})[param] = tensor
+        else:
+            rest[key] = tensor
+    return rest, copies
+
+
+def check_base_copy(peft_path: str, path: str, modules: dict[str, nn.Module], state: dict[str, Tensor]) -> None:
+    """A saved copy of a layer's base weights holds exactly this model's values (adaptune never changes them)."""
+    own = modules[path].state_dict()
+    for name, tensor in state.items():
+        mine = own.get(name)
+        if mine is None or tuple(mine.shape) != tuple(tensor.shape) or not torch.equal(
+                tensor.to(mine.device, mine.dtype), mine):
+            raise LoadError(f"{PREFIX}{peft_path}{_BASE_COPY}{name} (the base weights PEFT saves with an embedding "
+                            f"LoRA) differs from {path}.{name} of this model; import onto the base model the adapter "
+                            f"was trained on (with its vocabulary size), or load those weights into the model first")
 
 
 def find_module(peft_path: str, modules: dict[str, nn.Module], model_name: str) -> str:

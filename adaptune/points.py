@@ -3,7 +3,8 @@ linear-weight helpers and attention checks that components and hooks share.
 
 A point's `kind` is the role of the components that bind there:
     PROJECTION  a linear map y = x Wᵀ + b (LoRA, DoRA): `module` is the Linear / Conv1D, `rows` the
-                output rows of a fused projection (GPT-2's c_attn: q, k, v are thirds), None for all
+                output rows of a fused projection (GPT-2's c_attn: q, k, v are thirds), None for all;
+                or an nn.Embedding table (LoRA only), the linear map of one-hot ids with W = tableᵀ
     SUBLAYER    the output h of an attention or feed-forward sublayer, before residual and norm
                 (adapters): `module` produces h, `in_module` receives the sublayer input x
     ATTENTION   the keys and values of self-attention (prefix tuning): `module` calls transformers'
@@ -79,9 +80,14 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def is_table(module: nn.Module) -> bool:
+    """An embedding table: a projection point on it maps one-hot ids (in = num_embeddings) to rows (out = dim)."""
+    return isinstance(module, nn.Embedding)
+
+
 def linear_weight(module: nn.Module) -> Tensor:
-    """The weight as an (out, in) matrix (a transposed view for Conv1D)."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+    """The weight as an (out, in) matrix (a transposed view for Conv1D and for an embedding table)."""
+    return module.weight.t() if isinstance(module, (Conv1D, nn.Embedding)) else module.weight
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:

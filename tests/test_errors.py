@@ -51,7 +51,7 @@ def test_bad_constructor_arguments_raise_config_error(component, pattern):
     ({"layers.x.attn": LoRA(4)}, SiteError, ["bad layer range 'x'", "A-B"]),
     ({"layers.0.embed": LoRA(4)}, SiteError, ["'embed' has no layers"]),
     ({"attn.q": Adapter(8)}, BindError, ["Adapter(dim=8", "cannot bind to 'attn.q'", "attn, ffn"]),
-    ({"embed": LoRA(4)}, BindError, ["LoRA(r=4", "cannot bind to 'embed'", "attn.q|k|v|o"]),
+    ({"embed": Adapter(4)}, BindError, ["Adapter(dim=4", "cannot bind to 'embed'", "attn, ffn"]),
     ({"attn": LoRA(33)}, BindError, ["r=33 is larger than the layer", "1..32"]),
     ({"ffn": DoRA(40)}, BindError, ["r=40", "1..32"]),
     ({"attn": LoRA(2), "attn.q": LoRA(2)}, BindError, ["two low-rank updates", "attn.q", "at most one"]),

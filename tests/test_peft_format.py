@@ -195,7 +195,8 @@ def _edit_config(directory, **changes):
     ("loftq", tiny_gpt2, "init_lora_weights='loftq'"),
     ("lora bias", tiny_gpt2, "lora_bias"),
     ("rank pattern", tiny_gpt2, r"shape \(12, 32\).*r=3: expected \(3, 32\)"),
-    ("extra tensor", tiny_gpt2, "unsupported tensor 'base_model.model.transformer.wte.lora_embedding_A'"),
+    ("extra tensor", tiny_gpt2, "unsupported tensor 'base_model.model.transformer.wte.lora_B.bias'"),
+    ("half an embedding lora", tiny_gpt2, "'transformer.wte' lacks lora_embedding_B"),
     ("dora without magnitude", tiny_gpt2, "lacks lora_magnitude_vector"),
 ])
 def test_import_errors_leave_model_unchanged(problem, build, match, ids, tmp_path):
@@ -208,9 +209,10 @@ def test_import_errors_leave_model_unchanged(problem, build, match, ids, tmp_pat
         _edit_config(directory, **{"peft type": {"peft_type": "IA3"}, "loftq": {"init_lora_weights": "loftq"},
                                    "lora bias": {"lora_bias": True}, "dora without magnitude": {"use_dora": True},
                                    "rank pattern": {"rank_pattern": {"c_attn": 3}}}[problem])
-    elif problem == "extra tensor":
+    elif problem in ("extra tensor", "half an embedding lora"):
         tensors = load_file(str(directory / WEIGHTS_NAME))
-        tensors["base_model.model.transformer.wte.lora_embedding_A"] = torch.zeros(4, 96)
+        extra = "lora_B.bias" if problem == "extra tensor" else "lora_embedding_A"
+        tensors["base_model.model.transformer.wte." + extra] = torch.zeros(4, 96)
         save_file(tensors, str(directory / WEIGHTS_NAME))
     model = build()
     before = every_output(model, ids)

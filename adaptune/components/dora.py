@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..errors import ConfigError
-from ..points import Point, linear_weight
+from ..errors import BindError, ConfigError
+from ..points import Point, is_table, linear_weight
 from .lora import LoRA, LoRAModule
 
 
@@ -28,6 +28,10 @@ class DoRA(LoRA):
                               f"‖W_i‖, which PiSSA / OLoRA's residual would change; use LoRA(init={self.init!r})")
 
     def bind(self, point: Point, shared=None) -> "DoRAModule":
+        if is_table(point.module):
+            raise BindError(f"{self!r} cannot bind to {point.site!r}: DoRA rescales the rows of a Linear / Conv1D "
+                            f"weight, not an embedding table; use LoRA on embeddings, DoRA on attn (q, k, v), "
+                            f"attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, or a Linear/Conv1D module path")
         return DoRAModule(self, point)
 
 

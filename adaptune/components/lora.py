@@ -9,6 +9,11 @@ Options as in Hugging Face PEFT:
   y = x·Wᵀ + b − s·(x·A₀ᵀ)·B₀ᵀ + s·(drop(x)·Aᵀ)·Bᵀ, the same function, so a fresh PiSSA / OLoRA is the
   identity and detach() leaves W bit-exact. Only the product B₀·A₀ matters (the truncated SVD, or
   the projection Q_r·Q_rᵀ·W), so it is unique whatever signs the decomposition picks.
+
+On an embedding table E (num, dim) ('embed' or an nn.Embedding path), as PEFT's lora.Embedding:
+y = E[ids] + s·Aᵀ[ids]·Bᵀ with A (r, num) zeros and B (dim, r) normal at first (the identity), the
+lookup of Aᵀ taking the table's padding_idx / max_norm options, times its `embed_scale` if it has one.
+Dropout (on ids) and PiSSA / OLoRA do not apply there; merging adds s·(B·A)ᵀ to E.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError, ConfigError
-from ..points import PROJECTION, Point, linear_weight
+from ..points import PROJECTION, Point, is_table, linear_weight
 from .base import Component, check_choice, check_dropout, check_positive
 
 INITS = ("default", "pissa", "olora")  # data-free initialisations; PEFT's init_lora_weights True, "pissa", "olora"
@@ -79,6 +84,11 @@ class LoRAModule(nn.Module):
                             f"({d_out}×{d_in}); r must be in 1..{min(d_in, d_out)}")
         self.scale, self.dropout = component.scale, component.dropout
         self.init, self.rslora = component.init, component.rslora
+        if is_table(point.module):
+            _check_table(component, point)
+            self.A = nn.Parameter(torch.zeros(r, d_in))  # (r, num_embeddings)
+            self.B = nn.Parameter(torch.randn(d_out, r))  # (dim, r)
+            return
         if component.init == "default":
             self.A = nn.Parameter(torch.empty(r, d_in))  # (r, in)
             self.B = nn.Parameter(torch.zeros(d_out, r))  # (out, r)
@@ -104,6 +114,14 @@ class LoRAModule(nn.Module):
             y = y - self.scale * F.linear(F.linear(x, self.A0.to(x.dtype)), self.B0.to(x.dtype))
         return y
 
+    def lookup(self, ids: Tensor, table: nn.Embedding) -> Tensor:
+        """s·Aᵀ[ids]·Bᵀ (times the table's embed_scale): what the LoRA adds to the rows `table` looks up."""
+        rows = F.embedding(ids, self.A.T, table.padding_idx, table.max_norm, table.norm_type,
+                           table.scale_grad_by_freq, table.sparse)  # (..., r)
+        y = (rows @ self.B.T) * self.scale
+        scale = embed_scale(table)
+        return y if scale is None else y * scale.to(y.dtype)
+
     def update(self) -> tuple[Tensor, Tensor]:
         """Factors (A′, B′) with s·B′·A′ the whole update to W: (A, B), or ([A; A₀], [B, −B₀]) of rank 2r."""
         if not self.residual:
@@ -114,3 +132,23 @@ class LoRAModule(nn.Module):
         """W + s·B′·A′, in float32 at least; used only by merge()."""
         A, B = self.update()
         return weight.float() + self.scale * (B.float() @ A.float())
+
+
+def _check_table(component: LoRA, point: Point) -> None:
+    what = f"{component!r} at {point.site!r}"
+    if component.init != "default":
+        raise BindError(f"{what}: init={component.init!r} does not apply to an embedding table (nor does PEFT apply "
+                        f"it there); use init='default' on embeddings")
+    if component.dropout:
+        raise BindError(f"{what}: dropout does not apply to an embedding table (its input is token ids, as in "
+                        f"PEFT); use dropout=0.0 on embeddings")
+
+
+def embed_scale(table: nn.Module) -> Tensor | None:
+    """The scalar a scaled embedding (Gemma's) multiplies its rows by, as PEFT reads it; None for none."""
+    scale = getattr(table, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return torch.tensor(scale, device=table.weight.device, dtype=table.weight.dtype)
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        return scale
+    return None

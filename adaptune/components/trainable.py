@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..points import MODULE, PROJECTION, Point
+from ..errors import BindError
+from ..points import MODULE, PROJECTION, Point, is_table
 from .base import Component
 
 
@@ -69,6 +70,10 @@ class BitFit(Component):
     role = PROJECTION
 
     def bind(self, point: Point, shared=None) -> "BiasShift":
+        if is_table(point.module):
+            raise BindError(f"{self!r} cannot bind to {point.site!r}: an embedding table has no bias to shift; "
+                            f"BitFit binds to attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, or a "
+                            f"Linear/Conv1D module path")
         return BiasShift(point.dim_out)
 
 

@@ -1,13 +1,17 @@
 """Hooks route a model's forward through the components bound to it, one hook per model place."""
-from ..points import ATTENTION, EMBED, MODULE, PROJECTION, SUBLAYER
+from ..points import ATTENTION, EMBED, MODULE, PROJECTION, SUBLAYER, Point, is_table
 from .base import Binding, Hook
+from .lookup import LookupHook
 from .module import ModuleHook
 from .projection import ProjectionHook
 from .sublayer import SublayerHook
 
 
-def hook_class(kind: str) -> type[Hook]:
-    """The hook for points of `kind`."""
+def hook_class(point: Point) -> type[Hook]:
+    """The hook for `point`: by its kind (a projection on an embedding table: the lookup hook)."""
+    kind = point.kind
+    if kind == PROJECTION and is_table(point.module):
+        return LookupHook
     if kind == ATTENTION:
         from .attention import PrefixHook
         return PrefixHook
@@ -17,4 +21,4 @@ def hook_class(kind: str) -> type[Hook]:
     return {PROJECTION: ProjectionHook, SUBLAYER: SublayerHook, MODULE: ModuleHook}[kind]
 
 
-__all__ = ["Binding", "Hook", "ModuleHook", "ProjectionHook", "hook_class"]
+__all__ = ["Binding", "Hook", "LookupHook", "ModuleHook", "ProjectionHook", "hook_class"]

@@ -1,5 +1,6 @@
 """Routes a Linear / Conv1D through its active low-rank update (LoRA or DoRA), slice by slice, and adds
-the active bias shifts (BitFit: modules with `bias_only`) to their output rows.
+the active bias shifts (BitFit: modules with `bias_only`) to their output rows. Embedding tables run
+through its subclass in lookup.py, which shares the merge below.
 
 The module's `forward` is replaced on the instance (base weights and state-dict keys untouched);
 `remove()` puts the original back.
@@ -33,12 +34,15 @@ class ProjectionHook(ForwardHook):
         super().add(binding)
 
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    def _check_not_training_merged(self) -> None:
         if self._backups and self.point.module.training and torch.is_grad_enabled() and any(
                 p.requires_grad for b in self._backups for p in b.module.parameters()):
             raise MergeError(f"cannot train {self.point.where()} while its updates are merged into the base weights: "
                              f"merged components get no gradient; call unmerge() before training (or eval() / "
                              f"torch.no_grad() to run merged)")
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        self._check_not_training_merged()
         active = self.active()
         shifts = [b for b in active if _bias_only(b)]
         y = self._low_rank([b for b in active if not _bias_only(b)], x, *args, **kwargs)
