@@ -1,11 +1,15 @@
 """Where the sites of an architecture live: exact maps for known model types, else found by structure.
 
-Structure: the layer stack is the ModuleList of identical blocks whose first block holds q/k/v
-projections (encoder-decoder models have two: not yet mapped); in its first block, attention is the child holding the q/k/v projections (by their usual names: `q_proj`,
-`query`, `q_lin`, `q`; or one fused `c_attn` / `query_key_value` / `qkv_proj` / `Wqkv`), its output
-projection the remaining attention Linear by name (`o_proj`, `out_proj`, `dense`, `out_lin`, `o`);
-the feed-forward Linears are those outside every attention module (`up_proj` / `fc1` / `wi` ...,
-`down_proj` / `fc2` / `wo` ..., `gate_proj`), else the first and last of them.
+Structure: a layer stack is a ModuleList of identical blocks whose first block holds q/k/v projections
+(encoder-decoder models have two, named `encoder` and `decoder` by their paths). In a block, an
+attention module is the parent of a q projection (by its usual names: `q_proj`, `query`, `q_lin`, `q`;
+or of one fused `c_attn` / `query_key_value` / `qkv_proj` / `Wqkv`), with k and v inside it and its
+output projection the remaining attention Linear by name (`o_proj`, `out_proj`, `dense`, `out_lin`,
+`o`), inside it or else beside it in its parent (BERT's `attention.output.dense`). A second attention
+module in a block is cross-attention (the one named like `encoder_attn`, `EncDecAttention`,
+`crossattention`, else the later one). The feed-forward Linears are those outside every attention
+(`up_proj` / `fc1` / `wi` ..., `down_proj` / `fc2` / `wo` ..., `gate_proj` / `wi_0`), else the first
+and last of them.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class Arch:
     fused_qkv: bool = False  # q, k, v are thirds of one projection (GPT-2's c_attn)
     qkv: str | None = None  # q, k, v are one fused projection laid out otherwise: bound whole
     gate: str | None = None  # the gate projection of a gated feed-forward
+    cross: "Arch | None" = None  # cross-attention (q, k, v, o, attention; qkv if fused) of a decoder block
 
 
 _BERT = Arch("bert", "encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
@@ -52,9 +57,11 @@ _K = ("k_proj", "key", "k_lin", "k")
 _V = ("v_proj", "value", "v_lin", "v")
 _QKV = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv")
 _O = ("o_proj", "out_proj", "out_lin", "output.dense", "dense", "c_proj", "o", "Wo")
-_UP = ("up_proj", "fc1", "lin1", "c_fc", "intermediate.dense", "dense_h_to_4h", "gate_up_proj", "wi", "Wi", "fc_in")
+_UP = ("up_proj", "fc1", "lin1", "c_fc", "intermediate.dense", "dense_h_to_4h", "gate_up_proj", "wi", "wi_1", "Wi",
+       "fc_in")
 _DOWN = ("down_proj", "fc2", "lin2", "c_proj", "output.dense", "dense_4h_to_h", "wo", "Wo", "fc_out")
-_GATE = ("gate_proj",)
+_GATE = ("gate_proj", "wi_0")
+_CROSS = ("cross", "encdec", "encoder_attn")  # how cross-attention modules are named (lower case)
 
 
 def _named(paths: list[str], names: tuple[str, ...]) -> str | None:
@@ -66,6 +73,10 @@ def _named(paths: list[str], names: tuple[str, ...]) -> str | None:
     return None
 
 
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + ".")
+
+
 def stacks(model: nn.Module) -> list[str]:
     """Paths of every layer stack that holds attention (several in encoder-decoder models)."""
     out = []
@@ -73,41 +84,84 @@ def stacks(model: nn.Module) -> list[str]:
         if isinstance(module, nn.ModuleList) and len(module) and len({type(b) for b in module}) == 1:
             linears = [n for n, m in module[0].named_modules() if is_linear(m)]
             if _named(linears, _Q) or _named(linears, _QKV):
-                if not any(path.startswith(p + ".") for p in out):
+                if not any(_under(path, p) for p in out):
                     out.append(path)
     return out
 
 
-def discover(model: nn.Module) -> tuple[Arch | None, str]:
-    """(the structure found, "") or (None, why not)."""
+def stack_names(paths: list[str]) -> list[str | None] | None:
+    """None for the one stack of most models; `encoder`, `decoder` for the two of an encoder-decoder
+    model (by the parts of their paths); None when the stacks cannot be told apart."""
+    if len(paths) == 1:
+        return [None]
+    names = ["encoder" if "encoder" in p.split(".") else "decoder" if "decoder" in p.split(".") else None
+             for p in paths]
+    return names if sorted(map(str, names)) == ["decoder", "encoder"] else None
+
+
+def discover(model: nn.Module) -> tuple[list[tuple[str | None, Arch]], str]:
+    """([(stack name, structure)] for every layer stack, "") or ([], why not)."""
     found = stacks(model)
-    if len(found) > 1:
-        return None, f"it has {len(found)} layer stacks ({', '.join(found)}); name modules by path"
     if not found:
-        return None, "no stack of identical layers with attention projections was found"
-    path = found[0]
-    first = model.get_submodule(path)[0]
+        return [], "no stack of identical layers with attention projections was found"
+    names = stack_names(found)
+    if names is None:
+        return [], f"it has {len(found)} layer stacks ({', '.join(found)}) that are not an encoder and a decoder; " \
+                   f"name modules by path"
+    out = []
+    for name, path in zip(names, found):
+        arch, why = _block(path, model.get_submodule(path)[0])
+        if arch is None:
+            return [], why if name is None else f"its {name}: {why}"
+        out.append((name, arch))
+    return out, ""
+
+
+def _attention(linears: list[str], anchor: str, fused: bool, others: list[str]) -> tuple[Arch | None, str, str]:
+    """(q, k, v, o of the attention around `anchor` as an Arch without feed-forward, the module it lives in
+    with its output projection, why not); `others` are the block's other attention modules."""
+    module = anchor.rpartition(".")[0]
+    inside = [n for n in linears if _under(n, module)]
+    q, qkv = (None, anchor) if fused else (anchor, None)
+    k, v = (qkv, qkv) if fused else (_named(inside, _K), _named(inside, _V))
+    o, container = _named([n for n in inside if n not in (q, k, v, qkv)], _O), module
+    if o is None and "." in module:  # beside it: BERT's attention.self.query, attention.output.dense
+        container = module.rpartition(".")[0]
+        near = [n for n in linears if _under(n, container) and not _under(n, module)
+                and not any(_under(n, other) for other in others)]
+        o = _named(near, _O)
+    missing = [name for name, p in (("k", k), ("v", v), ("o", o)) if p is None]
+    if missing:
+        return None, "", f"its attention has no {', '.join(missing)} projection that adaptune recognises"
+    return Arch("", "", q or qkv, k, v, o, None, None, module, qkv=qkv), container, ""
+
+
+def _block(path: str, first: nn.Module) -> tuple[Arch | None, str]:
     linears = [n for n, m in first.named_modules() if is_linear(m)]
-    q, qkv = _named(linears, _Q), None
-    if q is None:
-        qkv = _named(linears, _QKV)
-        if qkv is None:
-            return None, "no q / k / v projections were found in its layers"
-    anchor = q or qkv
-    attention = anchor.rpartition(".")[0]
-    root = anchor.split(".")[0] if "." in anchor else ""
-    inside = [n for n in linears if root and (n == root or n.startswith(root + "."))]
-    k, v = (_named(inside, _K), _named(inside, _V)) if q else (qkv, qkv)
-    o = _named([n for n in inside if n not in (q, k, v, qkv)], _O)
-    attention_roots = {n.split(".")[0] for n in linears if _named([n], _Q + _QKV)}
-    ffn = [n for n in linears if n.split(".")[0] not in attention_roots]
+    last = {n: n.rsplit(".", 1)[-1] for n in linears}
+    fused = not any(last[n] in _Q for n in linears)
+    anchors = [n for n in linears if last[n] in (_QKV if fused else _Q)]
+    if not anchors:
+        return None, "no q / k / v projections were found in its layers"
+    modules = [a.rpartition(".")[0] for a in anchors]
+    if len(set(modules)) != len(modules) or len(modules) > 2:
+        return None, f"its layers have {len(modules)} q projections ({', '.join(anchors)}); name modules by path"
+    if len(anchors) == 2 and any(h in modules[0].lower() for h in _CROSS):
+        anchors.reverse()  # self-attention first
+    found, containers = [], []
+    for anchor in anchors:
+        others = [m for m in modules if m != anchor.rpartition(".")[0]]
+        attention, container, why = _attention(linears, anchor, fused, others)
+        if attention is None:
+            return None, why
+        found.append(attention)
+        containers.append(container)
+    ffn = [n for n in linears if not any(_under(n, c) for c in containers if c)]
     gate = _named(ffn, _GATE)
     rest = [n for n in ffn if n != gate]
     up, down = _named(rest, _UP), _named(rest, _DOWN)
     if (up is None or down is None or up == down) and len(rest) >= 2:
         up, down = rest[0], rest[-1]
-    missing = [name for name, p in (("k", k), ("v", v), ("o", o)) if p is None]
-    if missing:
-        return None, f"its attention has no {', '.join(missing)} projection that adaptune recognises"
-    name = "found:" + type(first).__name__
-    return Arch(name, path, q or qkv, k, v, o, up, down, attention, qkv=qkv, gate=gate), ""
+    a = found[0]
+    return Arch("found:" + type(first).__name__, path, a.q, a.k, a.v, a.o, up, down, a.attention, qkv=a.qkv,
+                gate=gate, cross=found[1] if len(found) > 1 else None), ""

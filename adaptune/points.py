@@ -36,7 +36,7 @@ MODULE = "module"  # a whole module, by its path: `module` is it (a trained copy
 KINDS = (PROJECTION, SUBLAYER, ATTENTION, EMBED, MODULE)
 
 # a sublayer's position (hypernetwork adapters embed it)
-ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER = 0, 1, 2
+ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER, CROSS_SUBLAYER = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,16 +45,17 @@ class Point:
     kind: str
     key: str
     site: str  # the site (attn.q, ffn, ...) or module path it was resolved from
-    layer: int | None  # None: the embeddings or a raw module path
+    layer: int | None  # None: the embeddings or a raw module path; else the index in its layer stack
     module: nn.Module
     dim_in: int  # width of what enters the place (in features; the sublayer input; H_kv·D; d_model)
     dim_out: int  # width of what it produces (out features of `rows`; the sublayer output; H_kv·D; d_model)
     rows: slice | None = None  # PROJECTION: output rows of a fused projection
     in_module: nn.Module | None = None  # SUBLAYER: receives the sublayer input
-    position: int | None = None  # SUBLAYER: ATTENTION_SUBLAYER, FFN_SUBLAYER or RAW_SUBLAYER
+    position: int | None = None  # SUBLAYER: ATTENTION_SUBLAYER, FFN_SUBLAYER, CROSS_SUBLAYER or RAW_SUBLAYER
     n_kv_heads: int | None = None  # ATTENTION
     head_dim: int | None = None  # ATTENTION
     model: nn.Module | None = None  # EMBED
+    depth: int | None = None  # the layer's index among all layers of the model (encoder first); None with layer
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,27 +1,36 @@
 """Named sites of transformer architectures, selectors, and their resolution to concrete points.
 
-A selector is `[layers.<range>.]<site>` with site one of SITES and range `3`, `0-7`, `0,2,5` or `*`,
-or a raw module path of the model (`encoder.layer.0.attention.self.query`).
+A selector is `[<stack>.][layers.<range>.]<site>` with site one of SITES and range `3`, `0-7`, `0,2,5`
+or `*`, or a raw module path of the model (`encoder.layer.0.attention.self.query`), or a pattern of
+paths (`model.layers.*.mlp.gate_proj`, `re:<regex>`). Encoder-decoder models have two layer stacks,
+`encoder` and `decoder`: `encoder.layers.0-5.attn`, `decoder.cross_attn`; a selector without a stack
+means every stack that has the site (`attn`: both stacks' self-attention), its layer range counted
+in each.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
 from torch import nn
 
-from .archs import ARCHS, discover
+from .archs import ARCHS, Arch, discover
 from .errors import BindError, SiteError
-from .points import (ATTENTION, ATTENTION_SUBLAYER, EMBED, FFN_SUBLAYER, MODULE, PROJECTION, RAW_SUBLAYER, SUBLAYER,
-                     Point, is_linear, linear_dims)
+from .points import (ATTENTION, ATTENTION_SUBLAYER, CROSS_SUBLAYER, EMBED, FFN_SUBLAYER, MODULE, PROJECTION,
+                     RAW_SUBLAYER, SUBLAYER, Point, is_linear, linear_dims)
 
-SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down", "ffn.gate")
+SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down", "ffn.gate",
+         "cross_attn", "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")
+STACKS = ("encoder", "decoder")
 
 
-_SELECTOR = re.compile(r"^(?:layers\.(?P<range>[^.]+)\.)?(?P<site>[a-z]+(?:\.[a-z]+)?)$")
+_SELECTOR = re.compile(r"^(?:(?P<stack>encoder|decoder)\.)?(?:layers\.(?P<range>[^.]+)\.)?"
+                       r"(?P<site>[a-z_]+(?:\.[a-z]+)?)$")
 _ROLE_SITES = {
-    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, embed, or a Linear/Conv1D/"
-                "Embedding module path",
-    SUBLAYER: "attn, ffn, or a Linear/Conv1D module path",
-    ATTENTION: "attn, or an attention module path",
+    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, cross_attn[.q|k|v|o], embed, or "
+                "a Linear/Conv1D/Embedding module path",
+    SUBLAYER: "attn, ffn, cross_attn, or a Linear/Conv1D module path",
+    ATTENTION: "attn, cross_attn, or an attention module path",
     EMBED: "embed, or an nn.Embedding path",
 }
 
@@ -34,6 +43,23 @@ def _require_linear(module: nn.Module, path: str, what: str) -> None:
                         f"Conv1D layer{wrapped}")
 
 
+@dataclass(frozen=True, eq=False)
+class Stack:
+    """One layer stack: its name (`encoder` / `decoder`; None in a model with one stack), the paths of its
+    sites inside a layer, its layers, and the index of its first layer among all the model's layers."""
+    name: str | None
+    arch: Arch
+    layers: list[nn.Module]
+    offset: int
+
+    def key(self, layer: int, site: str) -> str:
+        """The point key of `site` in `layer`: "layers:3:attn:q", "decoder:layers:3:cross_attn:q"."""
+        return f"{self.name + ':' if self.name else ''}layers:{layer}:{site.replace('.', ':')}"
+
+    def site(self, site: str) -> str:
+        return f"{self.name}.{site}" if self.name else site
+
+
 class SiteMap:
     """Resolves selectors on one model to points."""
 
@@ -41,26 +67,34 @@ class SiteMap:
         self.model = model
         config = getattr(model, "config", None)
         self.model_type: str | None = getattr(config, "model_type", None)
-        self.arch = ARCHS.get(self.model_type or "")
-        self.why_not = ""  # why no site map was found
-        if self.arch is None:
-            self.arch, self.why_not = discover(model)
         self.modules = dict(model.named_modules())
-        self.layers: list[nn.Module] = []
-        if self.arch is not None:
-            for name, module in self.modules.items():
-                if (name == self.arch.layers or name.endswith("." + self.arch.layers)) and isinstance(module, nn.ModuleList):
-                    self.layers = list(module)
-                    break
+        self.why_not = ""  # why no site map was found
+        exact = ARCHS.get(self.model_type or "")
+        found = [(None, exact)] if exact is not None else None
+        if found is None:
+            found, self.why_not = discover(model)
+        self.stacks: list[Stack] = []
+        for name, arch in found:
+            layers = next((list(m) for n, m in self.modules.items() if isinstance(m, nn.ModuleList)
+                           and (n == arch.layers or n.endswith("." + arch.layers))), [])
+            self.stacks.append(Stack(name, arch, layers, self.n_layers))
+
+    @property
+    def arch(self) -> Arch | None:
+        """The structure of the (first) layer stack; None when no site map was found."""
+        return self.stacks[0].arch if self.stacks else None
 
     @property
     def n_layers(self) -> int:
-        return len(self.layers)
+        """Layers in all stacks."""
+        return sum(len(s.layers) for s in self.stacks)
 
     def describe(self) -> str:
         valid = ", ".join(SITES)
-        return (f"valid selectors: {valid} (optionally as layers.N.<site>, layers.A-B.<site>, layers.A,B.<site>), "
-                f"or a module path such as {self.example_path()!r}")
+        stacks = (" with a stack in front (" + ", ".join(f"{s.name}.<site>" for s in self.stacks) + ")"
+                  if len(self.stacks) > 1 else "")
+        return (f"valid selectors: {valid} (optionally as layers.N.<site>, layers.A-B.<site>, layers.A,B.<site>"
+                f"{stacks}), or a module path such as {self.example_path()!r}")
 
     def example_path(self) -> str:
         """A Linear/Conv1D module path of this model, for messages and help."""
@@ -82,21 +116,38 @@ class SiteMap:
         if not match or match["site"] not in SITES:
             raise SiteError(f"unknown site {selector!r}; {self.describe()}")
         site, layers = match["site"], match["range"]
-        if self.arch is None:
+        if not self.stacks:
             raise SiteError(f"no site map for model type {self.model_type!r}: {self.why_not} (exact maps: "
                             f"{', '.join(sorted(ARCHS))}); name modules by path instead, e.g. {self.example_path()!r}")
         if site == "embed":
-            if layers is not None:
-                raise SiteError(f"'embed' has no layers; write 'embed', not {selector!r}")
+            if layers is not None or match["stack"]:
+                raise SiteError(f"'embed' has no layers or stack; write 'embed', not {selector!r}")
             if role not in (EMBED, PROJECTION):
                 raise BindError(f"{what} cannot bind to 'embed'; it binds to {_ROLE_SITES[role]}")
             return [self._embedding(self.model.get_input_embeddings(), "embed", "embed", role, what)]
-        return [p for i in self._layer_indices(layers, selector) for p in self._layer_points(i, site, role, what)]
+        stacks = self._stacks(match["stack"], selector)
+        if site.startswith("cross_attn"):
+            stacks = [s for s in stacks if s.arch.cross is not None]
+            if not stacks:
+                where = f"its {match['stack']}" if match["stack"] else "this model"
+                raise SiteError(f"{where} has no cross-attention (only decoders of encoder-decoder models have "
+                                f"it); its sites: attn, ffn and their projections")
+        return [p for stack in stacks for i in self._layer_indices(stack, layers, selector)
+                for p in self._layer_points(stack, i, site, role, what)]
 
-    def _layer_indices(self, layers: str | None, selector: str) -> list[int]:
-        n = self.n_layers
+    def _stacks(self, name: str | None, selector: str) -> list[Stack]:
+        if name is None:
+            return self.stacks
+        if len(self.stacks) == 1:
+            bare = selector.split(".", 1)[1]
+            raise SiteError(f"{selector!r} names a layer stack, but this model has one; write {bare!r}")
+        return [s for s in self.stacks if s.name == name]
+
+    def _layer_indices(self, stack: Stack, layers: str | None, selector: str) -> list[int]:
+        n = len(stack.layers)
         if layers is None or layers == "*":
             return list(range(n))
+        where = f"its {stack.name}" if stack.name else "this model"
         out: list[int] = []
         for part in layers.split(","):
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -106,77 +157,88 @@ class SiteMap:
             if lo > hi:
                 raise SiteError(f"layers {part} in {selector!r} is a reversed range; write {hi}-{lo}")
             if hi >= n:
-                raise SiteError(f"layers {part} in {selector!r} out of range: this model has {n} layers (0-{n - 1})")
+                raise SiteError(f"layers {part} in {selector!r} out of range: {where} has {n} layers (0-{n - 1})")
             out.extend(range(lo, hi + 1))
         return sorted(set(out))
 
-    def _get(self, layer: int, path: str) -> nn.Module:
-        module = self.layers[layer]
-        for part in path.split("."):
-            module = getattr(module, part)
+    def _linear(self, stack: Stack, layer: int, path: str, what: str) -> nn.Module:
+        module = stack.layers[layer].get_submodule(path)
+        _require_linear(module, f"{stack.site('layers')}.{layer}.{path}", what)
         return module
 
-    def _linear(self, layer: int, path: str, what: str) -> nn.Module:
-        module = self._get(layer, path)
-        _require_linear(module, f"layers.{layer}.{path}", what)
-        return module
-
-    def _layer_points(self, i: int, site: str, role: str, what: str) -> list[Point]:
-        a = self.arch
+    def _layer_points(self, stack: Stack, i: int, site: str, role: str, what: str) -> list[Point]:
+        a = stack.arch
+        base, _, part = site.partition(".")
+        attention = a.cross if base == "cross_attn" else a
+        depth = stack.offset + i
         if role == PROJECTION:
-            names = {"attn": ["qkv"] if a.qkv else ["q", "k", "v"], "ffn": ["up", "down"]}.get(site) \
-                or [site.split(".")[1]]
-            return [self._projection(i, name, what) for name in names]
-        if role == SUBLAYER and site in ("attn", "ffn"):
-            inp, out = (a.q, a.o) if site == "attn" else (a.up, a.down)
+            if part:
+                names = [part]
+            else:
+                names = ["up", "down"] if base == "ffn" else ["qkv"] if attention.qkv else ["q", "k", "v"]
+            return [self._projection(stack, i, base, name, what) for name in names]
+        if role == SUBLAYER and not part:
+            inp, out = (a.up, a.down) if base == "ffn" else (attention.q, attention.o)
             if inp is None or out is None:
-                self._no_ffn(what)
-            in_module, out_module = self._linear(i, inp, what), self._linear(i, out, what)
-            position = ATTENTION_SUBLAYER if site == "attn" else FFN_SUBLAYER
-            return [Point(SUBLAYER, f"layers:{i}:{site}", site, i, out_module, linear_dims(in_module)[0],
-                          linear_dims(out_module)[1], in_module=in_module, position=position)]
-        if role == ATTENTION and site == "attn":
-            return [self._attention_point(f"layers:{i}:attn", "attn", i, self._get(i, a.attention))]
+                self._no_ffn(stack, what)
+            in_module, out_module = self._linear(stack, i, inp, what), self._linear(stack, i, out, what)
+            position = {"attn": ATTENTION_SUBLAYER, "ffn": FFN_SUBLAYER, "cross_attn": CROSS_SUBLAYER}[base]
+            return [Point(SUBLAYER, stack.key(i, site), stack.site(site), i, out_module, linear_dims(in_module)[0],
+                          linear_dims(out_module)[1], in_module=in_module, position=position, depth=depth)]
+        if role == ATTENTION and base != "ffn" and not part:
+            module = stack.layers[i].get_submodule(attention.attention)
+            return [self._attention_point(stack.key(i, site), stack.site(site), i, module, depth)]
         raise BindError(f"{what} cannot bind to {site!r}; it binds to {_ROLE_SITES[role]}")
 
-    def _no_ffn(self, what: str) -> None:
-        experts = [type(m).__name__ for m in self.layers[0].modules() if "expert" in type(m).__name__.lower()]
+    def _no_ffn(self, stack: Stack, what: str) -> None:
+        experts = [type(m).__name__ for m in stack.layers[0].modules() if "expert" in type(m).__name__.lower()]
         kind = f" (a mixture of experts: {experts[0]})" if experts else ""
         raise BindError(f"{what}: this model's feed-forward has no Linear up/down projections{kind}; "
                         f"bind to attention sites, or name modules by path")
 
-    def _projection(self, i: int, name: str, what: str = "a component") -> Point:
-        a = self.arch
-        if a.qkv and name in ("q", "k", "v"):
+    def _projection(self, stack: Stack, i: int, base: str, name: str, what: str = "a component") -> Point:
+        a = stack.arch
+        attention = a.cross if base == "cross_attn" else a
+        where = stack.site("layers")
+        if attention.qkv and name in ("q", "k", "v"):
             raise BindError(f"{what}: q, k and v are one fused projection in this model "
-                            f"(layers.{i}.{a.qkv}); bind to 'attn' to adapt it whole")
-        path = {"q": a.q, "k": a.k, "v": a.v, "qkv": a.qkv, "o": a.o, "up": a.up, "down": a.down,
-                "gate": a.gate}[name]
+                            f"({where}.{i}.{attention.qkv}); bind to {base!r} to adapt it whole")
+        paths = {"q": attention.q, "k": attention.k, "v": attention.v, "qkv": attention.qkv, "o": attention.o}
+        if base == "ffn":
+            paths = {"up": a.up, "down": a.down, "gate": a.gate}
+        if name not in paths:
+            raise SiteError(f"{base} has no projection {name!r}; its projections: {', '.join(p for p in paths if p != 'qkv')}")
+        path = paths[name]
         if path is None:
             if name == "gate":
                 raise BindError(f"{what}: this model's feed-forward has no gate projection; "
                                 f"its sites: ffn.up, ffn.down")
-            self._no_ffn(what)
-        module = self._linear(i, path, what)
+            self._no_ffn(stack, what)
+        module = self._linear(stack, i, path, what)
         inp, out = linear_dims(module)
         rows = None
-        if a.fused_qkv and name in ("q", "k", "v"):
+        if a.fused_qkv and base == "attn" and name in ("q", "k", "v"):
             part = out // 3
             j = "qkv".index(name)
             rows, out = slice(j * part, (j + 1) * part), part
-        site = f"{'attn' if name in 'qkvo' else 'ffn'}.{name}"
-        return Point(PROJECTION, f"layers:{i}:{site.replace('.', ':')}", site, i, module, inp, out, rows=rows)
+        site = f"{base}.{name}"
+        return Point(PROJECTION, stack.key(i, site), stack.site(site), i, module, inp, out, rows=rows,
+                     depth=stack.offset + i)
 
-    def _attention_point(self, key: str, site: str, layer: int | None, module: nn.Module) -> Point:
-        """Heads from the model's config: n_kv_heads of head_dim (grouped-query models have fewer kv heads)."""
+    def _attention_point(self, key: str, site: str, layer: int | None, module: nn.Module,
+                         depth: int | None = None) -> Point:
+        """Heads from the attention module where it says (BART's decoder may differ from its encoder), else
+        from the model's config: n_kv_heads of head_dim (grouped-query models have fewer kv heads)."""
         cfg = getattr(module, "config", None) or getattr(self.model, "config", None)
         if cfg is None or not hasattr(cfg, "num_attention_heads"):
             raise BindError(f"prefix tuning at {site}: no config with num_attention_heads to size its keys and values")
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        own = getattr(module, "num_heads", None)
+        heads = own if isinstance(own, int) else cfg.num_attention_heads
+        head_dim = next((d for d in (getattr(module, "head_dim", None), getattr(module, "key_value_proj_dim", None),
+                                     getattr(cfg, "head_dim", None)) if isinstance(d, int)), cfg.hidden_size // heads)
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         d = kv_heads * head_dim
-        return Point(ATTENTION, key, site, layer, module, d, d, n_kv_heads=kv_heads, head_dim=head_dim)
+        return Point(ATTENTION, key, site, layer, module, d, d, n_kv_heads=kv_heads, head_dim=head_dim, depth=depth)
 
     def _module_point(self, path: str, what: str) -> Point:
         if path not in self.modules or not path or path.split(".")[0] == "adaptune":
@@ -222,25 +284,34 @@ class SiteMap:
             raise BindError(f"{what} cannot bind to {site!r}: it is a {type(module).__name__}, not an "
                             f"nn.Embedding (prompt tuning prepends rows of the input embedding)")
         if role == PROJECTION:
+            twins = [n for n, m in self.modules.items() if m is not module and isinstance(m, nn.Embedding)
+                     and m.weight is module.weight]
+            if twins and key == "embed":  # T5, BART: `shared`, while each stack looks up its own module holding the same table
+                raise BindError(f"{what} cannot bind to {site!r}: its table is shared with {', '.join(twins)}, "
+                                f"which look tokens up instead; name the one to adapt by path, e.g. {twins[0]!r}")
             return Point(PROJECTION, key, site, None, module, module.num_embeddings, module.embedding_dim)
         d = module.embedding_dim
         return Point(EMBED, key, site, None, module, d, d, model=self.model)
 
     def table(self) -> list[tuple[str, str, int, int]]:
         """(site, module paths, layers, parameters per layer) for every site this model has (`adaptune inspect`)."""
-        if self.arch is None or not self.layers:
+        if not any(s.layers for s in self.stacks):
             return []
         names = {id(m): n for n, m in self.modules.items()}
         embed = self.model.get_input_embeddings()
         rows = [("embed", names.get(id(embed), "?"), 0, embed.weight.numel())] if embed is not None else []
-        for site in SITES[1:]:
-            try:
-                per_layer = [self._layer_points(i, site, PROJECTION, "a component") for i in range(self.n_layers)]
-            except BindError:
-                continue  # a site this model does not have (a gate, q alone in a fused projection)
-            modules = {id(p.module): p.module for points in per_layer for p in points}
-            paths = [names[id(m)] for m in modules.values()]
-            shown = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
-            count = sum(p.dim_out * (p.dim_in + (p.module.bias is not None)) for p in per_layer[0])
-            rows.append((site, shown, self.n_layers, count))
+        for stack in self.stacks:
+            for site in SITES[1:]:
+                if site.startswith("cross_attn") and stack.arch.cross is None:
+                    continue
+                try:
+                    per_layer = [self._layer_points(stack, i, site, PROJECTION, "a component")
+                                 for i in range(len(stack.layers))]
+                except BindError:
+                    continue  # a site this model does not have (a gate, q alone in a fused projection)
+                modules = {id(p.module): p.module for points in per_layer for p in points}
+                paths = [names[id(m)] for m in modules.values()]
+                shown = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
+                count = sum(p.dim_out * (p.dim_in + (p.module.bias is not None)) for p in per_layer[0])
+                rows.append((stack.site(site), shown, len(stack.layers), count))
         return rows

@@ -44,9 +44,11 @@ def inspect(model: str = typer.Argument(..., help="minilm, gpt2-tiny, bert-tiny,
     except AdaptuneError as e:
         return _fail(str(e))
     sites = SiteMap(base)
+    layers = (" + ".join(f"{len(s.layers)} {s.name}" for s in sites.stacks) if len(sites.stacks) > 1
+              else str(sites.n_layers))
     total = sum(p.numel() for p in base.parameters())
     console.print(f"[bold]{type(base).__name__}[/bold] (model_type {sites.model_type!r}): "
-                  f"{sites.n_layers} layers, {total:,} parameters")
+                  f"{layers} layers, {total:,} parameters")
     rows = sites.table()
     if rows:
         table = Table("site", "modules", "layers", "params / layer")

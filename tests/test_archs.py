@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers as T
 
-from adaptune import Adapter, BindError, DoRA, LoRA, Prefix, PromptTuning, SiteError, attach, detach
+from adaptune import Adapter, BindError, DoRA, LoRA, Prefix, PromptTuning, attach, detach
 from adaptune.sites import SiteMap
 from helpers import VOCAB
 
@@ -114,14 +114,6 @@ def test_gate_is_a_site_where_the_feed_forward_has_one():
     model, _ = build("opt")
     with pytest.raises(BindError, match="no gate projection"):
         attach(model, {"ffn.gate": LoRA(4)})
-
-
-def test_encoder_decoder_models_say_why_they_have_no_site_map():
-    model = T.BartModel(T.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                     vocab_size=VOCAB))
-    with pytest.raises(SiteError, match="2 layer stacks"):
-        attach(model, {"attn": LoRA(4)})
 
 
 @pytest.mark.parametrize("name", ["modernbert", "vit"])

@@ -7,8 +7,9 @@ One hypernetwork, shared by every layer, position and task, generates each seria
     A(h)    = LN_γ,β(U·act(D·h + b_D) + b_U) + h            on the sublayer output h (act: GeLU)
 
 z_t is the task embedding (one row per task; a single row when the component belongs to one task
-or the adaptation has no tasks), l_i the layer embedding (one row per layer of the model, plus one
-for raw module paths), p_j the position embedding (attn 0, ffn 1, raw 2). The generators h_D, h_U,
+or the adaptation has no tasks), l_i the layer embedding (one row per layer of the model, encoder and
+decoder layers alike, plus one for raw module paths), p_j the position embedding (attn 0, ffn 1,
+raw 2; cross-attention 3, a fourth row only on models that have it). The generators h_D, h_U,
 h_LN are linear maps of I, one set per distinct sublayer width d (the paper needs two hypernetworks
 because its attention and feed-forward adapters have different widths).
 
@@ -18,7 +19,8 @@ embedding tells the attention adapters from the feed-forward ones.
 
 Parameters of the hypernetwork (t = task_dim, H = hidden, m = dim, T task rows, L model layers):
 
-    t·(T + L + 1 + 3)                   embeddings: tasks, layers and raw paths, 3 positions
+    t·(T + L + 1 + P)                   embeddings: tasks, layers and raw paths, P = 3 positions (4 with
+                                         cross-attention)
   + (3t + 1)·H + (H + 1)·t + 2·t         FFL, FFP and the layer norm of I
   + Σ_d (t + 1)·(2·m·d + m + 3·d)        per width d: D and b_D, U and b_U, γ and β (with biases)
 
@@ -34,10 +36,10 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError
-from ..points import RAW_SUBLAYER, SUBLAYER, Point
+from ..points import CROSS_SUBLAYER, RAW_SUBLAYER, SUBLAYER, Point
 from .base import Component, check_choice, check_positive
 
-POSITIONS = RAW_SUBLAYER + 1  # ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER
+POSITIONS = RAW_SUBLAYER + 1  # ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER (+ CROSS_SUBLAYER where it exists)
 
 
 def hyper_adapter(h: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor,
@@ -76,7 +78,8 @@ class HyperAdapter(Component):
                 break
         else:
             tasks = list(ctx.tasks) if ctx.group is None and ctx.tasks else None
-            net = HyperNetwork(self, ctx.adaptation, tasks, ctx.sites.n_layers)
+            cross = any(s.arch.cross is not None for s in ctx.sites.stacks)
+            net = HyperNetwork(self, ctx.adaptation, tasks, ctx.sites.n_layers, CROSS_SUBLAYER + 1 if cross else POSITIONS)
         for point in ctx.points:
             net.add_width(point.dim_out)
         return net
@@ -126,14 +129,15 @@ class Generators(nn.Module):
 class HyperNetwork(nn.Module):
     """Embeddings, the projector h_I and one Generators per width; registered once per group."""
 
-    def __init__(self, component: HyperAdapter, adaptation, tasks: list[str] | None, n_layers: int) -> None:
+    def __init__(self, component: HyperAdapter, adaptation, tasks: list[str] | None, n_layers: int,
+                 positions: int = POSITIONS) -> None:
         super().__init__()
         t, hidden = component.task_dim, component.hidden
         object.__setattr__(self, "adaptation", adaptation)  # not a submodule: it owns us
         self.component, self.task_names, self.raw_layer = component, tasks, n_layers
         self.task = nn.Embedding(len(tasks) if tasks else 1, t)  # (T, t)
         self.layer = nn.Embedding(n_layers + 1, t)  # (L + 1, t): last row for raw module paths
-        self.position = nn.Embedding(POSITIONS, t)  # (3, t)
+        self.position = nn.Embedding(positions, t)  # (3 | 4, t)
         self.project = nn.Sequential(nn.Linear(3 * t, hidden), nn.ReLU(), nn.Linear(hidden, t), nn.LayerNorm(t))
         self.heads = nn.ModuleDict()  # str(width) -> Generators
 
@@ -175,7 +179,7 @@ class HyperAdapterModule(nn.Module):
     def __init__(self, net: HyperNetwork, point: Point) -> None:
         super().__init__()
         object.__setattr__(self, "net", net)  # not a submodule: registered once, in the group's common
-        self.layer, self.position, self.width = net.layer_index(point.layer), point.position, point.dim_out
+        self.layer, self.position, self.width = net.layer_index(point.depth), point.position, point.dim_out
 
     def forward(self, h: Tensor, x: Tensor | None = None) -> Tensor:
         """h: sublayer output (..., d); x (the sublayer input) is unused: serial placement."""

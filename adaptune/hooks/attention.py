@@ -1,4 +1,4 @@
-"""Puts the active prefixes in front of the keys and values of self-attention (prefix tuning).
+"""Puts the active prefixes in front of the keys and values of attention modules (prefix tuning).
 
 Transformers' attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
 eager_attention_forward)(module, query, key, value, attention_mask, ...)` with key and value of shape
@@ -7,9 +7,11 @@ under `adaptune_<impl>` (attention and mask interfaces alike), point the attenti
 the wrapper while a prefix is attached, and put the original name back on remove.
 
 The wrapper concatenates the calling module's active prefixes in front of key and value and widens
-the mask on the left (True / 0.0: every query sees every prefix position). Prefixes are never written
+the mask on the left (True / 0.0: every query sees every prefix position; a relative position bias
+passed along, T5's, gets P zero columns too). Prefixes are never written
 into the KV cache and take no positions, so generation with a cache sees the same prefix every step.
-Modules with no prefix (other layers, cross-attention) run the original implementation unchanged.
+Modules with no prefix (other layers, cross-attention unless it has its own) run the original
+implementation unchanged.
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ def _wrapper(base: str) -> Callable:
             pk, pv = prefix  # (B, H_kv, P, D) each
             attention_mask = _extend_mask(attention_mask, module, query, key, pk.shape[2],
                                           kwargs.get("is_causal"), base)
+            bias = kwargs.get("position_bias")  # T5's relative position bias (B | 1, H, T_q, T_k)
+            if isinstance(bias, Tensor) and bias.dim() == 4 and bias.shape[-1] == key.shape[2]:
+                kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], pk.shape[2]), bias], dim=-1)
             key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)  # (B, H_kv, P + T_k, D)
         if base == "eager":
             if getattr(module, "reorder_and_upcast_attn", False) and hasattr(module, "_upcast_and_reordered_attn"):

@@ -11,6 +11,11 @@ Continuing from a non-empty cache (generate's decoding steps), the prompt is alr
     attention_mask gets P ones on the left, given position_ids / cache_position are shifted by P.
 Outputs include the P virtual positions at the front.
 
+Encoder-decoder models (T5, BART): the prompt goes in front of the encoder's input, as in PEFT. The
+pre-hook sits on the encoder, so `generate` (which runs the encoder alone) sees it too, and a second
+one on the model widens the `attention_mask` the decoder's cross-attention reads by P, when it is the
+unprompted width (P less than the encoder output). The decoder's inputs and labels are untouched.
+
 The KV cache is found by what it is, not by its argument's name (transformers has called it
 `past_key_values`, `cache_params` and `cache`): any transformers `Cache` among the arguments, else a
 legacy tuple of per-layer (key, value) pairs under one of those names.
@@ -63,25 +68,39 @@ def _learned_positions(model: nn.Module) -> int | None:
     return None
 
 
+def _encoder(model: nn.Module) -> nn.Module | None:
+    """The encoder of an encoder-decoder model; None for other models."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        return None
+    encoder = model.get_encoder()
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
+
+
 class PromptHook(Hook):
     def install(self) -> None:
         model = self.point.model
         self._positions = _learned_positions(model)
-        self._signature = inspect.signature(model.forward)
-        self._handle = model.register_forward_pre_hook(self._before, with_kwargs=True)
+        encoder = _encoder(model)
+        prompted = encoder if encoder is not None else model
+        self._signatures = {id(m): inspect.signature(m.forward) for m in (model, prompted)}
+        self._handles = [prompted.register_forward_pre_hook(self._before, with_kwargs=True)]
+        if encoder is not None:
+            self._handles.append(model.register_forward_pre_hook(self._cross_mask, with_kwargs=True))
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
-    def _kwargs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _kwargs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Every argument by name (positional ones bound by the forward's signature)."""
+        signature = self._signatures[id(module)]
         try:
-            bound = self._signature.bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
         except TypeError:
             return {}  # let the model raise its own error
         out: dict[str, Any] = {}
         for name, value in bound.arguments.items():
-            kind = self._signature.parameters[name].kind
+            kind = signature.parameters[name].kind
             if kind is inspect.Parameter.VAR_KEYWORD:
                 out.update(value)
             elif kind is inspect.Parameter.VAR_POSITIONAL:
@@ -96,7 +115,7 @@ class PromptHook(Hook):
         active = self.active()
         if not active:
             return None
-        kw = self._kwargs(args, kwargs)
+        kw = self._kwargs(model, args, kwargs)
         if not kw:
             return None
         prompt = torch.cat([b.module() for b in active], dim=0)  # (P, d)
@@ -128,7 +147,7 @@ class PromptHook(Hook):
         kw["input_ids"] = None
         front = prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, P, d)
         kw["inputs_embeds"] = torch.cat([front, embeds], dim=1)  # (B, P + T, d)
-        if mask is not None:
+        if mask is not None and mask.shape[-1] == t:  # the model's hook may have widened it (encoder-decoder)
             kw["attention_mask"] = _left(mask, p, 1)
         if kw.get("token_type_ids") is not None:
             kw["token_type_ids"] = _left(kw["token_type_ids"], p, 0)
@@ -139,4 +158,25 @@ class PromptHook(Hook):
         labels = kw.get("labels")
         if isinstance(labels, Tensor) and labels.dim() == 2 and tuple(labels.shape) == (b, t):
             kw["labels"] = _left(labels, p, -100)
+        return (), kw
+
+    def _cross_mask(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        """Encoder-decoder models: the attention_mask widened by P where the encoder output is P longer."""
+        active = self.active()
+        kw = self._kwargs(model, args, kwargs) if active else {}
+        mask = kw.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            return None
+        p = sum(b.module().shape[0] for b in active)
+        encoded = kw.get("encoder_outputs")
+        if encoded is not None:
+            length = encoded[0].shape[1]  # (B, T_enc, d)
+        else:
+            tokens = next((kw[n].shape[1] for n in ("input_ids", "inputs_embeds") if kw.get(n) is not None), None)
+            if tokens is None:
+                return None
+            length = p + tokens
+        if mask.shape[-1] + p != length:
+            return None  # already widened, or a width the model will refuse itself
+        kw["attention_mask"] = _left(mask, p, 1)
         return (), kw
