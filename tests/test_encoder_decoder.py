@@ -176,3 +176,15 @@ def test_save_load_and_peft_format_round_trip(name, batch, tmp_path):
     with torch.no_grad():
         for other in (fresh, imported, theirs):
             torch.testing.assert_close(logits(other, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_a_gated_t5_feed_forward_has_its_gate():
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                                    vocab_size=VOCAB, feed_forward_proj="gated-gelu"))
+    sites = SiteMap(model)
+    (gate,) = sites.resolve("encoder.layers.0.ffn.gate", PROJECTION, "LoRA")
+    up, down = sites.resolve("decoder.layers.1.ffn", PROJECTION, "LoRA")
+    ffn = model.decoder.block[1].layer[2].DenseReluDense
+    assert gate.module is model.encoder.block[0].layer[1].DenseReluDense.wi_0
+    assert up.module is ffn.wi_1 and down.module is ffn.wo
