@@ -6,8 +6,8 @@ from .peft_format import export_peft
 from .peft_read import import_peft
 from .persist import load, save
 from .spec import parse_spec
-from .components import (Adapter, BitFit, Component, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, Stack,
-                         Trainable)
+from .components import (PSA, Adapter, AtM, Bidirectional, BitFit, Component, DoRA, HyperAdapter, LoRA, Prefix,
+                         PromptTuning, Stack, Trainable)
 from .errors import (AdaptuneError, BindError, ConfigError, DataError, LoadError, MergeError, SiteError,
                      TaskError, TrainingError, WriteError)
 
@@ -19,4 +19,5 @@ __all__ = [
     "export_peft", "import_peft",
     "Counts", "counts", "load", "parse_spec", "save",
     "DataError", "Prefix", "PromptTuning", "TrainingError", "WriteError", "BitFit", "Trainable",
+    "AtM", "Bidirectional", "PSA",
 ]

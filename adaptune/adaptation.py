@@ -72,6 +72,7 @@ class Adaptation(nn.Module):
         if active is None and self.task_names:
             active = self.task_names[0]
         self._task = None
+        self._latent: torch.Tensor | None = None  # set by condition()
         self._enabled = True
         self._installed = False
         self._detached = False
@@ -227,6 +228,29 @@ class Adaptation(nn.Module):
             yield self
         finally:
             self.enable(previous)
+
+    # ---- conditioning ---------------------------------------------------------------------------
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        """The per-sample latent (B, d_z) that conditioned components (PSA, AtM) read; None outside condition()."""
+        return self._latent
+
+    @contextmanager
+    def condition(self, latent: torch.Tensor) -> Iterator["Adaptation"]:
+        """Run forwards (and generate) inside the block conditioned on `latent` (B, d_z): one row per sample,
+        or rows that generate's repeated samples (beams, several sequences) divide."""
+        self._check_attached()
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 2 or not latent.is_floating_point():
+            shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+            raise ConfigError(f"condition() takes a float tensor (batch, latent_dim), got {shape}")
+        if not torch.isfinite(latent).all():
+            raise ConfigError("condition() got a latent with NaN or inf entries")
+        previous, self._latent = self._latent, latent
+        try:
+            yield self
+        finally:
+            self._latent = previous
 
     # ---- merging --------------------------------------------------------------------------------
 

@@ -139,14 +139,14 @@ def check_attention_point(point: Point, what: str) -> None:
     module = point.module
     if getattr(module, "config", None) is None:
         raise BindError(f"{what} at {point.where()}: {type(module).__name__} has no `config`; "
-                        f"prefix tuning needs a transformers attention module that calls the attention interface")
+                        f"attention components need a transformers attention module that calls the attention interface")
     if not calls_attention_interface(module):
         raise BindError(f"{what} at {point.where()}: {type(module).__name__} does not call transformers' attention "
-                        f"interface (ALL_ATTENTION_FUNCTIONS), so prefix tuning cannot reach its keys and values")
+                        f"interface (ALL_ATTENTION_FUNCTIONS), so {what} cannot reach its keys, values and mask")
     name = attention_implementation(module)
     base = base_implementation(name)
     if base not in ATTENTION_IMPLEMENTATIONS:
-        raise BindError(f"{what}: attention implementation {name!r} is not supported; prefix tuning supports "
+        raise BindError(f"{what}: attention implementation {name!r} is not supported; attention components support "
                         f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))} "
                         f"(switch with model.set_attn_implementation('sdpa'))")
     if base == "eager" and eager_attention(module) is None:

@@ -1,12 +1,14 @@
 """Components: one file per family."""
 from .adapter import Adapter
 from .base import Component, Stack
+from .bidirectional import Bidirectional
 from .dora import DoRA
 from .hyper import HyperAdapter
+from .latent import PSA, AtM
 from .lora import LoRA
 from .prefix import Prefix
 from .prompt import PromptTuning
 from .trainable import BitFit, Trainable
 
-__all__ = ["Adapter", "BitFit", "Component", "DoRA", "HyperAdapter", "LoRA", "Prefix", "PromptTuning", "Stack",
+__all__ = ["Adapter", "AtM", "Bidirectional", "BitFit", "Component", "DoRA", "HyperAdapter", "LoRA", "PSA", "Prefix", "PromptTuning", "Stack",
            "Trainable"]

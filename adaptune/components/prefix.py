@@ -81,8 +81,8 @@ class PrefixModule(nn.Module):
             self.keys = nn.Parameter(torch.randn(component.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
             self.values = nn.Parameter(torch.randn(component.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
 
-    def kv(self) -> tuple[Tensor, Tensor]:
-        """(keys, values), each (n, H_kv·D)."""
+    def kv(self, adaptation=None) -> tuple[Tensor, Tensor]:
+        """(keys, values), each (n, H_kv·D), the same for every sample."""
         if self.encoder is not None:
             return self.encoder(self.key, self.kv_dim)
         return self.keys, self.values

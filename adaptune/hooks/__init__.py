@@ -13,8 +13,8 @@ def hook_class(point: Point) -> type[Hook]:
     if kind == PROJECTION and is_table(point.module):
         return LookupHook
     if kind == ATTENTION:
-        from .attention import PrefixHook
-        return PrefixHook
+        from .attention import AttentionHook
+        return AttentionHook
     if kind == EMBED:
         from .embed import PromptHook
         return PromptHook

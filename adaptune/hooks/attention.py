@@ -1,16 +1,21 @@
-"""Puts the active prefixes in front of the keys and values of attention modules (prefix tuning).
+"""Changes what attention modules attend to: prefixes in front of keys and values (prefix tuning),
+per-sample latent keys and values (PSA, AtM), and the causal mask dropped (Bidirectional).
 
 Transformers' attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
 eager_attention_forward)(module, query, key, value, attention_mask, ...)` with key and value of shape
 (B, H_kv, T_k, D), after the KV-cache update. We register wrappers of the supported implementations
 under `adaptune_<impl>` (attention and mask interfaces alike), point the attention modules' config at
-the wrapper while a prefix is attached, and put the original name back on remove.
+the wrapper while a component is attached, and put the original name back on remove.
 
-The wrapper concatenates the calling module's active prefixes in front of key and value and widens
-the mask on the left (True / 0.0: every query sees every prefix position; a relative position bias
-passed along, T5's, gets P zero columns too). Prefixes are never written
-into the KV cache and take no positions, so generation with a cache sees the same prefix every step.
-Modules with no prefix (other layers, cross-attention unless it has its own) run the original
+For the calling module's active components, the wrapper
+- drops the causal mask (Bidirectional): the padding mask is kept (a key is padding where the causal
+  mask hides it from the last query, which sees every real key) and `is_causal=False` is passed on;
+- concatenates the extra keys and values in front of key and value, (n, H_kv·D) rows shared by the
+  batch (Prefix) or (B, n, H_kv·D) per sample (PSA and AtM, from the latent given by
+  `adaptation.condition(z)`), and widens the mask on the left (True / 0.0: every query sees every
+  extra position; a relative position bias passed along, T5's, gets zero columns too).
+Extra keys and values are never written into the KV cache and take no positions, so generation with
+a cache sees the same ones every step. Modules with no active component run the original
 implementation unchanged.
 """
 from __future__ import annotations
@@ -22,13 +27,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import AdaptuneError
 from ..points import (ATTENTION_IMPLEMENTATIONS, ATTENTION_WRAPPER, attention_implementation,
                       base_implementation, check_attention_point, eager_attention)
 from .base import Hook
 
-ATTRIBUTE = "_adaptune_prefix"  # on an attention module while its hook is installed (survives deepcopy)
+ATTRIBUTE = "_adaptune_attention"  # on an attention module while its hook is installed (survives deepcopy)
 
-_HOOKS: "weakref.WeakKeyDictionary[nn.Module, PrefixHook]" = weakref.WeakKeyDictionary()
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, AttentionHook]" = weakref.WeakKeyDictionary()
 
 
 # ---- the wrapped implementations ------------------------------------------------------------------
@@ -51,13 +57,23 @@ def _extend_mask(mask: Tensor | None, module: nn.Module, query: Tensor, key: Ten
     return torch.cat([pad, mask], dim=-1)  # (B | 1, H | 1, T_q, p + T_k)
 
 
+def _padding_only(mask: Tensor | None) -> Tensor | None:
+    """A causal mask (B | 1, 1, T_q, T_k) with the causal part dropped, the padding kept: the last query
+    sees every real key, so its row is the padding mask of every row."""
+    if mask is None:
+        return None
+    return mask[..., -1:, :].expand(mask.shape)
+
+
 def _wrapper(base: str) -> Callable:
     def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                   **kwargs: Any):
         hook = module.__dict__.get(ATTRIBUTE)
-        prefix = hook.prefix(key) if hook is not None else None
-        if prefix is not None:
-            pk, pv = prefix  # (B, H_kv, P, D) each
+        if hook is not None and hook.bidirectional():
+            attention_mask, kwargs["is_causal"] = _padding_only(attention_mask), False
+        extra = hook.extra(key) if hook is not None else None
+        if extra is not None:
+            pk, pv = extra  # (B, H_kv, P, D) each
             attention_mask = _extend_mask(attention_mask, module, query, key, pk.shape[2],
                                           kwargs.get("is_causal"), base)
             bias = kwargs.get("position_bias")  # T5's relative position bias (B | 1, H, T_q, T_k)
@@ -91,7 +107,7 @@ def _register() -> None:
             AttentionMaskInterface.register(ATTENTION_WRAPPER + base, _mask_wrapper(base))
 
 
-def _peers(config: Any) -> list["PrefixHook"]:
+def _peers(config: Any) -> list["AttentionHook"]:
     """The installed hooks whose attention module uses `config`."""
     return [hook for module, hook in list(_HOOKS.items()) if getattr(module, "config", None) is config]
 
@@ -105,8 +121,8 @@ def _set_impl(config: Any, name: str | None) -> None:
 
 # ---- the hook -------------------------------------------------------------------------------------
 
-class PrefixHook(Hook):
-    """One attention module: its active prefixes, and the switch of its config to the wrapper.
+class AttentionHook(Hook):
+    """One attention module: its active components, and the switch of its config to the wrapper.
 
     The first hook on a config switches it to the wrapper and keeps the original name; the last one
     removed puts it back. Hooks sharing a config are found through a weak map of modules, so models
@@ -119,7 +135,7 @@ class PrefixHook(Hook):
         if peers:
             self._original = peers[0]._original
         else:
-            check_attention_point(self.point, "Prefix")
+            check_attention_point(self.point, "an attention component")
             _register()
             self._original = attention_implementation(module)
             _set_impl(module.config, ATTENTION_WRAPPER + base_implementation(self._original))
@@ -136,15 +152,36 @@ class PrefixHook(Hook):
         if not _peers(module.config) and attention_implementation(module) == wrapped:
             _set_impl(module.config, self._original)  # exactly the original (a name set meanwhile stays)
 
-    def prefix(self, key: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The active prefixes for `key` (B, H_kv, T_k, D), concatenated: (B, H_kv, P, D) twice; None if none."""
-        active = self.active()
+    def bidirectional(self) -> bool:
+        """Whether an active component drops the causal mask here."""
+        return any(getattr(b.module, "bidirectional", False) for b in self.active())
+
+    def extra(self, key: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The active extra keys and values for `key` (B, H_kv, T_k, D), concatenated in binding order:
+        (B, H_kv, P, D) twice; None if none."""
+        active = [b for b in self.active() if hasattr(b.module, "kv")]
         if not active:
             return None
-        pairs = [b.module.kv() for b in active]  # each (n_i, H_kv * D) twice
         b, h, _, d = key.shape
+        pairs = [_batched(bound.module.kv(self.adaptation), b, bound) for bound in active]  # (B, n_i, H_kv·D) twice
         out = []
         for part in zip(*pairs):
-            x = torch.cat(part, dim=0).to(key.dtype).view(-1, h, d).transpose(0, 1)  # (H_kv, P, D)
-            out.append(x.unsqueeze(0).expand(b, -1, -1, -1))  # (B, H_kv, P, D)
+            x = torch.cat(part, dim=1).to(key.dtype)  # (B, P, H_kv·D)
+            out.append(x.view(b, -1, h, d).transpose(1, 2))  # (B, H_kv, P, D)
         return out[0], out[1]
+
+
+def _batched(kv: tuple[Tensor, Tensor], b: int, bound: Any) -> tuple[Tensor, Tensor]:
+    """(n, H_kv·D) rows for every sample, or (B', n, H_kv·D) per sample, as (B, n, H_kv·D); B' may divide B
+    (generate repeats each sample for beams and returned sequences, as repeat_interleave)."""
+    out = []
+    for x in kv:
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(b, -1, -1)
+        elif x.shape[0] != b:
+            if b % x.shape[0]:
+                raise AdaptuneError(f"{type(bound.module).__name__} at {bound.point.where()}: the latent has "
+                                    f"{x.shape[0]} samples, the batch {b}; give one latent per sample")
+            x = x.repeat_interleave(b // x.shape[0], dim=0)
+        out.append(x)
+    return out[0], out[1]
