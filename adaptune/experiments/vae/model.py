@@ -1,0 +1,201 @@
+"""AdaVAE (seed 001): a VAE language model on one frozen causal LM whose weights encoder and decoder share.
+
+    encoder  task "encoder": the first L_enc layers, Bidirectional, + its components; stops after layer L_enc
+    q(z|x)   Latent Attention (eq. 1): a_t = softmax_t(w·h_t) over real tokens, v = Σ_t a_t·h_t,
+             [μ; log σ²] = W·v + b        (latent_gen="attn")
+             or Optimus's pooled feature: v = tanh(W_p·h_0 + b_p), [μ; log σ²] = W·v + b  (latent_gen="pool")
+    decoder  task "decoder": every layer, causal, + its components and the latent injection (PSA, AtM)
+    p(x|z)   Σ over the scored tokens (every token after the first) of log softmax(logits)
+
+The components are adaptune components attached by site, so `VAE.adaptation` saves, loads and counts
+like any other adaptation; with `finetune=True` the base itself trains too (the seed's fine-tuned row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ... import PSA, Adapter, AtM, Bidirectional, Prefix, attach
+from ...errors import ConfigError
+from ...sites import SiteMap
+
+INJECTIONS = ("psa", "atm", "both")
+LATENT_GENS = ("attn", "pool")
+PLACEMENTS = ("ffn-parallel", "attn-parallel", "attn-serial")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    latent_dim: int = 32  # d_z (seed: 32 for language modelling)
+    encoder_layers: int | None = None  # L_enc; None: two thirds of the base's layers (8 of GPT-2's 12)
+    injection: str = "psa"
+    latent_gen: str = "attn"
+    adapter_dim: int = 128
+    placement: str = "ffn-parallel"  # where the adapters go: the seed's default, or its attention ablations
+    prefix: int = 0  # > 0: + Prefix(n) in encoder and decoder
+    finetune: bool = False  # train the base too (no adapters)
+
+    def __post_init__(self) -> None:
+        for name, value, valid in (("injection", self.injection, INJECTIONS),
+                                   ("latent_gen", self.latent_gen, LATENT_GENS),
+                                   ("placement", self.placement, PLACEMENTS)):
+            if value not in valid:
+                raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+        for name in ("latent_dim", "adapter_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prefix, int) or self.prefix < 0:
+            raise ConfigError(f"prefix must be a non-negative integer (0: none), got {self.prefix!r}")
+        if self.encoder_layers is not None and (not isinstance(self.encoder_layers, int) or self.encoder_layers < 1):
+            raise ConfigError(f"encoder_layers must be a positive integer or None, got {self.encoder_layers!r}")
+
+
+def default_encoder_layers(n_layers: int) -> int:
+    """Two thirds of the layers, rounded (the seed: 8 of 12), at least one."""
+    return max(1, round(2 * n_layers / 3))
+
+
+def specs(cfg: VAEConfig, n_layers: int) -> dict[str, dict]:
+    """The encoder's and decoder's components, by site."""
+    enc = cfg.encoder_layers or default_encoder_layers(n_layers)
+    if enc > n_layers:
+        raise ConfigError(f"encoder_layers={enc} is more than the base's {n_layers} layers")
+    layers = f"layers.0-{enc - 1}." if enc > 1 else "layers.0."
+    injection = {"psa": PSA(cfg.latent_dim), "atm": AtM(cfg.latent_dim),
+                 "both": PSA(cfg.latent_dim) | AtM(cfg.latent_dim)}[cfg.injection]
+    enc_attn, dec_attn = Bidirectional(), injection
+    if cfg.prefix:
+        enc_attn, dec_attn = enc_attn | Prefix(cfg.prefix), dec_attn | Prefix(cfg.prefix)
+    encoder, decoder = {layers + "attn": enc_attn}, {"attn": dec_attn}
+    if not cfg.finetune:
+        site, placement = cfg.placement.split("-")
+        adapter = Adapter(cfg.adapter_dim, placement="parallel" if placement == "parallel" else "serial")
+        if site == "attn":
+            encoder[layers + "attn"] = encoder[layers + "attn"] | adapter
+            decoder["attn"] = decoder["attn"] | adapter
+        else:
+            encoder[layers + "ffn"], decoder["ffn"] = adapter, adapter
+    return {"encoder": encoder, "decoder": decoder}
+
+
+class LatentAttention(nn.Module):
+    """Seed eq. 1: one bias-free score per token, softmax over the real tokens, the weighted sum of h."""
+
+    def __init__(self, d_model: int, latent_dim: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(d_model, 1, bias=False)
+        self.out = nn.Linear(d_model, 2 * latent_dim)
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        scores = self.score(h).squeeze(-1).masked_fill(mask == 0, float("-inf"))  # (B, T)
+        v = (scores.softmax(dim=-1).unsqueeze(-1) * h).sum(dim=1)  # (B, d)
+        mean, logvar = self.out(v).chunk(2, dim=-1)  # (B, d_z) each
+        return mean, logvar
+
+
+class PooledLatent(nn.Module):
+    """Optimus's latent generator: the first position's pooled feature, then one linear map."""
+
+    def __init__(self, d_model: int, latent_dim: int) -> None:
+        super().__init__()
+        self.pool = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, 2 * latent_dim)
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        first = mask.float().argmax(dim=1)  # (B,) the first real token (left padding allowed)
+        v = torch.tanh(self.pool(h[torch.arange(h.shape[0]), first]))  # (B, d)
+        mean, logvar = self.out(v).chunk(2, dim=-1)
+        return mean, logvar
+
+
+class _Stop(Exception):
+    """Raised by the hook after the encoder's last layer, carrying its output."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
+class VAE(nn.Module):
+    """Encoder and decoder on one base causal LM; the base's weights are shared and frozen (unless finetune)."""
+
+    def __init__(self, base: nn.Module, cfg: VAEConfig = VAEConfig()) -> None:
+        super().__init__()
+        sites = SiteMap(base)
+        if len(sites.stacks) != 1:
+            raise ConfigError("the VAE needs a causal LM with one layer stack (GPT-2, Llama, ...)")
+        self.cfg, self.base = cfg, base
+        n_layers = sites.n_layers
+        self.encoder_layers = cfg.encoder_layers or default_encoder_layers(n_layers)
+        adaptation = attach(base, tasks=specs(cfg, n_layers), active="encoder")
+        object.__setattr__(self, "adaptation", adaptation)  # not a submodule: the base holds it (base.adaptune)
+        if cfg.finetune:
+            for p in base.parameters():
+                p.requires_grad_(True)
+        self._last = sites.stacks[0].layers[self.encoder_layers - 1]
+        d = base.config.hidden_size
+        posterior = LatentAttention if cfg.latent_gen == "attn" else PooledLatent
+        self.posterior = posterior(d, cfg.latent_dim)
+
+    # ---- encoder ----------------------------------------------------------------------------------
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ, log σ²) of q(z|x), each (B, d_z)."""
+        def stop(module, args, output):
+            raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._last.register_forward_hook(stop)
+        try:
+            with self.adaptation.using("encoder"):
+                self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop as done:
+            hidden = done.hidden  # (B, T, d) after layer L_enc
+        else:  # pragma: no cover - the hook always fires
+            raise RuntimeError("the encoder's last layer did not run")
+        finally:
+            handle.remove()
+        return self.posterior(hidden, attention_mask)
+
+    # ---- decoder ----------------------------------------------------------------------------------
+
+    def log_px_given_z(self, z: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """log p(x|z) per sentence, (B,): the sum over scored tokens (every real token after the first)."""
+        with self.adaptation.using("decoder"), self.adaptation.condition(z):
+            logits = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        target = input_ids[:, 1:]
+        scored = attention_mask[:, 1:].to(logp.dtype)  # (B, T-1)
+        token = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        return (token * scored).sum(dim=1)
+
+    def log_px_given_zs(self, zs: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """log p(x|z_k) for k latents per sentence: zs (B, k, d_z) -> (B, k)."""
+        b, k, _ = zs.shape
+        rows = lambda x: x.repeat_interleave(k, dim=0)  # noqa: E731  (B·k, ...)
+        out = self.log_px_given_z(zs.reshape(b * k, -1), rows(input_ids), rows(attention_mask))
+        return out.view(b, k)
+
+    @torch.no_grad()
+    def generate(self, z: Tensor, bos_token_id: int, max_new_tokens: int = 32, **kwargs) -> Tensor:
+        """Sentences decoded from latents z (B, d_z), each started from BOS; kwargs go to `generate`."""
+        start = torch.full((z.shape[0], 1), bos_token_id, dtype=torch.long, device=z.device)
+        with self.adaptation.using("decoder"), self.adaptation.condition(z):
+            return self.base.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=max_new_tokens,
+                                      **kwargs)
+
+    def trainable(self, part: str) -> list[nn.Parameter]:
+        """The parameters of the encoder side (its components and the posterior, and the base with
+        finetune) or of the decoder's components."""
+        if part == "encoder":
+            params = [*self.adaptation.tasks["encoder"].parameters(), *self.posterior.parameters()]
+            if self.cfg.finetune:
+                ours = {id(p) for p in self.adaptation.parameters()}
+                params += [p for p in self.base.parameters() if id(p) not in ours]
+            return params
+        if part == "decoder":
+            return list(self.adaptation.tasks["decoder"].parameters())
+        raise ConfigError(f"part must be 'encoder' or 'decoder', got {part!r}")
