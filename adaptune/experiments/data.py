@@ -51,18 +51,22 @@ class DatasetSplits:
 SHARED_DATA = "../shared/data/cs224n"  # the data directory without --data-dir or $ADAPTUNE_DATA
 
 
-def default_data_dir() -> Path:
-    """$ADAPTUNE_DATA, else SHARED_DATA (from the working directory, then from the repository)."""
-    env = os.environ.get("ADAPTUNE_DATA")
-    if env:
-        return Path(env)
+def default_data_dir(shared: str = SHARED_DATA, env: str = "ADAPTUNE_DATA", holds: str | None = None) -> Path:
+    """$ADAPTUNE_DATA, else SHARED_DATA (from the working directory, then from the repository); another
+    experiment's data passes its own `shared` folder, variable `env` and what the folder `holds`."""
+    given = os.environ.get(env)
+    if given:
+        return Path(given)
     here = Path(__file__).resolve().parents[2]  # the repository root
-    for candidate in (Path.cwd() / SHARED_DATA, here / SHARED_DATA):
+    for candidate in (Path.cwd() / shared, here / shared):
         if candidate.is_dir():
             return candidate.resolve()
-    expected = ", ".join(f for t in ("sst", "para", "sts") for f in DATASETS[t].files)
-    raise DataError(f"no data directory: give --data-dir DIR or set ADAPTUNE_DATA. DIR holds tab-separated "
-                    f"files with a header row ({expected}), or GLUE folders (SST-2/train.tsv, SST-2/dev.tsv, ...)")
+    if holds is None:
+        expected = ", ".join(f for t in ("sst", "para", "sts") for f in DATASETS[t].files)
+        holds = (f"tab-separated files with a header row ({expected}), or GLUE folders (SST-2/train.tsv, "
+                 f"SST-2/dev.tsv, ...)")
+    raise DataError(f"no data directory: give --data-dir DIR or set {env} (looked for {shared} from "
+                    f"{Path.cwd()} and from {here}). DIR holds {holds}")
 
 
 def _column(header: list[str] | None, column: str | int, path: Path) -> int:
