@@ -1,0 +1,99 @@
+"""Training the VAE: reconstruction + β·free-bits KL (seed eq. 4), cyclical β, the encoder side first.
+
+    loss = −(1/B) Σ_b log p(x_b | z_b) + β(step) · kl_term(μ, log σ², λ)      z_b ~ q(z | x_b), one sample
+
+The encoder's components and the posterior train from the first step; the decoder's components join
+after `decoder_after` of the steps (the seed: 2.5k iterations first; default steps / 6). AdamW, linear
+warm-up then linear decay, gradients clipped to norm `clip`. A non-finite loss stops training.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ...errors import ConfigError, TrainingError
+from ..training import warmup_linear
+from .model import VAE
+from .objective import cyclical_beta, gaussian_kl, kl_term, reparameterize
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-4
+    warmup: float = 0.1  # share of the steps of linear learning-rate warm-up
+    free_bits: float = 0.5  # λ: the KL term is at least λ·d_z (seed eq. 4)
+    per_dim_free_bits: bool = False  # Σ_i max(λ, KL_i) instead
+    cycles: int = 4  # of the cyclical β schedule
+    decoder_after: float = 1 / 6  # share of the steps before the decoder's components train
+    clip: float = 1.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("lr", "clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("warmup", "decoder_after"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{name} is a share of the steps, in [0, 1); got {value!r}")
+        if not isinstance(self.free_bits, (int, float)) or not math.isfinite(self.free_bits) or self.free_bits < 0:
+            raise ConfigError(f"free_bits (λ) must be a finite number ≥ 0, got {self.free_bits!r}")
+
+    @property
+    def decoder_step(self) -> int:
+        return round(self.steps * self.decoder_after)
+
+
+def train(vae: VAE, batches: Iterator[dict], cfg: TrainConfig, generator: torch.Generator | None = None,
+          on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train for cfg.steps batches of `batches`; returns one row per step (rec, kl, beta, loss, lr)."""
+    encoder, decoder = vae.trainable("encoder"), vae.trainable("decoder")
+    optimizer = torch.optim.AdamW(encoder + decoder, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_linear(optimizer, cfg.steps, cfg.warmup)
+    for p in decoder:
+        p.requires_grad_(cfg.decoder_step == 0)
+    latent_dim = vae.cfg.latent_dim
+    history = []
+    vae.train()
+    try:
+        for step in range(cfg.steps):
+            if step == cfg.decoder_step:
+                for p in decoder:
+                    p.requires_grad_(True)
+            batch = next(batches)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            mean, logvar = vae.encode(ids, mask)
+            if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+                raise TrainingError(f"the posterior's mean or log-variance is NaN or inf at step {step}; "
+                                    f"lower --lr, or check the data")
+            z = reparameterize(mean, logvar, generator)
+            rec = -vae.log_px_given_z(z, ids, mask).mean()
+            beta = cyclical_beta(step, cfg.steps, cfg.cycles)
+            kl = kl_term(mean, logvar, cfg.free_bits, cfg.per_dim_free_bits)
+            loss = rec + beta * kl
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss is {loss.item()} at step {step} (reconstruction {rec.item():.4g}, "
+                                    f"KL term {kl.item():.4g}); lower --lr, or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in encoder + decoder if p.grad is not None], cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            row = {"step": step + 1, "rec": rec.item(), "kl": gaussian_kl(mean, logvar).sum(-1).mean().item(),
+                   "kl_term": kl.item(), "beta": beta, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                   "decoder": step >= cfg.decoder_step, "free_bits_total": cfg.free_bits * latent_dim}
+            history.append(row)
+            if on_step is not None:
+                on_step(row)
+    finally:
+        for p in decoder:
+            p.requires_grad_(True)
+        vae.eval()
+    return history
