@@ -14,6 +14,9 @@ from rich.table import Table
 
 from adaptune.experiments.config import ExperimentConfig
 from adaptune.experiments.methods import Method
+from adaptune.experiments.vae.model import VAEConfig
+from adaptune.experiments.vae.run import RunConfig
+from adaptune.experiments.vae.training import TrainConfig
 
 from .options import fields_of, options, with_options
 
@@ -166,6 +169,43 @@ def run_multitask(ctx: typer.Context, *,
 
 
 run_app.command("multitask")(with_options(run_multitask, MULTITASK_OPTIONS))
+
+VAE_OPTIONS = options(VAEConfig) + options(TrainConfig) + options(RunConfig)
+
+
+def run_vae(ctx: typer.Context, *,
+            threads: int = typer.Option(1, help="torch CPU threads", rich_help_panel="Run"), **values) -> None:
+    """AdaVAE (seed 001): a VAE language model on one frozen causal LM; test PPL, -ELBO, MI, AU."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from adaptune import AdaptuneError
+    from adaptune.experiments.vae.run import run
+
+    if threads < 1:
+        return _fail(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    try:
+        cfg = RunConfig(vae=VAEConfig(**fields_of(VAEConfig, VAE_OPTIONS, values)),
+                        training=TrainConfig(**fields_of(TrainConfig, VAE_OPTIONS, values)),
+                        command=_command_line(ctx), **fields_of(RunConfig, VAE_OPTIONS, values))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console) as progress:
+            result = run(cfg, progress)
+    except AdaptuneError as e:
+        return _fail(str(e))
+    m = result["test"]
+    table = Table("PPL", "PPL (Optimus tokens)", "-ELBO", "MI", "AU", "base PPL", "% trainable",
+                  title=f"{result['name']} on {result['config']['corpus']} test ({m['sentences']} sentences)")
+    table.add_row(f"{m['ppl']:.2f}", f"{m['ppl_optimus_tokens']:.2f}", f"{m['neg_elbo']:.2f}", f"{m['mi']:.3f}",
+                  str(m["au"]), f"{m['base_ppl']:.2f}", f"{result['params']['pct_trainable']:.2f}")
+    console.print(table)
+    for line in result["samples"]:
+        console.print(f"  sample: {line}", highlight=False, markup=False)
+    console.print(f"saved to {result['run_dir']}/")
+
+
+run_app.command("vae")(with_options(run_vae, VAE_OPTIONS))
 
 
 @app.command()

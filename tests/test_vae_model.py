@@ -109,3 +109,14 @@ def test_bad_configs_say_what_is_valid(kw, words):
 
 def test_default_encoder_depth_is_two_thirds():
     assert [default_encoder_layers(n) for n in (1, 3, 12, 30)] == [1, 2, 8, 20]
+
+
+@pytest.mark.parametrize("name, norm", [("gpt2", "transformer.ln_f"), ("llama", "model.norm")])
+def test_the_encoder_output_goes_through_the_base_final_norm(name, norm):
+    vae = VAE(BASES[name](), VAEConfig(**SMALL, latent_gen="pool"))
+    assert vae._norm is vae.base.get_submodule(norm)
+    ids, mask = batch()
+    with torch.no_grad():
+        before = vae.encode(ids, mask)[0]
+        vae.base.get_submodule(norm).weight.mul_(3.0)
+        assert (vae.encode(ids, mask)[0] - before).abs().max() > 1e-4

@@ -44,8 +44,9 @@ REQUIRED_PER_DATASET = {"metric": str, "dev": NUMBER, "metrics": dict, "pct_upda
                         "train_loss_by_epoch": list}
 
 
-def check_destination(run_dir: Path, overwrite: bool) -> None:
-    """Refuse, before training, a run directory that cannot be written or would replace a run silently."""
+def check_destination(run_dir: Path, overwrite: bool, artifacts: tuple[str, ...] = ARTIFACTS) -> None:
+    """Refuse, before training, a run directory that cannot be written or would replace a run silently
+    (`artifacts`: the files a run directory of this experiment holds)."""
     out = run_dir.parent
     for p in (out, *out.parents):
         if os.path.lexists(p):
@@ -60,7 +61,7 @@ def check_destination(run_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"{str(run_dir)!r} exists: a run was saved under that name; give another --name, or "
                           f"--overwrite to replace it (the old run is kept until the new one is complete)")
-    others = sorted(p.name for p in run_dir.iterdir() if p.name not in ARTIFACTS)
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in artifacts)
     if others:
         raise ConfigError(f"--overwrite replaces only a run directory, and {str(run_dir)!r} also holds "
                           f"{', '.join(others[:5])}: move them away, or give another --name")

@@ -1,6 +1,8 @@
 """AdaVAE (seed 001): a VAE language model on one frozen causal LM whose weights encoder and decoder share.
 
-    encoder  task "encoder": the first L_enc layers, Bidirectional, + its components; stops after layer L_enc
+    encoder  task "encoder": the first L_enc layers, Bidirectional, + its components; stops after layer L_enc,
+             whose output h goes through the base's final norm (GPT-2's ln_f, Llama's norm), as a GPT-2 cut
+             to L_enc layers computes it
     q(z|x)   Latent Attention (eq. 1): a_t = softmax_t(w·h_t) over real tokens, v = Σ_t a_t·h_t,
              [μ; log σ²] = W·v + b        (latent_gen="attn")
              or Optimus's pooled feature: v = tanh(W_p·h_0 + b_p), [μ; log σ²] = W·v + b  (latent_gen="pool")
@@ -12,7 +14,7 @@ like any other adaptation; with `finetune=True` the base itself trains too (the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +29,24 @@ LATENT_GENS = ("attn", "pool")
 PLACEMENTS = ("ffn-parallel", "attn-parallel", "attn-serial")
 
 
+def _m(text: str, **kw) -> dict:
+    return {"help": text, "panel": "Model", **kw}
+
+
 @dataclass(frozen=True)
 class VAEConfig:
-    latent_dim: int = 32  # d_z (seed: 32 for language modelling)
-    encoder_layers: int | None = None  # L_enc; None: two thirds of the base's layers (8 of GPT-2's 12)
-    injection: str = "psa"
-    latent_gen: str = "attn"
-    adapter_dim: int = 128
-    placement: str = "ffn-parallel"  # where the adapters go: the seed's default, or its attention ablations
-    prefix: int = 0  # > 0: + Prefix(n) in encoder and decoder
-    finetune: bool = False  # train the base too (no adapters)
+    """The VAE's architecture; the field metadata is `adaptune run vae`'s help."""
+    latent_dim: int = field(default=32, metadata=_m("size d_z of the latent (seed: 32 for language modelling)"))
+    encoder_layers: int | None = field(default=None, metadata=_m(
+        "encoder depth L_enc (default: two thirds of the base's layers, 8 of GPT-2's 12)"))
+    injection: str = field(default="psa", metadata=_m("how z enters the decoder: psa, atm or both"))
+    latent_gen: str = field(default="attn", metadata=_m("q(z|x): attn (Latent Attention) or pool (Optimus's LG)"))
+    adapter_dim: int = field(default=128, metadata=_m("adapter bottleneck size"))
+    placement: str = field(default="ffn-parallel", metadata=_m(
+        "where the adapters go: ffn-parallel (AdaVAE), attn-parallel or attn-serial"))
+    prefix: int = field(default=0, metadata=_m("+ Prefix(N) in encoder and decoder (0: none)"))
+    finetune: bool = field(default=False, metadata=_m("fine-tune the base instead of adapters",
+                                                       flags=("--finetune",)))
 
     def __post_init__(self) -> None:
         for name, value, valid in (("injection", self.injection, INJECTIONS),
@@ -80,6 +90,20 @@ def specs(cfg: VAEConfig, n_layers: int) -> dict[str, dict]:
         else:
             encoder[layers + "ffn"], decoder["ffn"] = adapter, adapter
     return {"encoder": encoder, "decoder": decoder}
+
+
+FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+def final_norm(base: nn.Module, first_layer: nn.Module) -> nn.Module:
+    """The norm the base applies after its layer stack (a sibling of the stack, by one of FINAL_NORMS'
+    names), else the identity."""
+    for parent in base.modules():
+        for child in parent.children():
+            if isinstance(child, nn.ModuleList) and len(child) and child[0] is first_layer:
+                return next((getattr(parent, n) for n in FINAL_NORMS
+                             if isinstance(getattr(parent, n, None), nn.Module)), nn.Identity())
+    return nn.Identity()
 
 
 class LatentAttention(nn.Module):
@@ -137,6 +161,7 @@ class VAE(nn.Module):
             for p in base.parameters():
                 p.requires_grad_(True)
         self._last = sites.stacks[0].layers[self.encoder_layers - 1]
+        object.__setattr__(self, "_norm", final_norm(base, sites.stacks[0].layers[0]))  # the base holds it
         d = base.config.hidden_size
         posterior = LatentAttention if cfg.latent_gen == "attn" else PooledLatent
         self.posterior = posterior(d, cfg.latent_dim)
@@ -158,7 +183,7 @@ class VAE(nn.Module):
             raise RuntimeError("the encoder's last layer did not run")
         finally:
             handle.remove()
-        return self.posterior(hidden, attention_mask)
+        return self.posterior(self._norm(hidden), attention_mask)
 
     # ---- decoder ----------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ warm-up then linear decay, gradients clipped to norm `clip`. A non-finite loss s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -20,16 +20,23 @@ from .model import VAE
 from .objective import cyclical_beta, gaussian_kl, kl_term, reparameterize
 
 
+def _t(text: str, **kw) -> dict:
+    return {"help": text, "panel": "Training", **kw}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """The VAE's training; the field metadata is `adaptune run vae`'s help (steps come from the budget)."""
     steps: int = 1000
-    lr: float = 1e-4
-    warmup: float = 0.1  # share of the steps of linear learning-rate warm-up
-    free_bits: float = 0.5  # λ: the KL term is at least λ·d_z (seed eq. 4)
-    per_dim_free_bits: bool = False  # Σ_i max(λ, KL_i) instead
-    cycles: int = 4  # of the cyclical β schedule
-    decoder_after: float = 1 / 6  # share of the steps before the decoder's components train
-    clip: float = 1.0
+    lr: float = field(default=1e-4, metadata=_t("peak learning rate (AdamW)"))
+    warmup: float = field(default=0.1, metadata=_t("share of the steps of linear learning-rate warm-up"))
+    free_bits: float = field(default=0.5, metadata=_t("free-bits threshold λ: the KL term is at least λ·d_z"))
+    per_dim_free_bits: bool = field(default=False, metadata=_t("free bits per dimension, Σ max(λ, KL_i)",
+                                                               flags=("--per-dim-free-bits",)))
+    cycles: int = field(default=4, metadata=_t("cycles of the β schedule (each: 25% at 0, 25% rising, 50% at 1; at most one per step)"))
+    decoder_after: float = field(default=1 / 6, metadata=_t("share of the steps before the decoder's "
+                                                              "components train"))
+    clip: float = field(default=1.0, metadata=_t("gradient-norm clipping"))
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
@@ -75,7 +82,7 @@ def train(vae: VAE, batches: Iterator[dict], cfg: TrainConfig, generator: torch.
                                     f"lower --lr, or check the data")
             z = reparameterize(mean, logvar, generator)
             rec = -vae.log_px_given_z(z, ids, mask).mean()
-            beta = cyclical_beta(step, cfg.steps, cfg.cycles)
+            beta = cyclical_beta(step, cfg.steps, min(cfg.cycles, cfg.steps))  # at most one cycle per step
             kl = kl_term(mean, logvar, cfg.free_bits, cfg.per_dim_free_bits)
             loss = rec + beta * kl
             if not torch.isfinite(loss):

