@@ -7,8 +7,8 @@ A point's `kind` is the role of the components that bind there:
                 or an nn.Embedding table (LoRA only), the linear map of one-hot ids with W = tableᵀ
     SUBLAYER    the output h of an attention or feed-forward sublayer, before residual and norm
                 (adapters): `module` produces h, `in_module` receives the sublayer input x
-    ATTENTION   the keys and values of self-attention (prefix tuning): `module` calls transformers'
-                attention interface with `n_kv_heads` heads of `head_dim`
+    ATTENTION   the keys, values and mask of an attention module (Prefix, PSA, AtM, Bidirectional):
+                `module` calls transformers' attention interface with `n_kv_heads` heads of `head_dim`
     EMBED       the input embeddings (prompt tuning): `module` is the embedding, `model` runs it
 """
 from __future__ import annotations
