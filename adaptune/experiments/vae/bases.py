@@ -125,7 +125,8 @@ def byte_tokenizer(bos: str, eos: str, pad: str | None) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     specials = list(dict.fromkeys(t for t in (bos, eos, pad) if t))
-    vocab = {t: i for i, t in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # sorted: the library returns it in hash order
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ... import PSA, Adapter, AtM, Bidirectional, Prefix, attach
+from ... import PSA, Adaptation, Adapter, AtM, Bidirectional, Prefix, attach
 from ...errors import ConfigError
 from ...sites import SiteMap
 
@@ -147,7 +147,9 @@ class _Stop(Exception):
 class VAE(nn.Module):
     """Encoder and decoder on one base causal LM; the base's weights are shared and frozen (unless finetune)."""
 
-    def __init__(self, base: nn.Module, cfg: VAEConfig = VAEConfig()) -> None:
+    def __init__(self, base: nn.Module, cfg: VAEConfig = VAEConfig(), adaptation: Adaptation | None = None) -> None:
+        """adaptation: the components already on `base` (a saved run, reloaded with adaptune.load); default:
+        attach them as `cfg` says."""
         super().__init__()
         sites = SiteMap(base)
         if len(sites.stacks) != 1:
@@ -155,7 +157,10 @@ class VAE(nn.Module):
         self.cfg, self.base = cfg, base
         n_layers = sites.n_layers
         self.encoder_layers = cfg.encoder_layers or default_encoder_layers(n_layers)
-        adaptation = attach(base, tasks=specs(cfg, n_layers), active="encoder")
+        if adaptation is None:
+            adaptation = attach(base, tasks=specs(cfg, n_layers), active="encoder")
+        elif adaptation.model is not base or sorted(adaptation.task_names) != ["decoder", "encoder"]:
+            raise ConfigError("a VAE's adaptation is attached to its base and has the tasks encoder and decoder")
         object.__setattr__(self, "adaptation", adaptation)  # not a submodule: the base holds it (base.adaptune)
         if cfg.finetune:
             for p in base.parameters():

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ...errors import ConfigError
+from ... import load
+from ...errors import ConfigError, LoadError
 from ...files import atomic_write_dir
 from ..config import set_seed
 from ..machine import cpu_name, peak_rss_mb
@@ -107,6 +108,10 @@ def _forever(sentences: list[str], batch_size: int, collate: Collate, seed: int)
             yield collate([sentences[j] for j in order[i:i + batch_size]])
 
 
+def test_batches(texts: list[str], batch_size: int, collate: Collate) -> list[dict]:
+    return [collate(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+
 def run(cfg: RunConfig, progress: Any = None) -> dict:
     """Train and evaluate; save under out/<name>/ (atomically); returns the results."""
     run_dir = Path(cfg.out) / cfg.run_name()
@@ -133,7 +138,7 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
     history = train(vae, _forever(train_set.texts, batch_size, collate, cfg.seed), training,
                     generator=torch.Generator().manual_seed(cfg.seed), on_step=on_step)
     train_s = time.perf_counter() - t0
-    eval_batches = [collate(test_set.texts[i:i + batch_size]) for i in range(0, len(test_set.texts), batch_size)]
+    eval_batches = test_batches(test_set.texts, batch_size, collate)
     ebar = progress.add_task("test metrics", total=len(test_set.texts)) if progress is not None else None
     t0 = time.perf_counter()
     metrics = evaluate(vae, eval_batches, samples=cfg.budget("eval_samples"), seed=cfg.seed,
@@ -153,7 +158,8 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
     result = {
         "format": FORMAT, "experiment": "vae", "name": run_dir.name, "command": cfg.command,
         "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("vae", "training")},
-                   "vae": asdict(cfg.vae), "training": asdict(training), "steps": steps, "batch_size": batch_size},
+                   "vae": asdict(cfg.vae), "training": asdict(training),
+                   **{k: cfg.budget(k) for k in QUICK}},  # the budgets as run
         "spec": vae.adaptation.spec(), "base": {"name": cfg.base, "class": type(base).__name__, "params": base_params},
         "params": {"trainable": trained, "pct_trainable": 100 * trained / base_params},
         "data": {"train": train_set.info, "test": test_set.info},
@@ -178,3 +184,34 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
     atomic_write_dir(run_dir, write)
     result["run_dir"] = str(run_dir)
     return result
+
+
+def load_run(run_dir: str | Path) -> tuple[VAE, Any, dict]:
+    """(the VAE, its tokenizer, results.json) of a saved run: the base rebuilt from its name, the components
+    and the posterior (and with --finetune the base weights) loaded from the run's files."""
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path}: not a saved VAE run ({e})") from e
+    if not isinstance(results, dict) or results.get("format") != FORMAT:
+        raise LoadError(f"{path}: format {results.get('format') if isinstance(results, dict) else None!r}, "
+                        f"not {FORMAT!r} (a run of `adaptune run vae`)")
+    cfg = results["config"]
+    base, tokenizer = load_base(cfg["base"], seed=cfg["seed"])
+    vae = VAE(base, VAEConfig(**cfg["vae"]), adaptation=load(base, run_dir / "adapters.safetensors"))
+    vae.posterior.load_state_dict(load_file(str(run_dir / "posterior.safetensors")))
+    if cfg["vae"]["finetune"]:
+        load_model(base, str(run_dir / "model.safetensors"))
+    vae.eval()
+    return vae, tokenizer, results
+
+
+def reevaluate(run_dir: str | Path) -> dict:
+    """The saved run's test metrics computed again from its files (equal to results.json's)."""
+    vae, tokenizer, results = load_run(run_dir)
+    cfg = results["config"]
+    test = load_corpus(cfg["corpus"], "test", cfg["data_dir"], cfg["eval_limit"], cfg["seed"])
+    batches = test_batches(test.texts, cfg["batch_size"], Collate(tokenizer, cfg["max_length"]))
+    return evaluate(vae, batches, samples=cfg["eval_samples"], seed=cfg["seed"])
