@@ -207,6 +207,85 @@ def run_vae(ctx: typer.Context, *,
 
 run_app.command("vae")(with_options(run_vae, VAE_OPTIONS))
 
+vae_app = typer.Typer(help="Sentences from a trained `adaptune run vae` run.", no_args_is_help=True)
+app.add_typer(vae_app, name="vae")
+RUN = typer.Option(..., "--run", help="a run directory of `adaptune run vae`, e.g. runs/<name>")
+GREEDY = typer.Option(False, "--greedy", help="greedy decoding instead of sampling")
+TOP_K = typer.Option(0, help="sample from the k most likely tokens (0: all)")
+TOP_P = typer.Option(0.9, help="nucleus sampling: the smallest set of tokens with this much probability")
+SEED = typer.Option(0, help="seed of the latents drawn and of sampling")
+
+
+def _vae_lines(run: Path, make) -> None:
+    """Load the run, print the (label, sentence) lines `make(vae, tokenizer, max_length)` returns."""
+    from adaptune import AdaptuneError
+    from adaptune.experiments.vae.run import load_run
+
+    try:
+        vae, tokenizer, results = load_run(run)
+        lines = make(vae, tokenizer, results["config"]["max_length"])
+    except AdaptuneError as e:
+        return _fail(str(e))
+    for label, text in lines:
+        console.print(f"[bold]{label}[/bold]  {text}", highlight=False)
+
+
+@vae_app.command()
+def sample(run: Path = RUN, n: int = typer.Option(5, help="sentences"), greedy: bool = GREEDY, top_k: int = TOP_K,
+           top_p: float = TOP_P, seed: int = SEED) -> None:
+    """Decode sentences from latents z ~ N(0, I)."""
+    import torch
+
+    from adaptune.experiments.vae.generation import decode
+
+    def make(vae, tok, length):
+        z = torch.randn(n, vae.cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
+        return [(f"{i}", s) for i, s in enumerate(decode(vae, tok, z, max_length=length, greedy=greedy, top_k=top_k,
+                                                         top_p=top_p, seed=seed))]
+    _vae_lines(run, make)
+
+
+@vae_app.command()
+def reconstruct(sentences: list[str] = typer.Argument(..., help="sentences to encode and decode"), run: Path = RUN,
+                greedy: bool = typer.Option(True, "--greedy/--sample", help="greedy decoding, or sampling"),
+                top_k: int = TOP_K, top_p: float = TOP_P, seed: int = SEED) -> None:
+    """Encode each sentence to its posterior mean and decode it again."""
+    from adaptune.experiments.vae.generation import decode, latents
+
+    def make(vae, tok, length):
+        out = decode(vae, tok, latents(vae, tok, sentences, length), max_length=length, greedy=greedy, top_k=top_k,
+                     top_p=top_p, seed=seed)
+        return [line for x, y in zip(sentences, out) for line in (("in ", x), ("out", y))]
+    _vae_lines(run, make)
+
+
+@vae_app.command()
+def interpolate(a: str = typer.Argument(..., help="sentence A"), b: str = typer.Argument(..., help="sentence B"),
+                run: Path = RUN, steps: int = typer.Option(11, help="points from A to B (11: τ = 0, 0.1, ..., 1)"),
+                greedy: bool = typer.Option(True, "--greedy/--sample"), seed: int = SEED) -> None:
+    """Decode z_τ = (1 − τ)·z_A + τ·z_B from A to B."""
+    from adaptune.experiments.vae.generation import decode, interpolate as between, latents
+
+    def make(vae, tok, length):
+        z = latents(vae, tok, [a, b], length)
+        out = decode(vae, tok, between(z[0], z[1], steps), max_length=length, greedy=greedy, seed=seed)
+        return [(f"τ={i / (steps - 1):.2f}", s) for i, s in enumerate(out)]
+    _vae_lines(run, make)
+
+
+@vae_app.command()
+def analogy(a: str = typer.Argument(..., help="A"), b: str = typer.Argument(..., help="B"),
+            c: str = typer.Argument(..., help="C"), run: Path = RUN,
+            greedy: bool = typer.Option(True, "--greedy/--sample"), seed: int = SEED) -> None:
+    """A is to B as C is to D: decode z_D = z_B − z_A + z_C."""
+    from adaptune.experiments.vae.generation import analogy as relate, decode, latents
+
+    def make(vae, tok, length):
+        z = latents(vae, tok, [a, b, c], length)
+        (d,) = decode(vae, tok, relate(z[0], z[1], z[2]).unsqueeze(0), max_length=length, greedy=greedy, seed=seed)
+        return [("A", a), ("B", b), ("C", c), ("D", d)]
+    _vae_lines(run, make)
+
 
 @app.command()
 def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. runs/*"),

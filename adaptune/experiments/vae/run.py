@@ -30,6 +30,7 @@ from ..runs import check_destination
 from .bases import DEFAULT_BASE, load_base
 from .data import Collate, load_corpus
 from .evaluation import evaluate
+from .generation import decode
 from .model import VAE, VAEConfig
 from .training import TrainConfig, train
 
@@ -147,11 +148,8 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
     for key in ("ppl", "neg_elbo", "mi"):
         if not math.isfinite(metrics[key]):
             raise ConfigError(f"the test {key} is not finite after {steps} steps; nothing is saved")
-    torch.manual_seed(cfg.seed)
-    z = torch.randn(3, cfg.vae.latent_dim)
-    ids = vae.generate(z, collate.bos, max_new_tokens=cfg.max_length - 1, do_sample=True, top_p=0.9,
-                       eos_token_id=collate.eos, pad_token_id=collate.pad)
-    samples = [tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in ids.tolist()]
+    z = torch.randn(3, cfg.vae.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))  # z ~ N(0, I)
+    samples = decode(vae, tokenizer, z, max_length=cfg.max_length, seed=cfg.seed)
     counts = vae.adaptation.counts()
     base_params = counts.base
     trained = sum(p.numel() for p in vae.trainable("encoder") + vae.trainable("decoder"))
