@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from .metrics import active_units, importance_weighted_log_px, mutual_information, neg_elbo, perplexity
-from .model import VAE
+from .model import VAE, sentence_log_px
 from .objective import gaussian_kl
 
 
@@ -24,8 +24,7 @@ def base_log_px(vae: VAE, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """log p(x) per sentence under the base model alone, over the same scored tokens, (B,)."""
     with vae.adaptation.disabled():
         logits = vae.base(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (logp * mask[:, 1:]).sum(dim=1)
+    return sentence_log_px(logits, ids, mask)
 
 
 @torch.no_grad()

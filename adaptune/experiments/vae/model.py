@@ -136,6 +136,13 @@ class PooledLatent(nn.Module):
         return mean, logvar
 
 
+def sentence_log_px(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Σ over the scored tokens (every real token after the first) of log p(token | before), (B,)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    token = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token * attention_mask[:, 1:].to(logp.dtype)).sum(dim=1)
+
+
 class _Stop(Exception):
     """Raised by the hook after the encoder's last layer, carrying its output."""
 
@@ -196,11 +203,7 @@ class VAE(nn.Module):
         """log p(x|z) per sentence, (B,): the sum over scored tokens (every real token after the first)."""
         with self.adaptation.using("decoder"), self.adaptation.condition(z):
             logits = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-        target = input_ids[:, 1:]
-        scored = attention_mask[:, 1:].to(logp.dtype)  # (B, T-1)
-        token = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        return (token * scored).sum(dim=1)
+        return sentence_log_px(logits, input_ids, attention_mask)
 
     def log_px_given_zs(self, zs: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """log p(x|z_k) for k latents per sentence: zs (B, k, d_z) -> (B, k)."""
