@@ -206,8 +206,6 @@ class SiteMap:
         paths = {"q": attention.q, "k": attention.k, "v": attention.v, "qkv": attention.qkv, "o": attention.o}
         if base == "ffn":
             paths = {"up": a.up, "down": a.down, "gate": a.gate}
-        if name not in paths:
-            raise SiteError(f"{base} has no projection {name!r}; its projections: {', '.join(p for p in paths if p != 'qkv')}")
         path = paths[name]
         if path is None:
             if name == "gate":

@@ -66,7 +66,6 @@ def train(vae: VAE, batches: Iterator[dict], cfg: TrainConfig, generator: torch.
     scheduler = warmup_linear(optimizer, cfg.steps, cfg.warmup)
     for p in decoder:
         p.requires_grad_(cfg.decoder_step == 0)
-    latent_dim = vae.cfg.latent_dim
     history = []
     vae.train()
     try:
@@ -95,7 +94,7 @@ def train(vae: VAE, batches: Iterator[dict], cfg: TrainConfig, generator: torch.
             scheduler.step()
             row = {"step": step + 1, "rec": rec.item(), "kl": gaussian_kl(mean, logvar).sum(-1).mean().item(),
                    "kl_term": kl.item(), "beta": beta, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                   "decoder": step >= cfg.decoder_step, "free_bits_total": cfg.free_bits * latent_dim}
+                   "decoder": step >= cfg.decoder_step}
             history.append(row)
             if on_step is not None:
                 on_step(row)
