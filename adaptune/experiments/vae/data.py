@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ...errors import ConfigError, DataError
 from ..data import default_data_dir, find, subset
@@ -227,6 +227,31 @@ class Collate:
         if pairs:
             batch["classes"] = torch.tensor([int(x[1]) for x in items])  # type: ignore[index]
         return batch
+
+
+def length_grouped(texts: Sequence[str], batch_size: int, collate: Collate, seed: int,
+                   pool: int = 50) -> Iterator[dict]:
+    """Shuffled training batches, endlessly (each pass a new seeded order, the last partial batch dropped);
+    within each pool of `pool` batches the sentences are grouped by length, so little of a batch is padding."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = [len(r) for r in collate.ids(texts)]
+    while True:
+        order = torch.randperm(len(texts), generator=g).tolist()
+        for p in range(0, len(order) - batch_size + 1, batch_size * pool):
+            chunk = sorted(order[p:p + batch_size * pool], key=lambda i: lengths[i])
+            groups = [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+            for k in torch.randperm(len(groups), generator=g).tolist():
+                yield collate([texts[j] for j in groups[k]])
+
+
+def by_length(texts: Sequence[str], batch_size: int, collate: Collate) -> list[dict]:
+    """Evaluation batches covering every text once, shortest first (sums over sentences do not depend on
+    the order; batches of like lengths carry little padding)."""
+    lengths = [len(r) for r in collate.ids(texts)]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    return [collate([texts[j] for j in order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")  # the keys a causal LM's forward takes

@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -28,7 +28,7 @@ from ..config import set_seed
 from ..machine import cpu_name, peak_rss_mb
 from ..runs import check_destination
 from .bases import DEFAULT_BASE, load_base
-from .data import Collate, load_corpus
+from .data import Collate, by_length, length_grouped, load_corpus
 from .evaluation import evaluate
 from .generation import decode
 from .model import VAE, VAEConfig
@@ -101,18 +101,6 @@ class RunConfig:
         return "-".join(parts)
 
 
-def _forever(sentences: list[str], batch_size: int, collate: Collate, seed: int) -> Iterator[dict]:
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(sentences), generator=g).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([sentences[j] for j in order[i:i + batch_size]])
-
-
-def test_batches(texts: list[str], batch_size: int, collate: Collate) -> list[dict]:
-    return [collate(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-
-
 def run(cfg: RunConfig, progress: Any = None) -> dict:
     """Train and evaluate; save under out/<name>/ (atomically); returns the results."""
     run_dir = Path(cfg.out) / cfg.run_name()
@@ -136,10 +124,10 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
             progress.update(bar, advance=1, description=f"train  rec {row['rec']:.2f}  KL {row['kl']:.2f}  "
                                                          f"β {row['beta']:.2f}")
     t0 = time.perf_counter()
-    history = train(vae, _forever(train_set.texts, batch_size, collate, cfg.seed), training,
+    history = train(vae, length_grouped(train_set.texts, batch_size, collate, cfg.seed), training,
                     generator=torch.Generator().manual_seed(cfg.seed), on_step=on_step)
     train_s = time.perf_counter() - t0
-    eval_batches = test_batches(test_set.texts, batch_size, collate)
+    eval_batches = by_length(test_set.texts, batch_size, collate)
     ebar = progress.add_task("test metrics", total=len(test_set.texts)) if progress is not None else None
     t0 = time.perf_counter()
     metrics = evaluate(vae, eval_batches, samples=cfg.budget("eval_samples"), seed=cfg.seed,
@@ -211,5 +199,5 @@ def reevaluate(run_dir: str | Path) -> dict:
     vae, tokenizer, results = load_run(run_dir)
     cfg = results["config"]
     test = load_corpus(cfg["corpus"], "test", cfg["data_dir"], cfg["eval_limit"], cfg["seed"])
-    batches = test_batches(test.texts, cfg["batch_size"], Collate(tokenizer, cfg["max_length"]))
+    batches = by_length(test.texts, cfg["batch_size"], Collate(tokenizer, cfg["max_length"]))
     return evaluate(vae, batches, samples=cfg["eval_samples"], seed=cfg["seed"])
