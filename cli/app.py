@@ -149,34 +149,48 @@ app.command("pretrain-lm")(with_options(pretrain_lm, PRETRAIN_OPTIONS))
 
 @app.command()
 def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. runs/*"),
-           plot: Path = typer.Option(Path("runs/report.png"), help="PNG of dev average vs % params updated per task"),
-           markdown: Path = typer.Option(None, help="also write the table as markdown here")) -> None:
-    """One table across multitask runs, and a plot of dev average vs % trainable parameters."""
+           plot: Path = typer.Option(Path("runs/report.png"), help="PNG of dev average vs % params updated per task "
+                                     "(multitask runs); VAE runs get <plot>-vae-lambda.png (metrics against λ) "
+                                     "and <plot>-vae-curves.png (training curves) beside it"),
+           markdown: Path = typer.Option(None, help="also write the tables as markdown here")) -> None:
+    """Tables across runs: multitask runs (and a plot of dev average vs % trainable parameters), VAE runs
+    (and plots of the metrics against λ and of the training curves)."""
     from adaptune import AdaptuneError
     from adaptune.experiments.report import find_runs, load_results, markdown_table, plot as plot_runs, runs_table
+    from adaptune.experiments.vae import report as vae_report
     from adaptune.files import atomic_write
     from rich.markup import escape
 
     for option, path in (("--plot", plot), ("--markdown", markdown)):
         if path is not None and path.is_dir():
             return fail(f"{option} {str(path)!r} is a directory; give a file path, e.g. {path / 'report'}"
-                         f"{'.png' if option == '--plot' else '.md'}")
+                        f"{'.png' if option == '--plot' else '.md'}")
     found, skipped = find_runs(runs)
     for line in skipped:
         console.print(f"[yellow]skipped[/yellow] {escape(line)}")
     if not found:
         return fail("no finished runs (directories with a results.json) among the paths given; e.g. adaptune report runs/*")
+    written, text = [], ""
     try:
         results = load_results(found)
-        table = runs_table(results)
-        written = plot_runs(results, plot)
+        vae = [r for r in results if vae_report.is_vae(r)]
+        multitask = [r for r in results if not vae_report.is_vae(r)]
+        if multitask:
+            console.print(runs_table(multitask))
+            written.append(plot_runs(multitask, plot))
+            text += markdown_table(multitask)
+        if vae:
+            console.print(vae_report.runs_table(vae))
+            stem = plot.with_suffix("")
+            written.append(vae_report.plot_curves(vae, f"{stem}-vae-curves.png"))
+            swept = vae_report.plot_lambda(vae, f"{stem}-vae-lambda.png")
+            written += [swept] if swept else []
+            text += ("\n" if text else "") + vae_report.markdown_table(vae)
         if markdown:
-            text = markdown_table(results)
             atomic_write(markdown, lambda tmp: tmp.write_text(text))
     except AdaptuneError as e:
         return fail(str(e))
-    console.print(table)
-    console.print(f"plot: {written}")
+    console.print(f"plot{'s' if len(written) > 1 else ''}: {', '.join(map(str, written))}")
     if markdown:
         console.print(f"markdown: {markdown}")
 

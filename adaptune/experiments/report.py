@@ -2,6 +2,7 @@
 Tables 2-3), and dev average against % parameters updated per task (seed 004 Figure 1)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.table import Table
@@ -27,9 +28,22 @@ def find_runs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
     return found, skipped
 
 
+def _read_any(run_dir: Path) -> dict:
+    """A multitask or a VAE run's results.json (checked as its kind is)."""
+    from .vae.report import check_vae, is_vae
+
+    path = run_dir / "results.json"
+    try:
+        found = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        found = None  # read_results names what is wrong
+    return check_vae(found, path) if is_vae(found) else read_results(run_dir)
+
+
 def load_results(paths: list[str | Path]) -> list[dict]:
-    """results.json of each run directory (or results.json file) given; LoadError names a bad one."""
-    out = [read_results(p.parent if Path(p).name == "results.json" else p) for p in map(Path, paths)]
+    """results.json of each run directory (or results.json file) given, multitask or VAE runs; LoadError
+    names a bad one."""
+    out = [_read_any(p.parent if p.name == "results.json" else p) for p in map(Path, paths)]
     if not out:
         raise LoadError("no runs given; e.g. adaptune report runs/*")
     return out
