@@ -257,9 +257,8 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ...files import atomic_write
+    from .report import save_png
 
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, by_n in result["results"].items():
         ns = sorted(by_n, key=int)
@@ -272,8 +271,4 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)

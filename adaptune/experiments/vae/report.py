@@ -88,8 +88,11 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
     import matplotlib.pyplot as plt
+
+    path = Path(path)
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
@@ -118,7 +121,7 @@ def plot_lambda(results: list[dict], path: str | Path) -> Path | None:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def _smooth(values: list[float], width: int) -> list[float]:
@@ -155,4 +158,4 @@ def plot_curves(results: list[dict], path: str | Path) -> Path:
     axes[2].set_xlabel("training step (dotted: the decoder's components join)")
     axes[0].legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_png(fig, path)
