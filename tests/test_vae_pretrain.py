@@ -1,5 +1,4 @@
 """`adaptune pretrain-lm`: a small GPT-2 trained from scratch on the corpora's train splits, loadable as a base."""
-import json
 
 import pytest
 import torch
