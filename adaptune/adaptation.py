@@ -17,6 +17,7 @@ from .accounting import Counts, count
 from .components.base import Stack
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
+from .hooks.route import SHARED, Route
 from .saved import write as write_saved
 from .points import Point
 from .sites import SiteMap
@@ -73,6 +74,8 @@ class Adaptation(nn.Module):
             active = self.task_names[0]
         self._task = None
         self._latent: torch.Tensor | None = None  # set by condition()
+        self._route: Route | None = None  # set by route() when the batch mixes groups
+        self._routing = False  # inside route()
         self._enabled = True
         self._installed = False
         self._detached = False
@@ -172,6 +175,8 @@ class Adaptation(nn.Module):
         return self._enabled
 
     def is_active(self, group: str | None) -> bool:
+        if self._route is not None:
+            return self._enabled and group in self._route.groups
         return self._enabled and (group is None or group == self._task)
 
     def _check_task(self, name: str | None) -> None:
@@ -193,6 +198,8 @@ class Adaptation(nn.Module):
     def use(self, task: str | None) -> "Adaptation":
         """Make `task` the active task (None: shared components only)."""
         self._check_attached()
+        if self._routing:
+            raise TaskError("cannot switch tasks inside route(): the route names each sample's task")
         self._check_task(task)
         if task != self._task:
             self._check_unmerged("switch tasks")
@@ -229,6 +236,74 @@ class Adaptation(nn.Module):
         finally:
             self.enable(previous)
 
+    # ---- routing: a task per sample ---------------------------------------------------------------
+
+    @property
+    def routing(self) -> Route | None:
+        """The route of the current forward when its samples belong to more than one group, else None
+        (inside route() with one group, that group is simply the active task)."""
+        return self._route
+
+    def _route_index(self, tasks: Any) -> torch.Tensor:
+        """(N,) long indices into task_names (-1: shared only) from a tensor of indices or a list of names."""
+        valid = (f"task names ({', '.join(map(repr, self.task_names))}) or indices 0-{len(self.task_names) - 1}, "
+                 f"and None or -1 for the shared components only") if self.task_names else \
+            "None or -1 (this adaptation has no tasks: shared components only)"
+        if isinstance(tasks, torch.Tensor):
+            if tasks.dim() != 1 or tasks.is_floating_point() or tasks.is_complex() or tasks.dtype == torch.bool:
+                raise TaskError(f"route() takes a 1-D integer tensor (one task index per sample), got "
+                                f"{tasks.dtype} of shape {tuple(tasks.shape)}")
+            index = tasks.detach().to("cpu", torch.long)
+        elif isinstance(tasks, (list, tuple)):
+            out = []
+            for t in tasks:
+                if t is None:
+                    out.append(SHARED)
+                elif isinstance(t, str):
+                    if t not in self.tasks:
+                        raise TaskError(f"route(): unknown task {t!r}; valid: {valid}")
+                    out.append(self.task_names.index(t))
+                elif isinstance(t, int) and not isinstance(t, bool):
+                    out.append(t)
+                else:
+                    raise TaskError(f"route(): a sample's task is a name, an index or None, got "
+                                    f"{type(t).__name__}: {t!r}")
+            index = torch.tensor(out, dtype=torch.long)
+        else:
+            raise TaskError(f"route() takes a list of task names (None: shared only) or a 1-D tensor of task "
+                            f"indices, one per sample; got {type(tasks).__name__}")
+        if index.numel() == 0:
+            raise TaskError("route() got no samples; give one task per sample of the batch")
+        bad = index[(index < SHARED) | (index >= len(self.task_names))]
+        if bad.numel():
+            raise TaskError(f"route(): task index {int(bad[0])} is out of range; valid: {valid}")
+        return index
+
+    @contextmanager
+    def route(self, tasks: Any) -> Iterator["Adaptation"]:
+        """Run forwards (and generate) inside the block with a task per sample: `tasks` is a list of task
+        names (None: shared components only) or a (B,) integer tensor of indices into `task_names` (-1:
+        shared only). Every sample runs the shared components and its task's, as if alone under
+        use(task); gradients reach exactly each sample's components."""
+        self._check_attached()
+        if self._routing:
+            raise TaskError("route() is already active; routes do not nest")
+        index = self._route_index(tasks)
+        if self.merged:
+            raise MergeError("cannot route samples to tasks while updates are merged into the base weights "
+                             "(they would apply to every sample); call unmerge() first")
+        route = Route(index, self.task_names)
+        previous = self._task
+        self._routing = True
+        if len(route.present) == 1:
+            self._task = route.group(route.present[0])
+        else:
+            self._route = route
+        try:
+            yield self
+        finally:
+            self._routing, self._route, self._task = False, None, previous
+
     # ---- conditioning ---------------------------------------------------------------------------
 
     @property
@@ -261,6 +336,9 @@ class Adaptation(nn.Module):
     def merge(self) -> "Adaptation":
         """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge)."""
         self._check_attached()
+        if self._routing:
+            raise MergeError("cannot merge inside route(): a merged update would apply to every sample of the "
+                             "batch; merge outside the route() block")
         ready = [(hook, hook.mergeable()) for hook in self.hooks.values()]  # all checked before any change
         for hook, bindings in ready:
             hook.merge(bindings)

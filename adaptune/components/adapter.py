@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -54,3 +55,19 @@ class AdapterModule(nn.Module):
         src = x if self.parallel else h
         return ops.bottleneck(src, h, self.down_weight, self.down_bias, self.up_weight, self.up_bias,
                               self.scale, self.act)
+
+    @staticmethod
+    def routed(modules: list["AdapterModule"], h: Tensor, x: Tensor | None, index: Tensor) -> Tensor:
+        """Each sample n through modules[index[n]] (-1: unchanged), one routed op per placement and activation
+        among them (each sample is in one: applying them in turn is exact)."""
+        m_max = max(m.down_weight.shape[0] for m in modules)  # bottlenecks zero-padded to the widest
+        down = torch.stack([F.pad(m.down_weight, (0, 0, 0, m_max - m.down_weight.shape[0])) for m in modules])
+        down_bias = torch.stack([F.pad(m.down_bias, (0, m_max - m.down_bias.shape[0])) for m in modules])  # (T, m)
+        up = torch.stack([F.pad(m.up_weight, (0, m_max - m.up_weight.shape[1])) for m in modules])  # (T, d, m)
+        up_bias = torch.stack([m.up_bias for m in modules])  # (T, d)
+        scale = torch.tensor([m.scale for m in modules], device=h.device)
+        for kind in dict.fromkeys((m.parallel, m.act) for m in modules):
+            mine = torch.tensor([(m.parallel, m.act) == kind for m in modules], device=index.device)
+            sub = index.masked_fill(~(mine[index.clamp_min(0)] & (index >= 0)), -1)
+            h = ops.bottleneck_routed(x if kind[0] else h, h, down, down_bias, up, up_bias, scale, sub, kind[1])
+        return h

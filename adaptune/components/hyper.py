@@ -162,10 +162,21 @@ class HyperNetwork(nn.Module):
         return self.project(torch.cat(zlp))  # (3t,) -> (t,)
 
     def forward(self, h: Tensor, layer: int, position: int) -> Tensor:
-        """The adapter of (active task, layer, position) applied to h (..., d)."""
+        """The adapter of (active task, layer, position) applied to h (..., d); inside `adaptation.route()`,
+        each sample's task's adapter (the identity for shared-only samples)."""
+        route = self.adaptation.routing
+        if route is not None and self.task_names is not None:
+            index, out = route.index_for(h.shape[0], h.device, "HyperAdapter"), h
+            for row in (i for i in route.present if i >= 0):  # route indices are task_names positions
+                rows = (index == row).nonzero().squeeze(1)
+                out = out.index_copy(0, rows, self._adapter(h.index_select(0, rows), row, layer, position))
+            return out
         row = self.task_row()
         if row is None:
             return h
+        return self._adapter(h, row, layer, position)
+
+    def _adapter(self, h: Tensor, row: int, layer: int, position: int) -> Tensor:
         weights = self.heads[str(h.shape[-1])](self.embedding(row, layer, position))
         return hyper_adapter(h, *(w.to(h.dtype) for w in weights), act=self.component.act)
 

@@ -133,6 +133,38 @@ class LoRAModule(nn.Module):
         A, B = self.update()
         return weight.float() + self.scale * (B.float() @ A.float())
 
+    @staticmethod
+    def routed_linear(modules: list["LoRAModule"], x: Tensor, weight: Tensor, bias: Tensor | None,
+                      index: Tensor) -> Tensor:
+        """Each sample n through modules[index[n]] (-1: the base alone) in one routed op: LoRA and DoRA
+        modules (DoRA's `magnitude`) each in their own op when a batch mixes them."""
+        dora = torch.tensor([hasattr(m, "magnitude") for m in modules], device=index.device)
+        if not dora.any():
+            return _routed(modules, x, weight, bias, index, dora=False)
+        if dora.all():
+            return _routed(modules, x, weight, bias, index, dora=True)
+        on = dora[index.clamp_min(0)] & (index >= 0)  # (N,) the samples whose task has a DoRA here
+        y_lora = _routed(modules, x, weight, bias, index.masked_fill(on, -1), dora=False)
+        y_dora = _routed(modules, x, weight, bias, index.masked_fill(~on, -1), dora=True)
+        return torch.where(on.view(-1, *[1] * (x.dim() - 1)), y_dora, y_lora)
+
+
+def _routed(modules: list[LoRAModule], x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
+            dora: bool) -> Tensor:
+    """ops.lora_routed / ops.dora_routed over the modules' stacked factors (ranks zero-padded to the largest)."""
+    factors = [m.update() for m in modules]
+    r = max(A.shape[0] for A, _ in factors)
+    A = torch.stack([F.pad(A, (0, 0, 0, r - A.shape[0])) for A, _ in factors])  # (T, r, in)
+    B = torch.stack([F.pad(B, (0, r - B.shape[1])) for _, B in factors])  # (T, out, r)
+    scale = torch.tensor([m.scale for m in modules], device=x.device)
+    dropout, training = tuple(m.dropout for m in modules), modules[0].training
+    if not dora:
+        return ops.lora_routed(x, weight, bias, A, B, scale, index, dropout, training)
+    ones = torch.ones(weight.shape[0], device=A.device, dtype=A.dtype)  # LoRA rows: m / n = 1 (never read)
+    magnitude = torch.stack([m.magnitude if hasattr(m, "magnitude") else ones for m in modules])  # (T, out)
+    norm = torch.stack([m.norm(weight) if hasattr(m, "magnitude") else ones for m in modules])  # (T, out)
+    return ops.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
+
 
 def _check_table(component: LoRA, point: Point) -> None:
     what = f"{component!r} at {point.site!r}"

@@ -25,6 +25,7 @@ import weakref
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AdaptuneError
@@ -40,21 +41,30 @@ _HOOKS: "weakref.WeakKeyDictionary[nn.Module, AttentionHook]" = weakref.WeakKeyD
 # ---- the wrapped implementations ------------------------------------------------------------------
 
 def _extend_mask(mask: Tensor | None, module: nn.Module, query: Tensor, key: Tensor, p: int,
-                 is_causal: bool | None, base: str) -> Tensor | None:
-    """The mask for keys [prefix (p), key (T_k)]; prefix columns visible to every query."""
+                 is_causal: bool | None, base: str, valid: Tensor | None = None) -> Tensor | None:
+    """The mask for keys [prefix (p), key (T_k)]; prefix columns visible to every query, or (routing) to
+    the queries of the samples `valid` (B, p) marks."""
     t_q, t_k = query.shape[2], key.shape[2]
     if mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", base != "eager")
-        if not causal or t_q == 1:
+        if (not causal or t_q == 1) and valid is None:
             return None  # no mask: every query sees every key, prefix included
         i = torch.arange(t_q, device=query.device)[:, None]
         j = torch.arange(t_k, device=query.device)[None, :]
-        mask = (j <= t_k - t_q + i)[None, None]  # (1, 1, T_q, T_k), aligned bottom right
+        mask = (j <= t_k - t_q + i)[None, None] if causal and t_q > 1 else \
+            torch.ones((1, 1, t_q, t_k), dtype=torch.bool, device=query.device)  # (1, 1, T_q, T_k), bottom right
         if base == "eager":
             zero = torch.zeros((), dtype=query.dtype, device=query.device)
             mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
-    pad = mask.new_ones(*mask.shape[:-1], p) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], p)
-    return torch.cat([pad, mask], dim=-1)  # (B | 1, H | 1, T_q, p + T_k)
+    if valid is None:
+        pad = mask.new_ones(*mask.shape[:-1], p) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], p)
+        return torch.cat([pad, mask], dim=-1)  # (B | 1, H | 1, T_q, p + T_k)
+    b = valid.shape[0]
+    v = valid[:, None, None, :]  # (B, 1, 1, p)
+    if mask.dtype != torch.bool:
+        v = torch.where(v, torch.zeros((), dtype=mask.dtype, device=mask.device), torch.finfo(mask.dtype).min)
+    mask = mask.expand(b, *mask.shape[1:])
+    return torch.cat([v.expand(*mask.shape[:-1], p), mask], dim=-1)  # (B, H | 1, T_q, p + T_k)
 
 
 def _padding_only(mask: Tensor | None) -> Tensor | None:
@@ -73,9 +83,9 @@ def _wrapper(base: str) -> Callable:
             attention_mask, kwargs["is_causal"] = _padding_only(attention_mask), False
         extra = hook.extra(key) if hook is not None else None
         if extra is not None:
-            pk, pv = extra  # (B, H_kv, P, D) each
+            pk, pv, valid = extra  # (B, H_kv, P, D) each; (B, P) or None: which samples see which columns
             attention_mask = _extend_mask(attention_mask, module, query, key, pk.shape[2],
-                                          kwargs.get("is_causal"), base)
+                                          kwargs.get("is_causal"), base, valid)
             bias = kwargs.get("position_bias")  # T5's relative position bias (B | 1, H, T_q, T_k)
             if isinstance(bias, Tensor) and bias.dim() == 4 and bias.shape[-1] == key.shape[2]:
                 kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], pk.shape[2]), bias], dim=-1)
@@ -153,22 +163,59 @@ class AttentionHook(Hook):
             _set_impl(module.config, self._original)  # exactly the original (a name set meanwhile stays)
 
     def bidirectional(self) -> bool:
-        """Whether an active component drops the causal mask here."""
-        return any(getattr(b.module, "bidirectional", False) for b in self.active())
+        """Whether an active component drops the causal mask here (for every sample: inside route(), the
+        samples' groups must agree)."""
+        flags = {b.group for b in self.active() if getattr(b.module, "bidirectional", False)}
+        route = self.adaptation.routing
+        if route is None or not flags or None in flags:
+            return bool(flags)
+        if all(g in flags for g in route.groups):
+            return True
+        raise AdaptuneError(f"Bidirectional at {self.point.where()} is in some of the routed groups and not in "
+                            f"others ({', '.join(sorted(map(str, flags)))} of {', '.join(map(str, route.groups))}); "
+                            f"route causal and bidirectional samples in separate batches")
 
-    def extra(self, key: Tensor) -> tuple[Tensor, Tensor] | None:
+    def extra(self, key: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """The active extra keys and values for `key` (B, H_kv, T_k, D), concatenated in binding order:
-        (B, H_kv, P, D) twice; None if none."""
+        (B, H_kv, P, D) twice, and None, or inside route() the (B, P) columns each sample sees (the shared
+        components' first, then its task's, padded to the longest task's); None if there are none."""
         active = [b for b in self.active() if hasattr(b.module, "kv")]
         if not active:
             return None
         b, h, _, d = key.shape
-        pairs = [_batched(bound.module.kv(self.adaptation), b, bound) for bound in active]  # (B, n_i, H_kv·D) twice
+        route = self.adaptation.routing
+        shared = [x for x in active if route is None or x.group is None]
+        parts = [self._rows(shared, b)] if shared else []
+        valid = None
+        tasks = [] if route is None else list(dict.fromkeys(x.group for x in active if x.group is not None))
+        if tasks:
+            per_task = {g: self._rows([x for x in active if x.group == g], b) for g in tasks}
+            longest = max(k.shape[1] for k, _ in per_task.values())
+            rows = route.rows_for(b, key.device, self.point.where())
+            width = per_task[tasks[0]][0].shape[-1]
+            packed = [key.new_zeros(b, longest, width, dtype=per_task[tasks[0]][0].dtype) for _ in range(2)]
+            seen = torch.zeros(b, longest, dtype=torch.bool, device=key.device)
+            for g, (k, v) in per_task.items():
+                r = rows.get(route.names.index(g))
+                if r is None or not r.numel():
+                    continue
+                pad = longest - k.shape[1]
+                packed = [out.index_copy(0, r, F.pad(t.index_select(0, r), (0, 0, 0, pad)))
+                          for out, t in zip(packed, (k, v))]
+                seen[r, :k.shape[1]] = True
+            parts.append((packed[0], packed[1]))
+            shared_cols = parts[0][0].shape[1] if shared else 0
+            valid = torch.cat([seen.new_ones(b, shared_cols), seen], dim=1)  # (B, P)
         out = []
-        for part in zip(*pairs):
+        for part in zip(*parts):
             x = torch.cat(part, dim=1).to(key.dtype)  # (B, P, H_kv·D)
             out.append(x.view(b, -1, h, d).transpose(1, 2))  # (B, H_kv, P, D)
-        return out[0], out[1]
+        return out[0], out[1], valid
+
+    def _rows(self, bindings: list, b: int) -> tuple[Tensor, Tensor]:
+        """The bindings' extra keys and values for every sample, concatenated: (B, n, H_kv·D) twice."""
+        pairs = [_batched(x.module.kv(self.adaptation), b, x) for x in bindings]
+        return torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
 
 
 def _batched(kv: tuple[Tensor, Tensor], b: int, bound: Any) -> tuple[Tensor, Tensor]:

@@ -82,6 +82,7 @@ class PromptHook(Hook):
         self._positions = _learned_positions(model)
         encoder = _encoder(model)
         prompted = encoder if encoder is not None else model
+        self._prompted = prompted
         self._signatures = {id(m): inspect.signature(m.forward) for m in (model, prompted)}
         self._handles = [prompted.register_forward_pre_hook(self._before, with_kwargs=True)]
         if encoder is not None:
@@ -111,6 +112,23 @@ class PromptHook(Hook):
                 out[name] = value
         return out
 
+    def _layout(self, active: list) -> tuple[list[str | None], list[Tensor]] | None:
+        """Inside route() with per-task prompts: the groups present and each one's prompt (shared rows first,
+        in binding order), (P_g, d); None when every sample gets the same prompt."""
+        route = self.adaptation.routing
+        if route is None or all(b.group is None for b in active):
+            return None
+        groups = route.groups
+        prompts = [[b.module() for b in active if b.group is None or b.group == g] for g in groups]
+        width = active[0].module().shape[1]
+        return groups, [torch.cat(p, dim=0) if p else active[0].module().new_zeros(0, width) for p in prompts]
+
+    def _lengths(self, layout: tuple[list, list[Tensor]], b: int, device: torch.device) -> Tensor:
+        """(B,) each sample's prompt length."""
+        groups, prompts = layout
+        lengths = torch.tensor([p.shape[0] for p in prompts], device=device)
+        return lengths[self.adaptation.routing.local(groups, b, device, "PromptTuning")]
+
     def _before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         active = self.active()
         if not active:
@@ -118,6 +136,9 @@ class PromptHook(Hook):
         kw = self._kwargs(model, args, kwargs)
         if not kw:
             return None
+        layout = self._layout(active)
+        if layout is not None:
+            return self._routed(model, kw, layout)
         prompt = torch.cat([b.module() for b in active], dim=0)  # (P, d)
         p = prompt.shape[0]
         mask = kw.get("attention_mask")
@@ -160,6 +181,69 @@ class PromptHook(Hook):
             kw["labels"] = _left(labels, p, -100)
         return (), kw
 
+    def _routed(self, model: nn.Module, kw: dict[str, Any], layout: tuple[list, list[Tensor]]) -> tuple[tuple, dict]:
+        """Prompts of different lengths per sample: each sample sees [padding, its prompt, its tokens], the
+        padding masked out (P = the longest prompt columns in front of every sample), its prompt at positions
+        0..P_g-1 and its tokens after them, as if it ran alone."""
+        groups, prompts = layout
+        p = max(x.shape[0] for x in prompts)
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise AdaptuneError(f"PromptTuning needs a 2-D attention_mask (batch, tokens) or None; got shape "
+                                f"{tuple(mask.shape)}")
+        cached = _cache_length(kw)
+        source = next((kw[n] for n in ("input_ids", "inputs_embeds") if kw.get(n) is not None), None)
+        if source is None:
+            return (), kw
+        b, t, device = source.shape[0], source.shape[1], source.device
+        lengths = self._lengths(layout, b, device)  # (B,)
+        if self._positions is not None and int(lengths.max()) + max(cached - p, 0) + t > self._positions:
+            raise AdaptuneError(f"PromptTuning: {t} tokens after the prompt exceed the model's {self._positions} "
+                                f"positions")
+        front = torch.arange(p, device=device)[None, :] >= (p - lengths)[:, None]  # (B, P): prompt columns
+        if mask is None:
+            mask = torch.ones(b, t + (cached - p if cached else 0), dtype=torch.long, device=device)
+        kw["attention_mask"] = torch.cat([front.to(mask.dtype), mask], dim=-1)
+        takes_positions = "position_ids" in self._signatures[id(self._prompted)].parameters
+        if self._positions is not None and not takes_positions:
+            raise AdaptuneError(f"PromptTuning: prompts of different lengths in one batch need position_ids, which "
+                                f"{type(self.point.model).__name__}.forward does not take; route samples with equal "
+                                f"prompt lengths together")
+        pos, cache_pos = kw.get("position_ids"), kw.get("cache_position")
+        if pos is None and takes_positions:
+            start = cache_pos[None, :] if cache_pos is not None else \
+                torch.arange(max(cached - p, 0), max(cached - p, 0) + t, device=device)[None, :]
+            pos = start.expand(b, t)  # the tokens' positions without a prompt
+        if pos is not None:
+            pos = pos + lengths.view(-1, *[1] * (pos.dim() - 1)).to(pos.dtype)
+        if cache_pos is not None:
+            cache_pos = cache_pos + p
+        if cached > 0:  # decoding: the prompts are in the cache
+            kw["position_ids"], kw["cache_position"] = pos, cache_pos
+            if pos is None:
+                kw.pop("position_ids")
+            if cache_pos is None:
+                kw.pop("cache_position")
+            return (), kw
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.point.module(kw["input_ids"])  # (B, T, d)
+        table = torch.stack([torch.nn.functional.pad(x, (0, 0, p - x.shape[0], 0)) for x in prompts])  # (G, P, d)
+        index = self.adaptation.routing.local(groups, b, device, "PromptTuning")
+        kw["input_ids"] = None
+        kw["inputs_embeds"] = torch.cat([table[index].to(embeds.dtype), embeds], dim=1)  # (B, P + T, d)
+        if kw.get("token_type_ids") is not None:
+            kw["token_type_ids"] = _left(kw["token_type_ids"], p, 0)
+        if pos is not None:
+            prompt_pos = (torch.arange(p, device=device)[None, :] - (p - lengths)[:, None]).clamp_min(0)
+            kw["position_ids"] = torch.cat([prompt_pos.to(pos.dtype).expand(*pos.shape[:-1], p), pos], dim=-1)
+        if cache_pos is not None:
+            kw["cache_position"] = torch.cat([torch.arange(p, dtype=cache_pos.dtype, device=device), cache_pos])
+        labels = kw.get("labels")
+        if isinstance(labels, Tensor) and labels.dim() == 2 and tuple(labels.shape) == (b, t):
+            kw["labels"] = _left(labels, p, -100)
+        return (), kw
+
     def _cross_mask(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         """Encoder-decoder models: the attention_mask widened by P where the encoder output is P longer."""
         active = self.active()
@@ -167,7 +251,8 @@ class PromptHook(Hook):
         mask = kw.get("attention_mask")
         if mask is None or mask.dim() != 2:
             return None
-        p = sum(b.module().shape[0] for b in active)
+        layout = self._layout(active)
+        p = max(x.shape[0] for x in layout[1]) if layout else sum(b.module().shape[0] for b in active)
         encoded = kw.get("encoder_outputs")
         if encoded is not None:
             length = encoded[0].shape[1]  # (B, T_enc, d)
@@ -178,5 +263,10 @@ class PromptHook(Hook):
             length = p + tokens
         if mask.shape[-1] + p != length:
             return None  # already widened, or a width the model will refuse itself
-        kw["attention_mask"] = _left(mask, p, 1)
+        if layout is None:
+            kw["attention_mask"] = _left(mask, p, 1)
+        else:
+            lengths = self._lengths(layout, mask.shape[0], mask.device)
+            front = torch.arange(p, device=mask.device)[None, :] >= (p - lengths)[:, None]  # (B, P)
+            kw["attention_mask"] = torch.cat([front.to(mask.dtype), mask], dim=-1)
         return (), kw

@@ -5,7 +5,9 @@ projection hook does; `remove()` puts the original back. With no copy active the
 """
 from __future__ import annotations
 
-from ..errors import BindError
+from torch import Tensor
+
+from ..errors import AdaptuneError, BindError
 from .base import Binding, ForwardHook
 
 
@@ -31,4 +33,31 @@ class ModuleHook(ForwardHook):
 
     def forward(self, *args, **kwargs):
         active = self.active()
-        return active[0].module(*args, **kwargs) if active else self._base(*args, **kwargs)
+        route = self.adaptation.routing
+        if route is None or not active or active[0].group is None:
+            return active[0].module(*args, **kwargs) if active else self._base(*args, **kwargs)
+        return self._routed(route, active, args, kwargs)
+
+    def _routed(self, route, active: list[Binding], args: tuple, kwargs: dict):
+        """Inside route(): each sample through its task's copy (shared-only samples and tasks without one:
+        the original), the module run once per group on its samples' rows."""
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if first is None or first.dim() == 0:
+            raise AdaptuneError(f"{self.point.site!r}: routing samples to per-task copies needs a batched tensor "
+                                f"argument (batch first)")
+        n, where = first.shape[0], self.point.where()
+        run = {b.group: b.module for b in active}
+        rows = route.rows_for(n, first.device, where)
+        take = lambda a, r: a.index_select(0, r) if isinstance(a, Tensor) and a.dim() and a.shape[0] == n else a  # noqa: E731
+        out = None
+        for i, r in rows.items():
+            module = run.get(route.group(i), self._base)
+            y = module(*(take(a, r) for a in args), **{k: take(v, r) for k, v in kwargs.items()})
+            parts = y if isinstance(y, tuple) else (y,)
+            if not all(isinstance(p, Tensor) for p in parts):
+                raise AdaptuneError(f"{self.point.site!r}: routing samples to per-task copies needs outputs that "
+                                    f"are tensors or tuples of tensors, got {type(y).__name__}")
+            if out is None:
+                out = [p.new_zeros((n, *p.shape[1:])) for p in parts]
+            out = [o.index_copy(0, r, p.to(o.dtype)) for o, p in zip(out, parts)]
+        return tuple(out) if isinstance(y, tuple) else out[0]

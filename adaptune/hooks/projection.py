@@ -46,25 +46,57 @@ class ProjectionHook(ForwardHook):
         active = self.active()
         shifts = [b for b in active if _bias_only(b)]
         y = self._low_rank([b for b in active if not _bias_only(b)], x, *args, **kwargs)
-        return y + _shift(shifts, y.shape[-1]).to(y.dtype) if shifts else y
+        if not shifts:
+            return y
+        route = self.adaptation.routing
+        if route is None or all(b.group is None for b in shifts):
+            return y + _shift(shifts, y.shape[-1]).to(y.dtype)
+        groups = [None, *{b.group for b in shifts if b.group is not None}]  # per sample: shared + its task's
+        table = torch.stack([_shift([b for b in shifts if b.group is None or b.group == g], y.shape[-1])
+                             if any(b.group is None or b.group == g for b in shifts) else y.new_zeros(y.shape[-1])
+                             for g in groups])  # (G, out)
+        local = route.local(groups, y.shape[0], y.device, self.point.where()).clamp_min(0)  # others: shared row
+        return y + table[local].view(y.shape[0], *[1] * (y.dim() - 2), -1).to(y.dtype)
 
     def _low_rank(self, active: list[Binding], x: Tensor, *args, **kwargs) -> Tensor:
         if not active:
             return self._base(x, *args, **kwargs)
         module = self.point.module
         weight, bias = linear_weight(module), module.bias  # (out, in), (out,)
-        if len(active) == 1 and active[0].point.rows is None:
-            return active[0].module.linear(x, weight, bias)
+        units = self._units(active)
+        if len(units) == 1 and units[0][0].point.rows is None:
+            return self._unit(units[0], x, weight, bias)
         parts, pos = [], 0  # fused projection: adapted slices through their op, the rest plain
-        for b in sorted(active, key=lambda b: b.point.out_rows.start):
-            rows = b.point.out_rows
+        for unit in units:
+            rows = unit[0].point.out_rows
             if rows.start > pos:
                 parts.append(F.linear(x, weight[pos:rows.start], None if bias is None else bias[pos:rows.start]))
-            parts.append(b.module.linear(x, weight[rows], None if bias is None else bias[rows]))
+            parts.append(self._unit(unit, x, weight[rows], None if bias is None else bias[rows]))
             pos = rows.stop
         if pos < weight.shape[0]:
             parts.append(F.linear(x, weight[pos:], None if bias is None else bias[pos:]))
         return torch.cat(parts, dim=-1)
+
+    def _units(self, active: list[Binding]) -> list[list[Binding]]:
+        """The active updates by output rows, in row order: one binding, or (routing) one per task on the
+        same rows. Different tasks' updates on overlapping but different rows cannot share one batch."""
+        units: dict[tuple[int, int], list[Binding]] = {}
+        for b in active:
+            units.setdefault((b.point.out_rows.start, b.point.out_rows.stop), []).append(b)
+        spans = sorted(units)
+        for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise BindError(f"{self.point.where()}: the routed tasks adapt overlapping but different rows of "
+                                f"it (rows {s0}-{e0 - 1} and {s1}-{e1 - 1}); route those tasks' samples in "
+                                f"separate batches, or adapt the same sites in each task")
+        return [units[span] for span in spans]
+
+    def _unit(self, unit: list[Binding], x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        route = self.adaptation.routing
+        if route is None or unit[0].group is None:
+            return unit[0].module.linear(x, weight, bias)
+        local = route.local([b.group for b in unit], x.shape[0], x.device, self.point.where())
+        return type(unit[0].module).routed_linear([b.module for b in unit], x, weight, bias, local)
 
     # ---- merge / unmerge: W[rows] (b[rows] for BitFit) <- the merged value; the replaced rows kept here
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Hook
+from torch import Tensor
+
+from .base import Binding, Hook
+from .route import Route, per_rows
 
 
 class SublayerHook(Hook):
@@ -31,6 +34,34 @@ class SublayerHook(Hook):
         if not active:
             return None
         h = output[0] if isinstance(output, tuple) else output
-        for b in active:
-            h = b.module(h, x)
+        route = self.adaptation.routing
+        for run in _runs(active) if route is not None else ([b] for b in active):
+            if route is None or run[0].group is None:
+                h = run[0].module(h, x)  # shared: every sample (a hypernetwork reads the route itself)
+            else:
+                h = self._routed(run, h, x, route)
         return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    def _routed(self, run: list[Binding], h: Tensor, x: Tensor | None, route: Route) -> Tensor:
+        """h with each sample through its task's module in `run` (one per task), batched when the modules
+        have a routed form of one type, else task by task on the task's rows."""
+        groups, modules, where = [b.group for b in run], [b.module for b in run], self.point.where()
+        kind = type(modules[0])
+        if hasattr(kind, "routed") and all(type(m) is kind for m in modules):
+            return kind.routed(modules, h, x, route.local(groups, h.shape[0], h.device, where))
+        take = lambda t, rows: None if t is None else t.index_select(0, rows)  # noqa: E731
+        return per_rows(route, groups, h.shape[0], h.device, where,
+                        lambda i, rows: modules[i](take(h, rows), take(x, rows)), h)
+
+
+def _runs(active: list[Binding]) -> list[list[Binding]]:
+    """The bindings in order, consecutive per-task ones of distinct tasks together (they touch disjoint
+    samples, so they commute); a shared binding alone."""
+    runs: list[list[Binding]] = []
+    for b in active:
+        last = runs[-1] if runs else None
+        if b.group is not None and last and last[0].group is not None and all(o.group != b.group for o in last):
+            last.append(b)
+        else:
+            runs.append([b])
+    return runs

@@ -6,6 +6,7 @@
 | dora       | y = (m / n) ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b, n = ‖W + s·B·A‖ rows |
 | dora_norm  | n by the factored formula (no out×in temporary)               |
 | bottleneck | y = residual + s·up(act(down(x)))                              |
+| lora_routed, dora_routed, bottleneck_routed | the same with a task per sample: x (N, ...), index (N,) |
 
 Each op runs the compiled kernel (csrc/, built on first use, see `build.py`) when it is built for
 the tensor's device, else its pure-PyTorch reference (`adaptune.ops.reference`), which is also the
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from .build import Build
 
 MODES = ("auto", "off", "require")
-OPS = ("lora", "dora", "dora_norm", "bottleneck")
+OPS = ("lora", "dora", "dora_norm", "bottleneck", "lora_routed", "dora_routed", "bottleneck_routed")
 _mode = os.environ.get("ADAPTUNE_KERNELS", "auto").strip().lower() or "auto"
 _builds = None  # device type -> build.Build, after the one build attempt
 _warned: set[str] = set()
@@ -172,5 +173,32 @@ def bottleneck(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tens
     return reference.bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale, act)
 
 
-__all__ = ["ACTIVATIONS", "MODES", "OPS", "bottleneck", "builds", "dora", "dora_norm", "lora", "mode", "path",
-           "reference", "use_kernels"]
+def lora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: Tensor, index: Tensor,
+                dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
+    """LoRA with a task per sample: A (T, r, in), B (T, out, r), scale (T,), index (N,); see `reference.lora_routed`."""
+    if _use_kernel("lora_routed", x, weight, bias, params=(A, B)):
+        from . import kernels
+        return kernels.lora_routed(x, weight, bias, A, B, scale, index, dropout, training)
+    return reference.lora_routed(x, weight, bias, A, B, scale, index, dropout, training)
+
+
+def dora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
+                scale: Tensor, index: Tensor, dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
+    """DoRA with a task per sample and the task norms (T, out) given; see `reference.dora_routed`."""
+    if _use_kernel("dora_routed", x, weight, bias, params=(A, B, magnitude, norm)):
+        from . import kernels
+        return kernels.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
+    return reference.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
+
+
+def bottleneck_routed(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                      up_bias: Tensor, scale: Tensor, index: Tensor, act: str = "relu") -> Tensor:
+    """Bottleneck adapters with a task per sample: down (T, m, d_in), up (T, d, m); see `reference.bottleneck_routed`."""
+    if _use_kernel("bottleneck_routed", x, params=(residual, down_weight, down_bias, up_weight, up_bias)):
+        from . import kernels
+        return kernels.bottleneck_routed(x, residual, down_weight, down_bias, up_weight, up_bias, scale, index, act)
+    return reference.bottleneck_routed(x, residual, down_weight, down_bias, up_weight, up_bias, scale, index, act)
+
+
+__all__ = ["ACTIVATIONS", "MODES", "OPS", "bottleneck", "bottleneck_routed", "builds", "dora", "dora_norm",
+           "dora_routed", "lora", "lora_routed", "mode", "path", "reference", "use_kernels"]

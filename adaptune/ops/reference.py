@@ -70,3 +70,56 @@ def bottleneck(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tens
     """y = residual + s·up(act(down(x))). Serial placement: x is residual; parallel: x is the sublayer input."""
     h = ACTIVATIONS[act](F.linear(x.to(down_weight.dtype), down_weight, down_bias))  # (..., m)
     return (residual + scale * F.linear(h, up_weight, up_bias)).to(residual.dtype)  # (..., d)
+
+
+# ---- routed ops: a task per sample ---------------------------------------------------------------
+# x (N, ..., in) holds N samples; index (N,) gives each sample's task t in [0, T), or -1 for no update.
+# Task tables are stacked on a leading T: A (T, r, in), B (T, out, r) with ranks zero-padded to one r,
+# magnitude and norm (T, out), down (T, m, d_in), up (T, d, m); scale (T,); dropout one p per task.
+# The reference loops over the tasks, each task's samples through the single-task math above.
+
+def _task_rows(index: Tensor, t: int) -> Tensor:
+    return (index == t).nonzero().squeeze(1)
+
+
+def lora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: Tensor,
+                index: Tensor, dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
+    """y_n = x_n·Wᵀ + b + s_t·(drop(x_n)·A_tᵀ)·B_tᵀ with t = index[n]; index -1: y_n = x_n·Wᵀ + b."""
+    y = F.linear(x, weight, bias)  # (N, ..., out)
+    for t in range(A.shape[0]):
+        rows = _task_rows(index, t)
+        if rows.numel():
+            xt = _drop(x.index_select(0, rows), dropout[t] if dropout else 0.0, training)
+            low = F.linear(F.linear(xt.to(A.dtype), A[t]), B[t])  # (n, ..., out)
+            y = y.index_copy(0, rows, (y.index_select(0, rows) + scale[t].item() * low).to(y.dtype))
+    return y
+
+
+def dora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+                norm: Tensor, scale: Tensor, index: Tensor, dropout: tuple[float, ...] = (),
+                training: bool = False) -> Tensor:
+    """y_n = (m_t / n_t) ⊙ (x_n·Wᵀ + s_t·(drop(x_n)·A_tᵀ)·B_tᵀ) + b with t = index[n] and the task norms n
+    given; index -1: y_n = x_n·Wᵀ + b."""
+    dtype = torch.promote_types(x.dtype, A.dtype)
+    y = F.linear(x, weight)  # (N, ..., out)
+    for t in range(A.shape[0]):
+        rows = _task_rows(index, t)
+        if rows.numel():
+            xt = _drop(x.index_select(0, rows), dropout[t] if dropout else 0.0, training)
+            z = y.index_select(0, rows).to(dtype) + scale[t].item() * F.linear(F.linear(xt.to(A.dtype), A[t]),
+                                                                               B[t]).to(dtype)
+            y = y.index_copy(0, rows, (z * (magnitude[t] / norm[t]).to(dtype)).to(y.dtype))
+    return y + bias if bias is not None else y
+
+
+def bottleneck_routed(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                      up_bias: Tensor, scale: Tensor, index: Tensor, act: str = "relu") -> Tensor:
+    """y_n = residual_n + s_t·up_t(act(down_t(x_n))) with t = index[n]; index -1: y_n = residual_n."""
+    y = residual
+    for t in range(down_weight.shape[0]):
+        rows = _task_rows(index, t)
+        if rows.numel():
+            y = y.index_copy(0, rows, bottleneck(x.index_select(0, rows), residual.index_select(0, rows),
+                                                 down_weight[t], down_bias[t], up_weight[t], up_bias[t],
+                                                 scale[t].item(), act))
+    return y

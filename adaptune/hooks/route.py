@@ -1,0 +1,78 @@
+"""A route: which task each sample of one batch runs (`adaptation.route(tasks)`).
+
+`index` (N,) holds, per sample, the task's position in the adaptation's task names, or -1 for the
+shared components only. Hooks read it for the batch they see: the same N samples, or N·k rows where
+generate repeats each sample k times (beams, several returned sequences, as repeat_interleave).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import AdaptuneError
+
+SHARED = -1  # the index of "shared components only"
+
+
+class Route:
+    def __init__(self, index: Tensor, names: Sequence[str]) -> None:
+        self.index = index.to("cpu", torch.long)  # (N,)
+        self.names = tuple(names)
+        self.present = sorted(set(self.index.tolist()))  # the indices that occur, SHARED first if it does
+        self._cache: dict[tuple, Any] = {}
+
+    def group(self, i: int) -> str | None:
+        """The adaptune group of index i: a task name, None for SHARED."""
+        return None if i == SHARED else self.names[i]
+
+    @property
+    def groups(self) -> list[str | None]:
+        return [self.group(i) for i in self.present]
+
+    def _key(self, n: int, where: str) -> int:
+        total = self.index.shape[0]
+        if n % total:
+            raise AdaptuneError(f"{where}: the batch has {n} samples but the route gives {total} tasks; "
+                                f"route() takes one task per sample (generate's repeated samples excepted)")
+        return n // total
+
+    def index_for(self, n: int, device: torch.device, where: str = "route") -> Tensor:
+        """The (n,) task index of a batch of n samples on `device`."""
+        k = self._key(n, where)
+        key = ("index", k, device)
+        if key not in self._cache:
+            self._cache[key] = self.index.repeat_interleave(k).to(device)
+        return self._cache[key]
+
+    def rows_for(self, n: int, device: torch.device, where: str = "route") -> dict[int, Tensor]:
+        """{task index: its rows (m,)} for a batch of n samples, each task present once."""
+        k = self._key(n, where)
+        key = ("rows", k, device)
+        if key not in self._cache:
+            index = self.index.repeat_interleave(k)
+            self._cache[key] = {i: (index == i).nonzero().squeeze(1).to(device) for i in self.present}
+        return self._cache[key]
+
+    def local(self, groups: Sequence[str | None], n: int, device: torch.device, where: str = "route") -> Tensor:
+        """(n,) positions of each sample's group in `groups` (-1 where its group is not among them)."""
+        key = ("local", tuple(groups), n, device)
+        if key not in self._cache:
+            lut = torch.full((len(self.names) + 1,), -1, dtype=torch.long)  # index + 1 -> position
+            for pos, group in enumerate(groups):
+                lut[SHARED + 1 if group is None else self.names.index(group) + 1] = pos
+            self._cache[key] = lut.to(device)[self.index_for(n, device, where) + 1]
+        return self._cache[key]
+
+
+def per_rows(route: Route, groups: Sequence[str | None], n: int, device: torch.device, where: str,
+             run: Callable[[int, Tensor], Tensor], out: Tensor) -> Tensor:
+    """`out` with the rows of each sample whose group is groups[i] replaced by run(i, rows): the loop over
+    tasks every routed computation falls back on (and the reference the batched ones are tested against)."""
+    rows = route.rows_for(n, device, where)
+    for pos, group in enumerate(groups):
+        i = -1 if group is None else route.names.index(group)
+        if i in rows and rows[i].numel():
+            out = out.index_copy(0, rows[i], run(pos, rows[i]).to(out.dtype))
+    return out

@@ -1,0 +1,232 @@
+"""route(): a task per sample. Mixed batches equal each sample run alone under its task, for every component
+type, with padding; gradients equal the per-task batches'; generate with routing equals per-sample generate."""
+import pytest
+import torch
+
+from adaptune import (Adapter, AdaptuneError, BitFit, DoRA, HyperAdapter, LoRA, MergeError, Prefix, PromptTuning,
+                      TaskError, Trainable, attach)
+from helpers import VOCAB, main_output, randomize, tiny_bert, tiny_gpt2, tiny_llama
+
+MODELS = {"gpt2": tiny_gpt2, "bert": tiny_bert, "llama": tiny_llama}
+
+# name -> (shared spec, {task: spec})
+SPECS = {
+    "lora": ({}, {"a": {"attn": LoRA(4)}, "b": {"attn": LoRA(2), "ffn": LoRA(3)}, "c": {"attn.q": LoRA(5)}}),
+    "dora": ({}, {"a": {"attn": DoRA(4)}, "b": {"attn": DoRA(2)}, "c": {"ffn": DoRA(3)}}),
+    "lora+dora": ({}, {"a": {"attn": LoRA(4)}, "b": {"attn": DoRA(2)}, "c": {"attn": LoRA(3)}}),
+    "adapter": ({}, {"a": {"ffn": Adapter(8)}, "b": {"ffn": Adapter(4, placement="parallel")},
+                     "c": {"attn": Adapter(6, act="gelu"), "ffn": Adapter(6, act="gelu")}}),
+    "shared lora + task adapters": ({"attn": LoRA(4)}, {"a": {"ffn": Adapter(8)}, "b": {"ffn": Adapter(4)},
+                                                        "c": {"ffn": Adapter(8) | Adapter(4)}}),
+    "hyper (shared)": ({"ffn": HyperAdapter(8, task_dim=8, hidden=16)}, {"a": {}, "b": {}, "c": {}}),
+    "hyper (per task)": ({}, {"a": {"ffn": HyperAdapter(8, task_dim=8, hidden=16)},
+                              "b": {"ffn": HyperAdapter(4, task_dim=8, hidden=16)}, "c": {}}),
+    "prefix": ({}, {"a": {"attn": Prefix(3)}, "b": {"attn": Prefix(5)}, "c": {"layers.0.attn": Prefix(2)}}),
+    "shared prefix + task prefixes": ({"attn": Prefix(2)}, {"a": {"attn": Prefix(3)}, "b": {}, "c": {"attn": Prefix(4)}}),
+    "prompt": ({}, {"a": {"embed": PromptTuning(3)}, "b": {"embed": PromptTuning(5)}, "c": {}}),
+    "shared prompt + task prompts": ({"embed": PromptTuning(2)}, {"a": {"embed": PromptTuning(3)}, "b": {}, "c": {}}),
+    "bitfit": ({}, {"a": {"ffn": BitFit()}, "b": {"attn": BitFit(), "ffn": BitFit()}, "c": {}}),
+    "lora on embed": ({}, {"a": {"embed": LoRA(4)}, "b": {"embed": LoRA(2)}, "c": {"attn": LoRA(2)}}),
+    "mixed kinds": ({}, {"a": {"attn": LoRA(4) | Prefix(3), "ffn": Adapter(8)}, "b": {"embed": PromptTuning(4)},
+                         "c": {"attn": DoRA(2), "ffn": HyperAdapter(8, task_dim=8, hidden=16)}}),
+}
+TASKS = ["a", None, "b", "c", "a", "b"]
+
+
+def _batch(seed: int = 0, n: int = len(TASKS), t: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[1, -2:] = 0  # right padding on some samples
+    mask[3, -3:] = 0
+    return ids, mask
+
+
+def _attached(arch: str, name: str):
+    model = MODELS[arch]()
+    shared, tasks = SPECS[name]
+    adaptation = attach(model, shared, tasks=tasks)
+    randomize(adaptation, std=0.2)
+    return model, adaptation
+
+
+def _alone(model, adaptation, ids, mask, i, task):
+    with adaptation.using(task):
+        return main_output(model(ids[i:i + 1], attention_mask=mask[i:i + 1]))[0]
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_a_mixed_batch_equals_each_sample_alone(arch, name):
+    model, adaptation = _attached(arch, name)
+    ids, mask = _batch()
+    with torch.no_grad():
+        with adaptation.route(TASKS):
+            mixed = main_output(model(ids, attention_mask=mask))
+        for i, task in enumerate(TASKS):
+            alone = _alone(model, adaptation, ids, mask, i, task)
+            real = mask[i].bool()
+            got = mixed[i, -ids.shape[1]:][real]  # the tokens (soft prompts in front dropped), padding excluded
+            torch.testing.assert_close(got, alone[-ids.shape[1]:][real], atol=2e-5, rtol=1e-4, msg=f"sample {i}")
+
+
+def test_tasks_differ_so_the_comparison_can_fail():
+    model, adaptation = _attached("gpt2", "lora")
+    ids, mask = _batch()
+    with torch.no_grad():
+        a = _alone(model, adaptation, ids, mask, 0, "a")
+        b = _alone(model, adaptation, ids, mask, 0, "b")
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_indices_and_names_route_alike():
+    model, adaptation = _attached("bert", "adapter")
+    ids, mask = _batch()
+    index = torch.tensor([-1 if t is None else adaptation.task_names.index(t) for t in TASKS])
+    with torch.no_grad():
+        with adaptation.route(TASKS):
+            by_name = main_output(model(ids, attention_mask=mask))
+        with adaptation.route(index):
+            by_index = main_output(model(ids, attention_mask=mask))
+    torch.testing.assert_close(by_name, by_index, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "adapter", "hyper (shared)", "prefix", "prompt", "mixed kinds"])
+def test_gradients_equal_the_sum_of_the_per_task_batches(name):
+    model, adaptation = _attached("gpt2", name)
+    ids, mask = _batch()
+    weights = torch.randn(len(TASKS), ids.shape[1], generator=torch.Generator().manual_seed(2))
+
+    def loss(out, rows):
+        return (main_output(out)[:, -ids.shape[1]:].sum(-1) * weights[rows] * mask[rows]).sum()
+
+    params = [p for p in adaptation.parameters() if p.requires_grad]
+    with adaptation.route(TASKS):
+        mixed = torch.autograd.grad(loss(model(ids, attention_mask=mask), list(range(len(TASKS)))), params,
+                                    allow_unused=True)
+    total = [torch.zeros_like(p) for p in params]
+    for task in dict.fromkeys(TASKS):
+        rows = [i for i, t in enumerate(TASKS) if t == task]
+        with adaptation.using(task):
+            value = loss(model(ids[rows], attention_mask=mask[rows]), rows)
+        if not value.requires_grad:
+            continue  # shared-only samples with no shared components: nothing to train
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        total = [s + (g if g is not None else 0) for s, g in zip(total, grads)]
+    assert any(g is not None and g.abs().sum() > 0 for g in mixed)
+    for p, g, want in zip(params, mixed, total):
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(p), want, atol=1e-4, rtol=1e-3)
+
+
+def test_only_the_samples_tasks_get_gradients():
+    model, adaptation = _attached("bert", "lora")
+    ids, mask = _batch()
+    with adaptation.route(["a", None, "a"]):
+        main_output(model(ids[:3], attention_mask=mask[:3])).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adaptation.tasks["a"].parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for g in ("b", "c") for p in adaptation.tasks[g].parameters())
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "prefix", "prompt", "shared prompt + task prompts", "mixed kinds"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_with_routing_equals_per_sample_generate(arch, name):
+    model, adaptation = _attached(arch, name)
+    ids, mask = _batch(t=5)
+    tasks = ["a", "b", None, "c"]
+    ids, mask = ids[:4], torch.ones(4, 5, dtype=torch.long)
+    with torch.no_grad():
+        with adaptation.route(tasks):
+            mixed = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+        for i, task in enumerate(tasks):
+            with adaptation.using(task):
+                alone = model.generate(ids[i:i + 1], attention_mask=mask[i:i + 1], max_new_tokens=4,
+                                       do_sample=False, pad_token_id=1)
+            assert torch.equal(mixed[i], alone[0]), (i, task)
+
+
+def test_generate_with_beams_repeats_the_route():
+    model, adaptation = _attached("gpt2", "lora")
+    ids = torch.randint(2, VOCAB, (2, 4), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=1)
+    with torch.no_grad():
+        with adaptation.route(["a", "b"]):
+            mixed = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        for i, task in enumerate(["a", "b"]):
+            with adaptation.using(task):
+                alone = model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kw)
+            assert torch.equal(mixed[2 * i:2 * i + 2], alone)
+
+
+def test_per_task_trainable_heads_route():
+    model = tiny_bert()
+    adaptation = attach(model, tasks={"a": {"pooler.dense": Trainable()}, "b": {"pooler.dense": Trainable()}})
+    randomize(adaptation, std=0.3)
+    ids, mask = _batch()
+    tasks = ["a", "b", None, "b", "a", None]
+    with torch.no_grad():
+        with adaptation.route(tasks):
+            mixed = model(ids, attention_mask=mask).pooler_output
+        for i, task in enumerate(tasks):
+            with adaptation.using(task):
+                alone = model(ids[i:i + 1], attention_mask=mask[i:i + 1]).pooler_output[0]
+            torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_one_task_in_the_route_is_that_task():
+    model, adaptation = _attached("gpt2", "adapter")
+    ids, mask = _batch()
+    with torch.no_grad():
+        with adaptation.route(["b"] * len(TASKS)):
+            assert adaptation.routing is None and adaptation.task == "b"
+            routed = main_output(model(ids, attention_mask=mask))
+        assert adaptation.task == "a"
+        with adaptation.using("b"):
+            plain = main_output(model(ids, attention_mask=mask))
+    torch.testing.assert_close(routed, plain, atol=0, rtol=0)
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+def test_unknown_names_and_indices_are_clear_errors():
+    model, adaptation = _attached("gpt2", "lora")
+    with pytest.raises(TaskError, match="unknown task 'z'.*'a', 'b', 'c'"):
+        with adaptation.route(["a", "z"]):
+            pass
+    with pytest.raises(TaskError, match="index 3 is out of range.*0-2"):
+        with adaptation.route(torch.tensor([0, 3])):
+            pass
+    with pytest.raises(TaskError, match="1-D integer tensor"):
+        with adaptation.route(torch.tensor([0.0, 1.0])):
+            pass
+    with pytest.raises(TaskError, match="no samples"):
+        with adaptation.route([]):
+            pass
+    with pytest.raises(TaskError, match="name, an index or None"):
+        with adaptation.route(["a", 1.5]):
+            pass
+
+
+def test_a_route_of_the_wrong_length_is_a_clear_error():
+    model, adaptation = _attached("gpt2", "lora")
+    ids, mask = _batch()
+    with pytest.raises(AdaptuneError, match="the batch has 6 samples but the route gives 4 tasks"):
+        with adaptation.route(["a", "b", "c", "a"]):
+            model(ids, attention_mask=mask)
+
+
+def test_merge_is_refused_while_routing_and_routing_while_merged():
+    model, adaptation = _attached("gpt2", "lora")
+    with adaptation.route(["a", "b"]):
+        with pytest.raises(MergeError, match="cannot merge inside route"):
+            adaptation.merge()
+        with pytest.raises(TaskError, match="cannot switch tasks inside route"):
+            adaptation.use("b")
+        with pytest.raises(TaskError, match="do not nest"):
+            with adaptation.route(["a", "b"]):
+                pass
+    adaptation.merge()
+    with pytest.raises(MergeError, match="while updates are merged"):
+        with adaptation.route(["a", "b"]):
+            pass
+    adaptation.unmerge()
+    assert adaptation.task == "a" and adaptation.routing is None
