@@ -30,4 +30,20 @@ TORCH_LIBRARY(adaptune, m) {
   // -> (dx, d down_weight, d down_bias, d up_weight, d up_bias); d residual = dy
   m.def("bottleneck_backward(Tensor dy, Tensor x, Tensor pre, Tensor h, Tensor down_weight, "
         "Tensor up_weight, float scale, str act, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Routed (a task per sample): x (N, ..., in), index (N,) in [-1, T), tables stacked on T: A (T, r, in),
+  // B (T, out, r), magnitude and norm (T, out), down (T, m, d_in), up (T, d, m), scale (T,).
+  m.def("lora_routed(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor scale, Tensor index, "
+        "Tensor? xd) -> (Tensor, Tensor)");
+  m.def("lora_routed_backward(Tensor dy, Tensor xs, Tensor weight, Tensor A, Tensor B, Tensor scale, "
+        "Tensor index, Tensor h, bool dropped, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dora_routed(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor magnitude, Tensor norm, "
+        "Tensor scale, Tensor index, Tensor? xd) -> (Tensor, Tensor, Tensor)");
+  m.def("dora_routed_backward(Tensor dy, Tensor xs, Tensor weight, Tensor A, Tensor B, Tensor magnitude, "
+        "Tensor norm, Tensor scale, Tensor index, Tensor h, Tensor z, bool dropped, bool need_dx, bool need_dnorm) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bottleneck_routed(Tensor x, Tensor residual, Tensor down_weight, Tensor down_bias, Tensor up_weight, "
+        "Tensor up_bias, Tensor scale, Tensor index, str act) -> (Tensor, Tensor, Tensor)");
+  m.def("bottleneck_routed_backward(Tensor dy, Tensor x, Tensor pre, Tensor h, Tensor down_weight, "
+        "Tensor up_weight, Tensor scale, Tensor index, str act, bool need_dx) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

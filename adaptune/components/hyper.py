@@ -164,7 +164,7 @@ class HyperNetwork(nn.Module):
     def forward(self, h: Tensor, layer: int, position: int) -> Tensor:
         """The adapter of (active task, layer, position) applied to h (..., d); inside `adaptation.route()`,
         each sample's task's adapter (the identity for shared-only samples)."""
-        route = self.adaptation.routing
+        route = getattr(self.adaptation, "routing", None)
         if route is not None and self.task_names is not None:
             index, out = route.index_for(h.shape[0], h.device, "HyperAdapter"), h
             for row in (i for i in route.present if i >= 0):  # route indices are task_names positions

@@ -30,7 +30,7 @@ from ..files import atomic_write
 _CHECKOUT = Path(__file__).resolve().parents[2] / "csrc"
 CSRC = _CHECKOUT if _CHECKOUT.is_dir() else Path(__file__).resolve().parents[1] / "_csrc"
 NAME = "adaptune_ops"
-FAMILIES = ("lora", "dora", "bottleneck")  # one source file per op family and device: cpu/<op>.cpp, cuda/<op>.cu
+FAMILIES = ("lora", "dora", "bottleneck", "routed")  # one source file per op family and device: cpu/<op>.cpp, cuda/<op>.cu
 CFLAGS = ["-O3"]
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 MANIFEST = "manifest.json"

@@ -200,3 +200,131 @@ def _bottleneck_backward(ctx, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> Grads:
 
 
 torch.library.register_autograd("adaptune::bottleneck", _bottleneck_backward, setup_context=_bottleneck_setup)
+
+
+# ---- routed: a task per sample (x (N, ..., in), index (N,), task tables stacked on T) ------------------
+
+def _routed_dropped(x: Tensor, index: Tensor, dropout: tuple[float, ...], training: bool) -> Tensor | None:
+    """drop(x) with each sample's task's p (None when no task drops): the same distribution as the reference's
+    per-task F.dropout, not the same mask."""
+    if not training or not any(p > 0.0 for p in dropout):
+        return None
+    p = torch.tensor([*dropout, 0.0], device=x.device, dtype=x.dtype)[index]  # index -1 -> 0
+    keep = (1 - p).view(-1, *[1] * (x.dim() - 1))
+    return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+def lora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: Tensor, index: Tensor,
+                dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
+    """LoRA with a task per sample; see `reference.lora_routed`."""
+    return ops.lora_routed(x, weight, bias, A, B, scale, index, _routed_dropped(x, index, dropout, training))[0]
+
+
+@torch.library.register_fake("adaptune::lora_routed")
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: Tensor, index: Tensor,
+      xd: Tensor | None) -> tuple[Tensor, Tensor]:
+    n = index.shape[0]
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((n, _rows(x) // n, A.shape[1]))  # y, h
+
+
+@torch.library.register_fake("adaptune::lora_routed_backward")
+def _(dy: Tensor, xs: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, index: Tensor, h: Tensor,
+      dropped: bool, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _low_rank_grads_fake(xs, A, B, dropped, need_dx)
+
+
+def _lora_routed_setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    x, weight, _, A, B, scale, index, xd = inputs
+    ctx.dropped = xd is not None
+    ctx.save_for_backward(xd if xd is not None else x, weight, A, B, scale, index, output[1])
+
+
+def _lora_routed_backward(ctx, dy: Tensor, _dh: Tensor) -> Grads:
+    xs, weight, A, B, scale, index, h = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[7]
+    dx, dxd, dA, dB = ops.lora_routed_backward(dy, xs, weight, A, B, scale, index, h, ctx.dropped, need_dx)
+    return (dx if need_dx else None), None, None, dA, dB, None, None, (dxd if ctx.dropped and need_dx else None)
+
+
+torch.library.register_autograd("adaptune::lora_routed", _lora_routed_backward, setup_context=_lora_routed_setup)
+
+
+def dora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
+                scale: Tensor, index: Tensor, dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
+    """DoRA with a task per sample; see `reference.dora_routed`."""
+    xd = _routed_dropped(x, index, dropout, training)
+    return ops.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, xd)[0]
+
+
+@torch.library.register_fake("adaptune::dora_routed")
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
+      scale: Tensor, index: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    n, out = index.shape[0], weight.shape[0]
+    rows = _rows(x) // n
+    return x.new_empty((*x.shape[:-1], out)), x.new_empty((n, rows, A.shape[1])), x.new_empty((n, rows, out))
+
+
+@torch.library.register_fake("adaptune::dora_routed_backward")
+def _(dy: Tensor, xs: Tensor, weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor, scale: Tensor,
+      index: Tensor, h: Tensor, z: Tensor, dropped: bool, need_dx: bool, need_dnorm: bool) -> tuple[Tensor, ...]:
+    dnorm = norm.new_empty(norm.shape) if need_dnorm else _empty(norm)
+    return (*_low_rank_grads_fake(xs, A, B, dropped, need_dx), magnitude.new_empty(magnitude.shape), dnorm)
+
+
+def _dora_routed_setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, weight, _, A, B, magnitude, norm, scale, index, xd = inputs
+    ctx.dropped = xd is not None
+    ctx.save_for_backward(xd if xd is not None else x, weight, A, B, magnitude, norm, scale, index, output[1],
+                          output[2])
+
+
+def _dora_routed_backward(ctx, dy: Tensor, _dh: Tensor, _dz: Tensor) -> Grads:
+    xs, weight, A, B, magnitude, norm, scale, index, h, z = ctx.saved_tensors
+    need_dx, need_dnorm = ctx.needs_input_grad[0] or ctx.needs_input_grad[9], ctx.needs_input_grad[6]
+    dx, dxd, dA, dB, dm, dnorm = ops.dora_routed_backward(dy, xs, weight, A, B, magnitude, norm, scale, index, h, z,
+                                                          ctx.dropped, need_dx, need_dnorm)
+    return ((dx if need_dx else None), None, None, dA, dB, dm, (dnorm if need_dnorm else None), None, None,
+            (dxd if ctx.dropped and need_dx else None))
+
+
+torch.library.register_autograd("adaptune::dora_routed", _dora_routed_backward, setup_context=_dora_routed_setup)
+
+
+def bottleneck_routed(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                      up_bias: Tensor, scale: Tensor, index: Tensor, act: str = "relu") -> Tensor:
+    """Bottleneck adapters with a task per sample; see `reference.bottleneck_routed`."""
+    return ops.bottleneck_routed(x, residual, down_weight, down_bias, up_weight, up_bias, scale, index, act)[0]
+
+
+@torch.library.register_fake("adaptune::bottleneck_routed")
+def _(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor,
+      scale: Tensor, index: Tensor, act: str) -> tuple[Tensor, Tensor, Tensor]:
+    n = index.shape[0]
+    hidden = (n, _rows(x) // n, down_weight.shape[1])  # (N, L, m)
+    return residual.new_empty(residual.shape), x.new_empty(hidden), x.new_empty(hidden)  # y, pre, h
+
+
+@torch.library.register_fake("adaptune::bottleneck_routed_backward")
+def _(dy: Tensor, x: Tensor, pre: Tensor, h: Tensor, down_weight: Tensor, up_weight: Tensor, scale: Tensor,
+      index: Tensor, act: str, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx = x.new_empty(x.shape) if need_dx else _empty(x)
+    return (dx, x.new_empty(down_weight.shape), x.new_empty(down_weight.shape[:2]), x.new_empty(up_weight.shape),
+            x.new_empty(up_weight.shape[:2]))
+
+
+def _bottleneck_routed_setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, _, down_weight, _, up_weight, _, scale, index, act = inputs
+    ctx.act = act
+    ctx.save_for_backward(x, output[1], output[2], down_weight, up_weight, scale, index)
+
+
+def _bottleneck_routed_backward(ctx, dy: Tensor, _dpre: Tensor, _dh: Tensor) -> Grads:
+    x, pre, h, down_weight, up_weight, scale, index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dWd, dbd, dWu, dbu = ops.bottleneck_routed_backward(dy, x, pre, h, down_weight, up_weight, scale, index,
+                                                            ctx.act, need[0])
+    return (dx if need[0] else None), (dy if need[1] else None), dWd, dbd, dWu, dbu, None, None, None
+
+
+torch.library.register_autograd("adaptune::bottleneck_routed", _bottleneck_routed_backward,
+                                setup_context=_bottleneck_routed_setup)
