@@ -27,6 +27,7 @@ from .datasets import ALIASES, DATASETS, DEFAULT_DATASETS, parse_datasets
 from .eda import augment, load_synonyms
 from .methods import Method, lr_defaults
 
+BATCHING = ("round-robin", "mixed")
 QUICK = {"epochs": 1, "train_limit": 512, "dev_limit": 400, "max_length": 64, "batch_size": 16}
 FULL = {"epochs": 3, "train_limit": None, "dev_limit": None, "max_length": 128, "batch_size": 32}
 
@@ -74,6 +75,11 @@ class ExperimentConfig:
     layer_lr_decay: float | None = field(default=None, metadata={
         "help": "layer-wise learning-rate decay xi in (0, 1]: layer l gets lr*xi^(L-1-l) (seed 003)",
         "panel": "Training"})
+    batching: str = field(default="round-robin", metadata={
+        "help": "round-robin: each batch from one dataset, the datasets taking turns; mixed: every batch mixes "
+                "them, each sample through its dataset's components (adaptation.route), head and loss, the "
+                "datasets' mean losses weighted by their share of the batch; dev sets evaluated in mixed batches too",
+        "metavar": "round-robin|mixed", "panel": "Training"})
     split_ratio: float = field(default=0.8, metadata={
         "help": "train share of a dataset without a dev file (quora-dev.csv), split by --data-seed; the rest is dev",
         "panel": "Model and data"})
@@ -109,6 +115,7 @@ class ExperimentConfig:
         for what in ("quick", "overwrite"):
             _check(self, what, "True or False", lambda v: isinstance(v, bool))
         _check(self, "augment", "'eda'", lambda v: v == "eda", optional=True)
+        _check(self, "batching", "'round-robin' or 'mixed'", lambda v: v in BATCHING)
         _check(self, "device", "cpu, cuda or cuda:N", lambda v: isinstance(v, str) and bool(DEVICE.fullmatch(v)))
         _check(self, "model", "a model name or directory", lambda v: isinstance(v, str) and bool(v.strip()))
         _check(self, "out", "a directory path", lambda v: isinstance(v, (str, os.PathLike)) and bool(str(v).strip()))

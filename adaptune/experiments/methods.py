@@ -32,8 +32,8 @@ from ..errors import ConfigError
 from ..spec import parse_spec
 
 METHODS = ("head-only", "full", "lora", "dora", "adapter", "lora+adapter", "hyper", "prefix", "prompt", "stack")
-COMPONENT_LR = 1e-3  # the learning rate of every method DEFAULT_LR does not name
-DEFAULT_LR = {"full": 1e-4, "prefix": 5e-3, "prompt": 1e-2}
+COMPONENT_LR = 3e-3  # the learning rate of every method DEFAULT_LR does not name (see the README: the comparisons)
+DEFAULT_LR = {"full": 3e-4, "prefix": 5e-3, "prompt": 1e-2}
 PER_TASK_BY_DEFAULT = {"adapter"}
 
 ACCOUNTING = ("% updated per task = (parameters trained for that task: shared components + the task's own "

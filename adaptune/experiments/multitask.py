@@ -4,7 +4,9 @@ and seed 003's layer-wise learning-rate decay).
 One base model; one plain nn.Linear head per dataset on the mean-pooled last hidden states (see
 training.py); a regression head's bias starts at the mean training score. Losses: classes cross entropy, binary one logit with BCE, regression one output with
 MSE (STS, scored by Pearson r). Within each epoch the datasets take turns batch by batch (round
-robin); the active adaptune task is switched to the dataset's before each step. AdamW, linear
+robin); the active adaptune task is switched to the dataset's before each step. With batching "mixed"
+every batch mixes the datasets: each sample runs its dataset's task (adaptation.route), head and loss,
+and the datasets' mean losses are weighted by their share of the batch (every sample weighs the same). AdamW, linear
 warm-up (10% of the steps) then linear decay, gradients clipped to norm 1. Seeded: the same config
 and seed give the same metrics on CPU (torch.use_deterministic_algorithms during the run).
 
@@ -35,7 +37,7 @@ from .distributed import Ranks, setup
 from .machine import cpu_name, peak_rss_mb
 from .methods import accounting, make_heads, param_groups
 from .runs import FORMAT, check_destination, load_run, predict_run, save_run
-from .training import Encoder, evaluate, loss_of, schedule, warmup_linear
+from .training import Encoder, evaluate, loss_of, mixed_loss, mixed_schedule, routed, schedule, warmup_linear
 
 
 def score(data: dict[str, DatasetSplits], preds: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -86,42 +88,67 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
     opt = torch.optim.AdamW(param_groups(model, heads, cfg.lr, cfg.head_lr, n_layers, cfg.layer_lr_decay))
     sizes = {t: len(d.train) for t, d in data.items()}
-    plans = [schedule(sizes, cfg.batch_size, cfg.seed, e) for e in range(cfg.epochs)]
+    mixed = cfg.batching == "mixed"
+    make = mixed_schedule if mixed else schedule
+    plans = [make(sizes, cfg.batch_size, cfg.seed, e) for e in range(cfg.epochs)]
     sched = warmup_linear(opt, sum(map(len, plans)))
     params = [p for g in opt.param_groups for p in g["params"]]
+    kinds = {t: d.dataset.kind for t, d in data.items()}
     losses: dict[str, list[list[float]]] = {t: [] for t in data}
     seen, seconds, step, total = 0, 0.0, 0, sum(map(len, plans))
     set_seed(cfg.seed + ranks.rank)  # the same weights on every rank (built before), not the same dropout
     for epoch, plan in enumerate(plans):
-        bars = {t: progress.add_task(f"epoch {epoch + 1}/{cfg.epochs} {t}", total=sum(1 for s, _ in plan if s == t))
-                for t in data} if progress is not None else {}
+        bars = _bars(progress, plan, data, epoch, cfg.epochs, mixed)
         for t in data:
             losses[t].append([])
         model.train(), heads.train()
         t0 = time.perf_counter()
-        for t, idx in plan:
-            if adaptation is not None:
-                adaptation.use(t)
-            mine, share = ranks.part(idx) if ranks.world > 1 else (idx, 1.0)
-            batch = [data[t].train[i] for i in mine]
-            labels = torch.tensor([e.label for e in batch], dtype=torch.float32, device=cfg.device)
-            loss = loss_of(data[t].dataset.kind, heads[t](encoder(batch)), labels)
+        for item in plan:
+            pairs = item if mixed else [(item[0], i) for i in item[1]]  # (dataset, example index)
+            mine, share = ranks.part(pairs) if ranks.world > 1 else (pairs, 1.0)
+            names = [t for t, _ in mine]
+            labels = torch.tensor([data[t].train[i].label for t, i in mine], dtype=torch.float32, device=cfg.device)
+            if mixed:
+                with routed(adaptation, names):
+                    pooled = encoder([data[t].train[i] for t, i in mine])
+                loss, parts = mixed_loss(kinds, heads, pooled, mine, labels)
+            else:
+                if adaptation is not None:
+                    adaptation.use(names[0])
+                loss = loss_of(kinds[names[0]], heads[names[0]](encoder([data[t].train[i] for t, i in mine])), labels)
+                parts = {names[0]: None}
             if ranks.world > 1:
                 loss = loss * share  # summed across ranks: the whole batch's mean
             step += 1
-            where = f"step {step} of {total} (epoch {epoch + 1}, dataset {t!r})"
+            where = f"step {step} of {total} (epoch {epoch + 1}, " + \
+                (f"datasets {', '.join(parts)})" if mixed else f"dataset {names[0]!r})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if mixed and ranks.world > 1:  # every rank all-reduces the same gradients, present or not
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
             value = _finite(ranks.reduce(params, loss), "the loss", where, cfg)
             _finite(torch.nn.utils.clip_grad_norm_(params, 1.0).item(), "the gradient norm", where, cfg)
             opt.step()
             sched.step()
-            losses[t][-1].append(value)
-            seen += len(idx)
+            for t, part in parts.items():
+                losses[t][-1].append(value if part is None else part)
+            seen += len(pairs)
             if progress is not None:
-                progress.advance(bars[t])
+                progress.advance(bars["mixed" if mixed else names[0]])
         seconds += time.perf_counter() - t0
     return {"losses": losses, "examples": seen, "seconds": seconds, "steps": total}
+
+
+def _bars(progress: Any, plan: list, data: dict, epoch: int, epochs: int, mixed: bool) -> dict:
+    """One progress bar per dataset (round robin), or one for the mixed batches, for this epoch."""
+    if progress is None:
+        return {}
+    if mixed:
+        return {"mixed": progress.add_task(f"epoch {epoch + 1}/{epochs} mixed batches", total=len(plan))}
+    return {t: progress.add_task(f"epoch {epoch + 1}/{epochs} {t}", total=sum(1 for s, _ in plan if s == t))
+            for t in data}
 
 
 def _finite(value: float, what: str, where: str, cfg: ExperimentConfig) -> float:
@@ -161,7 +188,7 @@ def _run(cfg: ExperimentConfig, ranks: Ranks, progress: Any) -> dict:
         log = train(cfg, data, model, adaptation, heads, encoder, progress, ranks)
         t0 = time.perf_counter()
         preds = ranks.gather(evaluate(encoder, heads, adaptation, data, progress=progress,
-                                      shard=(ranks.rank, ranks.world)))
+                                      shard=(ranks.rank, ranks.world), mixed=cfg.batching == "mixed"))
         eval_s = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(deterministic)

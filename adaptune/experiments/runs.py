@@ -150,4 +150,4 @@ def predict_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict
     cfg, _, adaptation, heads, encoder = load_run(run_dir)
     if data_dir is not None:
         cfg.data_dir = str(data_dir)
-    return evaluate(encoder, heads, adaptation, load_data(cfg))
+    return evaluate(encoder, heads, adaptation, load_data(cfg), mixed=cfg.batching == "mixed")

@@ -7,6 +7,7 @@ is over the input's own tokens only. Sentence pairs are cross-encoded: tokenizer
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -28,7 +29,11 @@ class Encoder:
 
     def tokenize(self, examples: list) -> dict[str, torch.Tensor]:
         a = [e.a for e in examples]
-        b = [e.b for e in examples] if examples[0].b is not None else None
+        pairs = [e.b is not None for e in examples]
+        if any(pairs) and not all(pairs):  # a mixed batch of sentences and pairs: each encoded, then padded
+            each = [self.tok(e.a, e.b, truncation=True, max_length=self.max_length) for e in examples]
+            return self.tok.pad(each, padding=True, return_tensors="pt")
+        b = [e.b for e in examples] if pairs[0] else None
         return self.tok(a, b, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
 
     def __call__(self, examples: list) -> torch.Tensor:
@@ -76,6 +81,29 @@ def schedule(sizes: dict[str, int], batch_size: int, seed: int, epoch: int) -> l
     return out
 
 
+def mixed_schedule(sizes: dict[str, int], batch_size: int, seed: int, epoch: int) -> list[list[tuple[str, int]]]:
+    """One epoch's mixed batches of (dataset, example index): every example of every dataset shuffled together
+    (seeded by seed and epoch), cut into batches, each batch ordered by dataset."""
+    pairs = [(t, i) for t, n in sizes.items() for i in range(n)]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch * 31 + 7)).tolist()
+    rank = {t: k for k, t in enumerate(sizes)}
+    return [sorted((pairs[j] for j in order[k:k + batch_size]), key=lambda p: rank[p[0]])
+            for k in range(0, len(order), batch_size)]
+
+
+def mixed_loss(kinds: dict[str, str], heads: nn.ModuleDict, pooled: torch.Tensor, batch: list[tuple[str, int]],
+               labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """A mixed batch's loss: each dataset's mean loss (its head on its samples) weighted by its share of the
+    batch, so every sample weighs the same; and each dataset's mean loss."""
+    total, parts = pooled.new_zeros(()), {}
+    for t in dict.fromkeys(name for name, _ in batch):
+        rows = torch.tensor([k for k, (name, _) in enumerate(batch) if name == t], device=pooled.device)
+        loss = loss_of(kinds[t], heads[t](pooled[rows]), labels[rows])
+        total = total + loss * (len(rows) / len(batch))
+        parts[t] = loss.item()
+    return total, parts
+
+
 def warmup_linear(optimizer: torch.optim.Optimizer, total: int, warmup: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
     n_warm = max(1, round(total * warmup))
@@ -87,14 +115,22 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total: int, warmup: float = 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def routed(adaptation: Any, tasks: list[str]):
+    """adaptation.route(tasks) (a task per sample), or nothing to do without an adaptation."""
+    return adaptation.route(tasks) if adaptation is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(encoder: Encoder, heads: nn.ModuleDict, adaptation: Any, data: dict, batch_size: int = EVAL_BATCH,
-             progress: Any = None, shard: tuple[int, int] = (0, 1)) -> dict[str, list[float]]:
+             progress: Any = None, shard: tuple[int, int] = (0, 1), mixed: bool = False) -> dict[str, list[float]]:
     """Dev predictions per dataset, in file order. Batches hold examples of similar length (sorted by
     character length) to cut padding; masked padding leaves each prediction mathematically unchanged.
+    mixed: every dataset's examples in the same batches, each through its dataset's task (adaptation.route).
     shard=(rank, world): only every world-th batch from rank's; the others' predictions are None."""
     encoder.model.eval()
     heads.eval()
+    if mixed:
+        return _evaluate_mixed(encoder, heads, adaptation, data, batch_size, progress, shard)
     preds: dict[str, list[float]] = {}
     for t, d in data.items():
         if adaptation is not None:
@@ -109,4 +145,25 @@ def evaluate(encoder: Encoder, heads: nn.ModuleDict, adaptation: Any, data: dict
             if bar is not None:
                 progress.advance(bar)
         preds[t] = out
+    return preds
+
+
+def _evaluate_mixed(encoder: Encoder, heads: nn.ModuleDict, adaptation: Any, data: dict, batch_size: int,
+                    progress: Any, shard: tuple[int, int]) -> dict[str, list[float]]:
+    pairs = [(t, i) for t, d in data.items() for i in range(len(d.dev))]
+    size = lambda p: len(data[p[0]].dev[p[1]].a) + len(data[p[0]].dev[p[1]].b or "")  # noqa: E731
+    order = sorted(pairs, key=size)
+    chunks = [order[j:j + batch_size] for j in range(0, len(order), batch_size)][shard[0]::shard[1]]
+    bar = progress.add_task("dev (mixed batches)", total=len(chunks)) if progress is not None else None
+    preds: dict[str, list] = {t: [None] * len(d.dev) for t, d in data.items()}
+    for chunk in chunks:
+        chunk = sorted(chunk, key=lambda p: list(data).index(p[0]))
+        with routed(adaptation, [t for t, _ in chunk]):
+            pooled = encoder([data[t].dev[i] for t, i in chunk])
+        for t in dict.fromkeys(t for t, _ in chunk):
+            rows = [k for k, (name, _) in enumerate(chunk) if name == t]
+            for k, p in zip(rows, predictions(data[t].dataset.kind, heads[t](pooled[rows]))):
+                preds[t][chunk[k][1]] = p
+        if bar is not None:
+            progress.advance(bar)
     return preds

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU experiments of benchmarks/results/vae/README.md (seed 001's Tables 1-3 and Figure 1, scaled down).
-# Usage: benchmarks/results/vae/run_tables.sh [OUT] [PART]   (from the repository root; PART: t1, t2, t3, smol
-# or all). The base is small-gpt2 (`adaptune pretrain-lm`, built first when missing); every run: Yelp unless
+# Usage: benchmarks/results/vae/run_tables.sh [OUT] [PART]   (from the repository root; PART: t1, t2, t3, smol,
+# long or all). The base is small-gpt2 (`adaptune pretrain-lm`, built first when missing); every run: Yelp unless
 # named, seed 0, batches of 32 sentences of at most 32 tokens, $STEPS steps, test metrics on a seeded subset of
 # $EVAL_LIMIT test sentences with $EVAL_SAMPLES importance samples; components at lr 1e-3, full fine-tuning 1e-4.
 set -uo pipefail
@@ -45,6 +45,13 @@ if want smol; then  # AdaVAE against LG on SmolLM2-135M at a budget that fits a 
     [ -f "$OUT/smol-$v/results.json" ] && continue
     echo "=== smol-$v ($(date -u +%H:%M:%S))"
     $ADAPTUNE run vae "${SMOL[@]}" --name "smol-$v" $([ $v = lg ] && echo --latent-gen pool) || echo "=== FAILED: smol-$v"
+  done
+fi
+if want long; then  # a learning-rate check, and AdaVAE, fine-tuning and LG at 6x the budget ($LONG_STEPS steps)
+  run adavae-lr3e-3 --lr 3e-3
+  for v in adavae finetune lg; do
+    case $v in finetune) extra=(--finetune --lr 1e-4);; lg) extra=(--latent-gen pool --lr 1e-3);; *) extra=(--lr 1e-3);; esac
+    run "$v-long" --steps "${LONG_STEPS:-2400}" "${extra[@]}"
   done
 fi
 echo "=== done ($(date -u +%H:%M:%S))"
