@@ -22,6 +22,9 @@ COLUMNS = {  # suite: [(header, record key, format)]
     "ops": [("tokens", "tokens", "{:,}"), ("median ms", "median_ms", "{:.3f}"), ("min–max ms", None, None),
             ("tokens/s", "tokens_per_s", "{:,.0f}"), ("GB/s", "bandwidth_gbs", "{:,.1f}"),
             ("MEM", "peak_mb", "{:,.0f}"), ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
+    "routing": [("tasks", "tasks", "{}"), ("trainable", "trainable", "{:,}"), ("median ms", "median_ms", "{:.1f}"),
+                ("min–max ms", None, None), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MEM", "peak_mb", "{:,.0f}"),
+                ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
 }
 
 
@@ -56,7 +59,7 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Column headers and one row of cells per configuration (markdown here, rich in `adaptune bench`)."""
     device = result["environment"]["device"]
     cols = COLUMNS[result["suite"]]
-    ms = result["suite"] == "ops"
+    ms = result["suite"] in ("ops", "routing")
     if device == "cuda":  # max_memory_allocated has no process baseline
         cols = [c for c in cols if c[1] != "peak_over_base_mb"]
     heads = ["configuration"] + [_MEMORY[device] if h == "MEM" else h for h, _, _ in cols]

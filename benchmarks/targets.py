@@ -19,7 +19,7 @@ SAME = "same"
 @dataclass(frozen=True)
 class Target:
     device: str  # cpu | cuda
-    suite: str  # train_step | ops | rank_sweep
+    suite: str  # train_step | ops | rank_sweep | routing
     text: str
     a: dict
     b: dict | None
@@ -31,7 +31,16 @@ class Target:
 _BERT = {"model": "bert-base"}
 _ADA_DORA = {"impl": "adaptune", "op": "dora"}
 _ADA_LORA = {"impl": "adaptune", "op": "lora", "path": SAME}
-TARGETS = (
+_MIXED = {"how": "mixed", "tasks": 8}
+_SINGLE = {"how": "single", "method": SAME, "mode": SAME, "path": SAME}
+_ROUTING = tuple(
+    Target(device, "routing", f"T=8 mixed batch <= 1.15 x a single-task batch ({method})",
+           {**_MIXED, "method": method}, _SINGLE, 1.15)
+    for device in ("cpu", "cuda") for method in ("lora", "dora", "adapter")) + tuple(
+    Target(device, "routing", "T=8 mixed batch, LoRA inference: adaptune route <= 1.0 x PEFT adapter_names",
+           {**_MIXED, "method": "lora", "mode": "fwd"}, {"how": "peft", "tasks": 8}, 1.0)
+    for device in ("cpu", "cuda"))
+TARGETS = _ROUTING + (
     Target("cpu", "train_step", "BERT-base step: adaptune DoRA <= 0.9 x PEFT DoRA",
            {**_BERT, "method": "adaptune-dora"}, {**_BERT, "method": "peft-dora"}, 0.9),
     Target("cpu", "train_step", "BERT-base step: adaptune LoRA <= 1.0 x PEFT LoRA",

@@ -155,7 +155,7 @@ def test_every_cuda_source_compiles_with_nvcc(tmp_path):
              f"-I{sysconfig.get_paths()['include']}"] + [f"-I{p}" for p in include_paths()]
     sources = build.sources("cuda")
     cu = [s for s in sources if s.suffix == ".cu"]
-    assert {s.name for s in cu} == {"lora.cu", "dora.cu", "bottleneck.cu"}
+    assert {s.name for s in cu} == {"lora.cu", "dora.cu", "bottleneck.cu", "routed.cu"}
     # one translation unit including every .cu: torch's headers are parsed once (errors name the real files)
     umbrella = tmp_path / "all.cu"
     umbrella.write_text("".join(f'#include "{s}"\n' for s in cu))
