@@ -1,6 +1,12 @@
 // DoRA on CPU: the factored row norm's combination and the (m / n) scaling with ATen.
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
 #include "fused.h"
 
 namespace adaptune {
@@ -26,10 +32,42 @@ Tensor Cpu::dora_scale(const Tensor& z, const Tensor& m, const Tensor& n, const 
   return bias ? at::addcmul(*bias, z, g) : z * g;
 }
 
+// dz = dy·(m / n) and dm = Σ_rows dy ⊙ z / n in one pass over dy and z: each of a fixed number of row
+// chunks sums its own partial dm (in n's dtype), the partials are then added in chunk order, so the
+// result does not depend on the number of threads.
 std::tuple<Tensor, Tensor> Cpu::dora_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& m,
                                                     const Tensor& n) {
-  Tensor dm = (dy * z).sum({0}, false, n.scalar_type()).div_(n);
-  return {dy * scale_of(m, n, dy.scalar_type()), dm};
+  const Tensor dyc = dy.contiguous(), zc = z.contiguous();
+  const int64_t rows = dyc.size(0), cols = dyc.size(1);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 32));
+  const Tensor g = scale_of(m, n, n.scalar_type()).contiguous();  // (out,) in the accumulation dtype
+  Tensor dz = at::empty_like(dyc);
+  Tensor part = at::zeros({chunks, cols}, n.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dyc.scalar_type(), "dora_scale_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(n.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "adaptune: norm dtype mismatch");
+    const scalar_t* pdy = dyc.const_data_ptr<scalar_t>();
+    const scalar_t* pz = zc.const_data_ptr<scalar_t>();
+    const acc_t* pg = g.const_data_ptr<acc_t>();
+    scalar_t* pdz = dz.mutable_data_ptr<scalar_t>();
+    acc_t* pp = part.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t* acc = pp + c * cols;
+        for (int64_t i = rows * c / chunks; i < rows * (c + 1) / chunks; ++i) {
+          const scalar_t* dyi = pdy + i * cols;
+          const scalar_t* zi = pz + i * cols;
+          scalar_t* dzi = pdz + i * cols;
+          for (int64_t j = 0; j < cols; ++j) {
+            const acc_t d = static_cast<acc_t>(dyi[j]);
+            dzi[j] = static_cast<scalar_t>(d * pg[j]);
+            acc[j] += d * static_cast<acc_t>(zi[j]);
+          }
+        }
+      }
+    });
+  });
+  return {dz.view(dy.sizes()), part.sum(0).div_(n)};
 }
 
 TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
