@@ -230,3 +230,18 @@ def test_merge_is_refused_while_routing_and_routing_while_merged():
             pass
     adaptation.unmerge()
     assert adaptation.task == "a" and adaptation.routing is None
+
+
+@pytest.mark.parametrize("name", ["lora+dora", "adapter", "mixed kinds"])
+def test_routing_on_a_bfloat16_base(name):
+    model, adaptation = _attached("gpt2", name)
+    model.to(torch.bfloat16)  # components stay float32, as on any half-precision base
+    ids, mask = _batch()
+    with torch.no_grad():
+        with adaptation.route(TASKS):
+            mixed = main_output(model(ids, attention_mask=mask))
+        for i, task in enumerate(TASKS):
+            alone = _alone(model, adaptation, ids, mask, i, task)
+            real = mask[i].bool()
+            torch.testing.assert_close(mixed[i, -ids.shape[1]:][real].float(), alone[-ids.shape[1]:][real].float(),
+                                       atol=0.05, rtol=0.05, msg=f"sample {i}")

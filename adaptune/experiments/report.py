@@ -82,8 +82,8 @@ def _lr_note(result: dict) -> str:
 
 
 def run_label(result: dict) -> str:
-    """The method's label, with the learning rate when it is not the method's default."""
-    note = _lr_note(result)
+    """The method's label, with the learning rate when it is not the method's default, and mixed batching."""
+    note = _lr_note(result) + (", mixed batches" if result.get("config", {}).get("batching") == "mixed" else "")
     label = result["label"]
     return (label[:-1] + note + "]" if label.endswith("]") else f"{label}[{note[2:]}]") if note else label
 
@@ -147,7 +147,8 @@ def plot(results: list[dict], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(9.5, 5.2))
     families: dict[tuple[str, str, str], list[dict]] = {}
     for r in results:
-        families.setdefault((r.get("method", r["label"]), r["sharing"], _lr_note(r)), []).append(r)
+        mixed = ", mixed batches" if r.get("config", {}).get("batching") == "mixed" else ""
+        families.setdefault((r.get("method", r["label"]), r["sharing"], _lr_note(r) + mixed), []).append(r)
     methods = sorted({m for m, _, _ in families})
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for (method, sharing, note), runs in sorted(families.items()):
