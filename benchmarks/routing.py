@@ -83,6 +83,7 @@ def build(params: dict, device: str) -> Built:
     info = {"tokens": batch * seq, "tasks": n}
     if params["how"] == "peft":
         model = _peft(layers, width, n, device)
+        info["trainable"] = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
 
         def peft_step() -> None:
             with torch.inference_mode():

@@ -209,14 +209,14 @@ def _benchmarks():
 
 @app.command()
 def bench(out: Path = typer.Option(..., "--out", help="results directory, e.g. benchmarks/results"),
-          suite: str = typer.Option("all", "--suite", help="train, ops, sweep or all"),
+          suite: str = typer.Option("all", "--suite", help="train, ops, sweep, routing or all"),
           device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
           quick: bool = typer.Option(False, "--quick", help="fewer runs, ranks and sizes: a rough look")) -> None:
     """Time training steps, ops and a rank sweep side by side with Hugging Face PEFT; check the targets
     (from a checkout of adaptune)."""
     bench_report, bench_run = _benchmarks()
     if suite not in (*bench_run.SUITES, "all"):
-        return fail(f"unknown suite {suite!r}; give one of train, ops, sweep or all")
+        return fail(f"unknown suite {suite!r}; give one of {', '.join(bench_run.SUITES)} or all")
     device = device or bench_run.default_device()
     if device not in ("cpu", "cuda"):
         return fail(f"unknown device {device!r}; give cpu or cuda")

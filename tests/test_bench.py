@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import run, targets
 
-STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny")
+STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny", "routing-cpu-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,16 @@ def test_every_results_file_says_where_and_when_and_holds_measured_records(out):
                 continue
             assert record["runs"] == 1 and record["median_s"] > 0 and record["peak_mb"] > 0
             assert record["trainable"] > 0 and record["tokens_per_s"] > 0
+
+
+def test_routed_and_single_task_batches_hold_the_same_components(out):
+    records = {r["name"]: r for r in load(out, "routing-cpu-tiny")["records"]}
+    for method in ("lora", "dora", "adapter"):
+        path = "kernels" if f"{method} fwd single [kernels]" in records else "reference"
+        single, mixed = records[f"{method} fwd single [{path}]"], records[f"{method} fwd mixed T=8 [{path}]"]
+        assert single["trainable"] == mixed["trainable"] == 8 * records[f"{method} fwd mixed T=1 [{path}]"]["trainable"]
+    assert records["lora fwd peft adapter_names T=8"]["trainable"] == records["lora fwd mixed T=8 [" + path + "]"][
+        "trainable"]
 
 
 def test_peft_and_adaptune_train_the_same_parameters(out):
