@@ -34,10 +34,10 @@ _ADA_LORA = {"impl": "adaptune", "op": "lora", "path": SAME}
 _MIXED = {"how": "mixed", "tasks": 8}
 _SINGLE = {"how": "single", "method": SAME, "mode": SAME, "path": SAME}
 _ROUTING = tuple(
-    Target(device, "routing", f"T=8 mixed batch <= 1.15 x a single-task batch ({method})",
+    Target(device, "routing", f"BERT-base shape, T=8 tasks: a mixed batch <= 1.15 x a single-task batch ({method})",
            {**_MIXED, "method": method}, _SINGLE, 1.15)
     for device in ("cpu", "cuda") for method in ("lora", "dora", "adapter")) + tuple(
-    Target(device, "routing", "T=8 mixed batch, LoRA inference: adaptune route <= 1.0 x PEFT adapter_names",
+    Target(device, "routing", "BERT-base shape, T=8 tasks: LoRA inference, adaptune route <= 1.0 x PEFT adapter_names",
            {**_MIXED, "method": "lora", "mode": "fwd"}, {"how": "peft", "tasks": 8}, 1.0)
     for device in ("cpu", "cuda"))
 TARGETS = _ROUTING + (

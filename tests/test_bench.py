@@ -102,7 +102,7 @@ def test_bench_command_rejects_an_unknown_suite(tmp_path):
 
     from adaptune.cli.app import app
     result = CliRunner().invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "train, ops, sweep or all" in result.output
+    assert result.exit_code == 2 and "train, ops, sweep, routing or all" in result.output
     assert not any(tmp_path.iterdir())
 
 

@@ -2,11 +2,14 @@
 kernels: random task assignments, tasks with no samples, one task, samples with no task (-1); forward and
 backward, opcheck, float64 gradcheck. The fixtures are test_kernels.py's (kernels required)."""
 import pytest
+import test_kernels
 import torch
-from test_kernels import TIGHT, device, grads, kernels, require_kernels, tensors  # noqa: F401 (fixtures)
+from test_kernels import TIGHT, grads, tensors
 
 from adaptune import ops
 from adaptune.ops import reference
+
+require_kernels, device, kernels = test_kernels.require_kernels, test_kernels.device, test_kernels.kernels  # fixtures
 
 ASSIGNMENTS = {
     "random": lambda g, n, t: torch.randint(-1, t, (n,), generator=g),
