@@ -255,14 +255,14 @@ def test_report_skips_non_runs_and_labels_learning_rates(tiny_model_dir, tiny_da
     from adaptune.experiments.report import find_runs, relative_to_full, rows, run_label
     out = tmp_path / "runs"
     a = run(config(tiny_model_dir, tiny_data, out, "full", name="full"))
-    b = run(config(tiny_model_dir, tiny_data, out, "full", lr=3e-4, name="full-hi"))
+    b = run(config(tiny_model_dir, tiny_data, out, "full", lr=1e-3, name="full-hi"))
     (out / "report.png").write_bytes(b"")
     (out / "unfinished").mkdir()
     found, skipped = find_runs(sorted(out.iterdir()))
     assert sorted(p.name for p in found) == ["full", "full-hi"] and len(skipped) == 2
     results = load_results(found)
     assert relative_to_full(results) == max(a["dev_average"], b["dev_average"])
-    assert sorted(run_label(r) for r in results) == ["full", "full[lr=0.0003]"]
+    assert sorted(run_label(r) for r in results) == ["full", "full[lr=0.001]"]
     head, body = rows(results)
     assert head[0] == "method" and "% of full" in head and len(body) == 2
 

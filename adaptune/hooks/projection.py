@@ -51,10 +51,10 @@ class ProjectionHook(ForwardHook):
         route = self.adaptation.routing
         if route is None or all(b.group is None for b in shifts):
             return y + _shift(shifts, y.shape[-1]).to(y.dtype)
-        groups = [None, *{b.group for b in shifts if b.group is not None}]  # per sample: shared + its task's
-        table = torch.stack([_shift([b for b in shifts if b.group is None or b.group == g], y.shape[-1])
-                             if any(b.group is None or b.group == g for b in shifts) else y.new_zeros(y.shape[-1])
-                             for g in groups])  # (G, out)
+        groups = [None, *dict.fromkeys(b.group for b in shifts if b.group is not None)]  # shared, then tasks
+        mine = [[b for b in shifts if b.group in (None, g)] for g in groups]  # each group's shifts, shared first
+        zeros = shifts[0].module.delta.new_zeros(y.shape[-1])
+        table = torch.stack([_shift(m, y.shape[-1]) if m else zeros for m in mine])  # (G, out)
         local = route.local(groups, y.shape[0], y.device, self.point.where()).clamp_min(0)  # others: shared row
         return y + table[local].view(y.shape[0], *[1] * (y.dim() - 2), -1).to(y.dtype)
 
