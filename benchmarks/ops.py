@@ -18,7 +18,7 @@ from .worker import Built, Case, Skip
 NAME = "ops"
 SIZES = {  # (hidden, rank, tokens for lora/dora, bottleneck dims, tokens for the bottleneck)
     "cuda": (4096, 16, 2048, (64, 128, 256), 16384),
-    "cpu": (4096, 16, 512, (64, 128, 256), 1024),
+    "cpu": (4096, 16, 1024, (64, 128, 256), 1024),
     "tiny": (256, 4, 32, (16,), 64),
 }
 INNER = 20  # on CUDA each timed sample is the mean of 20 back-to-back steps (an op takes well under 1 ms)

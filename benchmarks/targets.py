@@ -47,6 +47,8 @@ TARGETS = _ROUTING + (
            {**_BERT, "method": "adaptune-lora"}, {**_BERT, "method": "peft-lora"}, 1.0),
     Target("cpu", "train_step", "BERT-base step: adaptune DoRA <= 1.05 x adaptune LoRA",
            {**_BERT, "method": "adaptune-dora"}, {**_BERT, "method": "adaptune-lora", "path": SAME}, 1.05),
+    Target("cpu", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 1.05 x adaptune LoRA",
+           _ADA_DORA, _ADA_LORA, 1.05),
     Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 1.10 x adaptune LoRA",
            _ADA_DORA, _ADA_LORA, 1.10),
     Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 0.6 x PEFT DoRA",
