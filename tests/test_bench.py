@@ -78,10 +78,11 @@ def test_target_verdicts_from_records():
     results = {"train_step": {"records": [rec("p-dora", "peft-dora", 3.0), rec("p-lora", "peft-lora", 2.0),
                                           rec("a-dora", "adaptune-dora", 2.5, "reference"),
                                           rec("a-lora", "adaptune-lora", 2.2, "reference")]}}
-    verdicts = {r["target"].split(": ")[1]: r for r in targets.check(results, "cpu")}
-    assert verdicts["adaptune DoRA <= 0.9 x PEFT DoRA"]["verdict"] == "PASS"  # 2.5 / 3.0
-    assert verdicts["adaptune LoRA <= 1.0 x PEFT LoRA"]["verdict"] == "FAIL"  # 2.2 / 2.0
-    assert verdicts["adaptune DoRA <= 1.05 x adaptune LoRA"]["value"] == pytest.approx(2.5 / 2.2)
+    verdicts = {r["target"]: r for r in targets.check(results, "cpu")}
+    assert verdicts["BERT-base step: adaptune DoRA <= 0.9 x PEFT DoRA"]["verdict"] == "PASS"  # 2.5 / 3.0
+    assert verdicts["BERT-base step: adaptune LoRA <= 1.0 x PEFT LoRA"]["verdict"] == "FAIL"  # 2.2 / 2.0
+    assert verdicts["BERT-base step: adaptune DoRA <= 1.05 x adaptune LoRA"]["value"] == pytest.approx(2.5 / 2.2)
+    assert verdicts["4096x4096 r=16 fwd+bwd: adaptune DoRA <= 1.05 x adaptune LoRA"]["verdict"] == "MISSING"
     assert all(r["verdict"] == "MISSING" for r in targets.check({}, "cuda"))
 
 
