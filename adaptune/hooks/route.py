@@ -69,7 +69,7 @@ class Route:
 def per_rows(route: Route, groups: Sequence[str | None], n: int, device: torch.device, where: str,
              run: Callable[[int, Tensor], Tensor], out: Tensor) -> Tensor:
     """`out` with the rows of each sample whose group is groups[i] replaced by run(i, rows): the loop over
-    tasks every routed computation falls back on (and the reference the batched ones are tested against)."""
+    tasks that components without a batched routed form run on."""
     rows = route.rows_for(n, device, where)
     for pos, group in enumerate(groups):
         i = -1 if group is None else route.names.index(group)
