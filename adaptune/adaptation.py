@@ -17,7 +17,7 @@ from .accounting import Counts, count
 from .components.base import Stack
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
-from .hooks.route import SHARED, Route
+from .hooks.route import Route, route_index
 from .saved import write as write_saved
 from .points import Point
 from .sites import SiteMap
@@ -244,41 +244,6 @@ class Adaptation(nn.Module):
         (inside route() with one group, that group is simply the active task)."""
         return self._route
 
-    def _route_index(self, tasks: Any) -> torch.Tensor:
-        """(N,) long indices into task_names (-1: shared only) from a tensor of indices or a list of names."""
-        valid = (f"task names ({', '.join(map(repr, self.task_names))}) or indices 0-{len(self.task_names) - 1}, "
-                 f"and None or -1 for the shared components only") if self.task_names else \
-            "None or -1 (this adaptation has no tasks: shared components only)"
-        if isinstance(tasks, torch.Tensor):
-            if tasks.dim() != 1 or tasks.is_floating_point() or tasks.is_complex() or tasks.dtype == torch.bool:
-                raise TaskError(f"route() takes a 1-D integer tensor (one task index per sample), got "
-                                f"{tasks.dtype} of shape {tuple(tasks.shape)}")
-            index = tasks.detach().to("cpu", torch.long)
-        elif isinstance(tasks, (list, tuple)):
-            out = []
-            for t in tasks:
-                if t is None:
-                    out.append(SHARED)
-                elif isinstance(t, str):
-                    if t not in self.tasks:
-                        raise TaskError(f"route(): unknown task {t!r}; valid: {valid}")
-                    out.append(self.task_names.index(t))
-                elif isinstance(t, int) and not isinstance(t, bool):
-                    out.append(t)
-                else:
-                    raise TaskError(f"route(): a sample's task is a name, an index or None, got "
-                                    f"{type(t).__name__}: {t!r}")
-            index = torch.tensor(out, dtype=torch.long)
-        else:
-            raise TaskError(f"route() takes a list of task names (None: shared only) or a 1-D tensor of task "
-                            f"indices, one per sample; got {type(tasks).__name__}")
-        if index.numel() == 0:
-            raise TaskError("route() got no samples; give one task per sample of the batch")
-        bad = index[(index < SHARED) | (index >= len(self.task_names))]
-        if bad.numel():
-            raise TaskError(f"route(): task index {int(bad[0])} is out of range; valid: {valid}")
-        return index
-
     @contextmanager
     def route(self, tasks: Any) -> Iterator["Adaptation"]:
         """Run forwards (and generate) inside the block with a task per sample: `tasks` is a list of task
@@ -288,7 +253,7 @@ class Adaptation(nn.Module):
         self._check_attached()
         if self._routing:
             raise TaskError("route() is already active; routes do not nest")
-        index = self._route_index(tasks)
+        index = route_index(tasks, self.task_names)
         if self.merged:
             raise MergeError("cannot route samples to tasks while updates are merged into the base weights "
                              "(they would apply to every sample); call unmerge() first")

@@ -55,10 +55,9 @@ def _alone(model, adaptation, ids, mask, i, task):
         return main_output(model(ids[i:i + 1], attention_mask=mask[i:i + 1]))[0]
 
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_a_mixed_batch_equals_each_sample_alone(arch, name):
-    model, adaptation = _attached(arch, name)
+def assert_mixed_equals_alone(model, adaptation, atol=2e-5, rtol=1e-4):
+    """The routed batch of TASKS against each sample alone under its task, on its real tokens (soft prompts in
+    front dropped, padding excluded)."""
     ids, mask = _batch()
     with torch.no_grad():
         with adaptation.route(TASKS):
@@ -66,8 +65,14 @@ def test_a_mixed_batch_equals_each_sample_alone(arch, name):
         for i, task in enumerate(TASKS):
             alone = _alone(model, adaptation, ids, mask, i, task)
             real = mask[i].bool()
-            got = mixed[i, -ids.shape[1]:][real]  # the tokens (soft prompts in front dropped), padding excluded
-            torch.testing.assert_close(got, alone[-ids.shape[1]:][real], atol=2e-5, rtol=1e-4, msg=f"sample {i}")
+            torch.testing.assert_close(mixed[i, -ids.shape[1]:][real].float(), alone[-ids.shape[1]:][real].float(),
+                                       atol=atol, rtol=rtol, msg=f"sample {i}")
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_a_mixed_batch_equals_each_sample_alone(arch, name):
+    assert_mixed_equals_alone(*_attached(arch, name))
 
 
 def test_tasks_differ_so_the_comparison_can_fail():
@@ -236,12 +241,4 @@ def test_merge_is_refused_while_routing_and_routing_while_merged():
 def test_routing_on_a_bfloat16_base(name):
     model, adaptation = _attached("gpt2", name)
     model.to(torch.bfloat16)  # components stay float32, as on any half-precision base
-    ids, mask = _batch()
-    with torch.no_grad():
-        with adaptation.route(TASKS):
-            mixed = main_output(model(ids, attention_mask=mask))
-        for i, task in enumerate(TASKS):
-            alone = _alone(model, adaptation, ids, mask, i, task)
-            real = mask[i].bool()
-            torch.testing.assert_close(mixed[i, -ids.shape[1]:][real].float(), alone[-ids.shape[1]:][real].float(),
-                                       atol=0.05, rtol=0.05, msg=f"sample {i}")
+    assert_mixed_equals_alone(model, adaptation, atol=0.05, rtol=0.05)

@@ -11,9 +11,44 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import AdaptuneError
+from ..errors import AdaptuneError, TaskError
 
 SHARED = -1  # the index of "shared components only"
+
+
+def route_index(tasks: Any, names: Sequence[str]) -> Tensor:
+    """(N,) long indices into `names` (SHARED: shared only) from a 1-D integer tensor or a list of task names,
+    indices and None; TaskError naming what is valid otherwise."""
+    valid = (f"task names ({', '.join(map(repr, names))}) or indices 0-{len(names) - 1}, and None or -1 for the "
+             f"shared components only") if names else "None or -1 (this adaptation has no tasks: shared components only)"
+    if isinstance(tasks, Tensor):
+        if tasks.dim() != 1 or tasks.is_floating_point() or tasks.is_complex() or tasks.dtype == torch.bool:
+            raise TaskError(f"route() takes a 1-D integer tensor (one task index per sample), got "
+                            f"{tasks.dtype} of shape {tuple(tasks.shape)}")
+        index = tasks.detach().to("cpu", torch.long)
+    elif isinstance(tasks, (list, tuple)):
+        out = []
+        for t in tasks:
+            if t is None:
+                out.append(SHARED)
+            elif isinstance(t, str):
+                if t not in names:
+                    raise TaskError(f"route(): unknown task {t!r}; valid: {valid}")
+                out.append(list(names).index(t))
+            elif isinstance(t, int) and not isinstance(t, bool):
+                out.append(t)
+            else:
+                raise TaskError(f"route(): a sample's task is a name, an index or None, got {type(t).__name__}: {t!r}")
+        index = torch.tensor(out, dtype=torch.long)
+    else:
+        raise TaskError(f"route() takes a list of task names (None: shared only) or a 1-D tensor of task "
+                        f"indices, one per sample; got {type(tasks).__name__}")
+    if index.numel() == 0:
+        raise TaskError("route() got no samples; give one task per sample of the batch")
+    bad = index[(index < SHARED) | (index >= len(names))]
+    if bad.numel():
+        raise TaskError(f"route(): task index {int(bad[0])} is out of range; valid: {valid}")
+    return index
 
 
 class Route:
