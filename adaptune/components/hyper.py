@@ -166,10 +166,10 @@ class HyperNetwork(nn.Module):
         each sample's task's adapter (the identity for shared-only samples)."""
         route = getattr(self.adaptation, "routing", None)
         if route is not None and self.task_names is not None:
-            index, out = route.index_for(h.shape[0], h.device, "HyperAdapter"), h
-            for row in (i for i in route.present if i >= 0):  # route indices are task_names positions
-                rows = (index == row).nonzero().squeeze(1)
-                out = out.index_copy(0, rows, self._adapter(h.index_select(0, rows), row, layer, position))
+            out = h  # shared-only samples (index -1) keep h; route indices are task_names positions
+            for row, rows in route.rows_for(h.shape[0], h.device, "HyperAdapter").items():
+                if row >= 0:
+                    out = out.index_copy(0, rows, self._adapter(h.index_select(0, rows), row, layer, position))
             return out
         row = self.task_row()
         if row is None:

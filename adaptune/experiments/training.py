@@ -156,8 +156,9 @@ def _evaluate_mixed(encoder: Encoder, heads: nn.ModuleDict, adaptation: Any, dat
     chunks = [order[j:j + batch_size] for j in range(0, len(order), batch_size)][shard[0]::shard[1]]
     bar = progress.add_task("dev (mixed batches)", total=len(chunks)) if progress is not None else None
     preds: dict[str, list] = {t: [None] * len(d.dev) for t, d in data.items()}
+    rank = {t: k for k, t in enumerate(data)}
     for chunk in chunks:
-        chunk = sorted(chunk, key=lambda p: list(data).index(p[0]))
+        chunk = sorted(chunk, key=lambda p: rank[p[0]])
         with routed(adaptation, [t for t, _ in chunk]):
             pooled = encoder([data[t].dev[i] for t, i in chunk])
         for t in dict.fromkeys(t for t, _ in chunk):
