@@ -8,6 +8,8 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/addcmul.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -28,12 +30,16 @@ using OptTensor = std::optional<Tensor>;
 //   dora_combine(wsq, WA, BAA, B, s) -> n          dora_scale(z, m, n, bias) -> (m / n) ⊙ z + b
 //   dora_scale_backward(dy, z, m, n) -> (dz, dm)   down(x, W, bias, act) -> (pre, h = act(pre))
 //   act_backward(dh, pre, h, s, act) -> da          residual_bias(residual, bias, s) -> residual + s·b
+//   routed_scale_backward(dy, z, ratio) -> (dy ⊙ ratio_n, Σ_rows dy ⊙ z per sample): dy, z (N, L, out),
+//     ratio (N, out) in the accumulation dtype
 #define ADAPTUNE_DEVICE_MEMBERS                                                                                   \
   static Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc);                                    \
   static Tensor dora_combine(const Tensor& wsq, const Tensor& WA, const Tensor& BAA, const Tensor& B, double s); \
   static Tensor dora_scale(const Tensor& z, const Tensor& m, const Tensor& n, const OptTensor& bias);            \
   static std::tuple<Tensor, Tensor> dora_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& m,      \
                                                         const Tensor& n);                                        \
+  static std::tuple<Tensor, Tensor> routed_scale_backward(const Tensor& dy, const Tensor& z,                    \
+                                                          const Tensor& ratio);                                  \
   static std::tuple<Tensor, Tensor> down(const Tensor& x, const Tensor& W, const OptTensor& bias, int64_t act);  \
   static Tensor act_backward(Tensor dh, const Tensor& pre, const Tensor& h, double s, int64_t act);              \
   static Tensor residual_bias(const Tensor& residual, const OptTensor& bias, double s);
@@ -110,32 +116,48 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> lora_backward(const Tensor& dy
   return low_rank_grads(dy.reshape({-1, W.size(0)}), xs, W, A, B, h, s, dropped, need_dx);
 }
 
+// A (r, in) and B (out, r), or stacked per task: A (T, r, in) and B (T, out, r), n then (T, out). The
+// stacked form reads W once for all tasks: W·[A_1; …; A_T]ᵀ is one GEMM.
+inline int64_t norm_tasks(const Tensor& W, const Tensor& A, const Tensor& B) {
+  const bool stacked = A.dim() == 3;
+  TORCH_CHECK(W.dim() == 2 && (A.dim() == 2 || stacked) && B.dim() == A.dim() &&
+              (!stacked || A.size(0) == B.size(0)) && A.size(-1) == W.size(1) && B.size(-2) == W.size(0) && B.size(-1) == A.size(-2),
+              "adaptune: dora_norm shapes: weight ", W.sizes(), ", A (r, in) or (T, r, in) ", A.sizes(),
+              ", B (out, r) or (T, out, r) ", B.sizes());
+  return stacked ? A.size(0) : 1;
+}
+
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> dora_norm_forward(const Tensor& W, const Tensor& A, const Tensor& B, double s,
                                                      const OptTensor& wsq) {
-  TORCH_CHECK(W.dim() == 2 && A.dim() == 2 && B.dim() == 2 && A.size(1) == W.size(1) && B.size(0) == W.size(0) &&
-              B.size(1) == A.size(0), "adaptune: dora_norm shapes: weight ", W.sizes(), ", A ", A.sizes(), ", B ", B.sizes());
+  const int64_t t = norm_tasks(W, A, B), out = W.size(0), in = W.size(1), r = A.size(-2);
   const auto ct = c10::promoteTypes(W.scalar_type(), at::kFloat);
-  Tensor WA = K::mm_acc(W, A.to(W.scalar_type()).t(), ct);              // (out, r)
-  const Tensor Af = A.to(ct), Bf = B.to(ct);
-  Tensor BAA = at::mm(Bf, at::mm(Af, Af.t()));                          // (out, r)
-  Tensor w2 = wsq ? wsq->to(ct) : W.to(ct).square().sum(1);             // (out,)
-  TORCH_CHECK(w2.dim() == 1 && w2.size(0) == W.size(0), "adaptune: weight_norm_sq must be (", W.size(0), ",)");
-  return {K::dora_combine(w2, WA, BAA, Bf, s), WA, BAA};
+  Tensor WA = K::mm_acc(W, A.to(W.scalar_type()).reshape({t * r, in}).t(), ct)   // (out, T·r)
+                  .view({out, t, r}).transpose(0, 1).contiguous();                 // (T, out, r)
+  const Tensor Af = A.to(ct).reshape({t, r, in}), Bf = B.to(ct).reshape({t, out, r});
+  Tensor BAA = at::bmm(Bf, at::bmm(Af, Af.transpose(1, 2)));                       // (T, out, r)
+  Tensor w2 = wsq ? wsq->to(ct) : W.to(ct).square().sum(1);                        // (out,)
+  TORCH_CHECK(w2.dim() == 1 && w2.size(0) == out, "adaptune: weight_norm_sq must be (", out, ",)");
+  Tensor n = K::dora_combine(w2.repeat({t}), WA.view({t * out, r}), BAA.view({t * out, r}),
+                             Bf.reshape({t * out, r}), s);
+  const auto shape = with_last(B.sizes(), r);                                      // WA's and BAA's: B's
+  return {n.view(B.sizes().slice(0, B.dim() - 1)), WA.view(shape), BAA.view(shape)};
 }
 
 // n² = ‖W_i‖² + 2s·WA_i·B_i + s²·BAA_i·B_i: dB = dsq·(2s·WA + 2s²·BAA), dA = 2s·(dsq⊙B)ᵀ·W + 2s²·(Bᵀ·(dsq⊙B))·A.
 template <class K>
 std::tuple<Tensor, Tensor> dora_norm_backward(const Tensor& dn, const Tensor& n, const Tensor& W, const Tensor& A,
     const Tensor& B, const Tensor& WA, const Tensor& BAA, double s) {
+  const int64_t t = norm_tasks(W, A, B), out = W.size(0), in = W.size(1), r = A.size(-2);
   const auto ct = n.scalar_type();
-  Tensor dsq = at::where(n > 0, dn.to(ct) / (2 * n), at::zeros({}, n.options())).unsqueeze(1);  // (out, 1)
-  const Tensor Af = A.to(ct), Bf = B.to(ct);
-  Tensor dB = (WA * (2 * s) + BAA * (2 * s * s)) * dsq;                 // (out, r)
-  Tensor DB = Bf * dsq;                                                 // (out, r)
-  Tensor dA = K::mm_acc(DB.to(W.scalar_type()).t(), W, ct).mul_(2 * s); // (r, in)
-  dA.addmm_(at::mm(Bf.t(), DB), Af, 1.0, 2 * s * s);
-  return {dA.to(A.scalar_type()), dB.to(B.scalar_type())};
+  Tensor dsq = at::where(n > 0, dn.to(ct) / (2 * n), at::zeros({}, n.options())).unsqueeze(-1);  // (…, out, 1)
+  const Tensor Af = A.to(ct).reshape({t, r, in}), Bf = B.to(ct);
+  Tensor dB = (WA * (2 * s) + BAA * (2 * s * s)) * dsq;                            // B's shape
+  Tensor DB = (Bf * dsq).reshape({t, out, r});
+  Tensor dA = K::mm_acc(DB.to(W.scalar_type()).transpose(1, 2).reshape({t * r, out}), W, ct)
+                  .mul_(2 * s).view({t, r, in});                                   // (T, r, in)
+  dA.baddbmm_(at::bmm(Bf.reshape({t, out, r}).transpose(1, 2), DB), Af, 1.0, 2 * s * s);
+  return {dA.view(A.sizes()).to(A.scalar_type()), dB.to(B.scalar_type())};
 }
 
 template <class K>

@@ -111,23 +111,23 @@ inline std::tuple<Tensor, Tensor, Tensor> dora_routed_forward(const Tensor& x, c
   const Tensor x3 = samples(x, n);
   auto [z, h] = routed_low_rank(x3, xd ? samples(*xd, n) : x3, W, std::nullopt, A, B, g);
   Tensor z3 = at::_unsafe_view(z, {n, x3.size(1), W.size(0)});  // saved for backward, not a view
-  Tensor y = z3 * routed_ratio(m, norm, g, index, z.scalar_type());
-  if (bias) y.add_(*bias);
+  const Tensor ratio = routed_ratio(m, norm, g, index, z.scalar_type());
+  Tensor y = bias ? at::addcmul(*bias, z3, ratio) : z3 * ratio;                        // one pass
   return {at::_unsafe_view(y, with_last(x.sizes(), W.size(0))), h, z3};
 }
 
-// -> (dx, dxd, dA, dB, dmagnitude (T, out), dnorm (T, out))
-inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_routed_backward(const Tensor& dy,
+// -> (dx, dxd, dA, dB, dmagnitude (T, out), dnorm (T, out)); dz and each sample's d(m / n) in one pass (K)
+template <class K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_routed_backward(const Tensor& dy,
     const Tensor& xs, const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& m, const Tensor& norm,
     const Tensor& scale, const Tensor& index, const Tensor& h, const Tensor& z, bool dropped, bool need_dx,
     bool need_dnorm) {
   const int64_t n = index.size(0);
   const Gathered g = gather(index, scale, xs.scalar_type());
-  const Tensor dy3 = samples(dy, n);
-  const Tensor dz3 = dy3 * routed_ratio(m, norm, g, index, dy.scalar_type());
-  auto [dx, dxd, dA, dB] = routed_low_rank_grads(dz3, samples(xs, n), W, A, B, g, h, dropped, need_dx, xs.sizes());
   const auto ct = norm.scalar_type();
-  Tensor dr = (dy3.to(ct) * z.to(ct)).sum(1).mul_(index.ge(0).unsqueeze(1));          // (N, out): d(m/n) per sample
+  auto [dz3, dr] = K::routed_scale_backward(samples(dy, n), z, routed_ratio(m, norm, g, index, ct).squeeze(1));
+  auto [dx, dxd, dA, dB] = routed_low_rank_grads(dz3, samples(xs, n), W, A, B, g, h, dropped, need_dx, xs.sizes());
+  dr.mul_(index.ge(0).unsqueeze(1));                                                   // (N, out): d(m/n) per sample
   Tensor dratio = at::zeros_like(norm).index_add_(0, g.idx, dr);                      // (T, out)
   Tensor dm = dratio / norm;
   Tensor dnorm = need_dnorm ? (-dm * m.to(ct) / norm).to(norm.scalar_type()) : empty0(norm);

@@ -61,6 +61,18 @@ def test_dora_routed_matches_the_reference(device, assignment):
     assert_same(grads(f, p["x"], p["A"], p["B"], p["m"], n), want)
 
 
+def test_stacked_dora_norm_is_each_tasks_norm(device):
+    p = problem(device)
+    s = p["scale"].view(-1, 1, 1)
+    f = lambda A, B: ops.dora_norm(p["W"], s * A, B, 1.0)  # noqa: E731
+    with ops.use_kernels("off"):
+        torch.testing.assert_close(f(p["A"], p["B"]), norms(p), **TIGHT)  # the reference's stacked form
+        want = grads(f, p["A"], p["B"])
+    assert_same(grads(f, p["A"], p["B"]), want)
+    cached = p["W"].pow(2).sum(1)
+    torch.testing.assert_close(ops.dora_norm(p["W"], s * p["A"], p["B"], 1.0, cached), norms(p), **TIGHT)
+
+
 @pytest.mark.parametrize("act", sorted(ops.ACTIVATIONS))
 @pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
 def test_bottleneck_routed_matches_the_reference(device, act, assignment):
@@ -106,10 +118,11 @@ def opcheck_cases(device):
         ("lora_routed", (x, p["W"], None, A, B, p["scale"], p["index"], g(p["x"] * 2)[0])),
         ("dora_routed", (x, p["W"], p["b"], A, B, m, g(n)[0], p["scale"], p["index"], None)),
         ("bottleneck_routed", (x, *bottleneck, p["scale"], p["index"], "gelu")),
+        ("dora_norm", (p["W"], A, B, 1.5, None)),  # stacked per task
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(case, device):
     name, args = opcheck_cases(device)[case]
     torch.library.opcheck(getattr(torch.ops.adaptune, name).default, args)
@@ -126,6 +139,7 @@ def test_gradcheck_in_float64(device, kernels):
                                     (leaf(x), leaf(A), leaf(B)))
     assert torch.autograd.gradcheck(lambda x, A, B, m, n: kernels.dora_routed(x, W, b, A, B, m, n, scale, index),
                                     (leaf(x), leaf(A), leaf(B), leaf(m), leaf(n)))
+    assert torch.autograd.gradcheck(lambda A, B: kernels.dora_norm(W, A, B, 0.7), (leaf(A), leaf(B)))  # stacked
     for act in ops.ACTIVATIONS:
         args = (leaf(t(5, 2, 7)), leaf(t(5, 2, 4)), leaf(t(3, 3, 7)), leaf(t(3, 3)), leaf(t(3, 4, 3)), leaf(t(3, 4)))
         assert torch.autograd.gradcheck(lambda *a: kernels.bottleneck_routed(*a, scale, index, act), args)

@@ -12,7 +12,7 @@ MODELS = {"gpt2": tiny_gpt2, "bert": tiny_bert, "llama": tiny_llama}
 # name -> (shared spec, {task: spec})
 SPECS = {
     "lora": ({}, {"a": {"attn": LoRA(4)}, "b": {"attn": LoRA(2), "ffn": LoRA(3)}, "c": {"attn.q": LoRA(5)}}),
-    "dora": ({}, {"a": {"attn": DoRA(4)}, "b": {"attn": DoRA(2)}, "c": {"ffn": DoRA(3)}}),
+    "dora": ({}, {"a": {"attn": DoRA(4)}, "b": {"attn": DoRA(2, detach_norm=False)}, "c": {"ffn": DoRA(3)}}),
     "lora+dora": ({}, {"a": {"attn": LoRA(4)}, "b": {"attn": DoRA(2)}, "c": {"attn": LoRA(3)}}),
     "adapter": ({}, {"a": {"ffn": Adapter(8)}, "b": {"ffn": Adapter(4, placement="parallel")},
                      "c": {"attn": Adapter(6, act="gelu"), "ffn": Adapter(6, act="gelu")}}),

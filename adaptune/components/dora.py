@@ -59,11 +59,6 @@ class DoRAModule(LoRAModule):
                 self._norm_cache = (key, weight.float().pow(2).sum(1))
         return self._norm_cache[1]
 
-    def norm(self, weight: Tensor) -> Tensor:
-        """n_i = ‖W_i + s·B_i·A‖ (detached unless detach_norm=False), as the routed op takes it."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
-            return ops.dora_norm(weight, self.A, self.B, self.scale, self._weight_norm_sq(weight))
-
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return ops.dora(x, weight, bias, self.A, self.B, self.magnitude, self.scale, self.dropout,
                         self.training, self._weight_norm_sq(weight), self.detach_norm)

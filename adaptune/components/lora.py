@@ -162,8 +162,21 @@ def _routed(modules: list[LoRAModule], x: Tensor, weight: Tensor, bias: Tensor |
         return ops.lora_routed(x, weight, bias, A, B, scale, index, dropout, training)
     ones = torch.ones(weight.shape[0], device=A.device, dtype=A.dtype)  # LoRA rows: m / n = 1 (never read)
     magnitude = torch.stack([m.magnitude if hasattr(m, "magnitude") else ones for m in modules])  # (T, out)
-    norm = torch.stack([m.norm(weight) if hasattr(m, "magnitude") else ones for m in modules])  # (T, out)
+    norm = _task_norms(modules, weight, A, B, scale)
     return ops.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
+
+
+def _task_norms(modules: list[LoRAModule], weight: Tensor, A: Tensor, B: Tensor, scale: Tensor) -> Tensor:
+    """Every task's DoRA row norms (T, out) in one stacked ops.dora_norm, which reads W once (the rows of
+    LoRA tasks are computed and never read). A task's norm is detached unless its DoRA has detach_norm=False."""
+    wsq = next(m for m in modules if hasattr(m, "magnitude"))._weight_norm_sq(weight)
+    keep = [not getattr(m, "detach_norm", True) for m in modules]
+    grad = any(keep) and torch.is_grad_enabled()
+    if grad:
+        mask = torch.tensor(keep, device=A.device).view(-1, 1, 1)
+        A, B = torch.where(mask, A, A.detach()), torch.where(mask, B, B.detach())
+    with torch.set_grad_enabled(grad):
+        return ops.dora_norm(weight, scale.to(A.dtype).view(-1, 1, 1) * A, B, 1.0, wsq)
 
 
 def _check_table(component: LoRA, point: Point) -> None:

@@ -4,7 +4,7 @@
 |------------|---------------------------------------------------------------|
 | lora       | y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ                              |
 | dora       | y = (m / n) ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b, n = ‖W + s·B·A‖ rows |
-| dora_norm  | n by the factored formula (no out×in temporary)               |
+| dora_norm  | n by the factored formula (no out×in temporary); stacked tasks: A (T, r, in) -> n (T, out) |
 | bottleneck | y = residual + s·up(act(down(x)))                              |
 | lora_routed, dora_routed, bottleneck_routed | the same with a task per sample: x (N, ...), index (N,) |
 

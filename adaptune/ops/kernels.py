@@ -88,9 +88,8 @@ def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_norm_sq
 def _(weight: Tensor, A: Tensor, B: Tensor, scale: float,
       weight_norm_sq: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    out, r = weight.shape[0], A.shape[0]
-    return (weight.new_empty(out, dtype=dtype), weight.new_empty((out, r), dtype=dtype),  # n, W·Aᵀ
-            weight.new_empty((out, r), dtype=dtype))  # B·A·Aᵀ
+    return (weight.new_empty(B.shape[:-1], dtype=dtype), weight.new_empty(B.shape, dtype=dtype),  # n, W·Aᵀ
+            weight.new_empty(B.shape, dtype=dtype))  # B·A·Aᵀ
 
 
 @torch.library.register_fake("adaptune::dora_norm_backward")

@@ -36,15 +36,16 @@ def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float,
               weight_norm_sq: Tensor | None = None) -> Tensor:
     """Row norms n_i = ‖W_i + s·B_i·A‖ by the factored formula, without an (out, in) temporary.
 
-    n² = ‖W_i‖² + 2s·(W·Aᵀ)_i·B_i + s²·B_i·(A·Aᵀ)·B_iᵀ, computed in float32 at least.
+    n² = ‖W_i‖² + 2s·(W·Aᵀ)_i·B_i + s²·B_i·(A·Aᵀ)·B_iᵀ, computed in float32 at least. A (r, in) and
+    B (out, r) give n (out,); stacked per task, A (T, r, in) and B (T, out, r) give n (T, out).
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
     W, A, B = weight.to(dtype), A.to(dtype), B.to(dtype)
     if weight_norm_sq is None:
         weight_norm_sq = W.pow(2).sum(1)  # (out,)
-    WA = W @ A.t()  # (out, r)
-    AA = A @ A.t()  # (r, r)
-    sq = weight_norm_sq.to(dtype) + 2 * scale * (WA * B).sum(1) + scale**2 * ((B @ AA) * B).sum(1)
+    WA = W @ A.mT  # (..., out, r)
+    AA = A @ A.mT  # (..., r, r)
+    sq = weight_norm_sq.to(dtype) + 2 * scale * (WA * B).sum(-1) + scale**2 * ((B @ AA) * B).sum(-1)
     return sq.clamp_min(0).sqrt()
 
 

@@ -1,4 +1,5 @@
-// DoRA on CPU: the factored row norm's combination and the (m / n) scaling with ATen.
+// DoRA on CPU: the factored row norm's combination and the (m / n) scaling with ATen, and the fused
+// backward pass of the scaling (single-task and routed).
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
@@ -32,42 +33,60 @@ Tensor Cpu::dora_scale(const Tensor& z, const Tensor& m, const Tensor& n, const 
   return bias ? at::addcmul(*bias, z, g) : z * g;
 }
 
-// dz = dy·(m / n) and dm = Σ_rows dy ⊙ z / n in one pass over dy and z: each of a fixed number of row
-// chunks sums its own partial dm (in n's dtype), the partials are then added in chunk order, so the
-// result does not depend on the number of threads.
-std::tuple<Tensor, Tensor> Cpu::dora_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& m,
-                                                    const Tensor& n) {
-  const Tensor dyc = dy.contiguous(), zc = z.contiguous();
-  const int64_t rows = dyc.size(0), cols = dyc.size(1);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 32));
-  const Tensor g = scale_of(m, n, n.scalar_type()).contiguous();  // (out,) in the accumulation dtype
+namespace {
+
+// For G groups of L rows (dy, z: (G·L, cols); g: (G, cols) in the accumulation dtype): dz = dy ⊙ g_group
+// and sums_group = Σ_rows dy ⊙ z, in one pass over dy and z. Each group's rows are split into a fixed number
+// of chunks that sum their own partials, added in chunk order afterwards, so the result does not depend
+// on the number of threads.
+std::tuple<Tensor, Tensor> scale_pass(const Tensor& dy, const Tensor& z, const Tensor& g, int64_t groups) {
+  const Tensor dyc = dy.contiguous(), zc = z.contiguous(), gc = g.contiguous();
+  const int64_t rows = dyc.numel() / std::max<int64_t>(dyc.size(-1), 1), cols = dyc.size(-1);
+  const int64_t per = groups ? rows / groups : 0;  // rows per group
+  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(per, 32 / std::max<int64_t>(groups, 1)));
   Tensor dz = at::empty_like(dyc);
-  Tensor part = at::zeros({chunks, cols}, n.options());
+  Tensor part = at::zeros({groups * split, cols}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dyc.scalar_type(), "dora_scale_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(n.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "adaptune: norm dtype mismatch");
+    TORCH_CHECK(g.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "adaptune: norm dtype mismatch");
     const scalar_t* pdy = dyc.const_data_ptr<scalar_t>();
     const scalar_t* pz = zc.const_data_ptr<scalar_t>();
-    const acc_t* pg = g.const_data_ptr<acc_t>();
+    const acc_t* pg = gc.const_data_ptr<acc_t>();
     scalar_t* pdz = dz.mutable_data_ptr<scalar_t>();
     acc_t* pp = part.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, groups * split, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
+        const int64_t group = c / split, k = c % split;
+        const acc_t* gi = pg + group * cols;
         acc_t* acc = pp + c * cols;
-        for (int64_t i = rows * c / chunks; i < rows * (c + 1) / chunks; ++i) {
+        for (int64_t i = group * per + per * k / split; i < group * per + per * (k + 1) / split; ++i) {
           const scalar_t* dyi = pdy + i * cols;
           const scalar_t* zi = pz + i * cols;
           scalar_t* dzi = pdz + i * cols;
           for (int64_t j = 0; j < cols; ++j) {
             const acc_t d = static_cast<acc_t>(dyi[j]);
-            dzi[j] = static_cast<scalar_t>(d * pg[j]);
+            dzi[j] = static_cast<scalar_t>(d * gi[j]);
             acc[j] += d * static_cast<acc_t>(zi[j]);
           }
         }
       }
     });
   });
-  return {dz.view(dy.sizes()), part.sum(0).div_(n)};
+  return {dz.view(dy.sizes()), part.view({groups, split, cols}).sum(1)};
+}
+
+}  // namespace
+
+// dz = dy·(m / n) and dm = Σ_rows dy ⊙ z / n: one group of all rows.
+std::tuple<Tensor, Tensor> Cpu::dora_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& m,
+                                                    const Tensor& n) {
+  auto [dz, sums] = scale_pass(dy, z, scale_of(m, n, n.scalar_type()).unsqueeze(0), 1);
+  return {dz, sums.squeeze(0).div_(n)};
+}
+
+// The routed form: each sample its own (m / n) row, its own sum.
+std::tuple<Tensor, Tensor> Cpu::routed_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& ratio) {
+  return scale_pass(dy, z, ratio, dy.size(0));
 }
 
 TORCH_LIBRARY_IMPL(adaptune, CPU, m) {

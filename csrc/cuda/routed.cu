@@ -1,5 +1,6 @@
 // The routed ops (a task per sample) on CUDA: gathered factors and batched GEMMs (cuBLAS bmm, one launch for
-// all tasks) from routed.h; the activation backward is the fused kernel of bottleneck.cu.
+// all tasks) from routed.h; the activation backward is the fused kernel of bottleneck.cu; DoRA's routed scale
+// backward is ATen here.
 #include <torch/library.h>
 
 #include "../routed.h"
@@ -7,11 +8,17 @@
 
 namespace adaptune {
 
+// dz = dy ⊙ ratio_n and Σ_rows dy ⊙ z per sample, with ATen (two passes).
+std::tuple<Tensor, Tensor> Cuda::routed_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& ratio) {
+  const Tensor r = ratio.unsqueeze(1);
+  return {dy * r.to(dy.scalar_type()), (dy.to(ratio.scalar_type()) * z.to(ratio.scalar_type())).sum(1)};
+}
+
 TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
   m.impl("lora_routed", &lora_routed_forward);
   m.impl("lora_routed_backward", &lora_routed_backward);
   m.impl("dora_routed", &dora_routed_forward);
-  m.impl("dora_routed_backward", &dora_routed_backward);
+  m.impl("dora_routed_backward", &dora_routed_backward<Cuda>);
   m.impl("bottleneck_routed", &bottleneck_routed_forward);
   m.impl("bottleneck_routed_backward", &bottleneck_routed_backward<Cuda>);
 }
