@@ -1,4 +1,4 @@
-"""The adaptune CLI (inspect, info, run multitask, report, bench): parse, call adaptune, render with rich.
+"""The adaptune CLI (inspect, info, run multitask | vae | fewshot, tapt, report, bench): parse, call adaptune, render with rich.
 
 `run multitask`'s options are generated from the fields of Method and ExperimentConfig (cli/options.py)."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ from adaptune.experiments.config import ExperimentConfig
 from adaptune.experiments.methods import Method
 
 from .common import command_line, console, fail
+from .fewshot import FEWSHOT_OPTIONS, TAPT_OPTIONS, run_fewshot, run_tapt
 from .options import fields_of, options, with_options
 from .vae import PRETRAIN_OPTIONS, VAE_OPTIONS, pretrain_lm, run_vae, vae_app
 
@@ -143,6 +144,8 @@ def run_multitask(ctx: typer.Context, *,
 run_app.command("multitask")(with_options(run_multitask, MULTITASK_OPTIONS))
 
 run_app.command("vae")(with_options(run_vae, VAE_OPTIONS))
+run_app.command("fewshot")(with_options(run_fewshot, FEWSHOT_OPTIONS))
+app.command("tapt")(with_options(run_tapt, TAPT_OPTIONS))
 app.add_typer(vae_app, name="vae")
 app.command("pretrain-lm")(with_options(pretrain_lm, PRETRAIN_OPTIONS))
 

@@ -7,6 +7,11 @@ stray '"' at the start of a field otherwise swallows the rows after it (one row 
 Files are read as UTF-8, with or without a byte-order mark (encoding utf-8-sig).
 
   skipped, each listed as 'file:line: reason'   blank rows; rows whose label or a text is empty
+  dropped, counted per raw label                rows whose raw label is one of the dataset's drop_labels
+                                                 (SST's neutral "2" for sst-binary): not examples, not
+                                                 skipped; load_dataset records the counts per file read,
+                                                 info["dropped_labels"] = {"train": {"2": 1624}, "dev":
+                                                 {"2": 229}} (only for a dataset with drop_labels)
   DataError naming the file and line             a missing file or header column, undecodable bytes,
                                                  an unclosed quote (the line where it opened), a
                                                  quoted field running over lines, a row with too few
@@ -20,6 +25,7 @@ import csv
 import os
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -117,12 +123,19 @@ def _csv_error(e: csv.Error, where: str) -> DataError:
 
 
 def read_file(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[str]]:
-    """(examples, skipped rows) of one file of `dataset`."""
+    """(examples, skipped rows) of one file of `dataset` (rows with a dropped label are neither)."""
+    examples, skipped, _ = read_counted(path, dataset)
+    return examples, skipped
+
+
+def read_counted(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[str], dict[str, int]]:
+    """(examples, skipped rows, {raw label: rows dropped}) of one file of `dataset`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (dataset {dataset.name!r} reads {', '.join(dataset.files)})")
     examples: list[Example] = []
     skipped: list[str] = []
+    dropped: Counter[str] = Counter()
     line = 1
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -147,7 +160,9 @@ def read_file(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[s
                     raise DataError(f"{path}:{start}: expected at least {need} tab-separated fields, got {len(row)}")
                 raw = row[at] if at < len(row) else ""
                 texts = [row[c].strip() for c in cols]
-                if not raw.strip():
+                if raw.strip() in dataset.drop_labels:
+                    dropped[raw.strip()] += 1
+                elif not raw.strip():
                     skipped.append(f"{path}:{start}: empty label")
                 elif not all(texts):
                     skipped.append(f"{path}:{start}: empty text")
@@ -159,8 +174,9 @@ def read_file(path: str | Path, dataset: Dataset) -> tuple[list[Example], list[s
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not examples:
-        raise DataError(f"{path}: no labelled rows for dataset {dataset.name!r} ({len(skipped)} skipped)")
-    return examples, skipped
+        left_out = f", {sum(dropped.values())} with a dropped label {sorted(dropped)}" if dropped else ""
+        raise DataError(f"{path}: no labelled rows for dataset {dataset.name!r} ({len(skipped)} skipped{left_out})")
+    return examples, skipped, dict(sorted(dropped.items()))
 
 
 def find(data_dir: Path, relative: str, dataset: Dataset) -> Path:
@@ -199,16 +215,20 @@ def load_dataset(dataset: Dataset, data_dir: Path, *, seed: int = 0, split_ratio
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such data directory (dataset {dataset.name!r} reads {', '.join(dataset.files)})")
     train_path = find(data_dir, dataset.train, dataset)
-    train, skipped = read_file(train_path, dataset)
+    train, skipped, dropped = read_counted(train_path, dataset)
     info: dict = {"files": [str(p) for p in dataset.files]}
+    if dataset.drop_labels:
+        info["dropped_labels"] = {"train": dropped}
     if dataset.dev is None:
         train, dev = split(train, split_ratio, seed)
         info["split"] = {"file": dataset.train, "seed": seed, "train_ratio": split_ratio, "train": len(train),
                          "dev": len(dev), "method": "random.Random(seed).shuffle of row indices; "
                                                     "first round(ratio*n) train, rest dev"}
     else:
-        dev, more = read_file(find(data_dir, dataset.dev, dataset), dataset)
+        dev, more, dropped = read_counted(find(data_dir, dataset.dev, dataset), dataset)
         skipped += more
+        if dataset.drop_labels:
+            info["dropped_labels"]["dev"] = dropped
     info["available"] = {"train": len(train), "dev": len(dev)}
     train, dev = subset(train, train_limit, seed), subset(dev, dev_limit, seed + 1)
     info["used"] = {"train": len(train), "dev": len(dev)}

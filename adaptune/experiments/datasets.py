@@ -5,6 +5,11 @@ Covers the CS224N multitask data (sst, para, sts, cfimdb; tab-separated, header 
 an index) and standard GLUE directories (SST-2/, STS-B/, MRPC/, QQP/, CoLA/, RTE/, WNLI/, QNLI/,
 MNLI/, each with train.tsv and dev.tsv, MNLI dev_matched.tsv). Paths are relative to the data
 directory; a dataset's own folder works too (data.find). Adding a dataset is one line in DATASETS.
+
+A dataset may relabel and drop classes of another one's files: `label_map` maps raw label strings to
+class ids (matched before a label is read as a number) and rows whose raw label is in `drop_labels` are
+left out (not examples, not skipped rows; counted in load_dataset's info["dropped_labels"]). `sst-binary`
+(alias `sstb`) is SST-2-style binary sentiment read from the SST-5 files: 0-1 -> 0, 3-4 -> 1, 2 dropped.
 """
 from __future__ import annotations
 
@@ -37,6 +42,17 @@ class Dataset:
     label_map: dict = field(default_factory=dict)  # string labels -> class ids (RTE)
     label_range: tuple[float, float] | None = None  # allowed range of a regression label
     description: str = ""
+    drop_labels: tuple[str, ...] = ()  # raw labels whose rows are left out (SST's neutral "2" for sst-binary)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.drop_labels, str) or not all(isinstance(x, str) and x and x == x.strip()
+                                                        for x in self.drop_labels):
+            raise ConfigError(f"dataset {self.name!r}: drop_labels must be a tuple of non-empty raw label strings "
+                              f"without surrounding spaces, e.g. ('2',); got {self.drop_labels!r}")
+        both = sorted(set(self.drop_labels) & set(self.label_map))
+        if both:
+            raise ConfigError(f"dataset {self.name!r}: labels {both} are both mapped (label_map) and dropped "
+                              f"(drop_labels); a raw label is one or the other")
 
     @property
     def loss(self) -> str:
@@ -62,6 +78,9 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
                 "sts-dev.csv", label_range=(0.0, 5.0), description="STS similarity 0..5, Pearson r"),
     Dataset("cfimdb", CLASSES, 2, "accuracy", ("sentence",), "sentiment", "ids-cfimdb-train.csv",
                 "ids-cfimdb-dev.csv", description="CFIMDB movie-review polarity"),
+    Dataset("sst-binary", CLASSES, 2, "accuracy", ("sentence",), "sentiment", "ids-sst-train.csv", "ids-sst-dev.csv",
+                label_map={"0": 0, "1": 0, "3": 1, "4": 1}, drop_labels=("2",),
+                description="SST-2-style binary sentiment from SST-5: 0-1 negative, 3-4 positive, 2 (neutral) left out"),
     # standard GLUE directories
     Dataset("sst2", CLASSES, 2, "accuracy", ("sentence",), "label", "SST-2/train.tsv", "SST-2/dev.tsv",
                 quoting=_NONE),
@@ -85,7 +104,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
 DEFAULT_DATASETS = ("sst", "para", "sts")  # seed 004's three datasets
 
 
-ALIASES = {"quora": "para", "paraphrase": "para", "sst5": "sst", "sts-b": "stsb"}
+ALIASES = {"quora": "para", "paraphrase": "para", "sst5": "sst", "sts-b": "stsb", "sstb": "sst-binary"}
 
 
 def get_dataset(name: str) -> Dataset:

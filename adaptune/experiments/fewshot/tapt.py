@@ -1,0 +1,172 @@
+"""`adaptune tapt`: task-adaptive pretraining (Gururangan et al. 2020, on seed 003's slides). The chosen components
+continue language-model training on the task's own unlabelled text (the sentences of the dataset's training file,
+labels unused; the test set, the dev file, is never read): next-token prediction on a causal LM, the MLM loss on a
+masked LM (15% of the tokens chosen; of those 80% [MASK], 10% a random token, 10% kept). Domain-adaptive
+pretraining is the same on another dataset's text. The output directory holds
+
+    adaptation.safetensors   the components (adaptune.save), what `adaptune run fewshot --init-from DIR` loads
+    tapt.json                the settings, the base and method they belong to, the loss curve
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...errors import ConfigError, LoadError, TrainingError
+from ...files import atomic_write_dir
+from ...persist import load
+from ..config import set_seed
+from ..data import default_data_dir, load_dataset
+from ..datasets import get_dataset
+from ..methods import Method, param_groups
+from ..runs import check_destination
+from ..training import warmup_linear
+from .bases import CAUSAL, ENCODER, load_lm
+from .config import FewShotMethod
+
+TASK = "task"  # the adaptune task name of the components in tapt and fewshot runs
+FORMAT = "adaptune-tapt/1"
+ARTIFACTS = ("adaptation.safetensors", "tapt.json")
+
+
+@dataclass(frozen=True)
+class TaptConfig:
+    """One TAPT run; the field metadata is the CLI's help."""
+    out: str = field(default="", metadata={"help": "the output directory (made; refused if it exists without "
+                                                   "--overwrite)", "metavar": "<dir>", "panel": "Run"})
+    method: Method = field(default_factory=FewShotMethod)
+    dataset: str = field(default="sst-binary", metadata={"help": "whose training-file text to train on",
+                                                         "panel": "Task"})
+    model: str = field(default="smollm2-135m", metadata={"help": "a causal or masked LM (see run fewshot --model)",
+                                                         "panel": "Task"})
+    data_dir: str | None = field(default=None, metadata={"help": "default: $ADAPTUNE_DATA, else ../shared/data/cs224n",
+                                                         "metavar": "<dir>", "panel": "Task"})
+    steps: int = field(default=100, metadata={"help": "training steps", "panel": "Budget"})
+    batch_size: int = field(default=8, metadata={"help": "texts per step", "panel": "Budget"})
+    max_length: int = field(default=128, metadata={"help": "tokens per text", "panel": "Budget"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the method's)",
+                                                     "panel": "Training"})
+    mlm_probability: float = field(default=0.15, metadata={"help": "share of tokens masked (masked LMs)",
+                                                           "panel": "Training"})
+    seed: int = field(default=0, metadata={"help": "text order, masking, initialisation", "panel": "Run"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N", "panel": "Run"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory",
+                                                     "flags": ("--overwrite",), "panel": "Run"})
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if not str(self.out).strip():
+            raise ConfigError("--out DIR is required: where the TAPT components are written")
+        for what in ("steps", "batch_size", "max_length"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{what.replace('_', '-')} must be an integer of at least 1, got {value!r}")
+        if not (isinstance(self.mlm_probability, float) and 0 < self.mlm_probability < 1):
+            raise ConfigError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ConfigError(f"--lr must be a positive finite number, got {self.lr!r}")
+        if self.method.name in ("head-only", "full"):
+            raise ConfigError(f"TAPT trains components and saves them; method {self.method.name!r} has none: "
+                              f"give a component method (lora, dora, adapter, prefix, prompt, stack, ...)")
+
+
+def lm_loss(model: nn.Module, batch: dict[str, Tensor], causal: bool, mask_token: int | None, vocab: int,
+            p: float, gen: torch.Generator) -> Tensor:
+    """Next-token cross entropy over real tokens (causal), or the MLM loss over the chosen tokens (masked). The
+    logits are read from the end, so components that prepend positions (prompt tuning) are allowed."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    T = ids.shape[1]
+    if causal:
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, -T:]  # (B, T, V)
+        target = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+    special = batch["special_tokens_mask"].bool() | (attn == 0)
+    chosen = (torch.rand(ids.shape, generator=gen) < p).to(ids.device) & ~special
+    if not chosen.any():  # at least one token per batch
+        chosen[0, int((~special[0]).nonzero()[0])] = True
+    roll = torch.rand(ids.shape, generator=gen).to(ids.device)
+    inputs = ids.masked_fill(chosen & (roll < 0.8), mask_token)
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs = torch.where(swap, torch.randint(vocab, ids.shape, generator=gen).to(ids.device), inputs)
+    kw = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    logits = model(input_ids=inputs, attention_mask=attn, **kw).logits[:, -T:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), ids.masked_fill(~chosen, -100).flatten(), ignore_index=-100)
+
+
+def tapt(cfg: TaptConfig, progress: Any = None) -> dict:
+    """Train the components on the task's text and save them under cfg.out; returns what tapt.json holds."""
+    out = Path(cfg.out)
+    check_destination(out, cfg.overwrite, ARTIFACTS)
+    set_seed(cfg.seed)
+    splits = load_dataset(get_dataset(cfg.dataset), Path(cfg.data_dir or default_data_dir()))
+    texts = [t for e in splits.train for t in (e.a, e.b) if t]
+    model, tok, kind = load_lm(cfg.model, seed=cfg.seed)
+    if kind == ENCODER:
+        raise ConfigError(f"{cfg.model!r} has no LM head: TAPT needs a causal LM or a masked LM with its MLM head")
+    if kind != CAUSAL and tok.mask_token_id is None:
+        raise ConfigError(f"the tokenizer of {cfg.model!r} has no mask token: the MLM loss needs one")
+    adaptation = cfg.method.prepare(model, [TASK])
+    adaptation.use(TASK)
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
+    groups = param_groups(model, nn.Identity(), cfg.lr or cfg.method.default_lr, 0.0, n_layers)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups)
+    sched = warmup_linear(opt, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = progress.add_task("TAPT", total=cfg.steps) if progress is not None else None
+    losses, queue, t0 = [], [], time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        if len(queue) < cfg.batch_size:
+            queue += torch.randperm(len(texts), generator=gen).tolist()
+        chunk = [texts[i] for i in queue[:cfg.batch_size]]
+        del queue[:cfg.batch_size]
+        batch = tok(chunk, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt",
+                    return_special_tokens_mask=kind != CAUSAL)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = lm_loss(model, batch, kind == CAUSAL, tok.mask_token_id, len(tok), cfg.mlm_probability, gen)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"TAPT diverged at step {step}: the loss is {loss.item()}; nothing is saved")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if bar is not None:
+            progress.update(bar, advance=1, description=f"TAPT  loss {losses[-1]:.3f}")
+    info = {"format": FORMAT, "command": cfg.command, "model": cfg.model, "kind": kind, "dataset": cfg.dataset,
+            "method": cfg.method.label(), "config": {**asdict(cfg), "method": asdict(cfg.method)},
+            "texts": len(texts), "losses": losses, "train_s": time.perf_counter() - t0}
+
+    def write(tmp: Path) -> None:
+        adaptation.save(tmp / "adaptation.safetensors")
+        (tmp / "tapt.json").write_text(json.dumps(info, indent=2))
+
+    check_destination(out, cfg.overwrite, ARTIFACTS)
+    atomic_write_dir(out, write)
+    return info
+
+
+def load_tapt(path: str | Path, model: nn.Module, model_name: str, method: Method) -> Any:
+    """The components of a TAPT output directory on `model`, active; refused for another base or method."""
+    path = Path(path)
+    try:
+        info = json.loads((path / "tapt.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path}: not an `adaptune tapt` output directory ({e})") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise LoadError(f"{path / 'tapt.json'}: format {info.get('format') if isinstance(info, dict) else None!r}, "
+                        f"not {FORMAT!r}")
+    if info["model"] != model_name or info["method"] != method.label():
+        raise ConfigError(f"{path}: its components are {info['method']} on {info['model']!r}; this run is "
+                          f"{method.label()} on {model_name!r}: give the same --model and method options")
+    return load(model, path / "adaptation.safetensors", active=TASK)

@@ -1,0 +1,143 @@
+"""`adaptune run fewshot` and `adaptune tapt` end to end on tiny random bases and a tiny SST-like data folder:
+every mode, the recipes, TAPT components loading into the fine-tuning run, determinism and clear errors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adaptune.errors import ConfigError, LoadError
+from adaptune.experiments.fewshot.bases import load_lm
+from adaptune.experiments.fewshot.config import FewShotConfig, FewShotMethod
+from adaptune.experiments.fewshot.prompts import Prompt
+from adaptune.experiments.fewshot.run import _components, run
+from adaptune.experiments.fewshot.tapt import TaptConfig, tapt
+from adaptune.experiments.fewshot.train import accuracy, predict, scorer
+from adaptune.experiments.training import Encoder
+
+WORDS = ["good", "bad", "film", "plot", "great", "dull", "story", "fun", "slow", "long"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sst")
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("ids-sst-train.csv", 60), ("ids-sst-dev.csv", 20)):
+        rows = ["\tid\tsentence\tsentiment"]
+        for i in range(n):
+            words = " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (5,), generator=g).tolist())
+            rows.append(f"{i}\tx{i}\t{words} .\t{i % 5}")
+        (d / name).write_text("\n".join(rows) + "\n")
+    return str(d)
+
+
+def config(data, tmp_path, **kw):
+    base = dict(model="tiny-gpt2", data_dir=data, k=3, seeds=("0", "1"), steps=4, eval_every=2, batch_size=4,
+                max_length=32, out=str(tmp_path / "runs"))
+    return FewShotConfig(**{**base, **kw})
+
+
+def test_prompt_run_writes_every_seed_and_the_summary(data, tmp_path):
+    result = run(config(data, tmp_path, self_ensemble=2, self_distill=0.5))
+    saved = json.loads((tmp_path / "runs" / result["name"] / "results.json").read_text())
+    assert [r["seed"] for r in saved["seeds"]] == [0, 1]
+    tests = [r["test"] for r in saved["seeds"]]
+    assert saved["summary"]["test"]["mean"] == pytest.approx(sum(tests) / 2)
+    assert saved["summary"]["test"]["std"] == pytest.approx(abs(tests[0] - tests[1]) / 2)
+    for r in saved["seeds"]:
+        assert r["train"] == r["dev"] == 6 and len(r["history"]) == 4 and "ensemble_test" in r
+        assert any("mse" in row for row in r["history"])  # the teacher joined once a snapshot existed
+        assert "mse" not in r["history"][0]
+
+
+def test_runs_are_deterministic(data, tmp_path):
+    a = run(config(data, tmp_path, name="a", seeds=("1",)))
+    b = run(config(data, tmp_path, name="b", seeds=("1",)))
+    assert a["seeds"][0]["history"] == b["seeds"][0]["history"] and a["seeds"][0]["test"] == b["seeds"][0]["test"]
+
+
+def test_zero_shot_is_the_prompts_accuracy(data, tmp_path):
+    result = run(config(data, tmp_path, mode="zero-shot"))
+    assert [r["seed"] for r in result["seeds"]] == [None]  # nothing sampled, nothing trained: one evaluation
+    model, tok, _ = load_lm("tiny-gpt2")
+    prompt = Prompt.build(result["template"], result["verbalizer"], tok, True, 2)
+    from adaptune.experiments.data import load_dataset
+    from adaptune.experiments.datasets import get_dataset
+    test = load_dataset(get_dataset("sst-binary"), data).dev
+    with torch.no_grad():
+        logits = prompt.class_logits(model, prompt.encode(test, 32))
+    expected = sum(int(p == int(e.label)) for p, e in zip(logits.argmax(-1).tolist(), test)) / len(test)
+    assert result["seeds"][0]["test"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("model, mode", [("bert-tiny", "head"), ("tiny-bert-mlm", "prompt"), ("tiny-llama", "prompt")])
+def test_every_kind_of_base(data, tmp_path, model, mode):
+    result = run(config(data, tmp_path, model=model, mode=mode, seeds=("0",)))
+    assert 0.0 <= result["seeds"][0]["test"] <= 1.0 and result["seeds"][0]["trainable"] > 0
+
+
+def test_the_best_dev_step_is_selected(data, tmp_path):
+    r = run(config(data, tmp_path, seeds=("0",), steps=6, eval_every=2, lr=5e-2))["seeds"][0]
+    devs = {row["step"]: row["dev"] for row in r["history"] if "dev" in row}
+    assert sorted(devs) == [2, 4, 6] and r["best_dev"] == max(devs.values())
+    assert r["best_step"] == max(s for s, d in devs.items() if d == r["best_dev"])  # ties: the later step
+
+
+def test_tapt_components_load_into_the_fine_tuning_run(data, tmp_path):
+    out = tmp_path / "tapt"
+    info = tapt(TaptConfig(out=str(out), model="tiny-gpt2", data_dir=data, steps=3, batch_size=4, max_length=16,
+                           lr=1e-2))
+    assert len(info["losses"]) == 3 and info["texts"] == 48  # the train file's sentences, neutral ones left out
+    saved = load_file(str(out / "adaptation.safetensors"))
+    model, _, _ = load_lm("tiny-gpt2")
+    adaptation = _components(config(data, tmp_path, init_from=str(out)), model)
+    state = adaptation.state_dict()
+    assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "B" in k.split(".")[-1])  # trained off LoRA's zero B
+    result = run(config(data, tmp_path, init_from=str(out), seeds=("0",)))
+    assert result["name"].endswith("tapt")
+
+
+def test_masked_tapt_trains_the_mlm_loss(data, tmp_path):
+    info = tapt(TaptConfig(out=str(tmp_path / "mlm"), model="tiny-bert-mlm", data_dir=data, steps=2, batch_size=4,
+                           max_length=16))
+    assert info["kind"] == "masked" and all(v == v and v > 0 for v in info["losses"])
+
+
+def test_predict_batches_by_length_but_keeps_the_order(data):
+    model, tok, _ = load_lm("bert-tiny")
+    head = torch.nn.Linear(model.config.hidden_size, 2)
+    score = scorer(model, None, head, Encoder(model, tok, 32), 32, torch.device("cpu"))
+    from adaptune.experiments.data import Example
+    examples = [Example("good " * n, None, 0.0) for n in (5, 1, 3)]
+    whole = predict(score, [model, head], examples, batch_size=1)
+    assert whole == predict(score, [model, head], examples, batch_size=3)
+    assert accuracy([0, 1, 0], examples) == pytest.approx(2 / 3)
+
+
+def test_clear_errors(data, tmp_path):
+    with pytest.raises(ConfigError, match="regression"):
+        FewShotConfig(dataset="sts")
+    with pytest.raises(ConfigError, match="needs --self-ensemble"):
+        FewShotConfig(self_distill=0.5)
+    with pytest.raises(ConfigError, match="--mode"):
+        FewShotConfig(mode="few")
+    with pytest.raises(ConfigError, match="--seeds"):
+        FewShotConfig(seeds=("0", "0"))
+    with pytest.raises(ConfigError, match="zero-shot trains nothing"):
+        FewShotConfig(mode="zero-shot", self_ensemble=3)
+    with pytest.raises(ConfigError, match="no LM head"):
+        run(config(data, tmp_path, model="bert-tiny"))
+    with pytest.raises(ConfigError, match="single token"):
+        run(config(data, tmp_path, verbalizer="zxqvbnw,great"))
+    with pytest.raises(ConfigError, match="has none"):
+        TaptConfig(out=str(tmp_path / "x"), method=FewShotMethod(name="full"))
+    with pytest.raises(LoadError, match="not an `adaptune tapt` output"):
+        run(config(data, tmp_path, init_from=str(tmp_path)))
+
+
+def test_tapt_for_another_method_is_refused(data, tmp_path):
+    out = tmp_path / "t"
+    tapt(TaptConfig(out=str(out), model="tiny-gpt2", data_dir=data, steps=1, batch_size=2, max_length=8))
+    with pytest.raises(ConfigError, match="same --model and method"):
+        run(config(data, tmp_path, init_from=str(out), method=FewShotMethod(r=4)))
