@@ -12,7 +12,7 @@ from typing import Any
 from ...errors import ConfigError
 from ..config import DEVICE, check_run_name
 from ..datasets import REGRESSION, get_dataset
-from ..methods import Method
+from ..methods import METHODS, Method
 from .bases import NAMES
 
 MODES = ("zero-shot", "prompt", "head")
@@ -29,8 +29,7 @@ def _budget(text: str, key: str) -> dict:
 @dataclass(frozen=True)
 class FewShotMethod(Method):
     """Method with LoRA as the few-shot default (the multitask runner's default is lora+adapter)."""
-    name: str = field(default="lora", metadata={"help": "one of head-only, full, lora, dora, adapter, lora+adapter, "
-                                                        "hyper, prefix, prompt, stack", "flags": ("--method",)})
+    name: str = field(default="lora", metadata={"help": f"one of {', '.join(METHODS)}", "flags": ("--method",)})
     r: int = field(default=8, metadata={"help": "LoRA/DoRA rank (lora, dora, lora+adapter)"})
 
 

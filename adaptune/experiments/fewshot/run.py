@@ -26,8 +26,8 @@ from ..datasets import CLASSES, get_dataset
 from ..machine import cpu_name, peak_rss_mb
 from ..methods import param_groups
 from ..runs import check_destination
-from ..training import Encoder
-from .bases import CAUSAL, ENCODER, load_lm
+from ..training import EVAL_BATCH, Encoder
+from .bases import CAUSAL, ENCODER, kind_of, load_lm
 from .config import FewShotConfig
 from .prompts import Prompt, default_prompt
 from .recipes import ParameterAverage, few_shot
@@ -42,6 +42,9 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
     """Every seed of the experiment; the results (also OUT/NAME/results.json)."""
     run_dir = Path(cfg.out) / cfg.run_name()
     check_destination(run_dir, cfg.overwrite, ARTIFACTS)
+    if cfg.mode != "head" and kind_of(cfg.model) == ENCODER:  # before anything is loaded
+        raise ConfigError(f"{cfg.model!r} has no LM head, so no label-word logits: prompts need a causal LM "
+                          f"(smollm2-135m) or a masked LM with its MLM head; use --mode head with this base")
     start = time.perf_counter()
     dataset = get_dataset(cfg.dataset)
     n_classes = dataset.n_out if dataset.kind == CLASSES else 2
@@ -79,9 +82,6 @@ def _one_seed(cfg: FewShotConfig, seed: int | None, pool: list, test: list, n_cl
               verbalizer: str | None, progress: Any) -> dict:
     set_seed(seed or 0)
     model, tok, kind = load_lm(cfg.model, seed=seed or 0)
-    if cfg.mode != "head" and kind == ENCODER:
-        raise ConfigError(f"{cfg.model!r} has no LM head, so no label-word logits: prompts need a causal LM "
-                          f"(smollm2-135m) or a masked LM with its MLM head; use --mode head with this base")
     device = torch.device(cfg.device)
     prompt = Prompt.build(template, verbalizer, tok, kind == CAUSAL, n_classes) if cfg.mode != "head" else None
     encoder = Encoder(model, tok, cfg.max_length, device)
@@ -140,7 +140,7 @@ def _components(cfg: FewShotConfig, model: nn.Module) -> Any:
 
 
 def _test(score: Any, modules: list, test: list, progress: Any, label: str) -> list[int]:
-    batches = -(-len(test) // 64)
+    batches = -(-len(test) // EVAL_BATCH)
     bar = progress.add_task(f"{label} test", total=batches) if progress is not None else None
     return predict(score, modules, test, on_batch=(lambda: progress.advance(bar)) if bar is not None else None)
 

@@ -10,7 +10,8 @@ with self-distillation its logits (in eval mode, no gradients) are the teacher o
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +39,26 @@ def scorer(model: nn.Module, prompt: Prompt | None, head: nn.Module | None, enco
     return lambda examples: head(encoder(list(examples)))
 
 
+@contextmanager
+def evaluating(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The modules in eval mode inside; their own modes restored on exit, even on an error."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 @torch.no_grad()
 def predict(score: Score, modules: Sequence[nn.Module], examples: Sequence[Example],
             batch_size: int = EVAL_BATCH, on_batch: Callable[[], None] | None = None) -> list[int]:
     """Predicted class ids in the order of `examples`, batched by length (eval mode, restored after)."""
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].a) + len(examples[i].b or ""))
     out = [0] * len(examples)
-    try:
+    with evaluating(modules):
         for j in range(0, len(order), batch_size):
             idx = order[j:j + batch_size]
             logits = score([examples[i] for i in idx]).float()
@@ -57,9 +68,6 @@ def predict(score: Score, modules: Sequence[nn.Module], examples: Sequence[Examp
                 out[i] = p
             if on_batch is not None:
                 on_batch()
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
     return out
 
 
@@ -121,15 +129,8 @@ def train_seed(score: Score, modules: Sequence[nn.Module], groups: list[dict], t
 
 
 def _teacher(score: Score, modules: Sequence[nn.Module], ensemble: ParameterAverage, batch: list) -> Tensor:
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        with torch.no_grad(), ensemble.swapped():
-            return score(batch).float()
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+    with evaluating(modules), torch.no_grad(), ensemble.swapped():
+        return score(batch).float()
 
 
 def _finite(value: float, what: str, step: int) -> float:
