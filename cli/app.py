@@ -157,8 +157,9 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
                                      "and <plot>-vae-curves.png (training curves) beside it"),
            markdown: Path = typer.Option(None, help="also write the tables as markdown here")) -> None:
     """Tables across runs: multitask runs (and a plot of dev average vs % trainable parameters), VAE runs
-    (and plots of the metrics against λ and of the training curves)."""
+    (and plots of the metrics against λ and of the training curves), few-shot runs (test accuracy over seeds)."""
     from adaptune import AdaptuneError
+    from adaptune.experiments.fewshot import report as fewshot_report
     from adaptune.experiments.report import find_runs, load_results, markdown_table, plot as plot_runs, runs_table
     from adaptune.experiments.vae import report as vae_report
     from adaptune.files import atomic_write
@@ -177,7 +178,8 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
     try:
         results = load_results(found)
         vae = [r for r in results if vae_report.is_vae(r)]
-        multitask = [r for r in results if not vae_report.is_vae(r)]
+        fewshot = [r for r in results if fewshot_report.is_fewshot(r)]
+        multitask = [r for r in results if not (vae_report.is_vae(r) or fewshot_report.is_fewshot(r))]
         if multitask:
             console.print(runs_table(multitask))
             written.append(plot_runs(multitask, plot))
@@ -189,11 +191,15 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
             swept = vae_report.plot_lambda(vae, f"{stem}-vae-lambda.png")
             written += [swept] if swept else []
             text += ("\n" if text else "") + vae_report.markdown_table(vae)
+        if fewshot:
+            console.print(fewshot_report.runs_table(fewshot))
+            text += ("\n" if text else "") + fewshot_report.markdown_table(fewshot)
         if markdown:
             atomic_write(markdown, lambda tmp: tmp.write_text(text))
     except AdaptuneError as e:
         return fail(str(e))
-    console.print(f"plot{'s' if len(written) > 1 else ''}: {', '.join(map(str, written))}")
+    if written:
+        console.print(f"plot{'s' if len(written) > 1 else ''}: {', '.join(map(str, written))}")
     if markdown:
         console.print(f"markdown: {markdown}")
 

@@ -141,3 +141,24 @@ def test_tapt_for_another_method_is_refused(data, tmp_path):
     tapt(TaptConfig(out=str(out), model="tiny-gpt2", data_dir=data, steps=1, batch_size=2, max_length=8))
     with pytest.raises(ConfigError, match="same --model and method"):
         run(config(data, tmp_path, init_from=str(out), method=FewShotMethod(r=4)))
+
+
+def test_report_tables_the_runs_with_their_spread(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    zero = run(config(data, tmp_path, mode="zero-shot"))
+    tuned = run(config(data, tmp_path, self_ensemble=2))
+    md = tmp_path / "table.md"
+    out = CliRunner().invoke(app, ["report", zero["run_dir"], tuned["run_dir"], "--markdown", str(md)])
+    assert out.exit_code == 0, out.output
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in md.read_text().splitlines()[2:]}
+    s, e = tuned["summary"]["test"], tuned["summary"]["ensemble_test"]
+    assert rows[tuned["name"]][7:9] == [f"{s['mean']:.3f} ± {s['std']:.3f}", f"{e['mean']:.3f} ± {e['std']:.3f}"]
+    assert rows[tuned["name"]][5] == "self-ensemble 2" and rows[tuned["name"]][6] == "2"
+    assert rows[zero["name"]][7] == f"{zero['seeds'][0]['test']:.3f}" and rows[zero["name"]][3] == "zero-shot"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text(json.dumps({"format": "adaptune-fewshot/1", "name": "x"}))
+    out = CliRunner().invoke(app, ["report", str(tmp_path / "broken")])
+    assert out.exit_code != 0 and "adaptune run fewshot" in out.output

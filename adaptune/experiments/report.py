@@ -29,7 +29,8 @@ def find_runs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
 
 
 def _read_any(run_dir: Path) -> dict:
-    """A multitask or a VAE run's results.json (checked as its kind is)."""
+    """A multitask, VAE or few-shot run's results.json (checked as its kind is)."""
+    from .fewshot.report import check_fewshot, is_fewshot
     from .vae.report import check_vae, is_vae
 
     path = run_dir / "results.json"
@@ -37,11 +38,13 @@ def _read_any(run_dir: Path) -> dict:
         found = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         found = None  # read_results names what is wrong
+    if is_fewshot(found):
+        return check_fewshot(found, path)
     return check_vae(found, path) if is_vae(found) else read_results(run_dir)
 
 
 def load_results(paths: list[str | Path]) -> list[dict]:
-    """results.json of each run directory (or results.json file) given, multitask or VAE runs; LoadError
+    """results.json of each run directory (or results.json file) given, multitask, VAE or few-shot runs; LoadError
     names a bad one."""
     out = [_read_any(p.parent if p.name == "results.json" else p) for p in map(Path, paths)]
     if not out:
@@ -120,19 +123,28 @@ def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, out
 
 
-def runs_table(results: list[dict]) -> Table:
-    head, body = rows(results)
-    table = Table(*head, title="multitask runs (dev)")
+def table(head: list[str], body: list[list[str]], title: str, columns: tuple[str, ...] | None = None) -> Table:
+    """A rich table of `body` (rows under `head`), only `columns` of them if given."""
+    keep = [head.index(k) for k in columns] if columns else list(range(len(head)))
+    out = Table(*[head[i] for i in keep], title=title)
     for row in body:
-        table.add_row(*row)
-    return table
+        out.add_row(*[row[i] for i in keep])
+    return out
+
+
+def markdown(head: list[str], body: list[list[str]]) -> str:
+    """A markdown table of `body` (rows under `head`); '|' inside a cell is escaped (stacks hold it)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(results: list[dict]) -> Table:
+    return table(*rows(results), title="multitask runs (dev)")
 
 
 def markdown_table(results: list[dict]) -> str:
-    head, body = rows(results)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]  # stacks hold '|'
-    return "\n".join(lines) + "\n"
+    return markdown(*rows(results))
 
 
 def plot(results: list[dict], path: str | Path) -> Path:

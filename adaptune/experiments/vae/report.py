@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ...errors import LoadError
 from ...files import atomic_write
+from ..report import markdown, table
 
 FORMAT = "adaptune-vae/1"
 REQUIRED = ("name", "config", "params", "test", "history")
@@ -74,18 +75,11 @@ TERMINAL = ("run", "corpus", "λ", "% trainable", "PPL", "-ELBO", "MI", "AU", "b
 
 
 def runs_table(results: list[dict]) -> Table:
-    head, body = rows(results)
-    keep = [head.index(k) for k in TERMINAL]
-    table = Table(*TERMINAL, title="VAE runs (test split; the markdown table has every column)")
-    for row in body:
-        table.add_row(*[row[i] for i in keep])
-    return table
+    return table(*rows(results), title="VAE runs (test split; the markdown table has every column)", columns=TERMINAL)
 
 
 def markdown_table(results: list[dict]) -> str:
-    head, body = rows(results)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
+    return markdown(*rows(results))
 
 
 def save_png(fig: Any, path: str | Path) -> Path:
