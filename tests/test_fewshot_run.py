@@ -162,3 +162,25 @@ def test_report_tables_the_runs_with_their_spread(data, tmp_path):
     (tmp_path / "broken" / "results.json").write_text(json.dumps({"format": "adaptune-fewshot/1", "name": "x"}))
     out = CliRunner().invoke(app, ["report", str(tmp_path / "broken")])
     assert out.exit_code != 0 and "adaptune run fewshot" in out.output
+
+
+def test_the_commands_print_each_seed_and_refuse_bad_options(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    common = ["--model", "tiny-gpt2", "--data-dir", data, "--max-length", "32"]
+    tapt_dir = tmp_path / "tapt"
+    out = CliRunner().invoke(app, ["tapt", *common, "--steps", "2", "--batch-size", "4", "--out", str(tapt_dir)])
+    assert out.exit_code == 0, out.output
+    assert (tapt_dir / "adaptation.safetensors").is_file() and "saved to" in out.output
+    out = CliRunner().invoke(app, ["run", "fewshot", *common, "--k", "3", "--seeds", "0,1", "--steps", "2",
+                                   "--eval-every", "1", "--batch-size", "4", "--self-ensemble", "2",
+                                   "--init-from", str(tapt_dir), "--out", str(tmp_path / "runs"), "--name", "cli"])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((tmp_path / "runs" / "cli" / "results.json").read_text())
+    for r in saved["seeds"]:
+        assert f"seed {r['seed']}: best dev {r['best_dev']:.4f}" in out.output
+        assert f"self-ensemble {r['ensemble_test']:.4f}" in out.output
+    out = CliRunner().invoke(app, ["run", "fewshot", *common, "--mode", "nope", "--out", str(tmp_path / "runs")])
+    assert out.exit_code != 0 and "valid modes are zero-shot, prompt, head" in out.output

@@ -55,7 +55,11 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
         built_in = default_prompt(dataset.name)
         template, verbalizer = template or built_in[0], verbalizer or built_in[1]
     seeds = [None] if cfg.mode == "zero-shot" else cfg.seed_list()
-    per_seed = [_one_seed(cfg, seed, splits.train, test, n_classes, template, verbalizer, progress) for seed in seeds]
+    per_seed = []
+    for seed in seeds:
+        per_seed.append(_one_seed(cfg, seed, splits.train, test, n_classes, template, verbalizer, progress))
+        if progress is not None:  # a line per seed, which a log file keeps too
+            progress.console.print(_seed_line(per_seed[-1]), highlight=False)
     summary = {key: _mean_std([r[key] for r in per_seed]) for key in ("test", "ensemble_test") if key in per_seed[0]}
     result = {
         "format": FORMAT, "experiment": "fewshot", "name": run_dir.name, "command": cfg.command,
@@ -143,6 +147,14 @@ def _test(score: Any, modules: list, test: list, progress: Any, label: str) -> l
     batches = -(-len(test) // EVAL_BATCH)
     bar = progress.add_task(f"{label} test", total=batches) if progress is not None else None
     return predict(score, modules, test, on_batch=(lambda: progress.advance(bar)) if bar is not None else None)
+
+
+def _seed_line(r: dict) -> str:
+    if r["seed"] is None:
+        return f"zero-shot: test {r['test']:.4f}"
+    ens = f", self-ensemble {r['ensemble_test']:.4f}" if "ensemble_test" in r else ""
+    return (f"seed {r['seed']}: best dev {r['best_dev']:.4f} (step {r['best_step']}), test {r['test']:.4f}{ens}; "
+            f"trained in {r['train_s']:.0f} s")
 
 
 def _mean_std(values: list[float]) -> dict:
