@@ -120,11 +120,17 @@ def test_default_prompts_build_for_both_lm_kinds(bert_tok, bpe):
     assert default_prompt("mnli") == (PAIR, "No,Yes,Maybe") and default_prompt("rte") == (PAIR, "Yes,No")
     for name in ("para", "qqp", "mrpc", "rte", "qnli", "mnli", "sst", "cola"):
         assert name in TEMPLATES
-    for template, verbalizer in TEMPLATES.values():
+    for name, (template, verbalizer) in TEMPLATES.items():
         n = len(verbalizer.split(","))
         assert len(Prompt.build(template, verbalizer, bert_tok, False, n).label_ids) == n
-        if Template(template).slots == 1:  # the pair templates put <s2> after [MASK]: masked LMs only
-            assert len(Prompt.build(template, verbalizer, bpe, True, n).label_ids) == n
+        causal = default_prompt(name, causal=True)  # the pair templates put <s2> after [MASK]: a causal variant
+        assert (causal == (template, verbalizer)) == (Template(template).slots == 1)
+        assert len(causal[1].split(",")) == n
+        assert len(Prompt.build(*causal, bpe, True, n).label_ids) == n
+        if Template(template).slots == 2:
+            with pytest.raises(ConfigError, match="after the answer slot"):
+                Prompt.build(template, verbalizer, bpe, True, n)
+    assert default_prompt("rte", causal=True)[1] == "True,False"  # label 0 = entailment
     with pytest.raises(ConfigError, match="no built-in prompt for dataset 'sts'; the datasets with one are .*mnli"):
         default_prompt("sts")
 

@@ -42,12 +42,22 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 }
 
 
-def default_prompt(dataset_name: str) -> tuple[str, str]:
-    """The built-in (template, verbalizer) of a registry dataset."""
+# A causal LM sees no text after the answer slot, so its pair templates put both sentences first.
+_SAME = "<s1> <s2> Do they mean the same? [MASK]"
+_ENTAILS = "<s1> Question: <s2> True or False? Answer: [MASK]"
+CAUSAL_TEMPLATES: dict[str, tuple[str, str]] = {
+    "para": (_SAME, "No,Yes"), "qqp": (_SAME, "No,Yes"), "mrpc": (_SAME, "No,Yes"),
+    "rte": (_ENTAILS, "True,False"), "qnli": (_ENTAILS, "True,False"), "wnli": (_ENTAILS, "False,True"),
+    "mnli": ("<s1> Question: <s2> True, False or Neither? Answer: [MASK]", "False,True,Neither"),
+}
+
+
+def default_prompt(dataset_name: str, causal: bool = False) -> tuple[str, str]:
+    """The built-in (template, verbalizer) of a registry dataset, for a causal LM if `causal`."""
     if dataset_name not in TEMPLATES:
         raise ConfigError(f"no built-in prompt for dataset {dataset_name!r}; the datasets with one are "
                           f"{', '.join(sorted(TEMPLATES))} (else give a template and a verbalizer)")
-    return TEMPLATES[dataset_name]
+    return CAUSAL_TEMPLATES.get(dataset_name, TEMPLATES[dataset_name]) if causal else TEMPLATES[dataset_name]
 
 
 @dataclass(frozen=True)

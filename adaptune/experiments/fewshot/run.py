@@ -42,7 +42,8 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
     """Every seed of the experiment; the results (also OUT/NAME/results.json)."""
     run_dir = Path(cfg.out) / cfg.run_name()
     check_destination(run_dir, cfg.overwrite, ARTIFACTS)
-    if cfg.mode != "head" and kind_of(cfg.model) == ENCODER:  # before anything is loaded
+    kind = kind_of(cfg.model)
+    if cfg.mode != "head" and kind == ENCODER:  # before anything is loaded
         raise ConfigError(f"{cfg.model!r} has no LM head, so no label-word logits: prompts need a causal LM "
                           f"(smollm2-135m) or a masked LM with its MLM head; use --mode head with this base")
     start = time.perf_counter()
@@ -52,7 +53,7 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
     test = subset(splits.dev, cfg.budget("test_limit"), seed=0)
     template, verbalizer = cfg.template, cfg.verbalizer
     if cfg.mode != "head" and (template is None or verbalizer is None):
-        built_in = default_prompt(dataset.name)
+        built_in = default_prompt(dataset.name, causal=kind == CAUSAL)
         template, verbalizer = template or built_in[0], verbalizer or built_in[1]
     seeds = [None] if cfg.mode == "zero-shot" else cfg.seed_list()
     per_seed = []
