@@ -2,6 +2,7 @@
 accuracy as mean ± population std over the seeds, and the self-ensemble's beside it."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def _pm(summary: dict | None) -> str:
 
 
 def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    return statistics.fmean(values) if values else None
 
 
 def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
