@@ -31,9 +31,9 @@ for ds in "${DATASETS[@]}"; do  # the rows the lecture asks for, dataset by data
   run "$ds-zero-shot" --dataset "$ds" --mode zero-shot
   run "$ds-prompt-lora" --dataset "$ds" --mode prompt "${TRAIN[@]}"
   run "$ds-head-lora" --dataset "$ds" --mode head "${TRAIN[@]}"
-  run "$ds-prompt-lora-sd1" --dataset "$ds" --mode prompt "${TRAIN[@]}" --self-distill 1
   tapt "$ds"
   run "$ds-prompt-lora-tapt" --dataset "$ds" --mode prompt "${TRAIN[@]}" --init-from "$OUT/tapt-$ds"
+  run "$ds-prompt-lora-sd1" --dataset "$ds" --mode prompt "${TRAIN[@]}" --self-distill 1
 done
 for ds in "${DATASETS[@]}"; do  # the head's recipes
   run "$ds-head-lora-sd1" --dataset "$ds" --mode head "${TRAIN[@]}" --self-distill 1
