@@ -19,11 +19,11 @@ run() {
   echo "=== $name ($(date -u +%H:%M:%S))"
   $ADAPTUNE run fewshot "${COMMON[@]}" --name "$name" "$@" || echo "=== FAILED: $name"
 }
-tapt() {
-  local ds=$1
-  [ -f "$OUT/tapt-$ds/tapt.json" ] && return
+tapt() {  # an incomplete directory (no components beside tapt.json) is made again
+  local ds=$1 dir=$OUT/tapt-$1
+  [ -f "$dir/tapt.json" ] && [ -f "$dir/adaptation.safetensors" ] && return
   echo "=== tapt-$ds ($(date -u +%H:%M:%S))"
-  $ADAPTUNE tapt --threads 2 --dataset "$ds" --method lora --r 8 --steps 100 --out "$OUT/tapt-$ds" || echo "=== FAILED: tapt-$ds"
+  $ADAPTUNE tapt --threads 2 --dataset "$ds" --method lora --r 8 --steps 100 --out "$dir" --overwrite || echo "=== FAILED: tapt-$ds"
 }
 DATASETS=("$@")
 [ $# -eq 0 ] && DATASETS=(sst-binary cfimdb)
