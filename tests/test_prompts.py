@@ -7,6 +7,7 @@ from adaptune import ConfigError, PromptTuning, attach
 from adaptune.experiments.data import Example
 from adaptune.experiments.fewshot import prompts
 from adaptune.experiments.fewshot.prompts import TEMPLATES, Prompt, Template, Verbalizer, default_prompt
+from adaptune.experiments.training import Encoder, takes_logits_to_keep
 
 ONE = "<s1> It was [MASK] ."
 PAIR = "<s1> ? [MASK] , <s2>"
@@ -269,7 +270,7 @@ def test_masked_class_logits_read_the_mask_position(bert_tok):
 def test_causal_class_logits_equal_each_example_alone(bpe, kind, wrap):
     inner = causal_lm(kind)
     model = NoKeep(inner) if wrap else inner
-    assert prompts._takes_logits_to_keep(model) is not wrap
+    assert takes_logits_to_keep(model) is not wrap
     p = Prompt.build(ONE, "bad|terrible,great|good|fine", bpe, True, 2)
     batch = p.encode(SINGLES, 64)
     seen = []
@@ -312,6 +313,31 @@ def test_prepended_soft_prompt_reads_positions_from_the_end(bpe, wrap):
     rows = torch.arange(3)
     torch.testing.assert_close(got, by_hand(logits[:, -T:][rows, batch["answer"]], p.label_ids))
     assert not torch.allclose(got, by_hand(logits[rows, batch["answer"]], p.label_ids))  # unshifted reads differ
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("soft", [0, 3], ids=["plain", "soft-prompt"])
+def test_head_pooling_projects_one_logit_row_and_pools_the_last_hidden_states(bpe, kind, soft):
+    model = causal_lm(kind)
+    if soft:
+        attach(model, {"embed": PromptTuning(soft)})
+    encoder = Encoder(model, bpe, 64)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad():
+        got = encoder(SINGLES)
+    hook.remove()
+    assert seen == [1]  # the (B, T, V) logits are never made
+    batch = encoder.tokenize(SINGLES)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    assert hidden.shape[1] == mask.shape[1] + soft
+    m = mask.unsqueeze(-1).float()
+    want = (hidden[:, soft:] * m).sum(1) / m.sum(1)
+    assert got.shape == (3, 32)
+    torch.testing.assert_close(got, want)
 
 
 def test_mask_text_inside_a_sentence_does_not_move_the_answer(bert_tok):

@@ -11,7 +11,6 @@ Templates: "<s1> It was [MASK] ." (one sentence), "<s1> ? [MASK] , <s2>" (a pair
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from ...errors import ConfigError
+from ..training import takes_logits_to_keep
 
 INPUT_SLOTS = ("<s1>", "<s2>")
 ANSWER = "[MASK]"  # the answer slot as written in a template (for masked LMs replaced by tokenizer.mask_token)
@@ -191,11 +191,6 @@ def _fit(lengths: list[int], room: int) -> list[int]:
     return [a - excess // 2, b - (excess - excess // 2)]
 
 
-def _takes_logits_to_keep(model: Any) -> bool:
-    """transformers >= 4.50 causal LMs (GPT-2, Llama) take `logits_to_keep`, also as a 1-D tensor of positions."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 @dataclass(frozen=True)
 class Prompt:
     """A template + verbalizer bound to one tokenizer and LM kind."""
@@ -317,7 +312,7 @@ class Prompt:
         back = batch["answer"].to(device) - T  # (B,) negative positions from the end
         kw = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         keep = torch.unique(back)  # (K,) sorted
-        if _takes_logits_to_keep(model):
+        if takes_logits_to_keep(model):
             kw["logits_to_keep"] = keep
         logits = model(**kw).logits  # (B, L, V), or (B, K, V) when logits_to_keep was honoured
         rows = torch.arange(B, device=device)
