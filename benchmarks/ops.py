@@ -1,10 +1,10 @@
-"""Per-op benchmarks on 4096×4096 linears and a hidden-4096 bottleneck.
+"""Per-op benchmarks on large square linears and bottleneck adapters.
 
-lora / dora: forward + backward (dX and the factors' gradients; W is frozen) of one Linear(4096, 4096)
-with r = 16, through PEFT's layer or adaptune's (reference path, and kernel path when built).
-bottleneck: y = h + up(relu(down(h))) at hidden 4096, bottleneck 64/128/256, adaptune's op on the
-kernel path vs the eager PyTorch reference; forward alone (inference, where the effective memory
-bandwidth = minimal bytes moved / time is reported) and forward + backward.
+lora / dora: forward + backward (dX and the factors' gradients; W is frozen) of one Linear(d, d) with r = 16,
+through PEFT's layer or adaptune's (reference path and kernel path): d = 4096 on CPU, 4096 and 8192 on CUDA.
+bottleneck: y = h + up(relu(down(h))) at hidden d, bottleneck 64/128/256, adaptune's op on the kernel path vs
+the eager PyTorch reference; forward alone (inference, where the effective memory bandwidth = minimal bytes
+moved / time is reported) and forward + backward.
 """
 from __future__ import annotations
 
@@ -16,34 +16,38 @@ from .train_step import adaptune_paths
 from .worker import Built, Case, Skip
 
 NAME = "ops"
-SIZES = {  # (hidden, rank, tokens for lora/dora, bottleneck dims, tokens for the bottleneck)
-    "cuda": (4096, 16, 2048, (64, 128, 256), 16384),
-    "cpu": (4096, 16, 1024, (64, 128, 256), 1024),
-    "tiny": (256, 4, 32, (16,), 64),
+SIZES = {  # (hidden sizes, rank, tokens for lora/dora, bottleneck dims, tokens for the bottleneck)
+    "cuda": ((4096, 8192), 16, 2048, (64, 128, 256), 16384),
+    "cpu": ((4096,), 16, 1024, (64, 128, 256), 1024),
+    "tiny": ((256,), 4, 32, (16,), 64),
 }
 INNER = 20  # on CUDA each timed sample is the mean of 20 back-to-back steps (an op takes well under 1 ms)
 
 
 def cases(device: str, kernels: bool, tiny: bool = False, quick: bool = False) -> list[list[Case]]:
-    d, r, tokens, dims, bn_tokens = SIZES["tiny" if tiny else device]
+    """One group per hidden size for the linears, one per hidden size and bottleneck dim for the adapters."""
+    hiddens, r, tokens, dims, bn_tokens = SIZES["tiny" if tiny else device]
     n = INNER if device == "cuda" else 1
-    linear = []
-    for op in ("lora", "dora"):
-        base = {"op": op, "hidden": d, "r": r, "tokens": tokens, "mode": "fwd+bwd"}
-        linear.append(Case(NAME, f"{op} peft", {**base, "impl": "peft", "path": "-"}, "off", n))
-        for path, mode in adaptune_paths(kernels):
-            linear.append(Case(NAME, f"{op} adaptune [{path}]", {**base, "impl": "adaptune", "path": path}, mode, n))
-    groups = [linear]
-    for m in dims[:1] if quick else dims:
-        group = []
-        for mode in ("fwd", "fwd+bwd"):
-            base = {"op": "bottleneck", "hidden": d, "bottleneck": m, "tokens": bn_tokens, "mode": mode}
-            group.append(Case(NAME, f"bottleneck m={m} {mode} eager",
-                              {**base, "impl": "eager", "path": "reference"}, "off", n))
-            if kernels:
-                group.append(Case(NAME, f"bottleneck m={m} {mode} kernels",
+    groups = []
+    for d in hiddens:
+        linear = []
+        for op in ("lora", "dora"):
+            base = {"op": op, "hidden": d, "r": r, "tokens": tokens, "mode": "fwd+bwd"}
+            linear.append(Case(NAME, f"{op} {d} peft", {**base, "impl": "peft", "path": "-"}, "off", n))
+            for path, mode in adaptune_paths(kernels):
+                linear.append(Case(NAME, f"{op} {d} adaptune [{path}]", {**base, "impl": "adaptune", "path": path},
+                                   mode, n))
+        groups.append(linear)
+    for d in hiddens:
+        for m in dims[:1] if quick else dims:
+            group = []
+            for mode in ("fwd", "fwd+bwd"):
+                base = {"op": "bottleneck", "hidden": d, "bottleneck": m, "tokens": bn_tokens, "mode": mode}
+                group.append(Case(NAME, f"bottleneck {d} m={m} {mode} eager",
+                                  {**base, "impl": "eager", "path": "reference"}, "off", n))
+                group.append(Case(NAME, f"bottleneck {d} m={m} {mode} kernels",
                                   {**base, "impl": "adaptune", "path": "kernels"}, "require", n))
-        groups.append(group)
+            groups.append(group)
     return groups
 
 

@@ -85,22 +85,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets_markdown(rows: list[dict], env: dict, checked: str, sources: dict[str, str]) -> str:
-    measured = ", ".join(f"{suite} ({date})" for suite, date in sources.items())
-    lines = [f"# targets — {env['device']} ({env['device_name']})", "",
-             f"- checked {checked} from the results files of this directory: {measured}",
-             f"- torch {env['torch']}, {env['threads']} threads; value = measured / yardstick "
-             "(or the measured figure itself); see each suite's file for the conditions",
-             "- for times measured side by side, value is the median of the per-round ratios (the verdict's "
-             "figure) and 'ratio of medians' the two medians' ratio", "",
-             "| verdict | target | measured | yardstick | value | ratio of medians | limit |",
-             "|---|---|---|---|---|---|---|"]
+def _environment_line(env: dict) -> str:
+    suites = ", ".join(f"{suite} ({date})" for suite, date in env["suites"].items())
+    return (f"{suites}: {env['device_name']}, {env['threads']} threads of {env['cpu_count']} CPUs, {env['dtype']}; "
+            f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+            + f", transformers {env['transformers']}, peft {env['peft']}, adaptune {env['adaptune']}")
+
+
+def targets_markdown(device: str, rows: list[dict], envs: list[dict], checked: str) -> str:
+    names = " / ".join(dict.fromkeys(env["device_name"] for env in envs))
+    lines = [f"# targets — {device} ({names})", "", f"- checked {checked} from the results files of this directory"]
+    if len(envs) == 1:
+        lines.append(f"- one environment: {_environment_line(envs[0])}")
+    else:
+        lines.append(f"- **{len(envs)} environments**: the files were measured apart, so rows from different "
+                     "files are not comparable; each row names its file")
+        lines += [f"  - {_environment_line(env)}" for env in envs]
+    lines += ["- value = measured / yardstick (or the measured figure itself); see each suite's file for the "
+              "conditions; for times measured side by side, value is the median of the per-round ratios (the "
+              "verdict's figure) and 'ratio of medians' the two medians' ratio", "",
+              "| verdict | target | measured | yardstick | value | ratio of medians | limit | from |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = f"{r['value']:.3f}" if "value" in r else r.get("why", "")
         of_medians = f"{r['ratio_of_medians']:.3f}" if "ratio_of_medians" in r else ""
         limit = f"{'≥' if r.get('at_least') else '≤'} {r['limit']}" if "limit" in r else ""
         lines.append(f"| {r['verdict']} | {r['target']} | {r.get('a', '')} | {r.get('b') or ''} | {value} | "
-                     f"{of_medians} | {limit} |")
+                     f"{of_medians} | {limit} | {r.get('source', '')} |")
     return "\n".join(lines) + "\n"
 
 

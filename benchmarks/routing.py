@@ -2,10 +2,11 @@
 (sample i runs task i mod T, the interleaved worst case for grouping by task).
 
 For each method (LoRA r=8 on q, k, v; DoRA r=8 on q, k, v; Adapter 64 after attention and feed-forward,
-one set per task) and T in 1, 3, 8, 32: forward (inference) and one AdamW training step of
+one set per task) and T tasks (CPU: 1, 3, 8, 32; CUDA and --quick: 8, 32): forward (inference) and one AdamW
+training step of
 - mixed:     the whole batch in one forward, `adaptation.route(tasks)` (T = 1 is a route with one task)
 - single:    the same batch under one task, `adaptation.use(task)` (the yardstick)
-- per-task:  one forward (and backward) per task on its samples, one optimizer step
+- per-task:  one forward (and backward) per task on its samples, one optimizer step (CPU full runs)
 - peft:      PEFT with T LoRA adapters and `adapter_names` (LoRA, inference only: PEFT trains one adapter
              per forward)
 GPU: batch 64 x 128 tokens, 12 layers. CPU: batch 64 x 32 tokens, 2 layers of the same width (a full
@@ -28,8 +29,9 @@ METHODS = ("lora", "dora", "adapter")
 
 def cases(device: str, kernels: bool, tiny: bool = False, quick: bool = False) -> list[list[Case]]:
     batch, seq, layers, width = SIZES["tiny" if tiny else device]
-    tasks = (1, 8) if quick or tiny else TASKS
-    paths = adaptune_paths(kernels)[-1:]  # the kernel path when built, else the reference
+    tasks = (1, 8) if tiny else (8, 32) if quick or device == "cuda" else TASKS
+    per_task = device == "cpu" and not quick  # one forward per task: the CPU's full runs only
+    paths = adaptune_paths(kernels, both=False)
     groups = []
     for method in METHODS:
         for mode in ("fwd", "train"):
@@ -41,7 +43,7 @@ def cases(device: str, kernels: bool, tiny: bool = False, quick: bool = False) -
                 for t in tasks:
                     group.append(Case(NAME, f"{method} {mode} mixed T={t} [{path}]",
                                       {**base, "how": "mixed", "tasks": t, "path": path}, kmode))
-                    if t > 1:
+                    if t > 1 and (per_task or tiny):
                         group.append(Case(NAME, f"{method} {mode} per-task T={t} [{path}]",
                                           {**base, "how": "per-task", "tasks": t, "path": path}, kmode))
             if method == "lora" and mode == "fwd":

@@ -68,6 +68,9 @@ def run_suite(suite: str, device: str, *, quick: bool = False, tiny: bool = Fals
         f"kernels {env['kernels']}; {warm} warm + {reps} timed runs")
     records = []
     for group in module.cases(device, kernels=why_not is None, tiny=tiny, quick=quick):
+        for case in group:
+            if case.kernels == "require" and why_not is not None:
+                case.skip = why_not.splitlines()[0]
         log(f"group: {', '.join(c.name for c in group)}")
         records += measure(group, device, threads, warm, reps, log)
     records = [module.add_rates(r) for r in records]
@@ -86,18 +89,37 @@ def run_suite(suite: str, device: str, *, quick: bool = False, tiny: bool = Fals
     return result
 
 
+ENVIRONMENT_KEYS = ("device_name", "cpu_count", "threads", "dtype", "torch", "cuda", "transformers", "peft", "adaptune",
+                    "python")  # what makes two results files' figures comparable
+
+
+def environments(results: dict[str, dict]) -> list[dict]:
+    """The distinct environments the results were measured in, each with the suites (and dates) it holds."""
+    found: dict[tuple, dict] = {}
+    for suite, result in results.items():
+        env = result["environment"]
+        key = tuple(env.get(k) for k in ENVIRONMENT_KEYS)
+        entry = found.setdefault(key, {**{k: env.get(k) for k in ENVIRONMENT_KEYS}, "suites": {}})
+        entry["suites"][suite] = env["date"]
+    return list(found.values())
+
+
 def check_targets(device: str, *, tiny: bool = False, out: Path = RESULTS,
                   log: Callable[[str], None] = print) -> list[dict]:
-    """Verdicts for the device's targets from the results files in `out`; writes targets-<device>.*"""
-    results = {m.NAME: r for s, m in SUITES.items() if (r := report.load(out, stem(s, device, tiny)))}
+    """Verdicts for the device's targets from the results files in `out`; writes targets-<device>.*, which
+    names the environment of every results file and, where they differ, the file each row came from."""
+    stems = {m.NAME: stem(s, device, tiny) for s, m in SUITES.items()}
+    results = {name: r for name, s in stems.items() if (r := report.load(out, s))}
     rows = targets.check(results, device)
     if results:
-        env = next(iter(results.values()))["environment"]
+        envs = environments(results)
+        for row in rows:
+            if row["suite"] in results:
+                row["source"] = f"{stems[row['suite']]}.json ({results[row['suite']]['environment']['date']})"
         name = f"targets-{device}" + ("-tiny" if tiny else "")
         checked = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        sources = {m: r["environment"]["date"] for m, r in results.items()}
-        report.write(out, name, {"device": device, "checked": checked, "results": sources, "environment": env,
-                                 "targets": rows}, report.targets_markdown(rows, env, checked, sources))
+        report.write(out, name, {"device": device, "checked": checked, "environments": envs, "targets": rows},
+                     report.targets_markdown(device, rows, envs, checked))
     for r in rows:
         value = f"{r['value']:.3f} ({'≥' if r['at_least'] else '≤'} {r['limit']})" if "value" in r else r["why"]
         log(f"{r['verdict']:7} {r['target']}" + (f" — {r['a']}" if "a" in r else "") + f": {value}")

@@ -30,7 +30,8 @@ class Target:
 
 _BERT = {"model": "bert-base"}
 _ADA_DORA = {"impl": "adaptune", "op": "dora"}
-_ADA_LORA = {"impl": "adaptune", "op": "lora", "path": SAME}
+_ADA_LORA = {"impl": "adaptune", "op": "lora", "path": SAME, "hidden": SAME}
+_PEFT = {"impl": "peft", "hidden": SAME}
 _MIXED = {"how": "mixed", "tasks": 8}
 _SINGLE = {"how": "single", "method": SAME, "mode": SAME, "path": SAME}
 _ROUTING = tuple(
@@ -40,6 +41,8 @@ _ROUTING = tuple(
     Target(device, "routing", "BERT-base shape, T=8 tasks: LoRA inference, adaptune route <= 1.0 x PEFT adapter_names",
            {**_MIXED, "method": "lora", "mode": "fwd"}, {"how": "peft", "tasks": 8}, 1.0)
     for device in ("cpu", "cuda"))
+_LLAMA = {"model": "llama-1b"}
+_SQUARE = "square linear (4096², CUDA also 8192²) r=16 fwd+bwd"
 TARGETS = _ROUTING + (
     Target("cpu", "train_step", "BERT-base step: adaptune DoRA <= 0.9 x PEFT DoRA",
            {**_BERT, "method": "adaptune-dora"}, {**_BERT, "method": "peft-dora"}, 0.9),
@@ -47,26 +50,33 @@ TARGETS = _ROUTING + (
            {**_BERT, "method": "adaptune-lora"}, {**_BERT, "method": "peft-lora"}, 1.0),
     Target("cpu", "train_step", "BERT-base step: adaptune DoRA <= 1.05 x adaptune LoRA",
            {**_BERT, "method": "adaptune-dora"}, {**_BERT, "method": "adaptune-lora", "path": SAME}, 1.05),
-    Target("cpu", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 1.05 x adaptune LoRA",
-           _ADA_DORA, _ADA_LORA, 1.05),
-    Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 1.10 x adaptune LoRA",
-           _ADA_DORA, _ADA_LORA, 1.10),
-    Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune DoRA <= 0.6 x PEFT DoRA",
-           _ADA_DORA, {"impl": "peft", "op": "dora"}, 0.6),
-    Target("cuda", "ops", "4096x4096 r=16 peak memory: adaptune DoRA <= 1.05 x adaptune LoRA",
+    Target("cpu", "ops", f"{_SQUARE}: adaptune DoRA <= 1.05 x adaptune LoRA", _ADA_DORA, _ADA_LORA, 1.05),
+    Target("cpu", "ops", f"{_SQUARE}: adaptune DoRA <= 0.45 x PEFT DoRA", _ADA_DORA, {**_PEFT, "op": "dora"}, 0.45),
+    Target("cuda", "ops", f"{_SQUARE}: adaptune DoRA <= 1.10 x adaptune LoRA", _ADA_DORA, _ADA_LORA, 1.10),
+    Target("cuda", "ops", f"{_SQUARE}: adaptune DoRA <= 0.6 x PEFT DoRA", _ADA_DORA, {**_PEFT, "op": "dora"}, 0.6),
+    Target("cuda", "ops", f"{_SQUARE} peak memory: adaptune DoRA <= 1.05 x adaptune LoRA",
            _ADA_DORA, _ADA_LORA, 1.05, metric="peak_mb"),
-    Target("cuda", "ops", "4096x4096 r=16 fwd+bwd: adaptune LoRA <= 0.9 x PEFT LoRA",
-           {"impl": "adaptune", "op": "lora"}, {"impl": "peft", "op": "lora"}, 0.9),
-    Target("cuda", "ops", "bottleneck fwd, hidden 4096: fused >= 1.5 x eager (eager time / fused time)",
+    Target("cuda", "ops", f"{_SQUARE}: adaptune LoRA <= 0.9 x PEFT LoRA",
+           {"impl": "adaptune", "op": "lora"}, {**_PEFT, "op": "lora"}, 0.9),
+    Target("cuda", "ops", "bottleneck fwd: fused >= 1.5 x eager (eager time / fused time)",
            {"op": "bottleneck", "mode": "fwd", "impl": "eager"},
-           {"op": "bottleneck", "mode": "fwd", "path": "kernels", "bottleneck": SAME}, 1.5, at_least=True),
-    Target("cuda", "ops", "bottleneck fwd, hidden 4096: fused >= 70% of the GPU's memory bandwidth",
+           {"op": "bottleneck", "mode": "fwd", "path": "kernels", "bottleneck": SAME, "hidden": SAME}, 1.5,
+           at_least=True),
+    Target("cuda", "ops", "bottleneck fwd: fused >= 70% of the GPU's memory bandwidth",
            {"op": "bottleneck", "mode": "fwd", "path": "kernels"}, None, 0.70, metric="bandwidth_frac",
            at_least=True),
-    Target("cuda", "train_step", "training step: PEFT LoRA <= 0.70 x full fine-tuning of the same model",
-           {"method": "peft-lora"}, {"method": "full", "model": SAME}, 0.70),
-    Target("cuda", "train_step", "training step: adaptune LoRA <= 0.70 x full fine-tuning of the same model",
-           {"method": "adaptune-lora"}, {"method": "full", "model": SAME}, 0.70),
+    Target("cuda", "train_step", "Llama-1B step: PEFT LoRA <= 0.70 x full fine-tuning",
+           {**_LLAMA, "method": "peft-lora"}, {**_LLAMA, "method": "full"}, 0.70),
+    Target("cuda", "train_step", "Llama-1B step: adaptune LoRA <= 0.70 x full fine-tuning",
+           {**_LLAMA, "method": "adaptune-lora"}, {**_LLAMA, "method": "full"}, 0.70),
+    Target("cuda", "train_step", "Llama-1B step: adaptune LoRA <= 1.0 x PEFT LoRA",
+           {**_LLAMA, "method": "adaptune-lora"}, {**_LLAMA, "method": "peft-lora"}, 1.0),
+    Target("cuda", "train_step", "Llama-1B step: adaptune DoRA <= 0.9 x PEFT DoRA",
+           {**_LLAMA, "method": "adaptune-dora"}, {**_LLAMA, "method": "peft-dora"}, 0.9),
+    Target("cuda", "train_step", "Llama-1B step: adaptune DoRA <= 1.10 x adaptune LoRA",
+           {**_LLAMA, "method": "adaptune-dora"}, {**_LLAMA, "method": "adaptune-lora", "path": SAME}, 1.10),
+    Target("cuda", "train_step", "Llama-1B step peak memory: adaptune DoRA <= 1.05 x PEFT LoRA",
+           {**_LLAMA, "method": "adaptune-dora"}, {**_LLAMA, "method": "peft-lora"}, 1.05, metric="peak_mb"),
 )
 
 

@@ -39,6 +39,7 @@ class Case:
     params: dict = field(default_factory=dict)  # copied into the result record
     kernels: str = "off"
     inner: int = 1  # steps per timed sample (short GPU ops): the sample is their mean
+    skip: str | None = None  # why it cannot run here (kernels not built): listed as skipped, never started
 
 
 @dataclass
@@ -150,15 +151,15 @@ def _ask(conn, proc, reply: bool = False) -> tuple[str, object]:
 def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
             log: Callable[[str], None] = print) -> list[dict]:
     """Build every case in its own process, run `warm` untimed steps each, then `reps` interleaved
-    rounds of one timed step per case. Returns one record per case, in the order given."""
+    rounds of one timed step per case. Returns one record per case, in the order given; a case with `skip`
+    set is recorded as skipped without a process."""
     ctx = context(device)
     records = {c.name: {"name": c.name, "suite": c.suite, "kernels": c.kernels, "inner": c.inner, **c.params}
                for c in cases}
     live: dict[str, tuple] = {}
-    for case in cases:  # built one after another: builds do not compete for the cores
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, case, device, threads), daemon=True)
-        _start(proc, case.kernels)  # inherited by the child before any import
+    started: list[tuple[Case, object, object]] = []
+
+    def ready(case: Case, parent, proc) -> None:
         kind, payload = _ask(parent, proc)
         if kind == "ready":
             records[case.name].update(payload)
@@ -168,6 +169,21 @@ def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
             records[case.name]["skipped" if kind == "skip" else "error"] = payload
             log(f"  {'skip' if kind == 'skip' else 'ERROR'} {case.name}: {payload}")
             proc.join()
+
+    for case in cases:
+        if case.skip:
+            records[case.name]["skipped"] = case.skip
+            log(f"  skip {case.name}: {case.skip}")
+            continue
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child, case, device, threads), daemon=True)
+        _start(proc, case.kernels)  # inherited by the child before any import
+        if device == "cpu":  # built one after another: builds do not compete for the few cores
+            ready(case, parent, proc)
+        else:  # a GPU machine's many cores start the spawned workers (imports, builds) side by side
+            started.append((case, parent, proc))
+    for case, parent, proc in started:
+        ready(case, parent, proc)
     times: dict[str, list[float]] = {name: [] for name in live}
 
     def step_all(order: list[str], n: int, keep: bool) -> None:

@@ -1,9 +1,14 @@
-"""Test settings (offline, two threads) and the shared fixtures; helpers live in helpers.py."""
+"""Test settings (offline, two threads) and the shared fixtures; helpers live in helpers.py.
+
+Modules marked `on_device` (pytestmark) run on $ADAPTUNE_TEST_DEVICE when it is set (benchmarks/gpu_check.sh sets
+it to cuda): every tensor made without a device is made there (helpers.OnDevice)."""
 import os
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_bert, tiny_gpt2
+from helpers import VOCAB, OnDevice, tiny_bert, tiny_gpt2
+
+TEST_DEVICE = os.environ.get("ADAPTUNE_TEST_DEVICE")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -18,3 +23,17 @@ def model(request):
 @pytest.fixture
 def ids():
     return torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "on_device: the module's tests run on $ADAPTUNE_TEST_DEVICE when it is set")
+
+
+@pytest.fixture(autouse=True)
+def test_device(request):
+    """The device an `on_device` test runs on: $ADAPTUNE_TEST_DEVICE, else the CPU (without the device mode)."""
+    if TEST_DEVICE is None or request.node.get_closest_marker("on_device") is None:
+        yield "cpu"
+        return
+    with OnDevice(TEST_DEVICE):
+        yield TEST_DEVICE

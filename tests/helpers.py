@@ -2,6 +2,8 @@
 import inspect
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 VOCAB = 96
 
@@ -86,3 +88,22 @@ def out(model, ids):
     """The main output of `model` on `ids`, without gradients."""
     with torch.no_grad():
         return main_output(model(ids))
+
+
+class OnDevice(TorchFunctionMode):
+    """Tensors made without a device are made on `device`, as under torch.set_default_device, so a test written
+    for the CPU runs on a GPU unchanged; those drawn from a CPU generator are drawn on the CPU and moved, so they
+    hold the values the CPU run draws."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _device_constructors() and kwargs.get("device") is None:
+            generator = kwargs.get("generator")
+            if generator is not None and generator.device.type != self.device.type:
+                return func(*args, **kwargs).to(self.device)
+            kwargs["device"] = self.device
+        return func(*args, **kwargs)

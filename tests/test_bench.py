@@ -54,17 +54,18 @@ def test_routed_and_single_task_batches_hold_the_same_components(out):
 def test_peft_and_adaptune_train_the_same_parameters(out):
     train = load(out, "train_step-cpu-tiny")
     pairs = {(c["model"], c["b"].split()[1]) for c in train["checks"]}
-    assert pairs == {(m, p) for m in ("bert-tiny", "gpt2-tiny") for p in ("peft-lora", "peft-dora")}
+    assert pairs == {(m, p) for m in ("bert-tiny", "gpt2-tiny", "llama-tiny") for p in ("peft-lora", "peft-dora")}
     assert all(c["equal"] and c["a_trainable"] > 0 for c in train["checks"])
     ops = {r["name"]: r for r in load(out, "ops-cpu-tiny")["records"]}
     for op in ("lora", "dora"):
-        assert ops[f"{op} adaptune [reference]"]["trainable"] == ops[f"{op} peft"]["trainable"]
+        assert ops[f"{op} 256 adaptune [reference]"]["trainable"] == ops[f"{op} 256 peft"]["trainable"]
 
 
 def test_the_rank_sweep_grows_with_r_and_full_trains_everything(out):
     records = {r["name"]: r for r in load(out, "rank_sweep-cpu-tiny")["records"]}
-    dora = [records[f"bert-tiny adaptune-dora r={r}"]["trainable"] for r in (1, 4)]
+    dora = [records[f"bert-tiny adaptune-dora r={r} [kernels]"]["trainable"] for r in (1, 4)]
     assert dora[0] < dora[1] < records["bert-tiny full"]["trainable"] == records["bert-tiny full"]["total_params"]
+    assert records["bert-tiny head-only"]["trainable"] == 128 * 5 + 5  # the new head alone
 
 
 def test_targets_file_lists_every_cpu_target(out):
@@ -82,7 +83,7 @@ def test_target_verdicts_from_records():
     assert verdicts["BERT-base step: adaptune DoRA <= 0.9 x PEFT DoRA"]["verdict"] == "PASS"  # 2.5 / 3.0
     assert verdicts["BERT-base step: adaptune LoRA <= 1.0 x PEFT LoRA"]["verdict"] == "FAIL"  # 2.2 / 2.0
     assert verdicts["BERT-base step: adaptune DoRA <= 1.05 x adaptune LoRA"]["value"] == pytest.approx(2.5 / 2.2)
-    assert verdicts["4096x4096 r=16 fwd+bwd: adaptune DoRA <= 1.05 x adaptune LoRA"]["verdict"] == "MISSING"
+    assert all(r["verdict"] == "MISSING" for r in verdicts.values() if r["suite"] == "ops")
     assert all(r["verdict"] == "MISSING" for r in targets.check({}, "cuda"))
 
 
@@ -115,3 +116,29 @@ def test_bench_command_runs_only_from_a_checkout(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "runs from a checkout" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_kernel_cases_that_cannot_run_are_listed_as_skipped_and_their_targets_read_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "probe_kernels", lambda device: "no compiler here")
+    result = run.run_suite("ops", "cpu", quick=True, tiny=True, warm=0, reps=1, out=tmp_path, log=lambda line: None)
+    kernel = [r for r in result["records"] if r.get("path") == "kernels"]
+    assert kernel and all(r["skipped"] == "no compiler here" and "median_s" not in r for r in kernel)
+    assert all("median_s" in r for r in result["records"] if r.get("path") != "kernels")
+    assert "skipped: no compiler here" in (tmp_path / "ops-cpu-tiny.md").read_text()
+    rows = [r for r in run.check_targets("cpu", tiny=True, out=tmp_path, log=lambda line: None) if r["suite"] == "ops"]
+    assert {r["verdict"] for r in rows if "[kernels]" in r.get("a", "")} == {"MISSING"}
+    assert {r["why"] for r in rows if "[kernels]" in r.get("a", "")} == {"no compiler here"}
+
+
+def test_a_targets_file_from_several_environments_names_each_rows_file(tmp_path):
+    from benchmarks import report
+    env = {"device": "cpu", "device_name": "Xeon", "cpu_count": 2, "threads": 2, "dtype": "float32", "torch": "2.13",
+           "cuda": None, "transformers": "5", "peft": "0.21", "adaptune": "0.1", "python": "3.11"}
+    rec = {"name": "a-dora", "model": "bert-base", "method": "adaptune-dora", "path": "kernels", "median_s": 1.0}
+    report.write(tmp_path, "train_step-cpu", {"environment": {**env, "date": "d1"}, "records": [rec]}, "")
+    report.write(tmp_path, "ops-cpu", {"environment": {**env, "device_name": "EPYC", "date": "d2"}, "records": []}, "")
+    rows = run.check_targets("cpu", out=tmp_path, log=lambda line: None)
+    text = (tmp_path / "targets-cpu.md").read_text()
+    assert "**2 environments**" in text and "Xeon" in text and "EPYC" in text
+    assert {r["source"] for r in rows if r["suite"] == "train_step"} == {"train_step-cpu.json (d1)"}
+    assert len(json.loads((tmp_path / "targets-cpu.json").read_text())["environments"]) == 2

@@ -1,8 +1,11 @@
 """DoRA: identity at init, magnitude/direction math on Linear and on GPT-2's fused slices."""
+import pytest
 import torch
 
 from adaptune import DoRA, attach
 from helpers import assert_grads_on_components_only, main_output, out, randomize, tiny_bert, tiny_gpt2
+
+pytestmark = pytest.mark.on_device  # on $ADAPTUNE_TEST_DEVICE when set (conftest.py)
 
 
 def dora_formula(x, W, b, dora):

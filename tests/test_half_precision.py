@@ -5,6 +5,8 @@ import torch
 from adaptune import Adapter, DoRA, LoRA, MergeError, Prefix, attach
 from helpers import VOCAB, tiny_gpt2
 
+pytestmark = pytest.mark.on_device  # on $ADAPTUNE_TEST_DEVICE when set (conftest.py)
+
 HALF = [torch.float16, torch.bfloat16]
 COMPONENTS = {"lora": {"attn": LoRA(4)}, "dora": {"attn": DoRA(4)}, "adapter": {"ffn": Adapter(8)},
               "prefix": {"attn": Prefix(4)}}

@@ -7,6 +7,8 @@ from adaptune import (Adapter, AdaptuneError, BitFit, DoRA, HyperAdapter, LoRA, 
                       TaskError, Trainable, attach)
 from helpers import VOCAB, main_output, randomize, tiny_bert, tiny_gpt2, tiny_llama
 
+pytestmark = pytest.mark.on_device  # on $ADAPTUNE_TEST_DEVICE when set (conftest.py)
+
 MODELS = {"gpt2": tiny_gpt2, "bert": tiny_bert, "llama": tiny_llama}
 
 # name -> (shared spec, {task: spec})

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: every phase in one call, each writing its results under OUTDIR as it ends.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR              # on a GPU machine (H100/H200): at most 8 minutes
+#   bash benchmarks/gpu_check.sh --rehearse OUTDIR   # the same phases on the CPU, tiny shapes: under 3 minutes
+#
+# It installs nothing: the checkout is put on PYTHONPATH, and the machine's python3 (PYTHON overrides it)
+# must have torch, transformers, peft, pytest, hypothesis and ninja. Phases, with their time budgets (seconds):
+#   1 environment  (140)  GPU, versions, the extension built for the device    environment.json, build.log
+#   2 correctness  (100)  the kernel tests (ADAPTUNE_KERNELS=require) and the   tests.log, tests.xml
+#                         routing, half-precision and DoRA model tests on it
+#   3 speed        (180)  ops (4096², 8192²), a Llama-1.1B training step and    results.tar (<suite>-<device>.json
+#                         mixed-task batches beside PEFT; target verdicts        and .md, targets-<device>.*)
+#   4 rank sweep    (60)  seed 002's Table 2 on BERT-base                        results.tar, as above
+# A phase that fails or runs out of time is recorded in check.log and the next one still runs; bench.log
+# holds the benchmarks' progress. Seven files in all (the device machine returns at most eight).
+# GPU_CHECK_MAX_BUDGET=N caps every phase at N seconds (the tests use it to check the time-out path).
+set -uo pipefail
+set -m  # every background job in a process group of its own: a phase's budget ends all of its processes
+
+rehearse=0
+if [ "${1:-}" = "--rehearse" ]; then rehearse=1; shift; fi
+if [ $# -ne 1 ]; then
+  echo "usage: bash benchmarks/gpu_check.sh [--rehearse] OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+PY=${PYTHON:-python3}
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE"' EXIT
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+if [ $rehearse = 1 ]; then
+  DEVICE=cpu; BENCH=(--tiny --quick --warm 0 --reps 2)
+else
+  DEVICE=cuda; BENCH=(--warm 3 --reps 10)
+fi
+: > "$OUT/check.log"
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/check.log"; }
+failed=0
+
+# phase NUMBER NAME BUDGET COMMAND...: runs COMMAND (a function too) for at most BUDGET seconds, in a process group
+# of its own that is ended whole at the budget (workers included), and records how it ended
+phase() {
+  local number=$1 name=$2 budget=$3; shift 3
+  budget=$(( budget < ${GPU_CHECK_MAX_BUDGET:-$budget} ? budget : ${GPU_CHECK_MAX_BUDGET:-$budget} ))
+  local start=$SECONDS rc
+  log "phase $number $name: started (budget ${budget} s)"
+  "$@" &
+  local pid=$!
+  ( sleep "$budget"; touch "$STAGE/.timeout-$number"; kill -TERM -- "-$pid" 2>/dev/null; sleep 10
+    kill -KILL -- "-$pid" 2>/dev/null ) > /dev/null 2>&1 &
+  local watchdog=$!
+  wait "$pid"
+  rc=$?
+  kill -- "-$watchdog" 2>/dev/null
+  wait "$watchdog" 2>/dev/null
+  local took=$(( SECONDS - start ))
+  if [ -e "$STAGE/.timeout-$number" ]; then
+    log "phase $number $name: TIMED OUT after ${took} s"; failed=1
+  elif [ $rc = 0 ]; then
+    log "phase $number $name: ok in ${took} s"
+  else
+    log "phase $number $name: FAILED (exit $rc) in ${took} s"; failed=1
+  fi
+}
+
+bench() {  # the suites given, one after another, packed into results.tar after each
+  local suite
+  for suite in "$@"; do
+    "$PY" -m benchmarks --device "$DEVICE" --suite "$suite" "${BENCH[@]}" --out "$STAGE" > "$STAGE/.last" 2>&1
+    local rc=$?
+    cat "$STAGE/.last" >> "$OUT/bench.log"
+    tar -cf "$OUT/results.tar" -C "$STAGE" --exclude './.*' . || return 1
+    # the verdicts the run printed last: every target of the device, from every suite measured so far
+    grep -E '^(PASS|FAIL|MISSING) ' "$STAGE/.last" > "$STAGE/.verdicts"
+    [ $rc = 0 ] || { echo "suite $suite: exit $rc (see bench.log)"; return $rc; }
+  done
+}
+
+tests() {
+  local parallel=()
+  if [ $rehearse = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+  ADAPTUNE_KERNELS=require ADAPTUNE_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+    --junitxml="$OUT/tests.xml" tests/test_kernels.py tests/test_kernels_routed.py tests/test_routing.py \
+    tests/test_half_precision.py tests/test_dora.py > "$OUT/tests.log" 2>&1
+  local rc=$?
+  tail -n 1 "$OUT/tests.log"
+  return $rc
+}
+
+log "gpu_check: $([ $rehearse = 1 ] && echo rehearsal on the CPU || echo on $DEVICE), checkout $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+phase 1 environment 140 "$PY" -m benchmarks.gpu_check "$OUT" "$DEVICE"
+phase 2 correctness 100 tests
+phase 3 speed 180 bench ops train routing
+phase 4 rank-sweep 60 bench sweep
+if [ -s "$STAGE/.verdicts" ]; then log "target verdicts:"; tee -a "$OUT/check.log" < "$STAGE/.verdicts"; fi
+log "gpu_check: done, $([ $failed = 0 ] && echo every phase ok || echo 'some phases failed (above)')"
+exit $failed
