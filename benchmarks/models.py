@@ -40,15 +40,20 @@ def _adaptune_targets(model: nn.Module, arch: str) -> list[str]:
 
 
 def base_model(preset: str, device: str, seed: int = 0) -> nn.Module:
-    """The random base: adaptune's presets, or a Llama shape built on the device itself (a 1B model's random
-    initialisation takes minutes on a CPU)."""
+    """The random base: adaptune's presets, or a Llama shape built on the device itself, in its dtype (a 1B
+    model's random initialisation takes minutes on a CPU)."""
     if preset not in LLAMA:
         from adaptune.models import load_model
         return load_model(preset, seed=seed)
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    with torch.device(device):
-        return LlamaForCausalLM(LlamaConfig(**LLAMA[preset], max_position_embeddings=2048))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype_for(device))  # made in the dtype it runs in: no float32 copy on the GPU
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(**LLAMA[preset], max_position_embeddings=2048))
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def apply_method(model: nn.Module, arch: str, method: str, r: int) -> nn.Module:

@@ -67,7 +67,10 @@ def run_suite(suite: str, device: str, *, quick: bool = False, tiny: bool = Fals
     log(f"{module.NAME} on {device} ({env['device_name']}, {threads} threads, torch {env['torch']}); "
         f"kernels {env['kernels']}; {warm} warm + {reps} timed runs")
     records = []
-    for group in module.cases(device, kernels=why_not is None, tiny=tiny, quick=quick):
+    groups = module.cases(device, kernels=why_not is None, tiny=tiny, quick=quick)
+    if device == "cuda":  # one group: its workers start side by side on the GPU machine's many cores
+        groups = [[case for group in groups for case in group]]
+    for group in groups:
         for case in group:
             if case.kernels == "require" and why_not is not None:
                 case.skip = why_not.splitlines()[0]

@@ -124,6 +124,8 @@ def _serve(conn, case: Case, device: str, threads: int) -> None:
         for _ in range(case.inner):
             built.step()
 
+    if device == "cuda":
+        torch.cuda.empty_cache()  # what the build freed goes back to the device: the workers share one GPU
     reset_peak(device)
     conn.send(("ready", built.info))
     while True:
