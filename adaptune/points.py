@@ -3,7 +3,8 @@ linear-weight helpers and attention checks that components and hooks share.
 
 A point's `kind` is the role of the components that bind there:
     PROJECTION  a linear map y = x Wᵀ + b (LoRA, DoRA): `module` is the Linear / Conv1D, `rows` the
-                output rows of a fused projection (GPT-2's c_attn: q, k, v are thirds), None for all;
+                (start, stop) output rows of a fused projection (GPT-2's c_attn: q, k, v are thirds),
+                None for all;
                 or an nn.Embedding table (LoRA only), the linear map of one-hot ids with W = tableᵀ
     SUBLAYER    the output h of an attention or feed-forward sublayer, before residual and norm
                 (adapters): `module` produces h, `in_module` receives the sublayer input x
@@ -49,7 +50,9 @@ class Point:
     module: nn.Module
     dim_in: int  # width of what enters the place (in features; the sublayer input; H_kv·D; d_model)
     dim_out: int  # width of what it produces (out features of `rows`; the sublayer output; H_kv·D; d_model)
-    rows: slice | None = None  # PROJECTION: output rows of a fused projection
+    rows: tuple[int, int] | None = None  # PROJECTION: (start, stop) output rows of a fused projection; not a
+    # slice: torch.compile hashes frozen dataclasses (a Binding, its Point) by their fields; slices are unhashable
+    # before Python 3.12
     in_module: nn.Module | None = None  # SUBLAYER: receives the sublayer input
     position: int | None = None  # SUBLAYER: ATTENTION_SUBLAYER, FFN_SUBLAYER, CROSS_SUBLAYER or RAW_SUBLAYER
     n_kv_heads: int | None = None  # ATTENTION
@@ -63,8 +66,8 @@ class Point:
 
     @property
     def out_rows(self) -> slice:
-        """The output rows the point covers: `rows`, or all of them."""
-        return self.rows if self.rows is not None else slice(0, self.dim_out)
+        """The output rows the point covers, as a slice: `rows`, or all of them."""
+        return slice(*self.rows) if self.rows is not None else slice(0, self.dim_out)
 
     @property
     def place(self) -> tuple:

@@ -218,7 +218,7 @@ class SiteMap:
         if a.fused_qkv and base == "attn" and name in ("q", "k", "v"):
             part = out // 3
             j = "qkv".index(name)
-            rows, out = slice(j * part, (j + 1) * part), part
+            rows, out = (j * part, (j + 1) * part), part
         site = f"{base}.{name}"
         return Point(PROJECTION, stack.key(i, site), stack.site(site), i, module, inp, out, rows=rows,
                      depth=stack.offset + i)

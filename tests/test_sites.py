@@ -55,7 +55,7 @@ def test_layer_subsets_on_a_deeper_model():
 
 def test_gpt2_q_k_v_are_the_thirds_of_c_attn():
     rows = {name: projections(tiny_gpt2(), f"layers.0.attn.{name}")[0][2] for name in "qkv"}
-    assert rows == {"q": slice(0, 32), "k": slice(32, 64), "v": slice(64, 96)}
+    assert rows == {"q": (0, 32), "k": (32, 64), "v": (64, 96)}
     point = SiteMap(tiny_gpt2()).resolve("layers.0.attn.k", PROJECTION, "LoRA")[0]
     assert (point.dim_in, point.dim_out) == (32, 32)
 

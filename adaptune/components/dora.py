@@ -38,9 +38,7 @@ class DoRA(LoRA):
 class DoRAModule(LoRAModule):
     def __init__(self, component: DoRA, point: Point) -> None:
         super().__init__(component, point)
-        weight = linear_weight(point.module).detach()
-        if point.rows is not None:
-            weight = weight[point.rows]
+        weight = linear_weight(point.module).detach()[point.out_rows]  # (out, in)
         self.magnitude = nn.Parameter(weight.float().norm(dim=1))  # (out,)
         self.detach_norm = component.detach_norm
         self._norm_cache: tuple[tuple, Tensor] | None = None

@@ -94,8 +94,7 @@ class LoRAModule(nn.Module):
             self.B = nn.Parameter(torch.zeros(d_out, r))  # (out, r)
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             return
-        weight = linear_weight(point.module)
-        weight = weight[point.rows] if point.rows is not None else weight  # (out, in)
+        weight = linear_weight(point.module)[point.out_rows]  # (out, in)
         if not weight.is_floating_point():
             raise BindError(f"{component!r} at {point.where()}: init={component.init!r} needs a float weight")
         A0, B0 = initial_factors(weight, r, self.scale, component.init)
