@@ -1,7 +1,8 @@
 """Per-op benchmarks on large square linears and bottleneck adapters.
 
 lora / dora: forward + backward (dX and the factors' gradients; W is frozen) of one Linear(d, d) with r = 16,
-through PEFT's layer or adaptune's (reference path and kernel path): d = 4096 on CPU, 4096 and 8192 on CUDA.
+through PEFT's layer or adaptune's (reference path and kernel path): d = 4096 on CPU, 4096 and 8192 on CUDA;
+beside them the frozen Linear alone (forward + dX), the floor every adapted layer pays.
 bottleneck: y = h + up(relu(down(h))) at hidden d, bottleneck 64/128/256, adaptune's op on the kernel path vs
 the eager PyTorch reference; forward alone (inference, where the effective memory bandwidth = minimal bytes
 moved / time is reported) and forward + backward.
@@ -30,7 +31,8 @@ def cases(device: str, kernels: bool, tiny: bool = False, quick: bool = False) -
     n = INNER if device == "cuda" else 1
     groups = []
     for d in hiddens:
-        linear = []
+        frozen = {"op": "frozen", "hidden": d, "r": 0, "tokens": tokens, "mode": "fwd+bwd", "impl": "torch", "path": "-"}
+        linear = [Case(NAME, f"frozen {d} linear", frozen, "off", n)]  # the floor: the base layer's own fwd+bwd
         for op in ("lora", "dora"):
             base = {"op": op, "hidden": d, "r": r, "tokens": tokens, "mode": "fwd+bwd"}
             linear.append(Case(NAME, f"{op} {d} peft", {**base, "impl": "peft", "path": "-"}, "off", n))
@@ -52,10 +54,12 @@ def cases(device: str, kernels: bool, tiny: bool = False, quick: bool = False) -
 
 
 def _adapted_linear(op: str, impl: str, d: int, r: int) -> nn.Module:
-    """One Linear(d, d) with a rank-r LoRA or DoRA from PEFT or adaptune."""
+    """One frozen Linear(d, d) with a rank-r LoRA or DoRA from PEFT or adaptune, or none (impl "torch")."""
     torch.manual_seed(0)
     holder = nn.Module()
-    holder.proj = nn.Linear(d, d)
+    holder.proj = nn.Linear(d, d).requires_grad_(False)
+    if impl == "torch":
+        return holder  # no adapter: the frozen layer alone
     if impl == "peft":
         try:
             from peft import LoraConfig, get_peft_model

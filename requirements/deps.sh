@@ -6,6 +6,9 @@
 #                                 (from PyPI: a CUDA build of several GB where no CPU wheel is at hand)
 #   requirements/deps.sh lowest   the suite on the lowest versions setup.py declares (uv's lowest-direct
 #                                 resolution), on the lowest Python it declares
+#   requirements/deps.sh device   the suite with the transformers of the lent GPU machines' image
+#                                 (DEVICE_TRANSFORMERS, default 5.17.0) and the newest peft that accepts it;
+#                                 every other package as requirements/constraints.txt pins it
 # Each check makes a fresh virtual environment under $DEPS_ENVS (default /tmp/adaptune-deps), installs
 # with uv (pinned below, installed there on first use), prints the versions it resolved, then runs the
 # suite as the README's test command does. Extra arguments go to pytest.
@@ -13,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 UV_VERSION=0.13.9
 envs=${DEPS_ENVS:-/tmp/adaptune-deps}
-check=${1:?"usage: requirements/deps.sh lock|latest|lowest [pytest arguments]"}
+check=${1:?"usage: requirements/deps.sh lock|latest|lowest|device [pytest arguments]"}
 shift
 
 uv=$envs/uv/bin/uv
@@ -37,7 +40,11 @@ case "$check" in
     python=python3; install=(-c requirements/constraints.txt) ;;
   latest) python=python3; install=(--upgrade) ;;
   lowest) python=${LOWEST_PYTHON:-$(find_python "$lowest")}; install=(--resolution lowest-direct) ;;
-  *) echo "unknown check '$check': use lock, latest or lowest" >&2; exit 2 ;;
+  device)
+    mkdir -p "$envs"
+    grep -vE '^(transformers|peft)==' requirements/constraints.txt > "$envs/device-constraints.txt"
+    python=python3; install=(-c "$envs/device-constraints.txt" "transformers==${DEVICE_TRANSFORMERS:-5.17.0}") ;;
+  *) echo "unknown check '$check': use lock, latest, lowest or device" >&2; exit 2 ;;
 esac
 
 env=$envs/$check
