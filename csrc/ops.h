@@ -177,7 +177,7 @@ template <class K>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_backward(const Tensor& dy, const Tensor& xs,
     const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& m, const Tensor& n, const Tensor& h,
     const Tensor& z, double s, bool dropped, bool need_dx, bool need_dnorm) {
-  auto [dz, dm] = K::dora_scale_backward(dy.reshape({-1, W.size(0)}), z, m, n);  // dm in n's dtype
+  auto [dz, dm] = K::dora_scale_backward(dy.reshape({-1, W.size(0)}), z, m, n);  // dm in n's accumulation dtype
   auto [dx, dxd, dA, dB] = low_rank_grads(dz, xs, W, A, B, h, s, dropped, need_dx);
   Tensor dnorm = need_dnorm ? (-dm * m.to(dm.scalar_type()) / n).to(n.scalar_type()) : empty0(n);
   return {dx, dxd, dA, dB, dm.to(m.scalar_type()), dnorm};

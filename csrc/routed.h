@@ -124,13 +124,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_routed_backward(
     bool need_dnorm) {
   const int64_t n = index.size(0);
   const Gathered g = gather(index, scale, xs.scalar_type());
-  const auto ct = norm.scalar_type();
-  auto [dz3, dr] = K::routed_scale_backward(samples(dy, n), z, routed_ratio(m, norm, g, index, ct).squeeze(1));
+  const auto ct = c10::promoteTypes(norm.scalar_type(), at::kFloat);                   // the accumulation dtype
+  const Tensor nf = norm.to(ct);
+  auto [dz3, dr] = K::routed_scale_backward(samples(dy, n), z, routed_ratio(m, nf, g, index, ct).squeeze(1));
   auto [dx, dxd, dA, dB] = routed_low_rank_grads(dz3, samples(xs, n), W, A, B, g, h, dropped, need_dx, xs.sizes());
   dr.mul_(index.ge(0).unsqueeze(1));                                                   // (N, out): d(m/n) per sample
-  Tensor dratio = at::zeros_like(norm).index_add_(0, g.idx, dr);                      // (T, out)
-  Tensor dm = dratio / norm;
-  Tensor dnorm = need_dnorm ? (-dm * m.to(ct) / norm).to(norm.scalar_type()) : empty0(norm);
+  Tensor dratio = at::zeros_like(nf).index_add_(0, g.idx, dr);                        // (T, out)
+  Tensor dm = dratio / nf;
+  Tensor dnorm = need_dnorm ? (-dm * m.to(ct) / nf).to(norm.scalar_type()) : empty0(norm);
   return {dx, dxd, dA, dB, dm.to(m.scalar_type()), dnorm};
 }
 

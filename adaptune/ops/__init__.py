@@ -185,7 +185,7 @@ def lora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 def dora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
                 scale: Tensor, index: Tensor, dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
     """DoRA with a task per sample and the task norms (T, out) given; see `reference.dora_routed`."""
-    if _use_kernel("dora_routed", x, weight, bias, params=(A, B, magnitude, norm)):
+    if _use_kernel("dora_routed", x, weight, bias, params=(A, B, magnitude)):  # norm: float32 from dora_norm
         from . import kernels
         return kernels.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
     return reference.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)

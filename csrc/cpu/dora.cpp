@@ -80,8 +80,9 @@ std::tuple<Tensor, Tensor> scale_pass(const Tensor& dy, const Tensor& z, const T
 // dz = dy·(m / n) and dm = Σ_rows dy ⊙ z / n: one group of all rows.
 std::tuple<Tensor, Tensor> Cpu::dora_scale_backward(const Tensor& dy, const Tensor& z, const Tensor& m,
                                                     const Tensor& n) {
-  auto [dz, sums] = scale_pass(dy, z, scale_of(m, n, n.scalar_type()).unsqueeze(0), 1);
-  return {dz, sums.squeeze(0).div_(n)};
+  const Tensor nf = n.to(c10::promoteTypes(n.scalar_type(), at::kFloat));  // sums in the accumulation dtype
+  auto [dz, sums] = scale_pass(dy, z, scale_of(m, nf, nf.scalar_type()).unsqueeze(0), 1);
+  return {dz, sums.squeeze(0).div_(nf)};
 }
 
 // The routed form: each sample its own (m / n) row, its own sum.
