@@ -7,8 +7,8 @@
 # It installs nothing: the checkout is put on PYTHONPATH, and the machine's python3 (PYTHON overrides it)
 # must have torch, transformers, peft, pytest, hypothesis and ninja. Phases, with their time budgets (seconds):
 #   1 environment  (140)  GPU, versions, the extension built for the device    environment.json, build.log
-#   2 correctness  (100)  the kernel tests (ADAPTUNE_KERNELS=require) and the   tests.log, tests.xml
-#                         routing, half-precision and DoRA model tests on it
+#   2 correctness  (100)  the kernel tests (ADAPTUNE_KERNELS=require; fp32,     tests.log, tests.xml
+#                         fp16, bf16) and the routing, half-precision and DoRA model tests on it
 #   3 speed        (180)  ops (4096², 8192²), a Llama-1.1B training step and    results.tar (<suite>-<device>.json
 #                         mixed-task batches beside PEFT; target verdicts        and .md, targets-<device>.*)
 #   4 rank sweep    (60)  seed 002's Table 2 on BERT-base                        results.tar, as above
@@ -84,14 +84,15 @@ tests() {
   local parallel=()
   if [ $rehearse = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
   ADAPTUNE_KERNELS=require ADAPTUNE_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
-    --junitxml="$OUT/tests.xml" tests/test_kernels.py tests/test_kernels_routed.py tests/test_routing.py \
-    tests/test_half_precision.py tests/test_dora.py > "$OUT/tests.log" 2>&1
+    --junitxml="$OUT/tests.xml" tests/test_kernels.py tests/test_kernels_routed.py tests/test_kernels_half.py \
+    tests/test_routing.py tests/test_half_precision.py tests/test_dora.py > "$OUT/tests.log" 2>&1
   local rc=$?
   tail -n 1 "$OUT/tests.log"
   return $rc
 }
 
-log "gpu_check: $([ $rehearse = 1 ] && echo rehearsal on the CPU || echo on $DEVICE), checkout $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+where=$([ $rehearse = 1 ] && echo "rehearsal on the CPU" || echo "on $DEVICE")
+log "gpu_check: $where, checkout $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
 phase 1 environment 140 "$PY" -m benchmarks.gpu_check "$OUT" "$DEVICE"
 phase 2 correctness 100 tests
 phase 3 speed 180 bench ops train routing
