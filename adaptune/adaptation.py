@@ -17,7 +17,7 @@ from .accounting import Counts, count
 from .components.base import Stack
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
-from .hooks.route import Route, route_index
+from .hooks.route import Route, checked, route_index
 from .saved import write as write_saved
 from .points import Point
 from .sites import SiteMap
@@ -74,8 +74,7 @@ class Adaptation(nn.Module):
             active = self.task_names[0]
         self._task = None
         self._latent: torch.Tensor | None = None  # set by condition()
-        self._route: Route | None = None  # set by route() when the batch mixes groups
-        self._routing = False  # inside route()
+        self._route: Route | None = None  # inside route(): its route (use()'s task stays in _task)
         self._enabled = True
         self._installed = False
         self._detached = False
@@ -167,17 +166,31 @@ class Adaptation(nn.Module):
 
     @property
     def task(self) -> str | None:
-        """The active task (None: shared components only)."""
+        """The active task set by use() (None: shared components only); a route() leaves it as it is."""
         return self._task
+
+    @property
+    def running_task(self) -> str | None:
+        """The task forwards run now: the active task, or inside route() the route's one group (None inside a
+        route that mixes groups: each sample's, see `routing`)."""
+        route = self._route
+        if route is None:
+            return self._task
+        return None if route.mixed else route.group(route.present[0])
 
     @property
     def enabled(self) -> bool:
         return self._enabled
 
     def is_active(self, group: str | None) -> bool:
-        if self._route is not None:
-            return self._enabled and group in self._route.groups
-        return self._enabled and (group is None or group == self._task)
+        """Whether `group`'s components run now: the shared ones (None) always, for every sample (routed or
+        not); a task's while it is the running task, or inside a mixed route while some sample has it."""
+        if not self._enabled:
+            return False
+        if group is None:
+            return True
+        route = self.routing
+        return group in route.groups if route is not None else group == self.running_task
 
     def _check_task(self, name: str | None) -> None:
         if name is not None and not isinstance(name, str):
@@ -198,7 +211,7 @@ class Adaptation(nn.Module):
     def use(self, task: str | None) -> "Adaptation":
         """Make `task` the active task (None: shared components only)."""
         self._check_attached()
-        if self._routing:
+        if self._route is not None:
             raise TaskError("cannot switch tasks inside route(): the route names each sample's task")
         self._check_task(task)
         if task != self._task:
@@ -241,33 +254,32 @@ class Adaptation(nn.Module):
     @property
     def routing(self) -> Route | None:
         """The route of the current forward when its samples belong to more than one group, else None
-        (inside route() with one group, that group is simply the active task)."""
-        return self._route
+        (inside route() with one group, that group is simply the running task)."""
+        route = self._route
+        return route if route is not None and route.mixed else None
 
     @contextmanager
     def route(self, tasks: Any) -> Iterator["Adaptation"]:
         """Run forwards (and generate) inside the block with a task per sample: `tasks` is a list of task
         names (None: shared components only) or a (B,) integer tensor of indices into `task_names` (-1:
         shared only). Every sample runs the shared components and its task's, as if alone under
-        use(task); gradients reach exactly each sample's components."""
+        use(task); gradients reach exactly each sample's components. Every forward's batch must have one
+        row per task (generate's beams and returned sequences repeat them); `task` stays use()'s."""
         self._check_attached()
-        if self._routing:
+        if self._route is not None:
             raise TaskError("route() is already active; routes do not nest")
-        index = route_index(tasks, self.task_names)
+        ref = next(self.model.parameters(), None)
+        index = route_index(tasks, self.task_names, ref.device if ref is not None else "cpu")
         if self.merged:
             raise MergeError("cannot route samples to tasks while updates are merged into the base weights "
                              "(they would apply to every sample); call unmerge() first")
         route = Route(index, self.task_names)
-        previous = self._task
-        self._routing = True
-        if len(route.present) == 1:
-            self._task = route.group(route.present[0])
-        else:
+        with checked(self.model, route):
             self._route = route
-        try:
-            yield self
-        finally:
-            self._routing, self._route, self._task = False, None, previous
+            try:
+                yield self
+            finally:
+                self._route = None
 
     # ---- conditioning ---------------------------------------------------------------------------
 
@@ -301,7 +313,7 @@ class Adaptation(nn.Module):
     def merge(self) -> "Adaptation":
         """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge)."""
         self._check_attached()
-        if self._routing:
+        if self._route is not None:
             raise MergeError("cannot merge inside route(): a merged update would apply to every sample of the "
                              "batch; merge outside the route() block")
         ready = [(hook, hook.mergeable()) for hook in self.hooks.values()]  # all checked before any change

@@ -150,10 +150,10 @@ class HyperNetwork(nn.Module):
         return self.raw_layer if layer is None else layer
 
     def task_row(self) -> int | None:
-        """The task embedding row: the active task's, 0 for a single row, None when no task is active."""
+        """The task embedding row: the running task's, 0 for a single row, None when no task runs."""
         if self.task_names is None:
             return 0
-        task = self.adaptation.task
+        task = self.adaptation.running_task
         return None if task is None else self.task_names.index(task)
 
     def embedding(self, row: int, layer: int, position: int) -> Tensor:

@@ -1,31 +1,41 @@
 """A route: which task each sample of one batch runs (`adaptation.route(tasks)`).
 
 `index` (N,) holds, per sample, the task's position in the adaptation's task names, or -1 for the
-shared components only. Hooks read it for the batch they see: the same N samples, or N·k rows where
-generate repeats each sample k times (beams, several returned sequences, as repeat_interleave).
+shared components only. Hooks read it for the batch they see: the same N samples, or, inside the
+model's generate(), N·k rows where it repeats each sample k times (beams, several returned sequences,
+as repeat_interleave). Any other batch size is a TaskError, checked at every forward of the model
+(`checked`) and at every hook that routes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..errors import AdaptuneError, TaskError
+from ..errors import TaskError
 
 SHARED = -1  # the index of "shared components only"
 
 
-def route_index(tasks: Any, names: Sequence[str]) -> Tensor:
-    """(N,) long indices into `names` (SHARED: shared only) from a 1-D integer tensor or a list of task names,
-    indices and None; TaskError naming what is valid otherwise."""
+def route_index(tasks: Any, names: Sequence[str], device: Any = None) -> Tensor:
+    """(N,) long indices into `names` (SHARED: shared only), on the CPU, from a 1-D integer tensor (on any
+    device whose values can be read) or a list of task names, indices and None; TaskError naming what is
+    valid otherwise. `device`: the model's, named in the error for a tensor that cannot be read."""
     valid = (f"task names ({', '.join(map(repr, names))}) or indices 0-{len(names) - 1}, and None or -1 for the "
              f"shared components only") if names else "None or -1 (this adaptation has no tasks: shared components only)"
     if isinstance(tasks, Tensor):
         if tasks.dim() != 1 or tasks.is_floating_point() or tasks.is_complex() or tasks.dtype == torch.bool:
             raise TaskError(f"route() takes a 1-D integer tensor (one task index per sample), got "
                             f"{tasks.dtype} of shape {tuple(tasks.shape)}")
-        index = tasks.detach().to("cpu", torch.long)
+        try:
+            index = tasks.detach().to("cpu", torch.long)
+        except (RuntimeError, NotImplementedError) as e:  # a meta tensor holds no values
+            raise TaskError(f"route() cannot read the task tensor on device {tasks.device} (the model is on "
+                            f"{device}): {str(e).splitlines()[0]}; give the tasks as a list, or a tensor on "
+                            f"{device} or the CPU") from e
     elif isinstance(tasks, (list, tuple)):
         out = []
         for t in tasks:
@@ -56,6 +66,8 @@ class Route:
         self.index = index.to("cpu", torch.long)  # (N,)
         self.names = tuple(names)
         self.present = sorted(set(self.index.tolist()))  # the indices that occur, SHARED first if it does
+        self.mixed = len(self.present) > 1  # hooks route per sample; else the one group runs as under use()
+        self.repeats = 0  # > 0 inside generate(): its batches may repeat each sample (beams, returned sequences)
         self._cache: dict[tuple, Any] = {}
 
     def group(self, i: int) -> str | None:
@@ -64,14 +76,23 @@ class Route:
 
     @property
     def groups(self) -> list[str | None]:
+        """The groups of the samples (None: some sample runs the shared components only)."""
         return [self.group(i) for i in self.present]
 
     def _key(self, n: int, where: str) -> int:
+        """How many rows of a batch of n each sample has: 1, or k inside generate() (TaskError otherwise)."""
         total = self.index.shape[0]
-        if n % total:
-            raise AdaptuneError(f"{where}: the batch has {n} samples but the route gives {total} tasks; "
-                                f"route() takes one task per sample (generate's repeated samples excepted)")
-        return n // total
+        if n == total:
+            return 1
+        if self.repeats and n and n % total == 0:
+            return n // total
+        raise TaskError(f"{where}: the batch has {n} samples but the route gives {total} tasks; route() takes "
+                        f"one task per sample (inside the model's generate(), a multiple of them: its beams and "
+                        f"returned sequences repeat each sample)")
+
+    def check(self, n: int, where: str = "route()") -> None:
+        """TaskError unless a batch of n samples matches the route."""
+        self._key(n, where)
 
     def index_for(self, n: int, device: torch.device, where: str = "route") -> Tensor:
         """The (n,) task index of a batch of n samples on `device`."""
@@ -111,3 +132,38 @@ def per_rows(route: Route, groups: Sequence[str | None], n: int, device: torch.d
         if i in rows and rows[i].numel():
             out = out.index_copy(0, rows[i], run(pos, rows[i]).to(out.dtype))
     return out
+
+
+BATCH = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "attention_mask")  # batch first
+
+
+@contextmanager
+def checked(model: nn.Module, route: Route) -> Iterator[None]:
+    """While the block runs: every forward of `model` checks its batch size against the route (a route with
+    one group included, which no hook reads), and `model.generate` lets its batches repeat each sample."""
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        found = [kwargs.get(n) for n in BATCH] + list(args[:1])
+        first = next((x for x in found if isinstance(x, Tensor) and x.dim()), None)
+        if first is not None:
+            route.check(first.shape[0], f"route() on {type(module).__name__}")
+
+    handle = model.register_forward_pre_hook(check, with_kwargs=True, prepend=True)  # before the prompt's
+    generate, own = getattr(model, "generate", None), model.__dict__.get("generate")
+    if callable(generate):
+        @functools.wraps(generate)
+        def repeating(*args: Any, **kwargs: Any) -> Any:
+            route.repeats += 1
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                route.repeats -= 1
+        model.__dict__["generate"] = repeating
+    try:
+        yield
+    finally:
+        handle.remove()
+        if callable(generate):
+            if own is None:
+                del model.__dict__["generate"]
+            else:
+                model.__dict__["generate"] = own
