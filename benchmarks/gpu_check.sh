@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR              # on a GPU machine (H100/H200): at most 8 minutes
 #   bash benchmarks/gpu_check.sh --rehearse OUTDIR   # the same phases on the CPU, tiny shapes: under 3 minutes
+#                                                    # (the tests' LoRA cases only; budgets x3 for 2 CPU cores)
 #
 # It installs nothing: the checkout is put on PYTHONPATH, and the machine's python3 (PYTHON overrides it)
 # must have torch, transformers, peft, pytest, hypothesis and ninja. Phases, with their time budgets (seconds):
@@ -32,10 +33,10 @@ PY=${PYTHON:-python3}
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-if [ $rehearse = 1 ]; then
-  DEVICE=cpu; BENCH=(--tiny --quick --warm 0 --reps 2)
+if [ $rehearse = 1 ]; then  # two slow CPU cores instead of a GPU machine: thrice the time, the LoRA tests only
+  DEVICE=cpu; BENCH=(--tiny --quick --warm 0 --reps 2); SCALE=3; SELECT=(-k lora)
 else
-  DEVICE=cuda; BENCH=(--warm 3 --reps 10)
+  DEVICE=cuda; BENCH=(--warm 3 --reps 10); SCALE=1; SELECT=()
 fi
 : > "$OUT/check.log"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/check.log"; }
@@ -44,7 +45,7 @@ failed=0
 # phase NUMBER NAME BUDGET COMMAND...: runs COMMAND (a function too) for at most BUDGET seconds, in a process group
 # of its own that is ended whole at the budget (workers included), and records how it ended
 phase() {
-  local number=$1 name=$2 budget=$3; shift 3
+  local number=$1 name=$2 budget=$(( $3 * SCALE )); shift 3
   budget=$(( budget < ${GPU_CHECK_MAX_BUDGET:-$budget} ? budget : ${GPU_CHECK_MAX_BUDGET:-$budget} ))
   local start=$SECONDS rc
   log "phase $number $name: started (budget ${budget} s)"
@@ -84,7 +85,7 @@ tests() {
   local parallel=()
   if [ $rehearse = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
   ADAPTUNE_KERNELS=require ADAPTUNE_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
-    --junitxml="$OUT/tests.xml" tests/test_kernels.py tests/test_kernels_routed.py tests/test_kernels_half.py \
+    "${SELECT[@]}" --junitxml="$OUT/tests.xml" tests/test_kernels.py tests/test_kernels_routed.py tests/test_kernels_half.py \
     tests/test_routing.py tests/test_half_precision.py tests/test_dora.py > "$OUT/tests.log" 2>&1
   local rc=$?
   tail -n 1 "$OUT/tests.log"
