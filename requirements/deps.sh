@@ -7,8 +7,9 @@
 #   requirements/deps.sh lowest   the suite on the lowest versions setup.py declares (uv's lowest-direct
 #                                 resolution), on the lowest Python it declares
 #   requirements/deps.sh device   the suite with the transformers of the lent GPU machines' image
-#                                 (DEVICE_TRANSFORMERS, default 5.17.0) and the newest peft that accepts it;
-#                                 every other package as requirements/constraints.txt pins it
+#                                 (DEVICE_TRANSFORMERS, default 5.17.0) and the newest peft, huggingface-hub
+#                                 and tokenizers that accept it; every other package as constraints.txt pins it
+#                                 (set UV_FIND_LINKS to a folder holding a CPU torch wheel, where one is at hand)
 # Each check makes a fresh virtual environment under $DEPS_ENVS (default /tmp/adaptune-deps), installs
 # with uv (pinned below, installed there on first use), prints the versions it resolved, then runs the
 # suite as the README's test command does. Extra arguments go to pytest.
@@ -42,7 +43,7 @@ case "$check" in
   lowest) python=${LOWEST_PYTHON:-$(find_python "$lowest")}; install=(--resolution lowest-direct) ;;
   device)
     mkdir -p "$envs"
-    grep -vE '^(transformers|peft)==' requirements/constraints.txt > "$envs/device-constraints.txt"
+    grep -vE '^(transformers|peft|huggingface-hub|tokenizers)==' requirements/constraints.txt > "$envs/device-constraints.txt"
     python=python3; install=(-c "$envs/device-constraints.txt" "transformers==${DEVICE_TRANSFORMERS:-5.17.0}") ;;
   *) echo "unknown check '$check': use lock, latest, lowest or device" >&2; exit 2 ;;
 esac
