@@ -111,6 +111,26 @@ def test_prune_removes_older_builds_nobody_is_using(tmp_path, monkeypatch):
     assert current.is_dir() and busy.is_dir() and other.is_dir()
 
 
+def test_two_torch_installs_of_one_version_keep_a_build_each(tmp_path, monkeypatch):
+    """Two virtual environments with the same torch version link against different installs: each gets
+    its own key (else each rebuilds over the other's), and pruning one's older builds leaves the other's."""
+    monkeypatch.setenv("ADAPTUNE_BUILD_DIR", str(tmp_path / "ext"))
+    built = {}
+    for env in ("a", "b"):
+        monkeypatch.setattr(torch, "__file__", str(tmp_path / env / "site-packages" / "torch" / "__init__.py"))
+        built[env] = build.build_dir("cpu")
+    assert built["a"].name[:-16] != built["b"].name[:-16]  # the same sources, another environment
+    assert f"py{sys.version_info[0]}{sys.version_info[1]}" in built["a"].name
+    older_b = built["b"].with_name(built["b"].name[:-16] + "0" * 16)
+    for d in (*built.values(), older_b):
+        (d / "sub").mkdir(parents=True)
+    assert build.prune("cpu", keep=built["b"]) == [older_b]  # environment b is the current one
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "a" / "site-packages" / "torch" / "__init__.py"))
+    assert build.prune("cpu", keep=built["a"]) == []
+    assert built["a"].is_dir() and built["b"].is_dir() and not older_b.exists()
+    assert build.torch_lib() == tmp_path / "a" / "site-packages" / "torch" / "lib"
+
+
 def test_importing_adaptune_builds_and_loads_nothing_and_kernels_needs_the_library():
     """`adaptune.ops.kernels` registers fakes and autograd at import: it is imported only after the build."""
     code = (

@@ -1,11 +1,14 @@
 """Builds and loads the C++/CUDA extension (csrc/) once per process, with torch's JIT loader and ninja.
 
-The build directory is keyed on the sources' hash, the torch version and the device architecture:
-`$ADAPTUNE_BUILD_DIR/<key>` (default `~/.cache/adaptune/ext/<key>`), so a cached build is reused
-across processes and sessions; after a successful build, older builds for the same architecture and
-torch version are removed. A file lock keeps two processes from building into the same directory at
-once. `torch.utils.cpp_extension` is imported only when a build is attempted. The sources are csrc/
-of a source checkout, or the copy a regular install ships inside the package (adaptune/_csrc).
+The build directory is keyed on the sources' hash, the device architecture, the torch version, the Python
+version and the torch install the library links against (a short hash of torch's lib directory):
+`$ADAPTUNE_BUILD_DIR/<key>` (default `~/.cache/adaptune/ext/<key>`), so a cached build is reused across
+processes and sessions, and two environments with the same torch version keep a build each (ninja rebuilds
+whenever the include and library paths on its command line change). After a successful build, older builds
+of the same environment (the same key prefix) are removed. A file lock keeps two processes from building
+into the same directory at once. `torch.utils.cpp_extension` is imported only when a build is attempted.
+The sources are csrc/ of a source checkout, or the copy a regular install ships inside the package
+(adaptune/_csrc).
 
 A successful build records `manifest.json` beside its outputs: the build key, the torch version and
 {file: size, SHA-256} for the library and every object file. A cached library is loaded only if it
@@ -20,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +76,17 @@ def _root() -> Path:
     return Path(os.environ.get("ADAPTUNE_BUILD_DIR") or Path.home() / ".cache" / "adaptune" / "ext")
 
 
+def torch_lib() -> Path:
+    """The lib directory of the torch install this process runs (what the extension links against)."""
+    return Path(torch.__file__).resolve().parent / "lib"
+
+
 def _prefix(device: str) -> str:
-    return f"{arch(device)}-torch{torch.__version__}-".replace("+", "_")
+    """What a build of this environment is keyed on besides the sources: architecture, torch version,
+    Python version, and a short hash of the torch install's lib directory."""
+    env = hashlib.sha256(str(torch_lib()).encode()).hexdigest()[:8]
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return f"{arch(device)}-torch{torch.__version__}-{python}-{env}-".replace("+", "_")
 
 
 @contextlib.contextmanager
@@ -98,8 +111,8 @@ def _locked(directory: Path, wait: bool = True):
 
 
 def prune(device: str, keep: Path) -> list[Path]:
-    """Removes the other builds for this architecture and torch version (older sources) that no process
-    is building into; returns what was removed."""
+    """Removes the other builds of this environment (same key prefix: architecture, torch version and
+    install, Python; older sources) that no process is building into; returns what was removed."""
     removed = []
     for other in _root().glob(_prefix(device) + "*"):
         if other == keep or not other.is_dir():
