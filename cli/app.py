@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from adaptune.experiments.config import ExperimentConfig
+from adaptune.experiments.config import ExperimentConfig, check_device
 from adaptune.experiments.methods import Method
 
 from .common import command_line, console, fail
@@ -229,6 +229,11 @@ def bench(out: Path = typer.Option(..., "--out", help="results directory, e.g. b
     device = device or bench_run.default_device()
     if device not in ("cpu", "cuda"):
         return fail(f"unknown device {device!r}; give cpu or cuda")
+    from adaptune import AdaptuneError
+    try:
+        check_device(device)
+    except AdaptuneError as e:
+        return fail(str(e))
 
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)

@@ -2,7 +2,8 @@
 
 A field becomes an option when its metadata has "help"; "flags" (e.g. ("--per-task/--shared",)) replaces
 the default `--field-name`, "metavar" and "panel" (the rich help panel) shape the help. `X | None` fields
-take X with default None; `tuple[str, ...]` fields take one comma-separated string.
+take X with default None; `tuple[str, ...]` fields take one comma-separated string. A field named in CHECKS
+(`device`) is checked as the option is parsed, the same way for every command that has it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ import typing
 from typing import Any, Callable
 
 import typer
+
+from adaptune.errors import AdaptuneError
+from adaptune.experiments.config import check_device
+
+from .common import fail
+
+CHECKS: dict[str, Callable[[Any], Any]] = {"device": check_device}  # field name -> its check (AdaptuneError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +64,22 @@ def options(cls: type, panel: str = "Options") -> list[ConfigOption]:
             raise TypeError(f"{cls.__name__}.{f.name}: a CLI option needs a plain default (not a factory)")
         default = ",".join(f.default) if kind is tuple else f.default
         info = typer.Option(default, *flags, help=meta["help"], metavar=meta.get("metavar"),
-                            rich_help_panel=meta.get("panel", panel))
+                            rich_help_panel=meta.get("panel", panel), callback=_checked(CHECKS.get(f.name)))
         found.append(ConfigOption(param, cls, f.name, kind, default, info))
     return found
+
+
+def _checked(check: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """A typer callback running `check` on the value: its AdaptuneError is the command's one-line error."""
+    if check is None:
+        return None
+
+    def callback(value: Any) -> Any:
+        try:
+            return check(value)
+        except AdaptuneError as e:
+            fail(str(e))
+    return callback
 
 
 def with_options(func: Callable, opts: list[ConfigOption]) -> Callable:

@@ -143,6 +143,21 @@ def checked_bom(_: Env, rows: Any) -> None:
     assert [(x.a, x.b, x.label) for x in examples] == [("a b", "c d", 1.0), ("e", "f", 0.0)] and not skipped
 
 
+def no_cuda(e: Env) -> None:
+    e.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def one_gpu(e: Env) -> None:
+    e.monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    e.monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def fewshot(e: Env, *args: str) -> list[str]:
+    """`run fewshot` with a head on the tiny BERT (it has no LM head) and the tiny data."""
+    return ["run", "fewshot", "--model", str(e.model), "--mode", "head", "--data-dir", str(e.data), "--out",
+            str(e.tmp / "runs"), "--quick", "--k", "2", "--seeds", "0", "--max-length", "24", *args]
+
+
 @dataclass
 class Case:
     id: str
@@ -202,6 +217,21 @@ CASES = [
     Case("nan-loss-cli", lambda e: nan_at_step_2(e) or e.cli(), CLI, "nothing is saved", trains=True),
     Case("nan-loss-keeps-the-old-run", lambda e: nan_at_step_2(e) or e.cli("--overwrite"), CLI, "dataset 'para'",
          prepare=lambda e: multitask.run(e.config()), trains=True),
+    # devices: one check for every command's --device, before anything is loaded
+    Case("device-cuda-without-cuda-fewshot-cli", lambda e: fewshot(e, "--device", "cuda"), CLI,
+         "--device 'cuda': torch", prepare=no_cuda),
+    Case("device-cuda-without-cuda-tapt-cli", lambda e: ["tapt", "--out", str(e.tmp / "t"), "--model", "tiny-bert-mlm",
+                                                         "--data-dir", str(e.data), "--steps", "1", "--device",
+                                                         "cuda"], CLI,
+         "available devices here: cpu", prepare=no_cuda),
+    Case("device-cuda-without-cuda-multitask-cli", lambda e: e.cli("--device", "cuda"), CLI,
+         "available devices here: cpu", prepare=no_cuda),
+    Case("device-cuda-without-cuda-api", lambda e: e.config(device="cuda").resolved(), ConfigError,
+         "available devices here: cpu", prepare=no_cuda),
+    Case("device-past-the-gpus-cli", lambda e: fewshot(e, "--device", "cuda:1"), CLI,
+         "--device 'cuda:1': this machine has 1 CUDA device(s); available devices here: cpu, cuda, cuda:0",
+         prepare=one_gpu),
+    Case("device-typo-cli", lambda e: fewshot(e, "--device", "gpu"), CLI, "--device 'gpu' is not a device"),
     # reports and models
     Case("report-wrong-schema", lambda e: ["report", str(e.tmp / "runs/a"), "--plot", str(e.tmp / "p.png")], CLI,
          "not a multitask results.json (a JSON list)", prepare=lambda e: write_results(e, [1, 2])),

@@ -132,8 +132,7 @@ class ExperimentConfig:
         cfg = replace(self, **filled, lr=self.method.default_lr if self.lr is None else self.lr,
                       data_dir=str(self.data_dir or default_data_dir()),
                       tasks=tuple(d.name for d in parse_datasets(list(self.tasks))))
-        if cfg.device != "cpu" and not torch.cuda.is_available():
-            raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available here")
+        check_device(cfg.device)
         return cfg
 
     def to_dict(self) -> dict:
@@ -146,6 +145,26 @@ class ExperimentConfig:
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 NOT_HASHED = ("name", "out", "overwrite", "command")  # where a run goes and how it was typed, not what it computes
+
+
+def available_devices() -> list[str]:
+    """The devices of this machine: cpu, then cuda and cuda:0..N-1 when torch sees CUDA."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
+
+
+def check_device(device: Any) -> str:
+    """`device` if this machine has it, else a ConfigError naming it and the devices there are: the one check
+    of every command's --device (the CLI checks it as it parses, the experiments before they run)."""
+    valid = ", ".join(available_devices())
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ConfigError(f"--device {device!r} is not a device: give cpu, cuda or cuda:N (here: {valid})")
+    if device not in available_devices():
+        why = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else
+               f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
+               "CUDA is not available (no GPU visible)")
+        raise ConfigError(f"--device {device!r}: {why}; available devices here: {valid}")
+    return device
 
 
 def _real(v: Any) -> bool:
