@@ -8,7 +8,8 @@ usual, so a resumed run ends where an uninterrupted one does.
 
 A callback alone cannot do this: Trainer writes the full weights before `on_save` runs, and on resume it
 refuses a checkpoint without them before any callback is called. Hence the two overrides, `_save` and
-`_load_from_checkpoint` (as Trainer special-cases PEFT models in the same two places).
+`_load_from_checkpoint` (as Trainer special-cases PEFT models in the same two places). Arguments it cannot
+honour (DeepSpeed, FSDP, an output directory that is a file) are refused before Trainer makes anything.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from .adaptation import Adaptation
-from .errors import ConfigError, LoadError
+from .errors import ConfigError, LoadError, WriteError
 from .saved import check_finite, read
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -42,6 +44,28 @@ def adaptation_for_training(model: nn.Module) -> Adaptation:
                           f"and would be lost from its checkpoints: {', '.join(base[:3])}; freeze them "
                           f"(attach froze them) or use transformers.Trainer")
     return found
+
+
+def check_arguments(args: Any) -> None:
+    """ConfigError for training arguments AdapterTrainer cannot honour: DeepSpeed and FSDP (set in the arguments
+    or by `accelerate launch`) save and load sharded weights through other paths than its adapter-only ones."""
+    if args is None:
+        return
+    used = [f"{k}={getattr(args, k)!r}" for k in ("fsdp", "deepspeed") if getattr(args, k, None)]
+    used += [f"{k}=true in the environment" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+             if os.environ.get(k, "false").lower() in ("1", "true", "yes")]
+    if used:
+        raise ConfigError(f"AdapterTrainer supports single-process and DDP training (torchrun); DeepSpeed and FSDP "
+                          f"are not supported, and the training arguments ask for them: {', '.join(used)}. Drop "
+                          f"them, or use transformers.Trainer (whose checkpoints hold the whole model)")
+    check_directory(args.output_dir)
+
+
+def check_directory(path: str | os.PathLike) -> None:
+    """WriteError when `path` exists and is not a directory (checkpoints and save_model write directories)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WriteError(f"cannot save to {str(path)!r}: it is a file, and AdapterTrainer writes a directory "
+                         f"there ({ADAPTERS_FILE}, training_args.bin, ...); give a directory path")
 
 
 def load_into(adaptation: Adaptation, path: str | os.PathLike) -> Adaptation:
@@ -73,13 +97,26 @@ class AdapterTrainer(Trainer):
 
     Single process and DDP; DeepSpeed and FSDP shard or gather weights through other paths and are refused."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module | None = None, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+        check_arguments(args)  # before Trainer builds an accelerator and makes the output directory
+        if model is not None:  # None with model_init: checked when saving or loading
+            adaptation_for_training(model)
+        super().__init__(model, args, *rest, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise ConfigError("AdapterTrainer supports single-process and DDP training; "
                               "DeepSpeed and FSDP are not supported")
-        if self.model is not None:  # None with model_init: checked when saving or loading
-            adaptation_for_training(self.model)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; resume_from_checkpoint=True takes the last checkpoint-N in output_dir, and a LoadError
+        (before anything runs) when there is none."""
+        if resume_from_checkpoint is True:
+            out = self.args.output_dir
+            resume_from_checkpoint = get_last_checkpoint(out) if os.path.isdir(out) else None
+            if resume_from_checkpoint is None:
+                state = "holds no checkpoint-N directory" if os.path.isdir(out) else "does not exist"
+                raise LoadError(f"resume_from_checkpoint=True resumes from the last checkpoint in output_dir, but "
+                                f"{str(out)!r} {state}; train without it, or give a checkpoint directory's path")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _adaptation(self, model: nn.Module | None = None) -> Adaptation:
         model = self.model if model is None else model
@@ -91,6 +128,7 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         adaptation = self._adaptation()
+        check_directory(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         adaptation.save(Path(output_dir) / ADAPTERS_FILE)
         if self.processing_class is not None:
@@ -109,4 +147,4 @@ class AdapterTrainer(Trainer):
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
-__all__ = ["ADAPTERS_FILE", "AdapterTrainer", "adaptation_for_training", "load_into"]
+__all__ = ["ADAPTERS_FILE", "AdapterTrainer", "adaptation_for_training", "check_arguments", "load_into"]

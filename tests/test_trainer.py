@@ -4,7 +4,7 @@ import torch
 from helpers import VOCAB, tiny_gpt2
 from transformers import TrainerCallback, TrainingArguments
 
-from adaptune import ConfigError, LoRA, LoadError, attach, load
+from adaptune import ConfigError, LoRA, LoadError, WriteError, attach, load
 from adaptune.trainer import ADAPTERS_FILE, AdapterTrainer
 
 STEPS, SAVE_EVERY = 8, 4
@@ -123,3 +123,52 @@ def test_best_model_loads_from_an_adapter_checkpoint(runs, tmp_path):
     trainer._load_best_model()
     w, w4 = weights(model), weights(runs["first"])
     assert all(torch.equal(w[k], w4[k]) for k in w4)
+
+
+def listing(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_save_model_onto_a_file_is_a_write_error_and_leaves_it(runs, tmp_path):
+    target = tmp_path / "adapters"
+    target.write_text("mine")
+    with pytest.raises(WriteError, match="it is a file, and AdapterTrainer writes a directory there"):
+        runs["trainer"].save_model(str(target))
+    assert target.read_text() == "mine" and listing(tmp_path) == ["adapters"]
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(WriteError, match="it is a file"):
+        AdapterTrainer(adapted(seed=1), args(tmp_path / "out"), train_dataset=dataset())
+    assert (tmp_path / "out").read_text() == "mine" and listing(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("kw, env, fragment", [
+    ({"fsdp": True}, None, "fsdp=True"),
+    ({"fsdp": "full_shard auto_wrap", "fsdp_config": {"min_num_params": 10}}, None, "fsdp=True"),
+    ({}, ("deepspeed", {"zero_optimization": {"stage": 2}}), "deepspeed={'zero_optimization'"),
+    ({}, ("ACCELERATE_USE_FSDP", "true"), "ACCELERATE_USE_FSDP=true in the environment"),
+], ids=["fsdp", "fsdp-legacy-string", "deepspeed", "accelerate-launch-fsdp"])
+def test_deepspeed_and_fsdp_are_refused_before_trainer_makes_anything(tmp_path, monkeypatch, kw, env, fragment):
+    """TrainingArguments(deepspeed=...) itself needs the deepspeed package; where it is installed the arguments
+    hold the config, as set here."""
+    training = args(tmp_path / "out", **kw)
+    if env and env[0] == "deepspeed":
+        training.deepspeed = env[1]
+    elif env:
+        monkeypatch.setenv(*env)
+    with pytest.raises(ConfigError, match=f"DeepSpeed and FSDP are not supported.*{fragment}"):
+        AdapterTrainer(adapted(seed=1), training, train_dataset=dataset())
+    assert listing(tmp_path) == []  # the output directory is not made
+
+
+def test_resume_true_without_a_checkpoint_is_a_load_error(tmp_path):
+    trainer = AdapterTrainer(adapted(seed=1), args(tmp_path / "out"), train_dataset=dataset())
+    made = listing(tmp_path)
+    with pytest.raises(LoadError, match="holds no checkpoint-N directory; train without it"):
+        trainer.train(resume_from_checkpoint=True)
+    trainer.args.output_dir = str(tmp_path / "missing")
+    with pytest.raises(LoadError, match="'.*missing' does not exist"):
+        trainer.train(resume_from_checkpoint=True)
+    assert listing(tmp_path) == made and trainer.state.global_step == 0
