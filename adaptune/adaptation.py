@@ -19,7 +19,7 @@ from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
 from .hooks.route import Route, checked, route_index
 from .saved import write as write_saved
-from .points import Point
+from .points import Point, check_unquantized
 from .sites import SiteMap
 
 Spec = dict[str, Stack]  # selector -> stack: what one group composes
@@ -56,8 +56,12 @@ HALF = (torch.float16, torch.bfloat16)
 
 def _placement(point: Point) -> tuple[torch.device, torch.dtype]:
     """Where components at `point` live: on its module's device, in its dtype, but float32 on a
-    half-precision base (as PEFT: updates trained in float16 overflow; the ops compute them in float32)."""
-    ref = next(point.module.parameters())
+    half-precision base (as PEFT: updates trained in float16 overflow; the ops compute them in float32).
+    Integer parameters (a quantized layer's packed weight beside an adapter) give the device only."""
+    params = list(point.module.parameters())
+    ref = next((p for p in params if p.is_floating_point()), None)
+    if ref is None:
+        return (params[0].device if params else torch.device("cpu")), torch.float32
     return ref.device, torch.float32 if ref.dtype in HALF else ref.dtype
 
 
@@ -96,6 +100,8 @@ class Adaptation(nn.Module):
         for selector, stack in spec.items():
             for component in stack:
                 points = self.sites.resolve(selector, component.role, repr(component))
+                for point in points:
+                    check_unquantized(point, repr(component))
                 ctx = SharedContext(self, group, points, self.task_names, self.sites)
                 shared = component.shared(ctx)
                 # a component may return a module it already registered in this group, to reuse it

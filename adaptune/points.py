@@ -95,9 +95,67 @@ def linear_weight(module: nn.Module) -> Tensor:
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(in features, out features)."""
+    """(in features, out features): the weight's shape, or what a quantized Linear declares (its weight
+    is packed storage: bitsandbytes' 4-bit weight is (in·out/2, 1))."""
+    declared = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if quantization(module) and all(isinstance(d, int) and not isinstance(d, bool) for d in declared):
+        return declared  # type: ignore[return-value]
     out, inp = linear_weight(module).shape
     return inp, out
+
+
+# ---- quantized layers: recognised by names, dtypes and shapes (bitsandbytes, torchao are never imported) ----
+
+QUANTIZERS = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "hqq", "optimum.quanto",
+              "torch.ao.nn.quantized", "torch.nn.quantized")  # the packages of quantized layers and tensors
+QUANTIZED_NAMES = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4", "Params4bit", "Int8Params")
+READS_WEIGHT = (PROJECTION, MODULE, EMBED)  # kinds whose components read or train the base weight
+
+
+def _quantized_class(cls: type) -> str | None:
+    """'module.Class' of the first class in `cls`'s MRO that comes from a quantization package or bears a
+    quantized layer's name; None if none does."""
+    for c in cls.__mro__:
+        where = c.__module__ or ""
+        if c.__name__ in QUANTIZED_NAMES or any(where == q or where.startswith(q + ".") for q in QUANTIZERS):
+            return f"{where}.{c.__qualname__}"
+    return None
+
+
+def quantization(module: nn.Module) -> str | None:
+    """What makes `module` a quantized layer, in words: its class, its weight's tensor class, a weight of one-byte
+    elements (int8 / uint8 storage, float8), or one not of the shape the Linear declares (packed); None for a
+    floating-point layer."""
+    found = _quantized_class(type(module))
+    if found:
+        return found
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    found = _quantized_class(type(weight)) if type(weight) not in (Tensor, nn.Parameter) else None
+    if found:
+        return f"{type(module).__name__} with a {found} weight ({weight.dtype})"
+    if not (weight.is_floating_point() or weight.is_complex()) or weight.element_size() == 1:  # int8, uint8, fp8
+        return f"{type(module).__name__} with a {weight.dtype} weight of shape {tuple(weight.shape)}"
+    if isinstance(module, nn.Linear) and tuple(weight.shape) != (module.out_features, module.in_features):
+        return (f"{type(module).__name__} with a packed weight: shape {tuple(weight.shape)}, not "
+                f"(out_features, in_features) = ({module.out_features}, {module.in_features})")
+    return None
+
+
+def check_unquantized(point: Point, what: str) -> None:
+    """BindError when a component that reads or trains the base weight at `point` (LoRA, DoRA, BitFit,
+    Trainable, PromptTuning) would bind to a quantized layer: quantized bases are not supported yet."""
+    if point.kind not in READS_WEIGHT:
+        return
+    for name, module in point.module.named_modules():
+        found = quantization(module)
+        if found:
+            inside = f" (its submodule {name!r})" if name else ""
+            raise BindError(f"{what} at {point.where()}: the layer is quantized{inside}: {found}. Quantized bases "
+                            f"are not supported yet: LoRA, DoRA, BitFit, Trainable and PromptTuning need a "
+                            f"floating-point weight; load the model without quantization, or use components that "
+                            f"do not read the weight (Adapter, Prefix, HyperAdapter, ...)")
 
 
 # ---- attention implementations that prefix tuning can wrap (hooks/attention.py) -----------------

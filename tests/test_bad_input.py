@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adaptune import (Adapter, AdaptuneError, BindError, ConfigError, LoadError, LoRA, MergeError, PromptTuning,
-                      SiteError, TaskError, WriteError, attach, detach, export_peft, import_peft, load, parse_spec)
+from adaptune import (Adapter, AdaptuneError, BindError, BitFit, ConfigError, DoRA, LoadError, LoRA, MergeError,
+                      Prefix, PromptTuning, SiteError, TaskError, Trainable, WriteError, attach, detach,
+                      export_peft, import_peft, load, parse_spec)
 from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME
-from helpers import VOCAB, tiny_gpt2
+from helpers import VOCAB, tiny_gpt2, tiny_llama
 
 NAN, INF = math.nan, math.inf
 
@@ -111,6 +112,70 @@ def _read_only_replace(c, monkeypatch):
         detach(c.model)
 
 
+# stand-ins of quantized layers, as bitsandbytes and torchao expose them (neither is installed here)
+class Linear4bit(torch.nn.Linear):
+    """bitsandbytes' 4-bit Linear: an nn.Linear whose weight is packed uint8 storage (in·out/2, 1); its forward
+    dequantizes (here: a float copy kept aside)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        packed = torch.randint(0, 256, (linear.in_features * linear.out_features // 2, 1), dtype=torch.uint8)
+        self.weight = torch.nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("dequantized", linear.weight.detach().clone())
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantized.to(x.dtype), self.bias)
+
+
+Linear4bit.__module__ = "bitsandbytes.nn.modules"
+
+
+class AffineQuantizedTensor(torch.Tensor):
+    """torchao's quantized weight: a tensor subclass that reports the float dtype and shape."""
+
+
+AffineQuantizedTensor.__module__ = "torchao.dtypes.affine_quantized_tensor"
+
+
+def _with_weight(linear, weight):
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def _packed(linear):  # a plain Linear holding packed 4-bit storage, no telltale class name
+    return _with_weight(linear, torch.zeros(linear.in_features * linear.out_features // 2, 1, dtype=torch.uint8))
+
+
+def _int8(linear):  # bitsandbytes' Linear8bitLt after quantization: int8 rows of the weight's shape
+    return _with_weight(linear, torch.zeros(linear.out_features, linear.in_features, dtype=torch.int8))
+
+
+def _torchao(linear):
+    return _with_weight(linear, linear.weight.detach().clone().as_subclass(AffineQuantizedTensor))
+
+
+def quantized_llama(make, where=("q_proj",)):
+    """A tiny Llama whose layer 0 has the projections `where` replaced by `make(projection)`."""
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    for name in where:
+        parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
+        setattr(parent, name, make(getattr(parent, name)))
+    return model
+
+
+def _attach_quantized(make, spec):
+    """attach(spec) to a tiny Llama with a quantized q_proj in layer 0: refused, the model left as it was."""
+    model = quantized_llama(make)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        attach(model, spec)
+    finally:
+        assert not hasattr(model, "adaptune") and [p.requires_grad for p in model.parameters()] == flags
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 CASES = {
     # non-finite numbers
     "LoRA alpha inf": (lambda c: LoRA(4, alpha=INF), ConfigError, "alpha must be a positive finite number, got inf"),
@@ -157,6 +222,25 @@ CASES = {
     "save to a directory": (lambda c: attach(c.model, {"attn": LoRA(4)}).save(c.dir), WriteError,
                             "it is a directory"),
     "prompt past the positions": (_long_prompt, AdaptuneError, "at most 118 tokens fit"),
+    # quantized bases: refused by attach, before anything changes
+    "LoRA on a bitsandbytes Linear4bit": (lambda c: _attach_quantized(Linear4bit, {"layers.0.attn.q": LoRA(4)}),
+                                          BindError, "bitsandbytes.nn.modules.Linear4bit. Quantized bases are not "
+                                                     "supported yet"),
+    "LoRA on attn beside a Linear4bit": (lambda c: _attach_quantized(Linear4bit, {"attn": LoRA(4)}), BindError,
+                                         "at attn.q (layer 0): the layer is quantized"),
+    "DoRA on an int8 weight": (lambda c: _attach_quantized(_int8, {"layers.0.attn.q": DoRA(4)}), BindError,
+                               "Linear with a torch.int8 weight of shape (32, 32)"),
+    "BitFit on a packed uint8 weight": (lambda c: _attach_quantized(_packed, {"layers.0.attn.q": BitFit()}), BindError,
+                                        "Linear with a torch.uint8 weight of shape (512, 1)"),
+    "LoRA on a float8 weight": (lambda c: _attach_quantized(lambda m: _with_weight(m, m.weight.to(torch.float8_e4m3fn)),
+                                                       {"layers.0.attn.q": LoRA(4)}), BindError,
+                                "Linear with a torch.float8_e4m3fn weight of shape (32, 32)"),
+    "LoRA on a torchao weight": (lambda c: _attach_quantized(_torchao, {"model.layers.0.self_attn.q_proj": LoRA(4)}),
+                                 BindError, "a torchao.dtypes.affine_quantized_tensor.AffineQuantizedTensor weight "
+                                            "(torch.float32)"),
+    "Trainable around a quantized layer": (lambda c: _attach_quantized(Linear4bit, {"model.layers.0.self_attn":
+                                                                                    Trainable()}),
+                                           BindError, "(its submodule 'q_proj')"),
 }
 
 
@@ -201,3 +285,26 @@ def test_an_adaptation_inside_a_sequential_leaves_its_forward_working():
     assert not torch.allclose(model(x), before)
     detach(model)
     torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize("make", [Linear4bit, _packed], ids=["Linear4bit", "packed-uint8"])
+def test_components_that_never_read_the_weight_bind_beside_quantized_layers(make):
+    """Adapters (serial and parallel) and Prefix size themselves from what the layers declare and live in float32
+    beside integer storage; disabled or detached, the model computes what it did."""
+    where = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    model = quantized_llama(make, where=where)
+    ids = torch.randint(2, VOCAB, (2, 6))
+    before = model(input_ids=ids).logits if make is Linear4bit else None
+    spec = {"layers.0.attn": Adapter(8) | Prefix(3), "layers.0.ffn": Adapter(8, placement="parallel")}
+    adaptation = attach(model, spec)
+    bound = [m for modules in adaptation.shared.points.values() for m in modules]
+    assert bound and all(p.dtype == torch.float32 for m in bound for p in m.parameters())
+    assert adaptation.shared.points["layers:0:attn"][0].up_weight.shape == (32, 8)
+    assert adaptation.shared.points["layers:0:ffn"][0].down_weight.shape == (8, 32)
+    if make is Linear4bit:  # the stand-in computes (its packed twin has no forward of its own)
+        model(input_ids=ids).logits.sum().backward()
+        with adaptation.disabled():
+            torch.testing.assert_close(model(input_ids=ids).logits, before)
+    detach(model)
+    if make is Linear4bit:
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
