@@ -132,6 +132,7 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
     task = adaptation.task if task is None else task
     groups = (None,) if task is None else (None, task)
     bindings = adaptation.bindings(groups, kind=PROJECTION)  # TaskError for an unknown task
+    _check_unwrapped(adaptation.model)
     if adaptation.merged:
         raise AdaptuneError("cannot export while updates are merged into the base weights; call unmerge() first")
     other = [f"{sel}: {c!r}" for g in groups for sel, stack in adaptation.specs.get(g, {}).items()
@@ -158,6 +159,19 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
         layer.rslora = rslora
         layer.alpha = _number(layer.scale * (layer.r ** 0.5 if rslora else layer.r))
     return layers
+
+
+def _check_unwrapped(model: nn.Module) -> None:
+    """Refuse a model that PEFT wraps or has adapted: its module paths are not the base model's
+    (`base_model.model.` in front, `.base_layer` inside), so the keys written would name modules that
+    PeftModel.from_pretrained(base_model, ...) does not have."""
+    found = next(((n, m) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if found is not None:
+        name, module = found
+        raise AdaptuneError(f"cannot export: the model is wrapped or adapted by PEFT ({type(module).__name__} at "
+                            f"{name or 'the top'!r}), so its module paths are not the base model's and PEFT could "
+                            f"not load the file; attach adaptune to the base model itself (before get_peft_model, "
+                            f"or after PeftModel.unload() / merge_and_unload()) and export from there")
 
 
 @torch.no_grad()

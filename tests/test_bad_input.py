@@ -80,6 +80,20 @@ def _peft_wrapped(c):
         wrapped.unload()
 
 
+def _export_peft_wrapped(c):
+    """adaptune on a model PEFT wraps (its LoRA on c_attn, adaptune's on the feed-forward): the paths carry PEFT's
+    base_model.model. prefix, which an export would write twice."""
+    import peft
+    wrapped = peft.get_peft_model(c.model, peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    try:
+        attach(wrapped, {"base_model.model.transformer.h.*.mlp.c_fc": LoRA(4)})
+        export_peft(wrapped, c.dir / "wrapped")
+    finally:
+        if hasattr(wrapped, "adaptune"):
+            detach(wrapped)
+        wrapped.unload()
+
+
 def _long_prompt(c):
     attach(c.model, {"embed": PromptTuning(10)})
     try:
@@ -208,6 +222,7 @@ CASES = {
     "task as a list": (lambda c: attach(c.model, tasks={"t1": {"ffn": Adapter(4)}}).use(["t1"]), TaskError,
                        "a task is named by a string"),
     "model wrapped by PEFT": (_peft_wrapped, BindError, "already adapted, e.g. by PEFT"),
+    "export from a model PEFT wraps": (_export_peft_wrapped, AdaptuneError, "wrapped or adapted by PEFT"),
     # one error family
     "metadata not JSON": (lambda c: load(c.model, c.tampered("j.safetensors", meta=lambda raw: raw[:-3])),
                           LoadError, "damaged adaptune metadata: not JSON"),
