@@ -17,6 +17,7 @@ from .accounting import Counts, count
 from .components.base import Stack
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
+from .hooks.condition import Condition
 from .hooks.route import Route, checked, route_index
 from .saved import write as write_saved
 from .points import Point, check_unquantized
@@ -77,7 +78,7 @@ class Adaptation(nn.Module):
         if active is None and self.task_names:
             active = self.task_names[0]
         self._task = None
-        self._latent: torch.Tensor | None = None  # set by condition()
+        self._condition: Condition | None = None  # inside condition(): its latent
         self._route: Route | None = None  # inside route(): its route (use()'s task stays in _task)
         self._enabled = True
         self._installed = False
@@ -292,23 +293,33 @@ class Adaptation(nn.Module):
     @property
     def latent(self) -> torch.Tensor | None:
         """The per-sample latent (B, d_z) that conditioned components (PSA, AtM) read; None outside condition()."""
-        return self._latent
+        return self._condition.latent if self._condition is not None else None
+
+    @property
+    def conditioning(self) -> Condition | None:
+        """condition()'s latent with the batches it fits (one row per sample; generate() may repeat them)."""
+        return self._condition
 
     @contextmanager
     def condition(self, latent: torch.Tensor) -> Iterator["Adaptation"]:
-        """Run forwards (and generate) inside the block conditioned on `latent` (B, d_z): one row per sample,
-        or rows that generate's repeated samples (beams, several sequences) divide."""
+        """Run forwards (and generate) inside the block conditioned on `latent` (B, d_z): one row per sample of
+        every batch, or inside the model's generate() rows that its repeated samples (beams, several
+        sequences) divide; any other batch is a ConfigError."""
         self._check_attached()
         if not isinstance(latent, torch.Tensor) or latent.dim() != 2 or not latent.is_floating_point():
             shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
             raise ConfigError(f"condition() takes a float tensor (batch, latent_dim), got {shape}")
         if not torch.isfinite(latent).all():
             raise ConfigError("condition() got a latent with NaN or inf entries")
-        previous, self._latent = self._latent, latent
-        try:
-            yield self
-        finally:
-            self._latent = previous
+        if latent.shape[0] < 1:
+            raise ConfigError("condition() got a latent with no rows; give one row per sample")
+        previous, current = self._condition, Condition(latent)
+        with checked(self.model, current):  # as route(): each forward's batch checked, generate() may repeat
+            self._condition = current
+            try:
+                yield self
+            finally:
+                self._condition = previous
 
     # ---- merging --------------------------------------------------------------------------------
 

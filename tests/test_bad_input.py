@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adaptune import (Adapter, AdaptuneError, BindError, BitFit, ConfigError, DoRA, LoadError, LoRA, MergeError,
-                      Prefix, PromptTuning, SiteError, TaskError, Trainable, WriteError, attach, detach,
+from adaptune import (PSA, Adapter, AdaptuneError, BindError, BitFit, ConfigError, DoRA, LoadError, LoRA,
+                      MergeError, Prefix, PromptTuning, SiteError, TaskError, Trainable, WriteError, attach, detach,
                       export_peft, import_peft, load, parse_spec)
 from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from helpers import VOCAB, tiny_gpt2, tiny_llama
@@ -92,6 +92,13 @@ def _export_peft_wrapped(c):
         if hasattr(wrapped, "adaptune"):
             detach(wrapped)
         wrapped.unload()
+
+
+def _latent_divisor(c):
+    """A latent of 2 rows on a batch of 4, outside generate(): not one row per sample."""
+    adaptation = attach(c.model, {"attn": PSA(8)})
+    with torch.no_grad(), adaptation.condition(torch.randn(2, 8)):
+        c.model(input_ids=torch.randint(2, VOCAB, (4, 5)))
 
 
 def _long_prompt(c):
@@ -223,6 +230,7 @@ CASES = {
                        "a task is named by a string"),
     "model wrapped by PEFT": (_peft_wrapped, BindError, "already adapted, e.g. by PEFT"),
     "export from a model PEFT wraps": (_export_peft_wrapped, AdaptuneError, "wrapped or adapted by PEFT"),
+    "latent repeated outside generate": (_latent_divisor, ConfigError, "the latent has 2 samples, the batch 4"),
     # one error family
     "metadata not JSON": (lambda c: load(c.model, c.tampered("j.safetensors", meta=lambda raw: raw[:-3])),
                           LoadError, "damaged adaptune metadata: not JSON"),

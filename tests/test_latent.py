@@ -92,5 +92,11 @@ def test_latents_are_checked():
         logits(model, adaptation, torch.randn(2, 4), ids)
     with pytest.raises(AdaptuneError, match="the latent has 3 samples, the batch 2"):
         logits(model, adaptation, torch.randn(3, 8), ids)
+    for rows, batch in ((1, 2), (2, 4)):  # a divisor is repeated inside generate() only (its beams, sequences)
+        with pytest.raises(ConfigError, match=f"the latent has {rows} samples, the batch {batch}"):
+            logits(model, adaptation, torch.randn(rows, 8), torch.randint(2, VOCAB, (batch, 6)))
+    with pytest.raises(ConfigError, match="the latent has 2 samples, the batch 4"):  # a submodule, no model hook
+        with torch.no_grad(), adaptation.condition(torch.randn(2, 8)):
+            model.transformer(input_ids=torch.randint(2, VOCAB, (4, 6)))
     with pytest.raises(ConfigError, match="latent_dim"):
         PSA(0)

@@ -214,21 +214,23 @@ class AttentionHook(Hook):
 
     def _rows(self, bindings: list, b: int) -> tuple[Tensor, Tensor]:
         """The bindings' extra keys and values for every sample, concatenated: (B, n, H_kv·D) twice."""
-        pairs = [_batched(x.module.kv(self.adaptation), b, x) for x in bindings]
+        pairs = [_batched(x.module.kv(self.adaptation), b, x, self.adaptation.conditioning) for x in bindings]
         return torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
 
 
-def _batched(kv: tuple[Tensor, Tensor], b: int, bound: Any) -> tuple[Tensor, Tensor]:
-    """(n, H_kv·D) rows for every sample, or (B', n, H_kv·D) per sample, as (B, n, H_kv·D); B' may divide B
-    (generate repeats each sample for beams and returned sequences, as repeat_interleave)."""
+def _batched(kv: tuple[Tensor, Tensor], b: int, bound: Any, condition: Any) -> tuple[Tensor, Tensor]:
+    """(n, H_kv·D) rows for every sample, or (B', n, H_kv·D) per sample, as (B, n, H_kv·D): B' = B, or inside
+    generate() a divisor of B (its beams and returned sequences repeat each sample, as repeat_interleave);
+    `condition`: the adaptation's Condition (hooks/condition.py), which knows whether generate() runs."""
     out = []
     for x in kv:
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(b, -1, -1)
         elif x.shape[0] != b:
-            if b % x.shape[0]:
-                raise AdaptuneError(f"{type(bound.module).__name__} at {bound.point.where()}: the latent has "
-                                    f"{x.shape[0]} samples, the batch {b}; give one latent per sample")
-            x = x.repeat_interleave(b // x.shape[0], dim=0)
+            where = f"{type(bound.module).__name__} at {bound.point.where()}"
+            if condition is None or condition.latent.shape[0] != x.shape[0]:
+                raise AdaptuneError(f"{where}: the latent has {x.shape[0]} samples, the batch {b}; give one latent "
+                                    f"per sample")
+            x = x.repeat_interleave(condition.factor(b, where), dim=0)
         out.append(x)
     return out[0], out[1]
