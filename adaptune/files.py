@@ -92,6 +92,24 @@ def _staged(path: Path, what: str) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(path: Path) -> None:
+    """WriteError unless `path` can be written as atomic_write_dir writes it: an empty hidden directory is
+    made and removed in the nearest existing directory above it (where the missing ones would be made), so a
+    read-only destination is refused before long work rather than after it."""
+    path = Path(path)
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    probe = _sibling(parent / path.name, "tmp")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        raise WriteError(f"cannot write {str(path)!r}: {str(parent)!r} is not writable ({reason}); give a "
+                         f"destination in a directory you can write to") from e
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), then rename tmp over `path`; the old file survives any failure.
     tmp_path lies in a private sibling directory, so whatever temporary files `write` itself makes

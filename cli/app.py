@@ -121,12 +121,6 @@ def run_multitask(ctx: typer.Context, *,
     if threads < 1:
         return fail(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
-    if values["stack"]:
-        if ctx.get_parameter_source("method").name == "DEFAULT":  # typer's own click: compare by name
-            values["method"] = "stack"  # --stack alone selects method 'stack'
-        elif values["method"] != "stack":
-            return fail(f"--stack gives the composition of method 'stack'; "
-                         f"drop --method {values['method']} or --stack")
     try:
         cfg = multitask_config(values, command=command_line(ctx))
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 shows progress, prints and saves

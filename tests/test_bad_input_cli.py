@@ -158,6 +158,18 @@ def fewshot(e: Env, *args: str) -> list[str]:
             str(e.tmp / "runs"), "--quick", "--k", "2", "--seeds", "0", "--max-length", "24", *args]
 
 
+def read_only(e: Env) -> None:
+    """Writing inside tmp/ro is refused, as on a read-only mount (chmod does not stop root)."""
+    (e.tmp / "ro").mkdir()
+    real, ro = os.mkdir, str(e.tmp / "ro")
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).startswith(ro):
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, *args, **kwargs)
+    e.monkeypatch.setattr(os, "mkdir", mkdir)
+
+
 @dataclass
 class Case:
     id: str
@@ -206,6 +218,16 @@ CASES = [
          prepare=lambda e: multitask.run(e.config())),
     Case("overwrite-foreign-dir-cli", lambda e: e.cli("--overwrite"), CLI, "also holds notes.txt",
          prepare=lambda e: finished_run(e, "run") or (e.tmp / "runs/run/notes.txt").write_text("mine")),
+    Case("out-read-only-cli", lambda e: e.cli() + ["--out", str(e.tmp / "ro/runs")], CLI,
+         "is not writable (permission denied)", prepare=read_only),
+    # methods: --stack is method 'stack's composition, parsed when the method is made
+    Case("stack-with-another-method-api", lambda e: Method("lora", stack="attn=LoRA(2)"), ConfigError,
+         "drop --method lora or --stack"),
+    Case("stack-with-another-method-cli", lambda e: e.cli("--stack", "attn=LoRA(2)"), CLI,
+         "drop --method lora or --stack"),
+    Case("stack-unknown-component-api", lambda e: Method(stack="attn=Bogus(3)"), ConfigError,
+         "unknown component 'Bogus'"),
+    Case("stack-rank-0-api", lambda e: Method(stack="attn=LoRA(0)"), ConfigError, "r must be a positive integer"),
     Case("runs-differing-in-lr-get-two-dirs", lambda e: [multitask.run(e.config(name=None, lr=lr))
                                                           for lr in (1e-3, 2e-3)], None, check=checked_two_runs,
          trains=True),

@@ -184,3 +184,82 @@ def test_the_commands_print_each_seed_and_refuse_bad_options(data, tmp_path):
         assert f"self-ensemble {r['ensemble_test']:.4f}" in out.output
     out = CliRunner().invoke(app, ["run", "fewshot", *common, "--mode", "nope", "--out", str(tmp_path / "runs")])
     assert out.exit_code != 0 and "valid modes are zero-shot, prompt, head" in out.output
+
+
+def _read_only(e):
+    """Writing inside e/ro is refused (as on a read-only mount; chmod does not stop root)."""
+    import os
+    (e / "ro").mkdir()
+    real = os.mkdir
+    e_ro = str(e / "ro")
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(e_ro):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+    return mkdir
+
+
+FEWSHOT = ["run", "fewshot", "--model", "tiny-gpt2", "--k", "2", "--seeds", "0", "--steps", "1"]
+TAPT = ["tapt", "--model", "tiny-gpt2", "--steps", "1"]
+BAD_CLI = {  # args ({tmp}: the case's directory), a fragment of the one-line error, what to prepare
+    "fewshot-unknown-component-in-stack": (FEWSHOT + ["--stack", "attn=Bogus(3)"], "unknown component 'Bogus'", None),
+    "fewshot-zero-shot-parses-the-stack": (FEWSHOT + ["--mode", "zero-shot", "--stack", "attn=Bogus(3)"],
+                                           "unknown component 'Bogus'", None),
+    "fewshot-stack-with-another-method": (FEWSHOT + ["--method", "adapter", "--stack", "attn=LoRA(2)"],
+                                          "drop --method adapter or --stack", None),
+    "tapt-stack-rank-0": (TAPT + ["--out", "{tmp}/t", "--stack", "attn=LoRA(0)"], "r must be a positive integer", None),
+    "tapt-stack-with-another-method": (TAPT + ["--out", "{tmp}/t", "--method", "lora", "--stack", "attn=LoRA(2)"],
+                                       "drop --method lora or --stack", None),
+    "fewshot-model-missing": (FEWSHOT + ["--model", "{tmp}/nonexistent/dir"], "no such model directory", None),
+    "fewshot-model-not-a-model-dir": (FEWSHOT + ["--model", "{tmp}"], "has no config.json", None),
+    "tapt-model-missing": (TAPT + ["--out", "{tmp}/t", "--model", "/nonexistent/dir"], "no such model directory", None),
+    "tapt-out-exists": (TAPT + ["--out", "{tmp}/t"], "give another --out, or --overwrite",
+                        lambda tmp, mp: (tmp / "t").mkdir()),
+    "tapt-out-read-only": (TAPT + ["--out", "{tmp}/ro/t"], "is not writable (permission denied)",
+                           lambda tmp, mp: mp.setattr("os.mkdir", _read_only(tmp))),
+    "fewshot-out-read-only": (FEWSHOT + ["--out", "{tmp}/ro/runs"], "is not writable (permission denied)",
+                              lambda tmp, mp: mp.setattr("os.mkdir", _read_only(tmp))),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CLI)
+def test_bad_fewshot_and_tapt_input_is_refused_before_anything_loads(case, data, tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from adaptune.cli.app import app
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("loading started: the input should have been refused before")
+    for module in ("adaptune.experiments.fewshot.run", "adaptune.experiments.fewshot.tapt"):
+        monkeypatch.setattr(sys.modules[module], "load_lm", loaded)
+        monkeypatch.setattr(sys.modules[module], "load_dataset", loaded)
+    args, fragment, prepare = BAD_CLI[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "run" in args and "--out" not in args:
+        args += ["--out", str(tmp_path / "runs")]
+    if prepare:
+        prepare(tmp_path, monkeypatch)
+    result = CliRunner().invoke(app, [*args, "--data-dir", data])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and fragment in errors[0], result.output
+    assert "--name" not in errors[0] or args[0] == "run"  # tapt has no --name
+
+
+def test_stack_alone_selects_method_stack_in_tapt_and_fewshot(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from adaptune.cli.app import app
+
+    out = CliRunner().invoke(app, [*TAPT, "--data-dir", data, "--batch-size", "2", "--max-length", "8", "--out",
+                                   str(tmp_path / "t"), "--stack", "attn=LoRA(2)"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "t" / "tapt.json").read_text())["method"] == "stack[attn=LoRA(2)]"
+    cfg = FewShotConfig(method=FewShotMethod(stack="attn=LoRA(2)"))
+    assert cfg.method.name == "stack" and FewShotMethod().name == "lora"
+    with pytest.raises(ConfigError, match="drop --method adapter or --stack"):
+        FewShotMethod(name="adapter", stack="attn=LoRA(2)")
+

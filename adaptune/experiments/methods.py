@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,29 +52,46 @@ def lr_defaults() -> str:
 @dataclass(frozen=True)
 class Method:
     """What an experiment attaches and trains; the field metadata is the help of the CLI's options."""
-    name: str = field(default="lora+adapter", metadata={"help": f"one of {', '.join(METHODS)}",
-                                                        "flags": ("--method",)})
+    name: str | None = field(default=None, metadata={
+        "help": f"one of {', '.join(METHODS)} (default lora+adapter; stack when --stack is given)",
+        "flags": ("--method",)})
     r: int = field(default=12, metadata={"help": "LoRA/DoRA rank (lora, dora, lora+adapter)"})
     dim: int = field(default=64, metadata={"help": "adapter / hyper-adapter bottleneck (adapter, lora+adapter, hyper)"})
     n: int = field(default=20, metadata={"help": "prefix / prompt length (prefix, prompt)"})
     stack: str | None = field(default=None, metadata={
         "help": "any composition, e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)' (method 'stack'; "
-                "--stack alone selects it)"})
+                "--stack alone selects it, with another --method it is refused)"})
     per_task: bool | None = field(default=None, metadata={
         "help": "per-task or shared components (default: the method's, as seed 004)",
         "flags": ("--per-task/--shared",)})
 
+    default: ClassVar[str] = "lora+adapter"  # the method when neither name nor stack is given
+
     def __post_init__(self) -> None:
+        if self.name is None:  # --stack alone selects method 'stack'
+            object.__setattr__(self, "name", "stack" if self.stack is not None else self.default)
         if self.name not in METHODS:
             raise ConfigError(f"unknown method {self.name!r}; known: {', '.join(METHODS)}")
         for what in ("r", "dim", "n"):
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{what} (--{what}) must be an integer of at least 1, got {value!r}")
-        if self.name == "stack" and not self.stack:
-            raise ConfigError("method 'stack' needs a composition, e.g. --stack 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'")
+        if self.stack is not None and self.name != "stack":
+            raise ConfigError(f"--stack gives the composition of method 'stack'; drop --method {self.name} or --stack")
+        if self.name == "stack":
+            self._check_stack()
         if self.name in ("head-only", "full") and self.per_task is not None:
             raise ConfigError(f"--per-task/--shared does not apply to {self.name!r}")
+
+    def _check_stack(self) -> None:
+        """The composition parsed now, so a bad one is refused before anything loads."""
+        example = "e.g. --stack 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'"
+        if self.stack is None or (isinstance(self.stack, str) and not self.stack.strip()):
+            raise ConfigError(f"method 'stack' needs a composition, {example}")
+        try:
+            parse_spec(self.stack)
+        except ConfigError as e:
+            raise ConfigError(f"--stack {self.stack!r}: {e}") from e
 
     @property
     def sharing(self) -> str:

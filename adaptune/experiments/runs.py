@@ -26,7 +26,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from ..errors import ConfigError, LoadError
-from ..files import atomic_write_dir
+from ..files import atomic_write_dir, check_writable
 from ..persist import load as load_adaptation
 from .config import ExperimentConfig, load_base, load_data, load_tokenizer, set_seed
 from .datasets import get_dataset
@@ -44,27 +44,33 @@ REQUIRED_PER_DATASET = {"metric": str, "dev": NUMBER, "metrics": dict, "pct_upda
                         "train_loss_by_epoch": list}
 
 
-def check_destination(run_dir: Path, overwrite: bool, artifacts: tuple[str, ...] = ARTIFACTS) -> None:
+def check_destination(run_dir: Path, overwrite: bool, artifacts: tuple[str, ...] = ARTIFACTS,
+                      option: str = "--name") -> None:
     """Refuse, before training, a run directory that cannot be written or would replace a run silently
-    (`artifacts`: the files a run directory of this experiment holds)."""
+    (`artifacts`: the files a run directory of this experiment holds; `option`: the option that names the
+    directory, --name for OUT/NAME, --out for a directory given whole)."""
     out = run_dir.parent
     for p in (out, *out.parents):
         if os.path.lexists(p):
             if not p.is_dir():
-                raise ConfigError(f"--out {str(out)!r}: {str(p)!r} is a file, not a directory; runs are written "
-                                  f"to OUT/NAME: give a directory (it is made if missing)")
+                where = "runs are written to OUT/NAME: give a directory (it is made if missing)" \
+                    if option == "--name" else "give a path whose parents are directories"
+                raise ConfigError(f"--out {str(out if option == '--name' else run_dir)!r}: {str(p)!r} is a file, "
+                                  f"not a directory; {where}")
             break
+    check_writable(run_dir)
     if not os.path.lexists(run_dir):
         return
     if run_dir.is_symlink() or not run_dir.is_dir():
-        raise ConfigError(f"{str(run_dir)!r} exists and is not a run directory; give another --name")
+        raise ConfigError(f"{str(run_dir)!r} exists and is not a run directory; give another {option}")
     if not overwrite:
-        raise ConfigError(f"{str(run_dir)!r} exists: a run was saved under that name; give another --name, or "
+        saved = "a run was saved under that name" if option == "--name" else "an earlier output is there"
+        raise ConfigError(f"{str(run_dir)!r} exists: {saved}; give another {option}, or "
                           f"--overwrite to replace it (the old run is kept until the new one is complete)")
     others = sorted(p.name for p in run_dir.iterdir() if p.name not in artifacts)
     if others:
         raise ConfigError(f"--overwrite replaces only a run directory, and {str(run_dir)!r} also holds "
-                          f"{', '.join(others[:5])}: move them away, or give another --name")
+                          f"{', '.join(others[:5])}: move them away, or give another {option}")
 
 
 def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, preds: dict, result: dict) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
+from ...models import PRESETS
 from ..config import load_base as load_encoder
 from ..config import load_tokenizer
 from ..vae import bases as causal
@@ -24,19 +25,44 @@ NAMES = (*causal.BASES, TINY_MLM, "minilm")
 
 
 def kind_of(name: str) -> str:
-    """causal, masked or encoder, from the name or the directory's config.json architectures."""
+    """causal, masked or encoder, from the name or the config.json architectures of the model directory (or of
+    the cached hub model); ConfigError for a name that is none of these, before anything is loaded."""
     if name in causal.BASES:
         return CAUSAL
     if name == TINY_MLM:
         return MASKED
-    config = Path(name).expanduser() / "config.json"
-    if config.is_file():
-        archs = json.loads(config.read_text()).get("architectures") or []
-        if any(a.endswith("ForMaskedLM") for a in archs):
-            return MASKED
-        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-            return CAUSAL
+    if name in PRESETS:
+        return ENCODER
+    config = _model_dir(name) / "config.json"
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--model {name!r}: {config} is not a readable model config ({e})") from e
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return MASKED
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return CAUSAL
     return ENCODER
+
+
+def _model_dir(name: str) -> Path:
+    """The directory of a model given by path or cached hub name; ConfigError naming what is valid otherwise."""
+    valid = f"give one of {', '.join(NAMES)}, a local model directory (with its config.json), or a cached hub name"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {name!r}: the directory has no config.json, so it is not a Hugging Face "
+                              f"model directory; {valid}")
+        return path
+    if path.exists():
+        raise ConfigError(f"--model {name!r}: a file, not a model directory; {valid}")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(f"--model {name!r}: no such model directory; {valid}")
+    try:
+        return causal.hub_snapshot(name)
+    except ConfigError as e:
+        raise ConfigError(f"--model {name!r}: not a directory, and not a hub model in the local Hugging Face cache "
+                          f"(nothing is downloaded at run time); {valid}") from e
 
 
 def load_lm(name: str, seed: int = 0) -> tuple[Any, Any, str]:

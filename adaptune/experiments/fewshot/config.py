@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ...errors import ConfigError
 from ..config import DEVICE, check_run_name
@@ -29,8 +29,11 @@ def _budget(text: str, key: str) -> dict:
 @dataclass(frozen=True)
 class FewShotMethod(Method):
     """Method with LoRA as the few-shot default (the multitask runner's default is lora+adapter)."""
-    name: str = field(default="lora", metadata={"help": f"one of {', '.join(METHODS)}", "flags": ("--method",)})
+    name: str | None = field(default=None, metadata={
+        "help": f"one of {', '.join(METHODS)} (default lora; stack when --stack is given)", "flags": ("--method",)})
     r: int = field(default=8, metadata={"help": "LoRA/DoRA rank (lora, dora, lora+adapter)"})
+
+    default: ClassVar[str] = "lora"
 
 
 def _base_help() -> str:

@@ -28,7 +28,7 @@ from ..datasets import get_dataset
 from ..methods import Method, param_groups
 from ..runs import check_destination
 from ..training import warmup_linear
-from .bases import CAUSAL, ENCODER, load_lm
+from .bases import CAUSAL, ENCODER, kind_of, load_lm
 from .config import FewShotMethod
 
 TASK = "task"  # the adaptune task name of the components in tapt and fewshot runs
@@ -103,13 +103,13 @@ def lm_loss(model: nn.Module, batch: dict[str, Tensor], causal: bool, mask_token
 def tapt(cfg: TaptConfig, progress: Any = None) -> dict:
     """Train the components on the task's text and save them under cfg.out; returns what tapt.json holds."""
     out = Path(cfg.out)
-    check_destination(out, cfg.overwrite, ARTIFACTS)
+    check_destination(out, cfg.overwrite, ARTIFACTS, option="--out")
+    if kind_of(cfg.model) == ENCODER:  # before anything is loaded
+        raise ConfigError(f"{cfg.model!r} has no LM head: TAPT needs a causal LM or a masked LM with its MLM head")
     set_seed(cfg.seed)
     splits = load_dataset(get_dataset(cfg.dataset), Path(cfg.data_dir or default_data_dir()))
     texts = [t for e in splits.train for t in (e.a, e.b) if t]
     model, tok, kind = load_lm(cfg.model, seed=cfg.seed)
-    if kind == ENCODER:
-        raise ConfigError(f"{cfg.model!r} has no LM head: TAPT needs a causal LM or a masked LM with its MLM head")
     if kind != CAUSAL and tok.mask_token_id is None:
         raise ConfigError(f"the tokenizer of {cfg.model!r} has no mask token: the MLM loss needs one")
     adaptation = cfg.method.prepare(model, [TASK])
@@ -151,7 +151,7 @@ def tapt(cfg: TaptConfig, progress: Any = None) -> dict:
         adaptation.save(tmp / "adaptation.safetensors")
         (tmp / "tapt.json").write_text(json.dumps(info, indent=2))
 
-    check_destination(out, cfg.overwrite, ARTIFACTS)
+    check_destination(out, cfg.overwrite, ARTIFACTS, option="--out")
     atomic_write_dir(out, write)
     return info
 
