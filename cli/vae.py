@@ -81,6 +81,9 @@ def sample(run: Path = RUN, n: int = typer.Option(5, help="sentences"), greedy: 
 
     from adaptune.experiments.vae.generation import decode
 
+    if n < 1:
+        return fail(f"--n must be at least 1 (the number of sentences to sample), got {n}")
+
     def make(vae, tok, length):
         z = torch.randn(n, vae.cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
         return [(f"{i}", s) for i, s in enumerate(decode(vae, tok, z, max_length=length, greedy=greedy, top_k=top_k,

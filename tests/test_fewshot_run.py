@@ -186,6 +186,13 @@ def test_the_commands_print_each_seed_and_refuse_bad_options(data, tmp_path):
     assert out.exit_code != 0 and "valid modes are zero-shot, prompt, head" in out.output
 
 
+def _tapt_dir(path, info):
+    path.mkdir(parents=True)
+    (path / "tapt.json").write_text(json.dumps(info))
+    (path / "adaptation.safetensors").write_bytes(b"")
+    return path
+
+
 def _read_only(e):
     """Writing inside e/ro is refused (as on a read-only mount; chmod does not stop root)."""
     import os
@@ -220,6 +227,13 @@ BAD_CLI = {  # args ({tmp}: the case's directory), a fragment of the one-line er
                            lambda tmp, mp: mp.setattr("os.mkdir", _read_only(tmp))),
     "fewshot-out-read-only": (FEWSHOT + ["--out", "{tmp}/ro/runs"], "is not writable (permission denied)",
                               lambda tmp, mp: mp.setattr("os.mkdir", _read_only(tmp))),
+    "fewshot-init-from-without-method": (FEWSHOT + ["--init-from", "{tmp}/t"], "tapt.json: missing or malformed method",
+                                         lambda tmp, mp: _tapt_dir(tmp / "t", {"format": "adaptune-tapt/1",
+                                                                               "model": "tiny-gpt2"})),
+    "fewshot-init-from-without-components": (FEWSHOT + ["--init-from", "{tmp}/t"], "adaptation.safetensors: missing",
+                                             lambda tmp, mp: _tapt_dir(tmp / "t", {
+                                                 "format": "adaptune-tapt/1", "model": "tiny-gpt2",
+                                                 "method": "lora[r=8]"}).joinpath("adaptation.safetensors").unlink()),
 }
 
 
@@ -263,3 +277,23 @@ def test_stack_alone_selects_method_stack_in_tapt_and_fewshot(data, tmp_path):
     with pytest.raises(ConfigError, match="drop --method adapter or --stack"):
         FewShotMethod(name="adapter", stack="attn=LoRA(2)")
 
+
+def test_read_tapt_names_the_file_and_what_is_wrong(tmp_path):
+    from adaptune.experiments.fewshot.tapt import read_tapt
+    path = _tapt_dir(tmp_path / "t", {"format": "adaptune-tapt/1", "model": "tiny-gpt2", "method": 3})
+    with pytest.raises(LoadError, match="tapt.json: missing or malformed method"):
+        read_tapt(path, "tiny-gpt2", FewShotMethod())
+
+
+def test_a_fewshot_results_json_is_checked_for_types(tmp_path):
+    from adaptune.experiments.fewshot.report import check_fewshot
+    result = {"format": "adaptune-fewshot/1", "name": "x", "data": {"test": 20}, "seeds": [{"seed": 0, "test": 0.5}],
+              "config": {"dataset": "sst-binary", "model": "tiny-gpt2", "mode": "prompt", "method": "lora[r=8]"},
+              "summary": {"test": {"mean": "0.5", "std": 0.0}}}
+    with pytest.raises(LoadError, match="missing or malformed summary.test.mean"):
+        check_fewshot(result, tmp_path / "results.json")
+    result["summary"]["test"]["mean"] = 0.5
+    assert check_fewshot(result, tmp_path / "results.json") is result
+    result["seeds"][0]["test"] = None
+    with pytest.raises(LoadError, match=r"seeds\[0\].test"):
+        check_fewshot(result, tmp_path / "results.json")

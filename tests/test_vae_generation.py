@@ -1,6 +1,10 @@
 """Sentences from a trained VAE run: sample, reconstruct, interpolate, analogy (library and CLI)."""
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from adaptune import ConfigError
@@ -59,3 +63,55 @@ def test_the_cli_prints_one_line_per_sentence(run_dir, args, lines):
 def test_a_missing_run_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["vae", "sample", "--run", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "not a saved VAE run" in result.output
+
+
+def _without(key):
+    def tamper(run):
+        data = json.loads((run / "results.json").read_text())
+        del data[key]
+        (run / "results.json").write_text(json.dumps(data))
+    return tamper
+
+
+def _other_latent_size(run):
+    """posterior.safetensors as a run of latent size 8 would have it (this run's is 4): its output layer gives
+    the mean and log-variance, 2 x 8 rows."""
+    state = load_file(str(run / "posterior.safetensors"))
+    save_file({k: torch.zeros(16, *v.shape[1:]) if k.startswith("out.") else v for k, v in state.items()},
+              str(run / "posterior.safetensors"))
+
+
+BAD_RUNS = {  # vae sample args, how the copied run is broken, a fragment of the one-line error
+    "n-0": (["--n", "0"], None, "--n must be at least 1"),
+    "n-negative": (["--n", "-1"], None, "--n must be at least 1 (the number of sentences to sample), got -1"),
+    "posterior-missing": ([], lambda run: (run / "posterior.safetensors").unlink(), "posterior.safetensors: missing"),
+    "results-without-config": ([], _without("config"), "results.json: missing or malformed config"),
+    "posterior-of-another-latent-size": ([], _other_latent_size, "does not fit the posterior of latent size 4"),
+    "results-metric-a-string": ([], lambda run: _set_ppl(run, "12.5"), "results.json: missing or malformed test.ppl"),
+}
+
+
+def _set_ppl(run, value):
+    data = json.loads((run / "results.json").read_text())
+    data["test"]["ppl"] = value
+    (run / "results.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_a_broken_run_or_bad_option_is_one_clear_error(case, run_dir, tmp_path):
+    args, tamper, fragment = BAD_RUNS[case]
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    if tamper:
+        tamper(run)
+    result = runner.invoke(app, ["vae", "sample", "--run", str(run), *args], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], result.output
+
+
+def test_decode_refuses_latents_of_no_rows_or_another_size(run_dir):
+    vae, tok, _ = load_run(run_dir)
+    for z in (torch.zeros(0, 4), torch.zeros(2, 5)):
+        with pytest.raises(ConfigError, match=r"latents of shape \(N, 4\)"):
+            decode(vae, tok, z)

@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from adaptune.cli.app import app
@@ -16,7 +17,8 @@ def _run(tmp, name, lam=0.5, gen="attn", corpus="yelp", ppl=90.0):
     history = [{"step": s + 1, "rec": 60 - s, "kl": 10 + math.sin(s), "beta": min(1.0, s / 10), "decoder": s >= 3}
                for s in range(steps)]
     result = {"format": "adaptune-vae/1", "experiment": "vae", "name": name, "train_s": 12.0,
-              "config": {"corpus": corpus, "base": "small-gpt2", "steps": steps, "batch_size": 32,
+              "config": {"corpus": corpus, "base": "small-gpt2", "steps": steps, "batch_size": 32, "seed": 0,
+                         "max_length": 32,
                          "vae": {"latent_gen": gen, "injection": "psa", "placement": "ffn-parallel", "prefix": 0,
                                  "finetune": False, "latent_dim": 32},
                          "training": {"free_bits": lam, "lr": 1e-3}},
@@ -57,10 +59,24 @@ def test_report_cli_on_vae_runs(tmp_path):
     assert "| r0.5 |" in md.read_text()
 
 
-def test_a_vae_results_json_missing_its_metrics_is_named(tmp_path):
+BROKEN = {  # how a results.json is broken -> the key the error names
+    "metric-missing": (lambda d: d["test"].pop("mi"), "test.mi"),
+    "metric-a-string": (lambda d: d["test"].update(ppl="90.0"), "test.ppl"),
+    "metric-a-bool": (lambda d: d["test"].update(au=True), "test.au"),
+    "lambda-a-string": (lambda d: d["config"]["training"].update(free_bits="0.5"), "config.training.free_bits"),
+    "train-s-a-string": (lambda d: d.update(train_s="12"), "train_s"),
+    "history-row-without-kl": (lambda d: d["history"][3].pop("kl"), "history[3].kl"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_vae_results_json_is_named(case, tmp_path):
     run = _run(tmp_path, "bad")
     data = json.loads((run / "results.json").read_text())
-    del data["test"]["mi"]
+    tamper, key = BROKEN[case]
+    tamper(data)
     (run / "results.json").write_text(json.dumps(data))
-    result = runner.invoke(app, ["report", str(run), "--plot", str(tmp_path / "p.png")])
-    assert result.exit_code == 2 and "test.mi" in result.output and "adaptune run vae" in result.output
+    result = runner.invoke(app, ["report", str(run), "--plot", str(tmp_path / "p.png")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"missing or malformed {key}" in errors[0] and "adaptune run vae" in errors[0]

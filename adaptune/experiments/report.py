@@ -31,7 +31,7 @@ def find_runs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
 def _read_any(run_dir: Path) -> dict:
     """A multitask, VAE or few-shot run's results.json (checked as its kind is)."""
     from .fewshot.report import check_fewshot, is_fewshot
-    from .vae.report import check_vae, is_vae
+    from .vae.results import check_vae, is_vae
 
     path = run_dir / "results.json"
     try:

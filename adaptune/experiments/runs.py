@@ -103,16 +103,29 @@ def _get(d: Any, dotted: str) -> Any:
     return d
 
 
+def _fits(value: Any, kind: Any) -> bool:
+    """isinstance, but a bool is no number (JSON's true is not a metric)."""
+    numeric = kind in (int, float, NUMBER)
+    return isinstance(value, kind) and not (numeric and isinstance(value, bool))
+
+
+def malformed(result: Any, required: dict[str, Any], optional: dict[str, Any] | None = None) -> list[str]:
+    """The dotted keys of `required` that `result` lacks or holds with another type, and of `optional` that it
+    holds with another type: what every reader of a saved run checks before reading (one schema per run kind)."""
+    wrong = [k for k, kind in required.items() if not _fits(_get(result, k), kind)]
+    return wrong + [k for k, kind in (optional or {}).items()
+                    if _get(result, k) is not None and not _fits(_get(result, k), kind)]
+
+
 def check_results(result: Any, path: Path) -> dict:
     """`result` if it is a multitask run's results.json, else LoadError naming what is wrong and what is valid."""
     valid = f"a results.json written by adaptune run multitask (format {FORMAT!r})"
     if not isinstance(result, dict) or result.get("format") != FORMAT:
         found = f"format {result.get('format')!r}" if isinstance(result, dict) else f"a JSON {type(result).__name__}"
         raise LoadError(f"{path}: not a multitask results.json ({found}); expected {valid}")
-    wrong = [k for k, kind in REQUIRED.items() if not isinstance(_get(result, k), kind)]
+    wrong = malformed(result, REQUIRED)
     if "tasks" not in wrong:
-        wrong += [f"tasks.{t}.{k}" for t, r in result["tasks"].items() for k, kind in REQUIRED_PER_DATASET.items()
-                  if not isinstance(_get(r, k), kind)]
+        wrong += [f"tasks.{t}.{k}" for t, r in result["tasks"].items() for k in malformed(r, REQUIRED_PER_DATASET)]
     if wrong:
         raise LoadError(f"{path}: missing or malformed {', '.join(wrong[:6])}; expected {valid}")
     return result

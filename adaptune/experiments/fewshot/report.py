@@ -10,10 +10,17 @@ from rich.table import Table
 
 from ...errors import LoadError
 from ..report import markdown, table
+from ..runs import NUMBER, malformed
 from .run import FORMAT
 
 HEAD = ["run", "dataset", "base", "mode", "method", "recipes", "seeds", "test acc", "self-ensemble acc",
         "best dev", "trainable", "steps", "train s/seed", "test n"]
+REQUIRED = {"name": str, "config": dict, "config.dataset": str, "config.model": str, "config.mode": str,
+            "config.method": str, "seeds": list, "summary": dict, "summary.test.mean": NUMBER,
+            "summary.test.std": NUMBER, "data.test": int}
+OPTIONAL = {"summary.ensemble_test.mean": NUMBER, "summary.ensemble_test.std": NUMBER, "config.self_ensemble": int,
+            "config.self_distill": NUMBER}
+SEED, SEED_OPTIONAL = {"test": NUMBER}, {"best_dev": NUMBER, "train_s": NUMBER, "trainable": int}
 TERMINAL = ("dataset", "mode", "method", "recipes", "seeds", "test acc", "self-ensemble acc", "best dev",
             "train s/seed")
 
@@ -23,11 +30,13 @@ def is_fewshot(result: Any) -> bool:
 
 
 def check_fewshot(result: Any, path: Path) -> dict:
-    """`result` if it is a few-shot run's results.json, else LoadError naming what is missing."""
-    missing = [k for k in ("name", "config", "seeds", "summary", "data") if not isinstance(result.get(k), (dict, list, str))]
-    missing += [] if missing or "test" in result["summary"] else ["summary.test"]
-    if missing:
-        raise LoadError(f"{path}: missing or malformed {', '.join(missing)}; expected a results.json written by "
+    """`result` if it is a few-shot run's results.json, else LoadError naming what is missing or malformed."""
+    wrong = malformed(result, REQUIRED, OPTIONAL)
+    if "seeds" not in wrong:
+        wrong += [f"seeds[{i}].{k}" for i, r in enumerate(result["seeds"]) for k in malformed(r, SEED, SEED_OPTIONAL)]
+        wrong += [] if result["seeds"] else ["seeds (empty)"]
+    if wrong:
+        raise LoadError(f"{path}: missing or malformed {', '.join(wrong[:6])}; expected a results.json written by "
                         f"adaptune run fewshot (format {FORMAT!r})")
     return result
 

@@ -31,7 +31,7 @@ from .bases import CAUSAL, ENCODER, kind_of, load_lm
 from .config import FewShotConfig
 from .prompts import Prompt, default_prompt
 from .recipes import ParameterAverage, few_shot
-from .tapt import TASK, load_tapt
+from .tapt import TASK, load_tapt, read_tapt
 from .train import accuracy, predict, scorer, train_seed
 
 FORMAT = "adaptune-fewshot/1"
@@ -46,6 +46,8 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
     if cfg.mode != "head" and kind == ENCODER:  # before anything is loaded
         raise ConfigError(f"{cfg.model!r} has no LM head, so no label-word logits: prompts need a causal LM "
                           f"(smollm2-135m) or a masked LM with its MLM head; use --mode head with this base")
+    if cfg.init_from:
+        read_tapt(cfg.init_from, cfg.model, cfg.method)
     start = time.perf_counter()
     dataset = get_dataset(cfg.dataset)
     n_classes = dataset.n_out if dataset.kind == CLASSES else 2

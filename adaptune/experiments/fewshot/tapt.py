@@ -26,7 +26,7 @@ from ..config import set_seed
 from ..data import default_data_dir, load_dataset
 from ..datasets import get_dataset
 from ..methods import Method, param_groups
-from ..runs import check_destination
+from ..runs import check_destination, malformed
 from ..training import warmup_linear
 from .bases import CAUSAL, ENCODER, kind_of, load_lm
 from .config import FewShotMethod
@@ -156,17 +156,33 @@ def tapt(cfg: TaptConfig, progress: Any = None) -> dict:
     return info
 
 
-def load_tapt(path: str | Path, model: nn.Module, model_name: str, method: Method) -> Any:
-    """The components of a TAPT output directory on `model`, active; refused for another base or method."""
+def read_tapt(path: str | Path, model_name: str, method: Method) -> dict:
+    """tapt.json of a TAPT output directory, checked (its schema, its components file, and that it was made
+    for this base and method): LoadError / ConfigError naming the file and what is wrong."""
     path = Path(path)
+    file, weights = path / "tapt.json", path / "adaptation.safetensors"
+    if not path.is_dir():
+        raise LoadError(f"--init-from {str(path)!r}: no such directory; give an output directory of `adaptune tapt`")
     try:
-        info = json.loads((path / "tapt.json").read_text())
+        info = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise LoadError(f"{path}: not an `adaptune tapt` output directory ({e})") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise LoadError(f"{path / 'tapt.json'}: format {info.get('format') if isinstance(info, dict) else None!r}, "
+        raise LoadError(f"{file}: format {info.get('format') if isinstance(info, dict) else None!r}, "
                         f"not {FORMAT!r}")
+    wrong = malformed(info, {"model": str, "method": str})
+    if wrong:
+        raise LoadError(f"{file}: missing or malformed {', '.join(wrong)}; expected a tapt.json written by "
+                        f"adaptune tapt (format {FORMAT!r})")
+    if not weights.is_file():
+        raise LoadError(f"{weights}: missing; an `adaptune tapt` output directory holds {', '.join(ARTIFACTS)}")
     if info["model"] != model_name or info["method"] != method.label():
         raise ConfigError(f"{path}: its components are {info['method']} on {info['model']!r}; this run is "
                           f"{method.label()} on {model_name!r}: give the same --model and method options")
-    return load(model, path / "adaptation.safetensors", active=TASK)
+    return info
+
+
+def load_tapt(path: str | Path, model: nn.Module, model_name: str, method: Method) -> Any:
+    """The components of a TAPT output directory on `model`, active; refused for another base or method."""
+    read_tapt(path, model_name, method)
+    return load(model, Path(path) / "adaptation.safetensors", active=TASK)

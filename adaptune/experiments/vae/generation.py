@@ -32,6 +32,10 @@ def decode(vae: VAE, tokenizer: Any, z: Tensor, *, max_length: int = 32, greedy:
     """One sentence per latent row of z (N, d_z)."""
     if not 0 < top_p <= 1 or top_k < 0:
         raise ConfigError(f"top_p must be in (0, 1] and top_k ≥ 0; got top_p={top_p}, top_k={top_k}")
+    d = vae.cfg.latent_dim
+    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] < 1 or z.shape[1] != d:
+        shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise ConfigError(f"decode takes latents of shape (N, {d}) with N ≥ 1 sentences, got {shape}")
     collate = Collate(tokenizer, max_length)
     sampling = {} if greedy else {"do_sample": True, "top_k": top_k, "top_p": top_p}
     torch.manual_seed(seed)

@@ -7,28 +7,12 @@ from typing import Any
 
 from rich.table import Table
 
-from ...errors import LoadError
 from ...files import atomic_write
 from ..report import markdown, table
+from .results import is_vae as is_vae  # read and checked in results.py, as load_run reads
 
-FORMAT = "adaptune-vae/1"
-REQUIRED = ("name", "config", "params", "test", "history")
 HEAD = ["run", "corpus", "base", "posterior", "injection", "placement", "prefix", "fine-tuned", "λ", "% trainable",
         "PPL", "PPL (Optimus tokens)", "-ELBO", "MI", "AU", "base PPL", "steps", "train s"]
-
-
-def check_vae(result: Any, path: Path) -> dict:
-    """`result` if it is a VAE run's results.json, else LoadError naming what is missing."""
-    missing = [k for k in REQUIRED if not isinstance(result.get(k), (dict, list, str))]
-    missing += [f"test.{k}" for k in ("ppl", "neg_elbo", "mi", "au") if k not in result.get("test", {})]
-    if missing:
-        raise LoadError(f"{path}: missing or malformed {', '.join(missing)}; expected a results.json written by "
-                        f"adaptune run vae (format {FORMAT!r})")
-    return result
-
-
-def is_vae(result: dict) -> bool:
-    return isinstance(result, dict) and result.get("format") == FORMAT
 
 
 def _lam(r: dict) -> float:

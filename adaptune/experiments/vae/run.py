@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ... import load
@@ -26,15 +27,15 @@ from ...errors import ConfigError, LoadError
 from ...files import atomic_write_dir
 from ..config import set_seed
 from ..machine import cpu_name, peak_rss_mb
-from ..runs import check_destination
+from ..runs import check_destination, malformed
 from .bases import DEFAULT_BASE, load_base
 from .data import Collate, by_length, length_grouped, load_corpus
 from .evaluation import evaluate
 from .generation import decode
 from .model import VAE, VAEConfig
+from .results import FORMAT, read_vae
 from .training import TrainConfig, train
 
-FORMAT = "adaptune-vae/1"
 ARTIFACTS = ("results.json", "command.txt", "adapters.safetensors", "posterior.safetensors", "model.safetensors",
              "samples.txt")
 QUICK = {"steps": 8, "batch_size": 8, "train_limit": 256, "eval_limit": 32, "eval_samples": 10}
@@ -174,28 +175,56 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
 
 def load_run(run_dir: str | Path) -> tuple[VAE, Any, dict]:
     """(the VAE, its tokenizer, results.json) of a saved run: the base rebuilt from its name, the components
-    and the posterior (and with --finetune the base weights) loaded from the run's files."""
+    and the posterior (and with --finetune the base weights) loaded from the run's files. LoadError names the
+    file and what is wrong: results.json checked by read_vae, a missing file, tensors of other shapes."""
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{path}: not a saved VAE run ({e})") from e
-    if not isinstance(results, dict) or results.get("format") != FORMAT:
-        raise LoadError(f"{path}: format {results.get('format') if isinstance(results, dict) else None!r}, "
-                        f"not {FORMAT!r} (a run of `adaptune run vae`)")
+    results = read_vae(run_dir)
     cfg = results["config"]
+    files = ["adapters.safetensors", "posterior.safetensors"] + ["model.safetensors"] * cfg["vae"]["finetune"]
+    for name in files:
+        if not (run_dir / name).is_file():
+            raise LoadError(f"{run_dir / name}: missing; this run of adaptune run vae holds {', '.join(files)} "
+                            f"beside results.json")
+    try:
+        vae_cfg = VAEConfig(**cfg["vae"])
+    except (TypeError, ConfigError) as e:
+        raise LoadError(f"{run_dir / 'results.json'}: config.vae does not rebuild the VAE ({e})") from e
     base, tokenizer = load_base(cfg["base"], seed=cfg["seed"])
-    vae = VAE(base, VAEConfig(**cfg["vae"]), adaptation=load(base, run_dir / "adapters.safetensors"))
-    vae.posterior.load_state_dict(load_file(str(run_dir / "posterior.safetensors")))
-    if cfg["vae"]["finetune"]:
-        load_model(base, str(run_dir / "model.safetensors"))
+    vae = VAE(base, vae_cfg, adaptation=load(base, run_dir / "adapters.safetensors"))
+    _load_state(vae.posterior, run_dir / "posterior.safetensors", f"the posterior of latent size {vae_cfg.latent_dim}")
+    if vae_cfg.finetune:
+        _load_state(base, run_dir / "model.safetensors", f"the base {cfg['base']!r}", base=True)
     vae.eval()
     return vae, tokenizer, results
 
 
+def _load_state(module: torch.nn.Module, path: Path, what: str, base: bool = False) -> None:
+    """Load a safetensors file into `module`, strictly (a base through load_model: its tied weights are saved
+    once); LoadError naming the file and what does not fit."""
+    try:
+        if base:
+            load_model(module, str(path))
+            return
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise LoadError(f"{path}: not a readable safetensors file ({e})") from e
+    except RuntimeError as e:  # load_model: missing, unexpected or mismatched tensors
+        raise LoadError(f"{path}: does not fit {what} of this run ({' '.join(str(e).split())[:300]})") from e
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    wrong += [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    if wrong:
+        raise LoadError(f"{path}: does not fit {what} of this run ({'; '.join(wrong[:3])})")
+    module.load_state_dict(state)
+
+
 def reevaluate(run_dir: str | Path) -> dict:
     """The saved run's test metrics computed again from its files (equal to results.json's)."""
+    wrong = malformed(read_vae(run_dir), {f"config.{k}": int for k in ("eval_limit", "batch_size", "eval_samples")})
+    if wrong:
+        raise LoadError(f"{Path(run_dir) / 'results.json'}: missing or malformed {', '.join(wrong)}; the test "
+                        f"metrics cannot be computed again without the budgets they were computed with")
     vae, tokenizer, results = load_run(run_dir)
     cfg = results["config"]
     test = load_corpus(cfg["corpus"], "test", cfg["data_dir"], cfg["eval_limit"], cfg["seed"])
