@@ -331,3 +331,16 @@ def test_components_that_never_read_the_weight_bind_beside_quantized_layers(make
     detach(model)
     if make is Linear4bit:
         torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("which", ["fewshot", "tapt"])
+def test_fewshot_and_tapt_from_python_refuse_a_device_this_machine_lacks(which, tmp_path):
+    from adaptune.experiments.fewshot.config import FewShotConfig
+    from adaptune.experiments.fewshot.run import run
+    from adaptune.experiments.fewshot.tapt import TaptConfig, tapt
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = (FewShotConfig if which == "fewshot" else TaptConfig)(out=str(tmp_path / "out"), device="cuda")
+    with pytest.raises(ConfigError, match="--device 'cuda'"):
+        (run if which == "fewshot" else tapt)(cfg)
+    assert not (tmp_path / "out").exists()

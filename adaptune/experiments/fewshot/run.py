@@ -20,7 +20,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...files import atomic_write_dir
-from ..config import set_seed
+from ..config import check_device, set_seed
 from ..data import default_data_dir, load_dataset, subset
 from ..datasets import CLASSES, get_dataset
 from ..machine import cpu_name, peak_rss_mb
@@ -40,6 +40,7 @@ ARTIFACTS = ("results.json", "command.txt")
 
 def run(cfg: FewShotConfig, progress: Any = None) -> dict:
     """Every seed of the experiment; the results (also OUT/NAME/results.json)."""
+    check_device(cfg.device)
     run_dir = Path(cfg.out) / cfg.run_name()
     check_destination(run_dir, cfg.overwrite, ARTIFACTS)
     kind = kind_of(cfg.model)

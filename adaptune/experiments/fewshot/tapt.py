@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError, LoadError, TrainingError
 from ...files import atomic_write_dir
 from ...persist import load
-from ..config import set_seed
+from ..config import check_device, set_seed
 from ..data import default_data_dir, load_dataset
 from ..datasets import get_dataset
 from ..methods import Method, param_groups
@@ -102,6 +102,7 @@ def lm_loss(model: nn.Module, batch: dict[str, Tensor], causal: bool, mask_token
 
 def tapt(cfg: TaptConfig, progress: Any = None) -> dict:
     """Train the components on the task's text and save them under cfg.out; returns what tapt.json holds."""
+    check_device(cfg.device)
     out = Path(cfg.out)
     check_destination(out, cfg.overwrite, ARTIFACTS, option="--out")
     if kind_of(cfg.model) == ENCODER:  # before anything is loaded
