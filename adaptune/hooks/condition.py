@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import ConfigError
+from .route import repeat_factor
 
 
 class Condition:
@@ -20,10 +21,9 @@ class Condition:
         """How many rows of a batch of n each latent row stands for: 1, or k inside generate(); ConfigError
         otherwise."""
         rows = self.latent.shape[0]
-        if n == rows:
-            return 1
-        if self.repeats and n and n % rows == 0:
-            return n // rows
+        k = repeat_factor(n, rows, self.repeats)
+        if k is not None:
+            return k
         raise ConfigError(f"{where}: the latent has {rows} samples, the batch {n}; condition() takes one latent row "
                           f"per sample (only inside the model's generate() may a batch repeat each sample: its beams "
                           f"and returned sequences)")

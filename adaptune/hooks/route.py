@@ -61,6 +61,14 @@ def route_index(tasks: Any, names: Sequence[str], device: Any = None) -> Tensor:
     return index
 
 
+def repeat_factor(n: int, rows: int, repeats: int) -> int | None:
+    """How many rows of a batch of n stand for each of `rows` samples: 1, or k inside generate() (`repeats` > 0:
+    its beams and returned sequences repeat each sample); None when n is neither."""
+    if n == rows:
+        return 1
+    return n // rows if repeats and n and n % rows == 0 else None
+
+
 class Route:
     def __init__(self, index: Tensor, names: Sequence[str]) -> None:
         self.index = index.to("cpu", torch.long)  # (N,)
@@ -82,10 +90,9 @@ class Route:
     def _key(self, n: int, where: str) -> int:
         """How many rows of a batch of n each sample has: 1, or k inside generate() (TaskError otherwise)."""
         total = self.index.shape[0]
-        if n == total:
-            return 1
-        if self.repeats and n and n % total == 0:
-            return n // total
+        k = repeat_factor(n, total, self.repeats)
+        if k is not None:
+            return k
         raise TaskError(f"{where}: the batch has {n} samples but the route gives {total} tasks; route() takes "
                         f"one task per sample (inside the model's generate(), a multiple of them: its beams and "
                         f"returned sequences repeat each sample)")
