@@ -1,5 +1,6 @@
 """Multitask runs end to end on a tiny random BERT (MiniLM's tokenizer, nothing downloaded) and tiny data."""
 import json
+import math
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_every_method_trains_evaluates_and_saves(tiny_model_dir, tiny_data, tmp_
     assert set(result["tasks"]) == {"sst", "para", "sts"}
     assert result["train_examples"] == 12  # one batch of 4 per dataset: 3 steps, round robin
     for t, r in result["tasks"].items():
-        assert -1.0 <= r["dev"] <= 1.0 and r["train_loss_by_epoch"][-1] == r["train_loss_by_epoch"][-1]  # finite, not NaN
+        assert -1.0 <= r["dev"] <= 1.0 and all(map(math.isfinite, r["train_loss_by_epoch"]))  # no NaN, no inf
         assert r["pct_updated"] > 0
     p = result["params"]
     heads = sum(p["heads"].values())

@@ -1,6 +1,7 @@
 """`adaptune run fewshot` and `adaptune tapt` end to end on tiny random bases and a tiny SST-like data folder:
 every mode, the recipes, TAPT components loading into the fine-tuning run, determinism and clear errors."""
 import json
+import math
 
 import pytest
 import torch
@@ -73,7 +74,13 @@ def test_zero_shot_is_the_prompts_accuracy(data, tmp_path):
 @pytest.mark.parametrize("model, mode", [("bert-tiny", "head"), ("tiny-bert-mlm", "prompt"), ("tiny-llama", "prompt")])
 def test_every_kind_of_base(data, tmp_path, model, mode):
     result = run(config(data, tmp_path, model=model, mode=mode, seeds=("0",)))
-    assert 0.0 <= result["seeds"][0]["test"] <= 1.0 and result["seeds"][0]["trainable"] > 0
+    r, n = result["seeds"][0], result["data"]["test"]
+    assert n == 16 and r["train"] == r["dev"] == 6 and r["trainable"] > 0  # the dev file less its 4 neutral rows
+    for acc, size in [(r["test"], n), *((row["dev"], r["dev"]) for row in r["history"] if "dev" in row)]:
+        assert 0.0 <= acc <= 1.0 and acc * size == pytest.approx(round(acc * size), abs=1e-9), (acc, size)  # k of n
+    assert [row["step"] for row in r["history"]] == [1, 2, 3, 4] and all(math.isfinite(row["loss"]) for row in r["history"])
+    assert r["best_dev"] == max(row["dev"] for row in r["history"] if "dev" in row)
+    assert result["summary"]["test"] == {"mean": r["test"], "std": 0.0, "n": 1, "values": [r["test"]]}
 
 
 def test_the_best_dev_step_is_selected(data, tmp_path):
@@ -101,7 +108,7 @@ def test_tapt_components_load_into_the_fine_tuning_run(data, tmp_path):
 def test_masked_tapt_trains_the_mlm_loss(data, tmp_path):
     info = tapt(TaptConfig(out=str(tmp_path / "mlm"), model="tiny-bert-mlm", data_dir=data, steps=2, batch_size=4,
                            max_length=16))
-    assert info["kind"] == "masked" and all(v == v and v > 0 for v in info["losses"])
+    assert info["kind"] == "masked" and all(math.isfinite(v) and v > 0 for v in info["losses"])
 
 
 def test_predict_batches_by_length_but_keeps_the_order(data):

@@ -129,8 +129,9 @@ def test_bitfit_trains_only_bias_shifts_merges_and_round_trips(arch, ids, tmp_pa
     assert len(deltas) == 2 * 4 and all(p.shape == (32,) for n, p in a.named_parameters() if n in deltas)
     model.train()
     model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
-    grads = [n for n, p in model.named_parameters() if p.grad is not None]
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert all(n.startswith("adaptune.") for n in grads) and sum(n.endswith("delta") for n in grads) == len(deltas)
+    assert all(g.abs().sum() > 0 and torch.isfinite(g).all() for n, g in grads.items() if n.endswith("delta"))
     model.eval()
     perturb(a)
     out = logits(model, ids)
