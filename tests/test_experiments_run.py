@@ -7,6 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from adaptune.errors import ConfigError
+from adaptune.experiments.data import load_dataset
+from adaptune.experiments.datasets import get_dataset
 from adaptune.experiments.methods import Method, depth, param_groups
 from adaptune.experiments.multitask import ExperimentConfig, load_run, predict_run, run, schedule
 from adaptune.experiments.report import load_results, markdown_table
@@ -84,6 +86,15 @@ def test_every_method_trains_evaluates_and_saves(tiny_model_dir, tiny_data, tmp_
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["dev_average"] == pytest.approx(result["dev_average"]) and saved["files"] == result["files"]
     assert all((run_dir / f).is_file() for f in result["files"].values())
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    for t, r in result["tasks"].items():  # the dev metric is the saved predictions' against the dev labels
+        gold = [e.label for e in load_dataset(get_dataset(t), tiny_data, seed=0, train_limit=4, dev_limit=8).dev]
+        assert len(preds[t]) == len(gold) > 2
+        if r["metric"] == "accuracy":
+            assert r["dev"] == pytest.approx(sum(p == y for p, y in zip(preds[t], gold)) / len(gold)), t
+        else:
+            pearson = torch.corrcoef(torch.tensor([preds[t], gold], dtype=torch.float64))[0, 1].item()
+            assert r["metric"] == "pearson" and r["dev"] == pytest.approx(pearson, abs=1e-6), t
 
 
 def test_peft_trains_only_components_and_heads(tiny_model_dir, tiny_data, tmp_path):
