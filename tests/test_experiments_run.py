@@ -57,6 +57,20 @@ def config(model_dir, data_dir, out, method="lora", **kw):
     return ExperimentConfig(m, **{**base, **kw})
 
 
+def assert_dev_metrics_are_the_predictions(result, run_dir, data_dir):
+    """Each task's dev metric is its saved predictions scored against the labels of the run's dev subset (config's
+    limits), recomputed here: accuracy as the share of exact matches, Pearson's r by torch."""
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    for t, r in result["tasks"].items():
+        gold = [e.label for e in load_dataset(get_dataset(t), data_dir, seed=0, train_limit=4, dev_limit=8).dev]
+        assert len(preds[t]) == len(gold) > 2
+        if r["metric"] == "accuracy":
+            assert r["dev"] == pytest.approx(sum(p == y for p, y in zip(preds[t], gold)) / len(gold)), t
+        else:
+            pearson = torch.corrcoef(torch.tensor([preds[t], gold], dtype=torch.float64))[0, 1].item()
+            assert r["metric"] == "pearson" and r["dev"] == pytest.approx(pearson, abs=1e-6), t
+
+
 METHODS = [("head-only", {}), ("full", {}), ("lora", {}), ("dora", {}), ("adapter", {}), ("lora+adapter", {}),
            ("hyper", {}), ("prefix", {}), ("prompt", {}), ("lora", {"per_task": True}),
            ("stack", {"stack": "attn=LoRA(2)|Prefix(3); ffn=Adapter(4)"})]
@@ -86,15 +100,7 @@ def test_every_method_trains_evaluates_and_saves(tiny_model_dir, tiny_data, tmp_
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["dev_average"] == pytest.approx(result["dev_average"]) and saved["files"] == result["files"]
     assert all((run_dir / f).is_file() for f in result["files"].values())
-    preds = json.loads((run_dir / "predictions.json").read_text())
-    for t, r in result["tasks"].items():  # the dev metric is the saved predictions' against the dev labels
-        gold = [e.label for e in load_dataset(get_dataset(t), tiny_data, seed=0, train_limit=4, dev_limit=8).dev]
-        assert len(preds[t]) == len(gold) > 2
-        if r["metric"] == "accuracy":
-            assert r["dev"] == pytest.approx(sum(p == y for p, y in zip(preds[t], gold)) / len(gold)), t
-        else:
-            pearson = torch.corrcoef(torch.tensor([preds[t], gold], dtype=torch.float64))[0, 1].item()
-            assert r["metric"] == "pearson" and r["dev"] == pytest.approx(pearson, abs=1e-6), t
+    assert_dev_metrics_are_the_predictions(result, run_dir, tiny_data)
 
 
 def test_peft_trains_only_components_and_heads(tiny_model_dir, tiny_data, tmp_path):
