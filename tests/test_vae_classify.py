@@ -60,7 +60,7 @@ def test_a_trial_trains_and_then_puts_every_weight_back():
     data = _toy()
     tuner = Tuner(vae, Collate(tok), finetune=True, min_steps=3, max_steps=3)
     acc = tuner.run(*data.train, data.test, seed=0)
-    assert 0 <= acc <= 1
+    assert 0 <= acc <= 1 and acc * 20 == pytest.approx(round(acc * 20), abs=1e-5)  # k right of the 20 test texts
     assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
     assert flags == [p.requires_grad for p in vae.base.parameters()]
 
@@ -70,7 +70,11 @@ def test_classify_reports_every_method_budget_and_seed():
     result = classify(vae, tok, _toy(), methods=["feature", "pe"], sizes=[4, 8], seeds=2)
     assert result["sizes"] == [4, 8] and set(result["results"]) == {"feature", "pe"}
     for by_n in result["results"].values():
-        assert set(by_n) == {"4", "8"} and all(len(r["acc"]) == 2 and 0 <= r["mean"] <= 1 for r in by_n.values())
+        assert set(by_n) == {"4", "8"}
+        for r in by_n.values():  # two seeds, each k right of the 20 test texts; mean and population std of them
+            assert len(r["acc"]) == 2 and all(a * 20 == pytest.approx(round(a * 20), abs=1e-5) for a in r["acc"])
+            assert r["mean"] == pytest.approx(sum(r["acc"]) / 2, abs=1e-6) and r["std"] == pytest.approx(
+                abs(r["acc"][0] - r["acc"][1]) / 2, abs=1e-6)  # float32 values
     with pytest.raises(ConfigError, match="known: feature, pe, finetune, minilm"):
         classify(vae, tok, _toy(), methods=["knn"])
     with pytest.raises(ConfigError, match="≥ 2"):
