@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check: every phase in one call, each writing its results under OUTDIR as it ends.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR              # on a GPU machine (H100/H200): at most 8 minutes
+#   bash benchmarks/gpu_check.sh OUTDIR              # on a GPU machine (H100/H200): budgets of 480 s in all
 #   bash benchmarks/gpu_check.sh --rehearse OUTDIR   # the same phases on the CPU, tiny shapes: under 3 minutes
 #                                                    # (the tests' LoRA cases only; budgets x3 for 2 CPU cores)
 #
