@@ -314,7 +314,7 @@ class Adaptation(nn.Module):
         if latent.shape[0] < 1:
             raise ConfigError("condition() got a latent with no rows; give one row per sample")
         previous, current = self._condition, Condition(latent)
-        with checked(self.model, current):  # as route(): each forward's batch checked, generate() may repeat
+        with checked(self.model, current, "condition()"):  # as route(): each batch checked, generate() repeats
             self._condition = current
             try:
                 yield self

@@ -29,6 +29,5 @@ class Condition:
                           f"and returned sequences)")
 
     def check(self, n: int, where: str = "condition()") -> None:
-        """ConfigError unless a batch of n samples matches the latent (route.checked's hook names the model
-        as 'route() on <Model>')."""
-        self.factor(n, where.replace("route()", "condition()", 1))
+        """ConfigError unless a batch of n samples matches the latent."""
+        self.factor(n, where)

@@ -145,14 +145,15 @@ BATCH = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embe
 
 
 @contextmanager
-def checked(model: nn.Module, route: Route) -> Iterator[None]:
-    """While the block runs: every forward of `model` checks its batch size against the route (a route with
-    one group included, which no hook reads), and `model.generate` lets its batches repeat each sample."""
+def checked(model: nn.Module, route: Any, what: str = "route()") -> Iterator[None]:
+    """While the block runs: every forward of `model` checks its batch size against `route` (a Route, or
+    anything with its `check(n, where)` and `repeats`: condition()'s latent), a route with one group included,
+    which no hook reads; `model.generate` lets its batches repeat each sample. `what` names the block in errors."""
     def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
         found = [kwargs.get(n) for n in BATCH] + list(args[:1])
         first = next((x for x in found if isinstance(x, Tensor) and x.dim()), None)
         if first is not None:
-            route.check(first.shape[0], f"route() on {type(module).__name__}")
+            route.check(first.shape[0], f"{what} on {type(module).__name__}")
 
     handle = model.register_forward_pre_hook(check, with_kwargs=True, prepend=True)  # before the prompt's
     generate, own = getattr(model, "generate", None), model.__dict__.get("generate")
