@@ -32,13 +32,13 @@ def _tool(argv: list[str]) -> str:
 
 
 def _gpu(device: str) -> dict:
+    """What environment() does not record of the GPU (it has its name and memory)."""
     import torch
     if device != "cuda":
         return {}
     props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "capability": f"sm_{props.major}{props.minor}", "memory_gib": round(
-        props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
-        "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") or "(unset: the visible GPU's)"}
+    return {"capability": f"sm_{props.major}{props.minor}", "multiprocessors": props.multi_processor_count,
+            "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") or "(unset: the visible GPU's)"}
 
 
 def _build_log(path: str | None, device: str, reason: str) -> str:
@@ -58,9 +58,8 @@ def main(argv: list[str]) -> int:
     out, device = Path(argv[0]), argv[1]
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device, os.cpu_count() or 1, "bfloat16" if device == "cuda" else "float32")
-    env["tools"] = {name: _tool(argv) for name, argv in TOOLS.items()}
+    env["tools"] = {name: _tool(command) for name, command in TOOLS.items()}
     env["gpu"] = _gpu(device)
-    env["versions"] = {name: env.get(name) for name in ("torch", "cuda", "transformers", "peft", "python")}
     from adaptune import ops
     start = time.perf_counter()
     builds = ops.builds()
@@ -73,7 +72,7 @@ def main(argv: list[str]) -> int:
     (out / "build.log").write_text(log)
     (out / "environment.json").write_text(json.dumps(env, indent=1, default=str) + "\n")
     gpu = env["gpu"]
-    print(f"{env['device_name']}" + (f" ({gpu['capability']}, {gpu['memory_gib']} GiB)" if gpu else "")
+    print(f"{env['device_name']}" + (f" ({gpu['capability']}, {env['gpu_memory_gb']} GiB)" if gpu else "")
           + f"; torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, peft {env['peft']}")
     print(f"extension for {device}: {'built' if chosen.ok else 'FAILED'} in {seconds} s"
           + (f", targets {', '.join(env['build']['targets'])}" if env["build"]["targets"] else "")

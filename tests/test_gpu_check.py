@@ -42,7 +42,7 @@ def test_the_environment_names_the_versions_and_the_build(rehearsal):
     _, out = rehearsal
     env = json.loads((out / "environment.json").read_text())
     assert env["device"] == "cpu" and env["build"]["cpu"]["ok"] and not env["build"]["cuda"]["ok"]
-    assert all(env["versions"][name] for name in ("torch", "transformers", "peft", "python"))
+    assert all(env[name] for name in ("torch", "transformers", "peft", "python"))
     assert "ninja_required_version" in (out / "build.log").read_text()  # the build's flags and targets
 
 
