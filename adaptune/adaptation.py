@@ -15,6 +15,7 @@ from torch import nn
 
 from .accounting import Counts, count
 from .components.base import Stack
+from .components.contract import Context, SharedContext
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
 from .hooks.condition import Condition
@@ -26,16 +27,6 @@ from .sites import SiteMap
 Spec = dict[str, Stack]  # selector -> stack: what one group composes
 Specs = dict[str | None, Spec]  # group (None = shared, else a task name) -> its spec
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-@dataclass
-class SharedContext:
-    """What a component's shared module may need: where it binds and the adaptation's tasks."""
-    adaptation: "Adaptation"
-    group: str | None
-    points: list[Point]
-    tasks: list[str]
-    sites: SiteMap
 
 
 @dataclass
@@ -100,10 +91,10 @@ class Adaptation(nn.Module):
         target = self.group(group)
         for selector, stack in spec.items():
             for component in stack:
-                points = self.sites.resolve(selector, component.role, repr(component))
+                points = self.sites.resolve(selector, component.kind, repr(component))
                 for point in points:
                     check_unquantized(point, repr(component))
-                ctx = SharedContext(self, group, points, self.task_names, self.sites)
+                ctx = SharedContext(group, points, self.task_names, self.sites, list(target.common.values()))
                 shared = component.shared(ctx)
                 # a component may return a module it already registered in this group, to reuse it
                 if shared is not None and all(m is not shared for m in target.common.values()):
@@ -294,6 +285,11 @@ class Adaptation(nn.Module):
     def latent(self) -> torch.Tensor | None:
         """The per-sample latent (B, d_z) that conditioned components (PSA, AtM) read; None outside condition()."""
         return self._condition.latent if self._condition is not None else None
+
+    @property
+    def context(self) -> Context:
+        """What a forward runs now, as components read it: the running task, a mixed route, the latent."""
+        return Context(self.running_task, self.routing, self.latent)
 
     @property
     def conditioning(self) -> Condition | None:

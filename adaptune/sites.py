@@ -26,7 +26,7 @@ STACKS = ("encoder", "decoder")
 
 _SELECTOR = re.compile(r"^(?:(?P<stack>encoder|decoder)\.)?(?:layers\.(?P<range>[^.]+)\.)?"
                        r"(?P<site>[a-z_]+(?:\.[a-z]+)?)$")
-_ROLE_SITES = {
+_KIND_SITES = {
     PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, cross_attn[.q|k|v|o], embed, or "
                 "a Linear/Conv1D/Embedding module path",
     SUBLAYER: "attn, ffn, cross_attn, or a Linear/Conv1D module path",
@@ -101,18 +101,18 @@ class SiteMap:
         linears = [n for n, m in self.modules.items() if is_linear(m)]
         return linears[0] if linears else "encoder.layer.0.attention.self.query"
 
-    def resolve(self, selector: str, role: str, what: str) -> list[Point]:
-        """Points for `selector` in `role`; `what` names the component in errors."""
+    def resolve(self, selector: str, kind: str, what: str) -> list[Point]:
+        """Points for `selector` in `kind`; `what` names the component in errors."""
         if not isinstance(selector, str) or not selector:
             raise SiteError(f"a selector must be a non-empty string, got {selector!r}; {self.describe()}")
-        if role == MODULE:  # a module trained as a whole: any module path (or pattern)
+        if kind == MODULE:  # a module trained as a whole: any module path (or pattern)
             patterned = "*" in selector or selector.startswith("re:")
             return [self._module_point(p, what) for p in (self._matching(selector) if patterned else [selector])]
         if selector in self.modules and selector not in SITES:
-            return [self._raw(selector, role, what)]
+            return [self._raw(selector, kind, what)]
         match = _SELECTOR.match(selector)
         if (not match or match["site"] not in SITES) and ("*" in selector or selector.startswith("re:")):
-            return [self._raw(path, role, what) for path in self._matching(selector)]
+            return [self._raw(path, kind, what) for path in self._matching(selector)]
         if not match or match["site"] not in SITES:
             raise SiteError(f"unknown site {selector!r}; {self.describe()}")
         site, layers = match["site"], match["range"]
@@ -122,9 +122,9 @@ class SiteMap:
         if site == "embed":
             if layers is not None or match["stack"]:
                 raise SiteError(f"'embed' has no layers or stack; write 'embed', not {selector!r}")
-            if role not in (EMBED, PROJECTION):
-                raise BindError(f"{what} cannot bind to 'embed'; it binds to {_ROLE_SITES[role]}")
-            return [self._embedding(self.model.get_input_embeddings(), "embed", "embed", role, what)]
+            if kind not in (EMBED, PROJECTION):
+                raise BindError(f"{what} cannot bind to 'embed'; it binds to {_KIND_SITES[kind]}")
+            return [self._embedding(self.model.get_input_embeddings(), "embed", "embed", kind, what)]
         stacks = self._stacks(match["stack"], selector)
         if site.startswith("cross_attn"):
             stacks = [s for s in stacks if s.arch.cross is not None]
@@ -133,7 +133,7 @@ class SiteMap:
                 raise SiteError(f"{where} has no cross-attention (only decoders of encoder-decoder models have "
                                 f"it); its sites: attn, ffn and their projections")
         return [p for stack in stacks for i in self._layer_indices(stack, layers, selector)
-                for p in self._layer_points(stack, i, site, role, what)]
+                for p in self._layer_points(stack, i, site, kind, what)]
 
     def _stacks(self, name: str | None, selector: str) -> list[Stack]:
         if name is None:
@@ -166,18 +166,18 @@ class SiteMap:
         _require_linear(module, f"{stack.site('layers')}.{layer}.{path}", what)
         return module
 
-    def _layer_points(self, stack: Stack, i: int, site: str, role: str, what: str) -> list[Point]:
+    def _layer_points(self, stack: Stack, i: int, site: str, kind: str, what: str) -> list[Point]:
         a = stack.arch
         base, _, part = site.partition(".")
         attention = a.cross if base == "cross_attn" else a
         depth = stack.offset + i
-        if role == PROJECTION:
+        if kind == PROJECTION:
             if part:
                 names = [part]
             else:
                 names = ["up", "down"] if base == "ffn" else ["qkv"] if attention.qkv else ["q", "k", "v"]
             return [self._projection(stack, i, base, name, what) for name in names]
-        if role == SUBLAYER and not part:
+        if kind == SUBLAYER and not part:
             inp, out = (a.up, a.down) if base == "ffn" else (attention.q, attention.o)
             if inp is None or out is None:
                 self._no_ffn(stack, what)
@@ -185,10 +185,10 @@ class SiteMap:
             position = {"attn": ATTENTION_SUBLAYER, "ffn": FFN_SUBLAYER, "cross_attn": CROSS_SUBLAYER}[base]
             return [Point(SUBLAYER, stack.key(i, site), stack.site(site), i, out_module, linear_dims(in_module)[0],
                           linear_dims(out_module)[1], in_module=in_module, position=position, depth=depth)]
-        if role == ATTENTION and base != "ffn" and not part:
+        if kind == ATTENTION and base != "ffn" and not part:
             module = stack.layers[i].get_submodule(attention.attention)
             return [self._attention_point(stack.key(i, site), stack.site(site), i, module, depth)]
-        raise BindError(f"{what} cannot bind to {site!r}; it binds to {_ROLE_SITES[role]}")
+        raise BindError(f"{what} cannot bind to {site!r}; it binds to {_KIND_SITES[kind]}")
 
     def _no_ffn(self, stack: Stack, what: str) -> None:
         experts = [type(m).__name__ for m in stack.layers[0].modules() if "expert" in type(m).__name__.lower()]
@@ -260,28 +260,28 @@ class SiteMap:
             raise SiteError(f"{pattern!r} matches no module of this model; e.g. {self.example_path()!r}")
         return paths
 
-    def _raw(self, path: str, role: str, what: str) -> Point:
+    def _raw(self, path: str, kind: str, what: str) -> Point:
         module = self.modules[path]
         key = "module:" + path.replace(".", ":")
-        if role == ATTENTION:
+        if kind == ATTENTION:
             return self._attention_point(key, path, None, module)
-        if role == EMBED or (role == PROJECTION and isinstance(module, nn.Embedding)):
-            return self._embedding(module, key, path, role, what)
-        if role not in (PROJECTION, SUBLAYER):
-            raise BindError(f"{what} cannot bind to module path {path!r}; it binds to {_ROLE_SITES[role]}")
+        if kind == EMBED or (kind == PROJECTION and isinstance(module, nn.Embedding)):
+            return self._embedding(module, key, path, kind, what)
+        if kind not in (PROJECTION, SUBLAYER):
+            raise BindError(f"{what} cannot bind to module path {path!r}; it binds to {_KIND_SITES[kind]}")
         _require_linear(module, path, what)
         inp, out = linear_dims(module)
-        if role == PROJECTION:
+        if kind == PROJECTION:
             return Point(PROJECTION, key, path, None, module, inp, out)
         return Point(SUBLAYER, key, path, None, module, inp, out, in_module=module, position=RAW_SUBLAYER)
 
-    def _embedding(self, module: nn.Module, key: str, site: str, role: str, what: str) -> Point:
+    def _embedding(self, module: nn.Module, key: str, site: str, kind: str, what: str) -> Point:
         """An embedding table: prompt tuning prepends rows of its output (EMBED); a low-rank update of its
         (num_embeddings, dim) table is a PROJECTION point with dim_in the number of rows."""
         if not isinstance(module, nn.Embedding):
             raise BindError(f"{what} cannot bind to {site!r}: it is a {type(module).__name__}, not an "
                             f"nn.Embedding (prompt tuning prepends rows of the input embedding)")
-        if role == PROJECTION:
+        if kind == PROJECTION:
             twins = [n for n, m in self.modules.items() if m is not module and isinstance(m, nn.Embedding)
                      and m.weight is module.weight]
             if twins and key == "embed":  # T5, BART: `shared`, while each stack looks up its own module holding the same table

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from adaptune import BindError, ConfigError, HyperAdapter, attach, load
+from adaptune.components.contract import Context
 from adaptune.components.hyper import HyperNetwork
 from helpers import main_output, out, randomize, tiny_bert, tiny_gpt2
 
@@ -65,11 +66,11 @@ def test_single_row_without_tasks_and_in_a_task_group(ids):
 
 def test_positions_and_layers_give_different_adapters():
     torch.manual_seed(0)
-    net = HyperNetwork(spec(), None, None, n_layers=2)
+    net = HyperNetwork(spec(), None, n_layers=2)
     net.add_width(6)
     randomize(net)
     h = torch.randn(2, 3, 6)  # (B, T, d)
-    ys = [net(h, layer, pos) for layer, pos in [(0, 0), (0, 1), (1, 0), (2, 2)]]
+    ys = [net(h, layer, pos, Context()) for layer, pos in [(0, 0), (0, 1), (1, 0), (2, 2)]]
     for i in range(len(ys)):
         for j in range(i):
             assert not torch.allclose(ys[i], ys[j], atol=1e-5)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..points import SUBLAYER, Point
 from .base import Component, check_choice, check_positive
+from .contract import Context
 
 PLACEMENTS = ("serial", "parallel")
 
@@ -27,7 +28,7 @@ class Adapter(Component):
     placement: str = "serial"
     scale: float = 1.0
 
-    role = SUBLAYER
+    kind = SUBLAYER
 
     def __post_init__(self) -> None:
         check_positive("dim", self.dim)
@@ -40,6 +41,8 @@ class Adapter(Component):
 
 
 class AdapterModule(nn.Module):
+    """One sublayer's bottleneck: a SublayerModule (components/contract.py)."""
+
     def __init__(self, component: Adapter, point: Point) -> None:
         super().__init__()
         d_in = point.dim_in if component.placement == "parallel" else point.dim_out
@@ -50,7 +53,7 @@ class AdapterModule(nn.Module):
         nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
         self.act, self.scale, self.parallel = component.act, component.scale, component.placement == "parallel"
 
-    def forward(self, h: Tensor, x: Tensor | None) -> Tensor:
+    def forward(self, h: Tensor, x: Tensor | None, context: Context | None = None) -> Tensor:
         """h: sublayer output (..., d); x: sublayer input, used by the parallel placement."""
         src = x if self.parallel else h
         return ops.bottleneck(src, h, self.down_weight, self.down_bias, self.up_weight, self.up_bias,

@@ -1,19 +1,22 @@
 """Components and the Stack that composes them with `|`.
 
-A component is plain data (a frozen dataclass of constructor arguments). It names the role it
-plays at a site and builds its modules when bound. `a | b | c` makes a flat, ordered Stack that
+A component is plain data (a frozen dataclass of constructor arguments). It names the kind of point
+it acts on (`kind`) and builds its modules when bound (what their hooks call: contract.py). `a | b | c` makes a flat, ordered Stack that
 serialises to JSON and back.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..points import Point
+
+if TYPE_CHECKING:
+    from .contract import SharedContext
 
 REGISTRY: dict[str, type["Component"]] = {}
 
@@ -22,7 +25,7 @@ REGISTRY: dict[str, type["Component"]] = {}
 class Component:
     """Base of every component. Subclasses are frozen dataclasses."""
 
-    role: ClassVar[str]
+    kind: ClassVar[str]  # the kind of point it binds to (points.KINDS): what its hook is
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -52,12 +55,13 @@ class Component:
             raise ConfigError(f"{name} has no argument(s) {', '.join(unknown)}; its arguments: {', '.join(sorted(fields))}")
         return cls(**data)
 
-    def shared(self, ctx: Any) -> nn.Module | None:
+    def shared(self, ctx: "SharedContext") -> nn.Module | None:
         """A module shared by all sites this component binds to (e.g. a hypernetwork); None if none."""
         return None
 
     def bind(self, point: Point, shared: nn.Module | None) -> nn.Module:
-        """Build the module that acts at one concrete point of the model."""
+        """Build the module that acts at one concrete point of the model: it implements the Protocol of the
+        component's kind in contract.py, which is all its hook calls."""
         raise NotImplementedError
 
 

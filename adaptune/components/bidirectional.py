@@ -13,11 +13,12 @@ from torch import nn
 
 from ..points import ATTENTION, Point, check_attention_point
 from .base import Component
+from .contract import Context
 
 
 @dataclass(frozen=True)
 class Bidirectional(Component):
-    role = ATTENTION
+    kind = ATTENTION
 
     def bind(self, point: Point, shared=None) -> "BidirectionalModule":
         check_attention_point(point, repr(self))
@@ -25,4 +26,8 @@ class Bidirectional(Component):
 
 
 class BidirectionalModule(nn.Module):
-    bidirectional = True  # read by the attention hook
+    """An AttentionModule (components/contract.py) that drops the causal mask and adds no keys."""
+    bidirectional = True
+
+    def kv(self, context: Context) -> None:
+        return None

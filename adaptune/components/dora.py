@@ -36,6 +36,8 @@ class DoRA(LoRA):
 
 
 class DoRAModule(LoRAModule):
+    rescales_rows = True
+
     def __init__(self, component: DoRA, point: Point) -> None:
         super().__init__(component, point)
         weight = linear_weight(point.module).detach()[point.out_rows]  # (out, in)

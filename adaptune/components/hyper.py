@@ -38,6 +38,7 @@ from .. import ops
 from ..errors import BindError
 from ..points import CROSS_SUBLAYER, RAW_SUBLAYER, SUBLAYER, Point
 from .base import Component, check_choice, check_positive
+from .contract import Context
 
 POSITIONS = RAW_SUBLAYER + 1  # ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER (+ CROSS_SUBLAYER where it exists)
 
@@ -62,7 +63,7 @@ class HyperAdapter(Component):
     hidden: int = 128
     act: str = "gelu"
 
-    role = SUBLAYER
+    kind = SUBLAYER
 
     def __post_init__(self) -> None:
         check_positive("dim", self.dim)
@@ -72,14 +73,14 @@ class HyperAdapter(Component):
 
     def shared(self, ctx) -> "HyperNetwork":
         """The group's hypernetwork for this component: built on first use, then reused and widened."""
-        for module in ctx.adaptation.group(ctx.group).common.values():
+        for module in ctx.common:
             if isinstance(module, HyperNetwork) and module.component == self:
                 net = module
                 break
         else:
             tasks = list(ctx.tasks) if ctx.group is None and ctx.tasks else None
             cross = any(s.arch.cross is not None for s in ctx.sites.stacks)
-            net = HyperNetwork(self, ctx.adaptation, tasks, ctx.sites.n_layers, CROSS_SUBLAYER + 1 if cross else POSITIONS)
+            net = HyperNetwork(self, tasks, ctx.sites.n_layers, CROSS_SUBLAYER + 1 if cross else POSITIONS)
         for point in ctx.points:
             net.add_width(point.dim_out)
         return net
@@ -129,11 +130,10 @@ class Generators(nn.Module):
 class HyperNetwork(nn.Module):
     """Embeddings, the projector h_I and one Generators per width; registered once per group."""
 
-    def __init__(self, component: HyperAdapter, adaptation, tasks: list[str] | None, n_layers: int,
+    def __init__(self, component: HyperAdapter, tasks: list[str] | None, n_layers: int,
                  positions: int = POSITIONS) -> None:
         super().__init__()
         t, hidden = component.task_dim, component.hidden
-        object.__setattr__(self, "adaptation", adaptation)  # not a submodule: it owns us
         self.component, self.task_names, self.raw_layer = component, tasks, n_layers
         self.task = nn.Embedding(len(tasks) if tasks else 1, t)  # (T, t)
         self.layer = nn.Embedding(n_layers + 1, t)  # (L + 1, t): last row for raw module paths
@@ -149,11 +149,10 @@ class HyperNetwork(nn.Module):
     def layer_index(self, layer: int | None) -> int:
         return self.raw_layer if layer is None else layer
 
-    def task_row(self) -> int | None:
+    def task_row(self, task: str | None) -> int | None:
         """The task embedding row: the running task's, 0 for a single row, None when no task runs."""
         if self.task_names is None:
             return 0
-        task = self.adaptation.running_task
         return None if task is None else self.task_names.index(task)
 
     def embedding(self, row: int, layer: int, position: int) -> Tensor:
@@ -161,17 +160,17 @@ class HyperNetwork(nn.Module):
         zlp = (self.task.weight[row], self.layer.weight[layer], self.position.weight[position])
         return self.project(torch.cat(zlp))  # (3t,) -> (t,)
 
-    def forward(self, h: Tensor, layer: int, position: int) -> Tensor:
-        """The adapter of (active task, layer, position) applied to h (..., d); inside `adaptation.route()`,
+    def forward(self, h: Tensor, layer: int, position: int, context: Context) -> Tensor:
+        """The adapter of (running task, layer, position) applied to h (..., d); inside a mixed route,
         each sample's task's adapter (the identity for shared-only samples)."""
-        route = getattr(self.adaptation, "routing", None)
+        route = context.route
         if route is not None and self.task_names is not None:
             out = h  # shared-only samples (index -1) keep h; route indices are task_names positions
             for row, rows in route.rows_for(h.shape[0], h.device, "HyperAdapter").items():
                 if row >= 0:
                     out = out.index_copy(0, rows, self._adapter(h.index_select(0, rows), row, layer, position))
             return out
-        row = self.task_row()
+        row = self.task_row(context.task)
         if row is None:
             return h
         return self._adapter(h, row, layer, position)
@@ -185,16 +184,19 @@ class HyperNetwork(nn.Module):
 
 
 class HyperAdapterModule(nn.Module):
-    """One sublayer's adapter: its layer and position ids and a reference to the shared hypernetwork."""
+    """One sublayer's adapter: its layer and position ids and a reference to the shared hypernetwork; a
+    SublayerModule (components/contract.py) with no batched routed form (the network routes per task)."""
+    parallel = False
+    routed = None
 
     def __init__(self, net: HyperNetwork, point: Point) -> None:
         super().__init__()
         object.__setattr__(self, "net", net)  # not a submodule: registered once, in the group's common
         self.layer, self.position, self.width = net.layer_index(point.depth), point.position, point.dim_out
 
-    def forward(self, h: Tensor, x: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, x: Tensor | None = None, context: Context = Context()) -> Tensor:
         """h: sublayer output (..., d); x (the sublayer input) is unused: serial placement."""
-        return self.net(h, self.layer, self.position)
+        return self.net(h, self.layer, self.position, context)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, position={self.position}, width={self.width}"

@@ -17,13 +17,14 @@ from torch import Tensor, nn
 from ..errors import AdaptuneError, ConfigError
 from ..points import ATTENTION, Point, check_attention_point
 from .base import Component, check_positive
+from .contract import Context
 
 
 @dataclass(frozen=True)
 class PSA(Component):
     latent_dim: int = 32
 
-    role = ATTENTION
+    kind = ATTENTION
     separate = True  # k_z and v_z from separate maps
 
     def __post_init__(self) -> None:
@@ -40,7 +41,9 @@ class AtM(PSA):
 
 
 class LatentKV(nn.Module):
-    """One attention layer's projections of the latent to its extra key and value."""
+    """One attention layer's projections of the latent to its extra key and value: an AttentionModule
+    (components/contract.py)."""
+    bidirectional = False
 
     def __init__(self, component: PSA, point: Point) -> None:
         super().__init__()
@@ -49,9 +52,9 @@ class LatentKV(nn.Module):
         self.key = nn.Linear(component.latent_dim, kv_dim, bias=False)  # (H_kv·D, d_z)
         self.value = nn.Linear(component.latent_dim, kv_dim, bias=False) if component.separate else None
 
-    def kv(self, adaptation) -> tuple[Tensor, Tensor]:
-        """(k_z, v_z), each (B, 1, H_kv·D), from the adaptation's latent (B, d_z)."""
-        z = adaptation.latent
+    def kv(self, context: Context) -> tuple[Tensor, Tensor]:
+        """(k_z, v_z), each (B, 1, H_kv·D), from the forward's latent (B, d_z)."""
+        z = context.latent
         name = type(self.component).__name__
         if z is None:
             raise AdaptuneError(f"{name} at {self.where} needs a latent: run the model inside "

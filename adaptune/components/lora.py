@@ -40,7 +40,7 @@ class LoRA(Component):
     rslora: bool = False  # s = alpha / √r instead of alpha / r
     init: str = "default"  # "default" (A Kaiming-uniform, B = 0), "pissa" or "olora"
 
-    role = PROJECTION
+    kind = PROJECTION
 
     def __post_init__(self) -> None:
         check_positive("r", self.r)
@@ -74,7 +74,11 @@ def initial_factors(weight: Tensor, r: int, scale: float, init: str) -> tuple[Te
 
 
 class LoRAModule(nn.Module):
-    """The low-rank factors of one projection (or one slice of a fused projection)."""
+    """The low-rank factors of one projection (or one slice of a fused projection): a LowRankUpdate
+    (components/contract.py)."""
+    bias_only = False
+    rescales_rows = False  # DoRAModule: True
+    detach_norm = True  # DoRAModule's option; a LoRA has no norm
 
     def __init__(self, component: LoRA, point: Point) -> None:
         super().__init__()
@@ -136,8 +140,8 @@ class LoRAModule(nn.Module):
     def routed_linear(modules: list["LoRAModule"], x: Tensor, weight: Tensor, bias: Tensor | None,
                       index: Tensor) -> Tensor:
         """Each sample n through modules[index[n]] (-1: the base alone) in one routed op: LoRA and DoRA
-        modules (DoRA's `magnitude`) each in their own op when a batch mixes them."""
-        dora = torch.tensor([hasattr(m, "magnitude") for m in modules], device=index.device)
+        modules (`rescales_rows`) each in their own op when a batch mixes them."""
+        dora = torch.tensor([m.rescales_rows for m in modules], device=index.device)
         if not dora.any():
             return _routed(modules, x, weight, bias, index, dora=False)
         if dora.all():
@@ -160,7 +164,7 @@ def _routed(modules: list[LoRAModule], x: Tensor, weight: Tensor, bias: Tensor |
     if not dora:
         return ops.lora_routed(x, weight, bias, A, B, scale, index, dropout, training)
     ones = torch.ones(weight.shape[0], device=A.device, dtype=A.dtype)  # LoRA rows: m / n = 1 (never read)
-    magnitude = torch.stack([m.magnitude if hasattr(m, "magnitude") else ones for m in modules])  # (T, out)
+    magnitude = torch.stack([m.magnitude if m.rescales_rows else ones for m in modules])  # (T, out)
     norm = _task_norms(modules, weight, A, B, scale)
     return ops.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
 
@@ -168,8 +172,8 @@ def _routed(modules: list[LoRAModule], x: Tensor, weight: Tensor, bias: Tensor |
 def _task_norms(modules: list[LoRAModule], weight: Tensor, A: Tensor, B: Tensor, scale: Tensor) -> Tensor:
     """Every task's DoRA row norms (T, out) in one stacked ops.dora_norm, which reads W once (the rows of
     LoRA tasks are computed and never read). A task's norm is detached unless its DoRA has detach_norm=False."""
-    wsq = next(m for m in modules if hasattr(m, "magnitude"))._weight_norm_sq(weight)
-    keep = [not getattr(m, "detach_norm", True) for m in modules]
+    wsq = next(m for m in modules if m.rescales_rows)._weight_norm_sq(weight)
+    keep = [not m.detach_norm for m in modules]
     grad = any(keep) and torch.is_grad_enabled()
     if grad:
         mask = torch.tensor(keep, device=A.device).view(-1, 1, 1)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..points import ATTENTION, Point, check_attention_point
 from .base import Component, check_positive
+from .contract import Context
 
 INIT_STD = 0.02  # direct prefixes
 
@@ -30,7 +31,7 @@ class Prefix(Component):
     n: int = 30
     hidden: int | None = None  # None: direct parameters; h: Li & Liang's MLP reparameterisation
 
-    role = ATTENTION
+    kind = ATTENTION
 
     def __post_init__(self) -> None:
         check_positive("n", self.n)
@@ -71,7 +72,9 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixModule(nn.Module):
-    """The prefix of one attention layer: own parameters, or a slice of a shared PrefixEncoder."""
+    """The prefix of one attention layer: own parameters, or a slice of a shared PrefixEncoder; an
+    AttentionModule (components/contract.py)."""
+    bidirectional = False
 
     def __init__(self, component: Prefix, point: Point, shared: PrefixEncoder | None) -> None:
         super().__init__()
@@ -81,7 +84,7 @@ class PrefixModule(nn.Module):
             self.keys = nn.Parameter(torch.randn(component.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
             self.values = nn.Parameter(torch.randn(component.n, self.kv_dim) * INIT_STD)  # (n, H_kv·D)
 
-    def kv(self, adaptation=None) -> tuple[Tensor, Tensor]:
+    def kv(self, context: Context | None = None) -> tuple[Tensor, Tensor]:
         """(keys, values), each (n, H_kv·D), the same for every sample."""
         if self.encoder is not None:
             return self.encoder(self.key, self.kv_dim)

@@ -29,7 +29,7 @@ class PromptTuning(Component):
     init: str = "vocab"
     token_ids: tuple[int, ...] | None = None  # initialise from these ids (overrides init)
 
-    role = EMBED
+    kind = EMBED
 
     def __post_init__(self) -> None:
         check_positive("n", self.n)
@@ -49,7 +49,7 @@ class PromptTuning(Component):
 
 
 class PromptModule(nn.Module):
-    """The soft prompt of one model: (n, d_model)."""
+    """The soft prompt of one model, (n, d_model): a PromptSource (components/contract.py)."""
 
     def __init__(self, component: PromptTuning, point: Point) -> None:
         super().__init__()

@@ -1,26 +1,19 @@
-"""Trainable base parts: a whole module trained as is (Trainable, PEFT's modules_to_save) and BitFit.
+"""Trainable (PEFT's modules_to_save): a whole module of the base trained as is.
 
 Trainable() on a module path ("classifier", "score", "lm_head", any module type) routes that module's
 forward through a trainable copy owned by the adaptation, as PEFT's ModulesToSaveWrapper does: the
 original is never changed, so detach() restores it bit-exact, and every task can have its own copy
 (per-task heads) while the shared set or no task runs the original. The copy's parameters (and
 buffers) are the adaptation's, so save / load carry them. It merges nothing: merge() leaves it running.
-
-BitFit (Ben Zaken et al.) on projection sites ("attn": q, k, v; "ffn"; "attn.o"; Linear paths):
-y = x·Wᵀ + b + δ with δ (out,) starting at zero. The base bias is untouched (detach is bit-exact) and
-a layer without bias gets one. merge() adds δ into the base bias (exactly undone by unmerge); a layer
-without bias has nothing to merge into, and merge() refuses it.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from ..errors import BindError
-from ..points import MODULE, PROJECTION, Point, is_table
+from ..points import MODULE, Point
 from .base import Component
 
 
@@ -28,7 +21,7 @@ from .base import Component
 class Trainable(Component):
     """Train a module of the base model as a whole (a classification head): a copy of it, per group."""
 
-    role = MODULE
+    kind = MODULE
 
     def bind(self, point: Point, shared=None) -> "ModuleCopy":
         return ModuleCopy(point.module)
@@ -61,29 +54,3 @@ class ModuleCopy(nn.Module):
         if isinstance(out, tuple):
             return tuple(cast(o, dtypes[0]) for o in out)
         return cast(out, dtypes[0])
-
-
-@dataclass(frozen=True)
-class BitFit(Component):
-    """Train a bias shift δ (out,) on projections: y = x·Wᵀ + b + δ, δ = 0 at first."""
-
-    role = PROJECTION
-
-    def bind(self, point: Point, shared=None) -> "BiasShift":
-        if is_table(point.module):
-            raise BindError(f"{self!r} cannot bind to {point.site!r}: an embedding table has no bias to shift; "
-                            f"BitFit binds to attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, or a "
-                            f"Linear/Conv1D module path")
-        return BiasShift(point.dim_out)
-
-
-class BiasShift(nn.Module):
-    bias_only = True  # the projection hook adds `delta` to the output rows instead of calling `linear`
-
-    def __init__(self, d_out: int) -> None:
-        super().__init__()
-        self.delta = nn.Parameter(torch.zeros(d_out))  # (out,)
-
-    def merged_bias(self, bias: Tensor) -> Tensor:
-        """b + δ, in float32 at least; used only by merge()."""
-        return bias.float() + self.delta.float()

@@ -165,7 +165,7 @@ class AttentionHook(Hook):
     def bidirectional(self) -> bool:
         """Whether an active component drops the causal mask here (for every sample: inside route(), the
         samples' groups must agree)."""
-        flags = {b.group for b in self.active() if getattr(b.module, "bidirectional", False)}
+        flags = {b.group for b in self.active() if b.module.bidirectional}
         route = self.adaptation.routing
         if route is None or not flags or None in flags:
             return bool(flags)
@@ -179,17 +179,19 @@ class AttentionHook(Hook):
         """The active extra keys and values for `key` (B, H_kv, T_k, D), concatenated in binding order:
         (B, H_kv, P, D) twice, and None, or inside route() the (B, P) columns each sample sees (the shared
         components' first, then its task's, padded to the longest task's); None if there are none."""
-        active = [b for b in self.active() if hasattr(b.module, "kv")]
+        context = self.adaptation.context
+        kvs = {x: kv for x in self.active() if (kv := x.module.kv(context)) is not None}
+        active = list(kvs)
         if not active:
             return None
         b, h, _, d = key.shape
-        route = self.adaptation.routing
+        route = context.route
         shared = [x for x in active if route is None or x.group is None]
-        parts = [self._rows(shared, b)] if shared else []
+        parts = [self._rows(shared, kvs, b)] if shared else []
         valid = None
         tasks = [] if route is None else list(dict.fromkeys(x.group for x in active if x.group is not None))
         if tasks:
-            per_task = {g: self._rows([x for x in active if x.group == g], b) for g in tasks}
+            per_task = {g: self._rows([x for x in active if x.group == g], kvs, b) for g in tasks}
             longest = max(k.shape[1] for k, _ in per_task.values())
             rows = route.rows_for(b, key.device, self.point.where())
             width = per_task[tasks[0]][0].shape[-1]
@@ -212,9 +214,10 @@ class AttentionHook(Hook):
             out.append(x.view(b, -1, h, d).transpose(1, 2))  # (B, H_kv, P, D)
         return out[0], out[1], valid
 
-    def _rows(self, bindings: list, b: int) -> tuple[Tensor, Tensor]:
-        """The bindings' extra keys and values for every sample, concatenated: (B, n, H_kv·D) twice."""
-        pairs = [_batched(x.module.kv(self.adaptation), b, x, self.adaptation.conditioning) for x in bindings]
+    def _rows(self, bindings: list, kvs: dict, b: int) -> tuple[Tensor, Tensor]:
+        """The bindings' extra keys and values (`kvs`: binding -> its module's kv()) for every sample,
+        concatenated: (B, n, H_kv·D) twice."""
+        pairs = [_batched(kvs[x], b, x, self.adaptation.conditioning) for x in bindings]
         return torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
 
 

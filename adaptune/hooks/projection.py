@@ -1,5 +1,5 @@
-"""Routes a Linear / Conv1D through its active low-rank update (LoRA or DoRA), slice by slice, and adds
-the active bias shifts (BitFit: modules with `bias_only`) to their output rows. Embedding tables run
+"""Routes a Linear / Conv1D through its active low-rank update (LoRA or DoRA: a LowRankUpdate), slice by
+slice, and adds the active bias shifts (BitFit: a BiasShift) to their output rows (components/contract.py). Embedding tables run
 through its subclass in lookup.py, which shares the merge below.
 
 The module's `forward` is replaced on the instance (base weights and state-dict keys untouched);
@@ -20,13 +20,13 @@ class ProjectionHook(ForwardHook):
     def add(self, binding: Binding) -> None:
         new = binding.point.out_rows
         for other in self.bindings:
-            if _bias_only(other) != _bias_only(binding):
+            if other.module.bias_only != binding.module.bias_only:
                 continue  # a bias shift and a low-rank update combine
             old = other.point.out_rows
             overlap = old.start < new.stop and new.start < old.stop
             if overlap and (other.group is None or binding.group is None or other.group == binding.group):
                 where = "shared" if binding.group is None else f"task {binding.group!r}"
-                what = "bias shifts on the same bias" if _bias_only(binding) else "low-rank updates on the same weights"
+                what = "bias shifts on the same bias" if binding.module.bias_only else "low-rank updates on the same weights"
                 raise BindError(f"two {what} of {binding.point.where()} in {where}: "
                                 f"{type(other.module).__name__} and {type(binding.module).__name__}; a projection "
                                 f"takes at most one LoRA or DoRA, and one BitFit, among the shared and each task's "
@@ -44,8 +44,8 @@ class ProjectionHook(ForwardHook):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         self._check_not_training_merged()
         active = self.active()
-        shifts = [b for b in active if _bias_only(b)]
-        y = self._low_rank([b for b in active if not _bias_only(b)], x, *args, **kwargs)
+        shifts = [b for b in active if b.module.bias_only]
+        y = self._low_rank([b for b in active if not b.module.bias_only], x, *args, **kwargs)
         if not shifts:
             return y
         route = self.adaptation.routing
@@ -103,10 +103,10 @@ class ProjectionHook(ForwardHook):
     def _target(self, binding: Binding) -> Tensor:
         """What merging `binding` changes: the bias for a bias shift, else the (out, in) weight."""
         module = self.point.module
-        return module.bias if _bias_only(binding) else linear_weight(module)
+        return module.bias if binding.module.bias_only else linear_weight(module)
 
     def _merged(self, binding: Binding, rows: Tensor) -> Tensor:
-        return binding.module.merged_bias(rows) if _bias_only(binding) else binding.module.merged_weight(rows)
+        return binding.module.merged_bias(rows) if binding.module.bias_only else binding.module.merged_weight(rows)
 
     def mergeable(self) -> list[Binding]:
         module = self.point.module
@@ -117,7 +117,7 @@ class ProjectionHook(ForwardHook):
             if weight is None:
                 raise MergeError(f"cannot merge {what}: the layer has no bias to add the shift into (BitFit on a "
                                  f"layer without bias runs unmerged); nothing was merged")
-            param = module.bias if _bias_only(b) else module.weight
+            param = module.bias if b.module.bias_only else module.weight
             tied = [n for n, m in self.adaptation.model.named_modules() if m is not module
                     and any(p is param for p in m.parameters(recurse=False))]
             if tied:
@@ -143,10 +143,6 @@ class ProjectionHook(ForwardHook):
         for b, backup in self._backups.items():
             self._target(b)[b.point.out_rows].copy_(backup)
         self._backups.clear()
-
-
-def _bias_only(binding: Binding) -> bool:
-    return getattr(binding.module, "bias_only", False)
 
 
 def _shift(bindings: list[Binding], d_out: int) -> Tensor:

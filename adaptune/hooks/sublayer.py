@@ -1,4 +1,5 @@
-"""Applies the active adapters to a sublayer's output (before residual and norm).
+"""Applies the active adapters (SublayerModules, components/contract.py) to a sublayer's output (before
+residual and norm).
 
 A forward hook on the output module rewrites its output; parallel adapters also need the sublayer
 input, captured by a pre-hook on the input module for the duration of one forward.
@@ -9,15 +10,16 @@ from typing import Any
 
 from torch import Tensor
 
+from ..components.contract import Context
 from .base import Binding, Hook
-from .route import Route, per_rows
+from .route import per_rows
 
 
 class SublayerHook(Hook):
     def install(self) -> None:
         self._x = None
         self._handles = [self.point.module.register_forward_hook(self._after)]
-        if any(getattr(b.module, "parallel", False) for b in self.bindings):
+        if any(b.module.parallel for b in self.bindings):
             self._handles.append(self.point.in_module.register_forward_pre_hook(self._before))
 
     def remove(self) -> None:
@@ -34,24 +36,25 @@ class SublayerHook(Hook):
         if not active:
             return None
         h = output[0] if isinstance(output, tuple) else output
-        route = self.adaptation.routing
+        context = self.adaptation.context
+        route = context.route
         for run in _runs(active) if route is not None else ([b] for b in active):
             if route is None or run[0].group is None:
-                h = run[0].module(h, x)  # shared: every sample (a hypernetwork reads the route itself)
+                h = run[0].module(h, x, context)  # shared: every sample (a hypernetwork reads the route itself)
             else:
-                h = self._routed(run, h, x, route)
+                h = self._routed(run, h, x, context)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    def _routed(self, run: list[Binding], h: Tensor, x: Tensor | None, route: Route) -> Tensor:
+    def _routed(self, run: list[Binding], h: Tensor, x: Tensor | None, context: Context) -> Tensor:
         """h with each sample through its task's module in `run` (one per task), batched when the modules
         have a routed form of one type, else task by task on the task's rows."""
-        groups, modules, where = [b.group for b in run], [b.module for b in run], self.point.where()
+        groups, modules, where, route = [b.group for b in run], [b.module for b in run], self.point.where(), context.route
         kind = type(modules[0])
-        if hasattr(kind, "routed") and all(type(m) is kind for m in modules):
+        if kind.routed is not None and all(type(m) is kind for m in modules):
             return kind.routed(modules, h, x, route.local(groups, h.shape[0], h.device, where))
         take = lambda t, rows: None if t is None else t.index_select(0, rows)  # noqa: E731
         return per_rows(route, groups, h.shape[0], h.device, where,
-                        lambda i, rows: modules[i](take(h, rows), take(x, rows)), h)
+                        lambda i, rows: modules[i](take(h, rows), take(x, rows), context), h)
 
 
 def _runs(active: list[Binding]) -> list[list[Binding]]:
