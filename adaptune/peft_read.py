@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .components.trainable import Trainable
 from .errors import AdaptuneError, LoadError
 from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .points import Conv1D, is_linear, is_table, linear_dims
-from .saved import check_finite
+from .saved import check_finite, check_state
 
 _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, adapter name stripped
           ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
@@ -50,6 +51,20 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # base untouched:
 _RESIDUAL_INITS = ("pissa", "olora")  # base minus s·B₀·A₀, recomputable from the base: LoRA(init=...)
 
 
+@dataclass
+class Plan:
+    """What import_peft attaches: the spec (module path -> LoRA / DoRA / Trainable) and each path's tensors."""
+    directory: Path
+    spec: dict[str, LoRA | Trainable] = field(default_factory=dict)
+    weights: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # module path -> the PEFT module path it came from
+
+    def add(self, peft_path: str, path: str, component: LoRA | Trainable, tensors: dict[str, Tensor]) -> None:
+        if path in self.origin:
+            raise LoadError(f"PEFT modules {self.origin[path]!r} and {peft_path!r} both match {path!r} of this model")
+        self.origin[path], self.spec[path], self.weights[path] = peft_path, component, tensors
+
+
 def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str | None = None, *,
                 adapter_name: str | None = None, allow_nonfinite: bool = False) -> Adaptation:
     """Attach the LoRA / DoRA adapter that PEFT saved in `directory` to `model`; returns the Adaptation.
@@ -59,37 +74,37 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
     task instead of the shared set. A directory PEFT saved under a named adapter holds
     `<name>/adapter_config.json`: the only such subdirectory is used, or the one `adapter_name` names.
     use_rslora reads as LoRA(rslora=True); init_lora_weights "pissa" / "olora" (saved unconverted, for
-    the residual base PEFT makes at load) as LoRA(init=...), which recomputes that residual from `model`. Tensors holding NaN or inf are refused unless `allow_nonfinite`.
+    the residual base PEFT makes at load) as LoRA(init=...), which recomputes that residual from `model`.
+    Tensors holding NaN or inf are refused unless `allow_nonfinite`.
     Raises LoadError naming the problem; the model is then unchanged.
     """
     if not isinstance(model, nn.Module):
         raise LoadError(f"import_peft needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "adaptune", None), Adaptation):
         raise LoadError("this model already has an adaptation attached; call detach(model) first")
-    directory = find_adapter(Path(directory), adapter_name)
+    return apply(model, plan(model, find_adapter(Path(directory), adapter_name), allow_nonfinite), task_name)
+
+
+def plan(model: nn.Module, directory: Path, allow_nonfinite: bool = False) -> Plan:
+    """Read and check the adapter in `directory` against `model` (files, config, tensor names, module match,
+    shapes), changing nothing."""
     config = read_config(directory)
-    init = config.get("init_lora_weights", True)
-    use_dora = bool(config.get("use_dora", False))
+    init, use_dora = config.get("init_lora_weights", True), bool(config.get("use_dora", False))
     tensors = read_tensors(directory)
     if not allow_nonfinite:
         check_finite(tensors, f"{str(directory / WEIGHTS_NAME)!r}")
     tensors, saved = split_saved(tensors, config.get("modules_to_save") or [])
     tensors, base_copies = split_base_copies(tensors)
     layers = split_keys(tensors, use_dora)
-    modules = {n: m for n, m in model.named_modules() if n}
+    modules, name = {n: m for n, m in model.named_modules() if n}, type(model).__name__
     for peft_path, state in base_copies.items():
-        check_base_copy(peft_path, find_module(peft_path, modules, type(model).__name__), modules, state)
-    kind = DoRA if use_dora else LoRA
-    spec: dict[str, LoRA | Trainable] = {}
-    weights: dict[str, dict[str, Tensor]] = {}
-    origin: dict[str, str] = {}
+        check_base_copy(peft_path, find_module(peft_path, modules, name), modules, state)
+    out = Plan(directory)
     for peft_path, state in saved.items():
-        path = find_module(peft_path, modules, type(model).__name__)
-        if path in origin:
-            raise LoadError(f"PEFT modules {origin[path]!r} and {peft_path!r} both match {path!r} of this model")
-        origin[path] = peft_path
-        check_state(peft_path, path, modules[path], state)
-        spec[path], weights[path] = Trainable(), state
+        path = find_module(peft_path, modules, name)
+        check_state(modules[path].state_dict(), state, f"{WEIGHTS_NAME}: the saved module {peft_path!r}",
+                    f"{path!r} here ({type(modules[path]).__name__})")
+        out.add(peft_path, path, Trainable(), state)
     for peft_path, parts in layers.items():
         table = "embedding_A" in parts
         if table:
@@ -97,10 +112,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
                 raise LoadError(f"{peft_path!r} is a DoRA on an embedding table (lora_embedding_A / B with "
                                 f"use_dora); adaptune's DoRA binds to Linear / Conv1D layers only, LoRA to embeddings")
             parts = {"A": parts["embedding_A"], "B": parts["embedding_B"]}
-        path = match_module(peft_path, modules, type(model).__name__, table)
-        if path in origin:
-            raise LoadError(f"PEFT modules {origin[path]!r} and {peft_path!r} both match {path!r} of this model")
-        origin[path] = peft_path
+        path = match_module(peft_path, modules, name, table)
         r = pattern_value(config.get("rank_pattern"), peft_path, config["r"], "rank_pattern")
         alpha = pattern_value(config.get("alpha_pattern"), peft_path, config["lora_alpha"], "alpha_pattern")
         check_shapes(peft_path, path, modules[path], parts, r)
@@ -109,21 +121,27 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, task_name: str |
                             f"weight there, which adaptune's OLoRA does not reproduce; convert the adapter to "
                             f"plain LoRA in PEFT (path_initial_model_for_weight_conversion)")
         try:  # on an embedding PEFT applies no dropout and no PiSSA / OLoRA init
-            spec[path] = kind(r=r, alpha=alpha, dropout=0.0 if table else config.get("lora_dropout") or 0.0,
-                              rslora=bool(config.get("use_rslora", False)),
-                              init=init if init in _RESIDUAL_INITS and not table else "default")
+            component = (DoRA if use_dora else LoRA)(
+                r=r, alpha=alpha, dropout=0.0 if table else config.get("lora_dropout") or 0.0,
+                rslora=bool(config.get("use_rslora", False)),
+                init=init if init in _RESIDUAL_INITS and not table else "default")
         except AdaptuneError as e:
             raise LoadError(f"{CONFIG_NAME} for {peft_path!r}: {e}") from e
-        weights[path] = parts
+        out.add(peft_path, path, component, parts)
+    return out
+
+
+def apply(model: nn.Module, plan: Plan, task_name: str | None = None) -> Adaptation:
+    """Attach `plan`'s components (shared, or in task `task_name`) and copy its tensors in; all or nothing."""
     try:
-        adaptation = attach(model, spec) if task_name is None else attach(model, tasks={task_name: spec})
+        adaptation = attach(model, plan.spec) if task_name is None else attach(model, tasks={task_name: plan.spec})
     except AdaptuneError as e:
-        raise LoadError(f"cannot attach the adapter in {str(directory)!r}: {e}") from e
+        raise LoadError(f"cannot attach the adapter in {str(plan.directory)!r}: {e}") from e
     try:
         bound = {b.point.site: b.module for b in adaptation.bindings()}
         with torch.no_grad():
-            for path, parts in weights.items():
-                if isinstance(spec[path], Trainable):
+            for path, parts in plan.weights.items():
+                if isinstance(plan.spec[path], Trainable):
                     bound[path].module.load_state_dict(parts, strict=True)
                     continue
                 for part, tensor in parts.items():
@@ -207,6 +225,7 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def read_tensors(directory: Path) -> dict[str, Tensor]:
+    """The adapter's tensors by PEFT's names without its "base_model.model." prefix."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         hint = (" (found adapter_model.bin: re-save with save_pretrained(..., safe_serialization=True))"
@@ -214,9 +233,10 @@ def read_tensors(directory: Path) -> dict[str, Tensor]:
         raise LoadError(f"{str(directory)!r} has no {WEIGHTS_NAME}{hint}")
     from safetensors.torch import load_file
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise LoadError(f"cannot read {str(path)!r}: {e}") from e
+    return {k.removeprefix(PREFIX): t for k, t in tensors.items()}  # PEFT's module paths (PREFIX once, here)
 
 
 def split_saved(tensors: dict[str, Tensor], names: list[str]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
@@ -224,42 +244,27 @@ def split_saved(tensors: dict[str, Tensor], names: list[str]) -> tuple[dict[str,
     outermost module whose path is a configured name or ends with "." + one (PEFT's match)."""
     rest: dict[str, Tensor] = {}
     saved: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for name, tensor in tensors.items():
         parts = name.split(".")
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
         owner = next((p for p in prefixes if any(p == n or p.endswith("." + n) for n in names)), None)
         if owner is None or name.endswith(tuple(_PARTS)):
-            rest[key] = tensor
+            rest[name] = tensor
         else:
             saved.setdefault(owner, {})[name[len(owner) + 1:]] = tensor
     return rest, saved
 
 
-def check_state(peft_path: str, path: str, module: nn.Module, state: dict[str, Tensor]) -> None:
-    """The saved state of a module to save has exactly the names and shapes of `module`'s state dict."""
-    own = module.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise LoadError(f"{WEIGHTS_NAME}: the saved module {peft_path!r} does not match {path!r} here "
-                        f"({type(module).__name__}): missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise LoadError(f"{PREFIX}{peft_path}.{name} has shape {tuple(tensor.shape)}, but {path!r} here "
-                            f"needs {tuple(own[name].shape)}")
-
-
 def split_keys(tensors: dict[str, Tensor], use_dora: bool) -> dict[str, dict[str, Tensor]]:
     """PEFT module path -> {"A": (r, in), "B": (out, r), "magnitude": (out,) for DoRA}."""
     found: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for name, tensor in tensors.items():
         for suffix, part in _PARTS.items():
             if name.endswith(suffix):
                 found.setdefault(name[:-len(suffix)], {})[part] = tensor
                 break
         else:
-            raise LoadError(f"unsupported tensor {key!r} in {WEIGHTS_NAME}: only lora_A / lora_B weights and "
+            raise LoadError(f"unsupported tensor {PREFIX + name!r} in {WEIGHTS_NAME}: only lora_A / lora_B weights and "
                             f"DoRA's lora_magnitude_vector of Linear and Conv1D layers, and lora_embedding_A / "
                             f"lora_embedding_B of embeddings import (no LoRA biases; a module's own tensors import "
                             f"when modules_to_save names it)")
@@ -295,13 +300,12 @@ def split_base_copies(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], di
     """(the rest, PEFT module path -> {name: tensor}) for the `<path>.base_layer.<name>` keys."""
     rest: dict[str, Tensor] = {}
     copies: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for name, tensor in tensors.items():
         if _BASE_COPY in name:
             path, param = name.rsplit(_BASE_COPY, 1)
             copies.setdefault(path, {})[param] = tensor
         else:
-            rest[key] = tensor
+            rest[name] = tensor
     return rest, copies
 
 

@@ -16,7 +16,7 @@ from .adaptation import Adaptation, adaptation_of
 from .attach import attach
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
-from .saved import check_finite, fingerprint, read
+from .saved import check_finite, check_state, fingerprint, read
 
 
 def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
@@ -54,15 +54,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, active: str | None = None
 
 
 def _load_tensors(adaptation: Adaptation, tensors: dict[str, Any], path: Any) -> None:
-    own = adaptation.state_dict()
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise LoadError(f"{str(path)!r} does not match the rebuilt components: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    wrong = [f"{k}: saved {tuple(t.shape)}, model needs {tuple(own[k].shape)}"
-             for k, t in tensors.items() if t.shape != own[k].shape]
-    if wrong:
-        raise LoadError(f"{str(path)!r} was saved from a model of other shape: " + "; ".join(wrong[:3]))
+    check_state(adaptation.state_dict(), tensors, repr(str(path)), "the rebuilt components")
     adaptation.load_state_dict(tensors, strict=True)
 
 
