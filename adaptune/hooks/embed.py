@@ -59,6 +59,21 @@ def _left(x: Tensor, p: int, value: int) -> Tensor:
     return torch.cat([x.new_full((*x.shape[:-1], p), value), x], dim=-1)
 
 
+def _check_mask(mask: Tensor | None) -> None:
+    if mask is not None and mask.dim() != 2:
+        raise AdaptuneError(f"PromptTuning needs a 2-D attention_mask (batch, tokens) or None; got shape "
+                            f"{tuple(mask.shape)} (pre-built 4-D masks and static caches are not supported)")
+
+
+def _pad_types_and_labels(kw: dict[str, Any], p: int, b: int, t: int) -> None:
+    """token_type_ids get p zeros on the left, 2-D token labels (b, t) p × -100 (the prompt is never a target)."""
+    if kw.get("token_type_ids") is not None:
+        kw["token_type_ids"] = _left(kw["token_type_ids"], p, 0)
+    labels = kw.get("labels")
+    if isinstance(labels, Tensor) and labels.dim() == 2 and tuple(labels.shape) == (b, t):
+        kw["labels"] = _left(labels, p, -100)
+
+
 def _learned_positions(model: nn.Module) -> int | None:
     """How many positions a model with learned absolute position embeddings has (GPT-2's wpe, BERT's
     position_embeddings); None for models without a table (rotary), which index nothing."""
@@ -136,15 +151,21 @@ class PromptHook(Hook):
         kw = self._kwargs(model, args, kwargs)
         if not kw:
             return None
+        _check_mask(kw.get("attention_mask"))
         layout = self._layout(active)
         if layout is not None:
-            return self._routed(model, kw, layout)
-        prompt = torch.cat([b.module() for b in active], dim=0)  # (P, d)
-        p = prompt.shape[0]
-        mask = kw.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise AdaptuneError(f"PromptTuning needs a 2-D attention_mask (batch, tokens) or None; got shape "
-                                f"{tuple(mask.shape)} (pre-built 4-D masks and static caches are not supported)")
+            return self._routed(kw, layout)
+        return self._same(kw, torch.cat([b.module() for b in active], dim=0))
+
+    def _embeds(self, kw: dict[str, Any]) -> Tensor | None:
+        """The input embeddings (B, T, d): given, or looked up from input_ids; None when neither is given."""
+        if kw.get("inputs_embeds") is not None:
+            return kw["inputs_embeds"]
+        return None if kw.get("input_ids") is None else self.point.module(kw["input_ids"])
+
+    def _same(self, kw: dict[str, Any], prompt: Tensor) -> tuple[tuple, dict] | None:
+        """Every sample gets `prompt` (P, d)."""
+        p, mask = prompt.shape[0], kw.get("attention_mask")
         cached = _cache_length(kw)
         tokens = next((kw[n].shape[1] for n in ("input_ids", "inputs_embeds") if kw.get(n) is not None), 0)
         if self._positions is not None and cached + (0 if cached else p) + tokens > self._positions:
@@ -159,38 +180,29 @@ class PromptHook(Hook):
                 if kw.get(name) is not None:
                     kw[name] = kw[name] + p
             return (), kw
-        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        embeds = self._embeds(kw)
         if embeds is None:
-            if ids is None:
-                return None
-            embeds = self.point.module(ids)  # (B, T, d)
+            return None
         b, t = embeds.shape[:2]
         kw["input_ids"] = None
         front = prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, P, d)
         kw["inputs_embeds"] = torch.cat([front, embeds], dim=1)  # (B, P + T, d)
         if mask is not None and mask.shape[-1] == t:  # the model's hook may have widened it (encoder-decoder)
             kw["attention_mask"] = _left(mask, p, 1)
-        if kw.get("token_type_ids") is not None:
-            kw["token_type_ids"] = _left(kw["token_type_ids"], p, 0)
         for name in POSITIONS:
             if (pos := kw.get(name)) is not None:
                 first = torch.arange(p, dtype=pos.dtype, device=pos.device).expand(*pos.shape[:-1], p)
                 kw[name] = torch.cat([first, pos + p], dim=-1)  # (..., P + T)
-        labels = kw.get("labels")
-        if isinstance(labels, Tensor) and labels.dim() == 2 and tuple(labels.shape) == (b, t):
-            kw["labels"] = _left(labels, p, -100)
+        _pad_types_and_labels(kw, p, b, t)
         return (), kw
 
-    def _routed(self, model: nn.Module, kw: dict[str, Any], layout: tuple[list, list[Tensor]]) -> tuple[tuple, dict]:
+    def _routed(self, kw: dict[str, Any], layout: tuple[list, list[Tensor]]) -> tuple[tuple, dict]:
         """Prompts of different lengths per sample: each sample sees [padding, its prompt, its tokens], the
         padding masked out (P = the longest prompt columns in front of every sample), its prompt at positions
         0..P_g-1 and its tokens after them, as if it ran alone."""
         groups, prompts = layout
         p = max(x.shape[0] for x in prompts)
         mask = kw.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise AdaptuneError(f"PromptTuning needs a 2-D attention_mask (batch, tokens) or None; got shape "
-                                f"{tuple(mask.shape)}")
         cached = _cache_length(kw)
         source = next((kw[n] for n in ("input_ids", "inputs_embeds") if kw.get(n) is not None), None)
         if source is None:
@@ -225,23 +237,17 @@ class PromptHook(Hook):
             if cache_pos is None:
                 kw.pop("cache_position")
             return (), kw
-        embeds = kw.get("inputs_embeds")
-        if embeds is None:
-            embeds = self.point.module(kw["input_ids"])  # (B, T, d)
+        embeds = self._embeds(kw)  # (B, T, d)
         table = torch.stack([torch.nn.functional.pad(x, (0, 0, p - x.shape[0], 0)) for x in prompts])  # (G, P, d)
         index = self.adaptation.routing.local(groups, b, device, "PromptTuning")
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([table[index].to(embeds.dtype), embeds], dim=1)  # (B, P + T, d)
-        if kw.get("token_type_ids") is not None:
-            kw["token_type_ids"] = _left(kw["token_type_ids"], p, 0)
         if pos is not None:
             prompt_pos = (torch.arange(p, device=device)[None, :] - (p - lengths)[:, None]).clamp_min(0)
             kw["position_ids"] = torch.cat([prompt_pos.to(pos.dtype).expand(*pos.shape[:-1], p), pos], dim=-1)
         if cache_pos is not None:
             kw["cache_position"] = torch.cat([torch.arange(p, dtype=cache_pos.dtype, device=device), cache_pos])
-        labels = kw.get("labels")
-        if isinstance(labels, Tensor) and labels.dim() == 2 and tuple(labels.shape) == (b, t):
-            kw["labels"] = _left(labels, p, -100)
+        _pad_types_and_labels(kw, p, b, t)
         return (), kw
 
     def _cross_mask(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
