@@ -33,6 +33,12 @@ def tiny_llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int 
     return LlamaForCausalLM(cfg).eval()
 
 
+def bound(adaptation, site: str, layer: int | None = None, group: str | None = None) -> list[torch.nn.Module]:
+    """The component modules of `group` (None: the shared set) bound at `site` ("attn.q", "ffn", "embed", a
+    module path: as the point names it) in `layer` (None: embeddings and module paths), in binding order."""
+    return [b.module for b in adaptation.bindings([group]) if b.point.site == site and b.point.layer == layer]
+
+
 def with_cache(model, cache) -> dict:
     """`cache` as the keyword model.forward takes it by: `cache` in newer transformers, else `past_key_values`."""
     params = inspect.signature(model.forward).parameters

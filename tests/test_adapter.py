@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptune import Adapter, attach
-from helpers import assert_grads_on_components_only, main_output, out, randomize, tiny_bert, tiny_gpt2
+from helpers import assert_grads_on_components_only, bound, main_output, out, randomize, tiny_bert, tiny_gpt2
 
 
 def bottleneck(adapter, src, act=F.relu):
@@ -33,7 +33,7 @@ def test_serial_adapter_rewrites_the_sublayer_output():
     h = dense(x)
     adaptation = attach(model, {"layers.0.ffn": Adapter(8, act="tanh", scale=0.5)})
     randomize(adaptation)
-    (adapter,) = adaptation.shared.points["layers:0:ffn"]
+    (adapter,) = bound(adaptation, "ffn", 0)
     torch.testing.assert_close(dense(x), h + bottleneck(adapter, h, torch.tanh))
 
 
@@ -44,7 +44,7 @@ def test_parallel_adapter_reads_the_sublayer_input():
     base = mlp(x)
     adaptation = attach(model, {"layers.1.ffn": Adapter(8, placement="parallel")})
     randomize(adaptation)
-    (adapter,) = adaptation.shared.points["layers:1:ffn"]
+    (adapter,) = bound(adaptation, "ffn", 1)
     torch.testing.assert_close(mlp(x), base + bottleneck(adapter, x))
 
 
@@ -56,7 +56,7 @@ def test_parallel_adapter_on_a_raw_linear_maps_its_input_to_its_output_width():
     h = dense(x)
     adaptation = attach(model, {path: Adapter(4, placement="parallel", act="gelu")})
     randomize(adaptation)
-    (adapter,) = adaptation.shared.points["module:encoder:layer:1:intermediate:dense"]
+    (adapter,) = bound(adaptation, "encoder.layer.1.intermediate.dense")
     assert adapter.down_weight.shape == (4, 32) and adapter.up_weight.shape == (64, 4)
     torch.testing.assert_close(dense(x), h + bottleneck(adapter, x, F.gelu))
 
@@ -67,7 +67,7 @@ def test_stacked_adapters_apply_in_stack_order():
     x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
     adaptation = attach(model, {"layers.0.attn": Adapter(8) | Adapter(4, act="silu")})
     randomize(adaptation)
-    first, second = adaptation.shared.points["layers:0:attn"]
+    first, second = bound(adaptation, "attn", 0)
     h = x @ c_proj.weight + c_proj.bias
     h1 = h + bottleneck(first, h)
     torch.testing.assert_close(c_proj(x), h1 + bottleneck(second, h1, F.silu))

@@ -13,7 +13,7 @@ from adaptune import (PSA, Adapter, AdaptuneError, BindError, BitFit, ConfigErro
                       MergeError, Prefix, PromptTuning, SiteError, TaskError, Trainable, WriteError, attach, detach,
                       export_peft, import_peft, load, parse_spec)
 from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME
-from helpers import VOCAB, tiny_gpt2, tiny_llama
+from helpers import bound, tiny_gpt2, tiny_llama, VOCAB
 
 NAN, INF = math.nan, math.inf
 
@@ -304,7 +304,7 @@ def test_an_adaptation_inside_a_sequential_leaves_its_forward_working():
     adaptation = attach(model, {"0": LoRA(2)})
     torch.testing.assert_close(model(x), before)  # B = 0: the LoRA starts as the identity update
     with torch.no_grad():
-        adaptation.shared.points["module:0"][0].B.fill_(0.1)
+        bound(adaptation, "0")[0].B.fill_(0.1)
     assert not torch.allclose(model(x), before)
     detach(model)
     torch.testing.assert_close(model(x), before)
@@ -320,10 +320,10 @@ def test_components_that_never_read_the_weight_bind_beside_quantized_layers(make
     before = model(input_ids=ids).logits if make is Linear4bit else None
     spec = {"layers.0.attn": Adapter(8) | Prefix(3), "layers.0.ffn": Adapter(8, placement="parallel")}
     adaptation = attach(model, spec)
-    bound = [m for modules in adaptation.shared.points.values() for m in modules]
-    assert bound and all(p.dtype == torch.float32 for m in bound for p in m.parameters())
-    assert adaptation.shared.points["layers:0:attn"][0].up_weight.shape == (32, 8)
-    assert adaptation.shared.points["layers:0:ffn"][0].down_weight.shape == (8, 32)
+    modules = [b.module for b in adaptation.bindings()]
+    assert modules and all(p.dtype == torch.float32 for m in modules for p in m.parameters())
+    assert bound(adaptation, "attn", 0)[0].up_weight.shape == (32, 8)
+    assert bound(adaptation, "ffn", 0)[0].down_weight.shape == (8, 32)
     if make is Linear4bit:  # the stand-in computes (its packed twin has no forward of its own)
         model(input_ids=ids).logits.sum().backward()
         with adaptation.disabled():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adaptune import DoRA, attach
-from helpers import assert_grads_on_components_only, main_output, out, randomize, tiny_bert, tiny_gpt2
+from helpers import assert_grads_on_components_only, bound, main_output, out, randomize, tiny_bert, tiny_gpt2
 
 pytestmark = pytest.mark.on_device  # on $ADAPTUNE_TEST_DEVICE when set (conftest.py)
 
@@ -29,7 +29,7 @@ def test_randomised_dora_changes_outputs(model, ids):
 def test_magnitude_starts_at_the_row_norms_of_the_weight_slice():
     model = tiny_gpt2()
     adaptation = attach(model, {"layers.1.attn.v": DoRA(2)})
-    (dora,) = adaptation.shared.points["layers:1:attn:v"]
+    (dora,) = bound(adaptation, "attn.v", 1)
     W = model.transformer.h[1].attn.c_attn.weight.T[64:96]  # v rows of the (out, in) weight
     torch.testing.assert_close(dora.magnitude, W.norm(dim=1))
 
@@ -39,7 +39,7 @@ def test_dora_on_a_linear_equals_the_materialised_formula():
     key = model.encoder.layer[0].attention.self.key
     adaptation = attach(model, {"layers.0.attn.k": DoRA(4, alpha=8)})
     randomize(adaptation)
-    (dora,) = adaptation.shared.points["layers:0:attn:k"]
+    (dora,) = bound(adaptation, "attn.k", 0)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(key(x), dora_formula(x, key.weight, key.bias, dora))
 
@@ -49,7 +49,7 @@ def test_dora_on_gpt2_q_equals_the_formula_on_its_slice_only():
     c_attn = model.transformer.h[0].attn.c_attn
     adaptation = attach(model, {"layers.0.attn.q": DoRA(4)})
     randomize(adaptation)
-    (dora,) = adaptation.shared.points["layers:0:attn:q"]
+    (dora,) = bound(adaptation, "attn.q", 0)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
     W, b = c_attn.weight.T, c_attn.bias  # (96, 32), (96,)
     expected = torch.cat([dora_formula(x, W[:32], b[:32], dora), x @ W[32:].T + b[32:]], dim=-1)
@@ -61,7 +61,7 @@ def test_cached_weight_norm_follows_in_place_changes_of_the_base_weight():
     value = model.encoder.layer[1].attention.self.value
     adaptation = attach(model, {"layers.1.attn.v": DoRA(2)})
     randomize(adaptation)
-    (dora,) = adaptation.shared.points["layers:1:attn:v"]
+    (dora,) = bound(adaptation, "attn.v", 1)
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     value(x)  # fills the cache
     with torch.no_grad():

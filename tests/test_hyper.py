@@ -111,8 +111,9 @@ def test_one_shared_network_with_the_documented_parameter_count(n_layer):
     state = {k: v for k, v in model.state_dict().items() if k.startswith("adaptune.")}
     assert sum(v.numel() for v in state.values()) == count  # each parameter saved once
     assert len({v.data_ptr() for v in state.values()}) == len(state)
-    assert all(not list(b.parameters()) for b in a.shared.points.values())  # bound modules are tiny
-    assert len(a.shared.points) == 2 * n_layer + 1
+    bindings = list(a.bindings([None]))
+    assert all(not list(b.module.parameters()) for b in bindings)  # bound modules are tiny
+    assert len(bindings) == 2 * n_layer + 1
 
 
 def test_save_and_load_round_trip(tmp_path, ids):

@@ -1,7 +1,7 @@
 """Latent injection (PSA, AtM): a per-sample latent as extra keys and values of every attention layer."""
 import pytest
 import torch
-from helpers import VOCAB, perturb, tiny_gpt2, tiny_llama
+from helpers import bound, perturb, tiny_gpt2, tiny_llama, VOCAB
 
 from adaptune import PSA, AdaptuneError, AtM, ConfigError, Prefix, attach, detach
 
@@ -40,13 +40,13 @@ def test_psa_equals_a_prefix_holding_its_key_and_value(name):
     z = torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
     ids = ids_batch()
     expected = logits(model, adaptation, z.expand(2, -1), ids)
-    modules = {key: group[0] for key, group in adaptation.shared.points.items()}
+    modules = {b.point.layer: b.module for b in adaptation.bindings()}
     detach(model)
     prefix = attach(model, {"attn": Prefix(1)})
     with torch.no_grad():
-        for key, group in prefix.shared.points.items():
-            group[0].keys.copy_(modules[key].key(z))
-            group[0].values.copy_(modules[key].value(z))
+        for b in prefix.bindings():
+            b.module.keys.copy_(modules[b.point.layer].key(z))
+            b.module.values.copy_(modules[b.point.layer].value(z))
         torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
 
 
@@ -56,7 +56,7 @@ def test_atm_uses_one_map_for_key_and_value_and_counts_parameters():
     layers = model.config.num_hidden_layers
     atm = attach(model, {"attn": AtM(8)})
     assert atm.counts().shared == layers * 8 * kv
-    (module,) = atm.shared.points["layers:0:attn"]
+    (module,) = bound(atm, "attn", 0)
     k, v = module.kv(type("A", (), {"latent": torch.randn(3, 8)})())
     assert k is v and k.shape == (3, 1, kv)
     detach(model)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adaptune import LoRA, attach
-from helpers import assert_grads_on_components_only, main_output, out, randomize, tiny_bert, tiny_gpt2
+from helpers import assert_grads_on_components_only, bound, main_output, out, randomize, tiny_bert, tiny_gpt2
 
 
 def trainable(model):
@@ -33,8 +33,8 @@ def test_lora_on_gpt2_attn_equals_the_manual_computation_on_c_attn_slices():
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
     adaptation = attach(model, {"layers.0.attn": LoRA(4, alpha=2)})
     randomize(adaptation)
-    q, k, v = adaptation.shared.points["layers:0:attn:q"][0], adaptation.shared.points["layers:0:attn:k"][0], \
-        adaptation.shared.points["layers:0:attn:v"][0]
+    q, k, v = bound(adaptation, "attn.q", 0)[0], bound(adaptation, "attn.k", 0)[0], \
+        bound(adaptation, "attn.v", 0)[0]
     low = torch.cat([0.5 * (x @ m.A.T) @ m.B.T for m in (q, k, v)], dim=-1)  # (2, 5, 96)
     torch.testing.assert_close(c_attn(x), x @ c_attn.weight + c_attn.bias + low)
 
@@ -45,14 +45,14 @@ def test_lora_on_a_linear_equals_x_wt_plus_b_plus_scaled_low_rank():
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     adaptation = attach(model, {"layers.1.attn.q": LoRA(4, alpha=12)})
     randomize(adaptation)
-    (lora,) = adaptation.shared.points["layers:1:attn:q"]
+    (lora,) = bound(adaptation, "attn.q", 1)
     expected = x @ query.weight.T + query.bias + 3.0 * (x @ lora.A.T) @ lora.B.T
     torch.testing.assert_close(query(x), expected)
 
 
 def test_lora_factor_shapes_follow_the_projection():
     adaptation = attach(tiny_bert(), {"layers.0.ffn": LoRA(3)})
-    up, down = adaptation.shared.points["layers:0:ffn:up"][0], adaptation.shared.points["layers:0:ffn:down"][0]
+    up, down = bound(adaptation, "ffn.up", 0)[0], bound(adaptation, "ffn.down", 0)[0]
     assert up.A.shape == (3, 32) and up.B.shape == (64, 3)
     assert down.A.shape == (3, 64) and down.B.shape == (32, 3)
     assert torch.count_nonzero(up.B) == 0 and torch.count_nonzero(up.A) > 0
@@ -63,7 +63,7 @@ def test_dropout_is_active_only_in_training_mode():
     query = model.encoder.layer[0].attention.self.query
     adaptation = attach(model, {"layers.0.attn.q": LoRA(4, dropout=0.5)})
     randomize(adaptation)
-    (lora,) = adaptation.shared.points["layers:0:attn:q"]
+    (lora,) = bound(adaptation, "attn.q", 0)
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     plain = x @ query.weight.T + query.bias + (x @ lora.A.T) @ lora.B.T
     assert not model.training and not lora.training  # attach keeps the model's eval mode

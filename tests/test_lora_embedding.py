@@ -2,7 +2,7 @@
 import peft
 import pytest
 import torch
-from helpers import VOCAB, assert_grads_on_components_only, perturb, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import assert_grads_on_components_only, bound, perturb, tiny_bert, tiny_gpt2, tiny_llama, VOCAB
 from safetensors.torch import load_file, save_file
 from test_merge import same_state, snapshot
 from test_peft_format import ATOL, assert_untouched, every_output, load_peft, randomize_peft
@@ -30,7 +30,7 @@ def test_fresh_lora_on_embed_is_the_identity_with_peft_init(name, ids):
     model = BUILDS[name]()
     before = every_output(model, ids)
     a = attach(model, {"embed": LoRA(4, alpha=8)})
-    (m,) = a.shared.points["embed"]
+    (m,) = bound(a, "embed")
     assert m.A.shape == (4, VOCAB) and m.B.shape == (32, 4)  # PEFT's (r, num_embeddings), (dim, r)
     assert m.A.abs().max() == 0 and m.B.abs().min() > 0  # A zeros, B normal
     torch.testing.assert_close(every_output(model, ids), before, atol=0, rtol=0)
@@ -102,7 +102,7 @@ def test_a_scaled_embedding_matches_peft():
     peft_model = peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
     randomize_peft(peft_model)
     model = build()
-    (m,) = attach(model, {"0": LoRA(4, alpha=8)}).shared.points["module:0"]
+    (m,) = bound(attach(model, {"0": LoRA(4, alpha=8)}), "0")
     with torch.no_grad():
         m.A.copy_(peft_model.base_model.model[0].lora_embedding_A["default"])
         m.B.copy_(peft_model.base_model.model[0].lora_embedding_B["default"])
@@ -153,7 +153,7 @@ def test_training_gives_gradients_to_a_and_b_only_and_none_to_the_padding_row():
     base_names = {n for n, _ in model.named_parameters()}
     a = attach(model, {"embed": LoRA(4)})
     model.train()
-    (m,) = a.shared.points["embed"]
+    (m,) = bound(a, "embed")
     with torch.no_grad():
         m.A.normal_()  # so B gets a gradient too
     ids = torch.tensor([[0, 3, 5, 7, 0]])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adaptune import Adapter, DoRA, LoRA, MergeError, attach, detach
-from helpers import out, randomize, tiny_gpt2
+from helpers import bound, out, randomize, tiny_gpt2
 
 
 def snapshot(model):
@@ -62,7 +62,7 @@ def test_merged_gpt2_c_attn_equals_w_plus_scaled_ba_on_each_third():
     randomize(adaptation)
     adaptation.merge()
     for part, name in enumerate("qkv"):
-        (lora,) = adaptation.shared.points[f"layers:0:attn:{name}"]
+        (lora,) = bound(adaptation, f"attn.{name}", 0)
         rows = slice(32 * part, 32 * (part + 1))
         torch.testing.assert_close(c_attn.weight.T[rows], W[rows] + 3.0 * lora.B @ lora.A)
 
@@ -72,7 +72,7 @@ def test_dora_merge_equals_dora_forward():
     c_fc = model.transformer.h[1].mlp.c_fc
     adaptation = attach(model, {"layers.1.ffn.up": DoRA(4, alpha=2)})
     randomize(adaptation)
-    (dora,) = adaptation.shared.points["layers:1:ffn:up"]
+    (dora,) = bound(adaptation, "ffn.up", 1)
     x = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(0))
     forward = c_fc(x)
     adaptation.merge()
@@ -86,7 +86,7 @@ def test_nan_in_b_raises_merge_error_and_leaves_weights_untouched(model):
     adaptation = attach(model, {"attn": LoRA(2), "ffn": LoRA(2)})
     randomize(adaptation)
     base = {k: v for k, v in snapshot(model).items() if not k.startswith("adaptune.")}
-    last = list(adaptation.shared.points.values())[-1][0]  # the last update checked: nothing may merge first
+    last = list(adaptation.bindings())[-1].module  # the last update checked: nothing may merge first
     last.B.data[0, 0] = math.nan
     with pytest.raises(MergeError, match="non-finite") as err:
         adaptation.merge()

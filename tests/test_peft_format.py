@@ -5,7 +5,7 @@ import os
 import peft
 import pytest
 import torch
-from helpers import randomize, tiny_bert, tiny_gpt2
+from helpers import bound, randomize, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 from adaptune import Adapter, AdaptuneError, DoRA, LoadError, LoRA, TaskError, attach
@@ -95,7 +95,7 @@ def test_fused_slices_become_one_block_lora(kind, tmp_path):
     t = load_file(str(tmp_path / WEIGHTS_NAME))
     key = "base_model.model.transformer.h.0.attn.c_attn."
     A, B = t[key + "lora_A.weight"], t[key + "lora_B.weight"]  # (6, 32), (96, 6)
-    q, v = a.shared.points["layers:0:attn:q"][0], a.shared.points["layers:0:attn:v"][0]
+    q, v = bound(a, "attn.q", 0)[0], bound(a, "attn.v", 0)[0]
     torch.testing.assert_close(A, torch.cat([q.A, v.A]).detach())
     torch.testing.assert_close(B[:32, :4], 2.0 * q.B.detach())
     torch.testing.assert_close(B[64:, 4:], 1.5 * v.B.detach())

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from helpers import perturb, tiny_bert, tiny_gpt2
+from helpers import bound, perturb, tiny_bert, tiny_gpt2
 from test_peft_format import ATOL, every_output, load_peft, randomize_adaptation, randomize_peft
 
 import adaptune
@@ -68,11 +68,11 @@ def test_pissa_factors_hold_the_top_singular_part_and_olora_the_qr_part():
     model = tiny_bert()
     W = model.encoder.layer[0].attention.self.query.weight.detach()  # (32, 32)
     a = attach(model, {"layers.0.attn.q": LoRA(4, alpha=8, init="pissa"), "layers.0.attn.k": LoRA(3, init="olora")})
-    (p,) = a.shared.points["layers:0:attn:q"]
+    (p,) = bound(a, "attn.q", 0)
     U, S, Vh = torch.linalg.svd(W)
     torch.testing.assert_close(2.0 * p.B0 @ p.A0, U[:, :4] @ torch.diag(S[:4]) @ Vh[:4], atol=1e-5, rtol=0)
     assert torch.equal(p.A, p.A0) and torch.equal(p.B, p.B0) and not p.A0.requires_grad
-    (o,) = a.shared.points["layers:0:attn:k"]
+    (o,) = bound(a, "attn.k", 0)
     W = model.encoder.layer[0].attention.self.key.weight.detach()
     Q, _ = torch.linalg.qr(W)
     torch.testing.assert_close(o.B0 @ o.A0, Q[:, :3] @ Q[:, :3].T @ W, atol=1e-5, rtol=0)

@@ -1,7 +1,7 @@
 """Prefix tuning: equal to the base model run on a KV cache pre-filled with the prefixes."""
 import pytest
 import torch
-from helpers import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
+from helpers import bound, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, VOCAB, with_cache
 from transformers import DynamicCache
 
 from adaptune import BindError, Prefix, attach, detach
@@ -27,7 +27,7 @@ def prefix_cache(model, ad, batch, groups=(None,)):
     h, d = heads(model)
     cache = DynamicCache(config=model.config)
     for layer in range(model.config.num_hidden_layers):
-        mods = [m for g in groups for m in ad.group(g).points[f"layers:{layer}:attn"]]
+        mods = [m for g in groups for m in bound(ad, "attn", layer, g)]
         keys = torch.cat([m.kv()[0] for m in mods]).view(-1, h, d).transpose(0, 1)  # (H, P, D)
         values = torch.cat([m.kv()[1] for m in mods]).view(-1, h, d).transpose(0, 1)
         cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
@@ -97,7 +97,7 @@ def test_hidden_is_li_liang_mlp_and_owns_the_parameters():
     with torch.no_grad():
         full = torch.tanh(enc.embedding @ enc.down.weight.T + enc.down.bias) @ enc.up.weight.T + enc.up.bias
         for layer in range(layers):
-            keys, values = ad.shared.points[f"layers:{layer}:attn"][0].kv()
+            keys, values = bound(ad, "attn", layer)[0].kv()
             torch.testing.assert_close(keys, full[:, 2 * kv * layer:2 * kv * layer + kv])
             torch.testing.assert_close(values, full[:, 2 * kv * layer + kv:2 * kv * (layer + 1)])
 

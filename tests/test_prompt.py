@@ -3,7 +3,7 @@ import inspect
 
 import pytest
 import torch
-from helpers import VOCAB, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, with_cache
+from helpers import bound, cache_of, greedy, randomize, tiny_bert, tiny_gpt2, tiny_llama, VOCAB, with_cache
 
 from adaptune import AdaptuneError, BindError, ConfigError, PromptTuning, Stack, attach, detach
 
@@ -145,7 +145,7 @@ def test_vocab_init_copies_embedding_rows():
     model = gpt2()
     ad = attach(model, {"embed": PromptTuning(5)})
     weight = model.get_input_embeddings().weight
-    for row in ad.shared.points["embed"][0].prompt:
+    for row in bound(ad, "embed")[0].prompt:
         assert (weight == row).all(-1).any()
 
 

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from helpers import VOCAB, perturb
+from helpers import bound, perturb, VOCAB
 from safetensors.torch import load_file
 
 import adaptune
@@ -151,7 +151,7 @@ def test_bitfit_on_a_layer_without_bias_runs_but_does_not_merge(ids):
     model = gpt2_cls()  # score: Linear without bias
     a = attach(model, {"score": BitFit()})
     with torch.no_grad():
-        a.shared.points["module:score"][0].delta.fill_(0.5)
+        bound(a, "score")[0].delta.fill_(0.5)
     torch.testing.assert_close(logits(model, ids), logits(gpt2_cls(), ids) + 0.5, atol=ATOL, rtol=0)
     with pytest.raises(MergeError, match="no bias"):
         a.merge()
