@@ -44,7 +44,7 @@ def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         import torch
         return torch.cuda.max_memory_allocated() / 2**20
-    from adaptune.experiments.machine import peak_rss_mb
+    from adaptune.experiments.common.machine import peak_rss_mb
     return peak_rss_mb()
 
 
@@ -61,7 +61,7 @@ def environment(device: str, threads: int, dtype: str) -> dict:
     import torch
 
     import adaptune
-    from adaptune.experiments.machine import cpu_name
+    from adaptune.experiments.common.machine import cpu_name
     env = {
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),

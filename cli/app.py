@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from adaptune.experiments.config import ExperimentConfig, check_device
-from adaptune.experiments.methods import Method
+from adaptune.experiments.common.methods import Method
+from adaptune.experiments.multitask.config import ExperimentConfig
 
 from .common import command_line, console, fail
 from .fewshot import FEWSHOT_OPTIONS, TAPT_OPTIONS, run_fewshot, run_tapt
@@ -28,7 +28,7 @@ def inspect(model: str = typer.Argument(..., help="minilm, gpt2-tiny, bert-tiny,
             spec: str = typer.Option(None, "--spec", help="components to attach, e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'")) -> None:
     """Print a model's sites with their modules and parameter counts (and what SPEC would add)."""
     from adaptune import AdaptuneError, attach
-    from adaptune.experiments.config import load_base
+    from adaptune.experiments.common.encoders import load_base
     from adaptune.sites import SiteMap
     from adaptune.spec import parse_spec
 
@@ -115,8 +115,8 @@ def run_multitask(ctx: typer.Context, *,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from adaptune import AdaptuneError
-    from adaptune.experiments.multitask import run
-    from adaptune.experiments.report import run_table
+    from adaptune.experiments.multitask.report import run_table
+    from adaptune.experiments.multitask.run import run
 
     if threads < 1:
         return fail(f"--threads must be at least 1, got {threads}")
@@ -153,9 +153,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
     """Tables across runs: multitask runs (and a plot of dev average vs % trainable parameters), VAE runs
     (and plots of the metrics against λ and of the training curves), few-shot runs (test accuracy over seeds)."""
     from adaptune import AdaptuneError
-    from adaptune.experiments.fewshot import report as fewshot_report
-    from adaptune.experiments.report import find_runs, load_results, markdown_table, plot as plot_runs, runs_table
-    from adaptune.experiments.vae import report as vae_report
+    from adaptune.experiments.reports import find_runs, load_results, report as tables_and_plots
     from adaptune.files import atomic_write
     from rich.markup import escape
 
@@ -168,26 +166,8 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories, e.g. ru
         console.print(f"[yellow]skipped[/yellow] {escape(line)}")
     if not found:
         return fail("no finished runs (directories with a results.json) among the paths given; e.g. adaptune report runs/*")
-    written, text = [], ""
     try:
-        results = load_results(found)
-        vae = [r for r in results if vae_report.is_vae(r)]
-        fewshot = [r for r in results if fewshot_report.is_fewshot(r)]
-        multitask = [r for r in results if not (vae_report.is_vae(r) or fewshot_report.is_fewshot(r))]
-        if multitask:
-            console.print(runs_table(multitask))
-            written.append(plot_runs(multitask, plot))
-            text += markdown_table(multitask)
-        if vae:
-            console.print(vae_report.runs_table(vae))
-            stem = plot.with_suffix("")
-            written.append(vae_report.plot_curves(vae, f"{stem}-vae-curves.png"))
-            swept = vae_report.plot_lambda(vae, f"{stem}-vae-lambda.png")
-            written += [swept] if swept else []
-            text += ("\n" if text else "") + vae_report.markdown_table(vae)
-        if fewshot:
-            console.print(fewshot_report.runs_table(fewshot))
-            text += ("\n" if text else "") + fewshot_report.markdown_table(fewshot)
+        written, text = tables_and_plots(load_results(found), plot, show=console.print)
         if markdown:
             atomic_write(markdown, lambda tmp: tmp.write_text(text))
     except AdaptuneError as e:
@@ -224,6 +204,7 @@ def bench(out: Path = typer.Option(..., "--out", help="results directory, e.g. b
     if device not in ("cpu", "cuda"):
         return fail(f"unknown device {device!r}; give cpu or cuda")
     from adaptune import AdaptuneError
+    from adaptune.experiments.common.config import check_device
     try:
         check_device(device)
     except AdaptuneError as e:

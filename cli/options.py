@@ -16,11 +16,16 @@ from typing import Any, Callable
 import typer
 
 from adaptune.errors import AdaptuneError
-from adaptune.experiments.config import check_device
 
 from .common import fail
 
-CHECKS: dict[str, Callable[[Any], Any]] = {"device": check_device}  # field name -> its check (AdaptuneError)
+
+def _check_device(device: Any) -> str:
+    from adaptune.experiments.common.config import check_device  # imports torch: when an option is parsed
+    return check_device(device)
+
+
+CHECKS: dict[str, Callable[[Any], Any]] = {"device": _check_device}  # field name -> its check (AdaptuneError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import adaptune.experiments.multitask.run as multitask
 from adaptune.cli.app import app
 from adaptune.errors import ConfigError, DataError, LoadError
-from adaptune.experiments import multitask
-from adaptune.experiments.data import read_file
-from adaptune.experiments.datasets import get_dataset
-from adaptune.experiments.eda import load_synonyms
-from adaptune.experiments.methods import Method
-from adaptune.experiments.multitask import ExperimentConfig, TrainingError, load_run
+from adaptune.experiments.common.data import read_file
+from adaptune.experiments.common.datasets import get_dataset
+from adaptune.experiments.common.methods import Method
+from adaptune.experiments.multitask.eda import load_synonyms
+from adaptune.experiments.multitask.run import ExperimentConfig, TrainingError, load_run
 
 runner = CliRunner()
 WORDS = "good bad movie great awful plot fine dull bright dark film story acting".split()

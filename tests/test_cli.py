@@ -52,8 +52,8 @@ def multitask_command():
 def test_every_config_field_is_an_option_with_the_fields_default_and_help():
     import dataclasses
 
-    from adaptune.experiments.config import ExperimentConfig
-    from adaptune.experiments.methods import Method
+    from adaptune.experiments.common.methods import Method
+    from adaptune.experiments.multitask.config import ExperimentConfig
     params = {p.name: p for p in multitask_command().params}
     names = {"name": "method"}  # Method.name is --method (ExperimentConfig.name is the run's --name)
     for cls, skip in ((Method, set()), (ExperimentConfig, {"method", "command"})):
@@ -70,8 +70,8 @@ def test_every_config_field_is_an_option_with_the_fields_default_and_help():
 
 def capture_config(monkeypatch, args):
     """The ExperimentConfig that `run multitask ARGS` hands to the experiment (which is not run)."""
+    import adaptune.experiments.multitask.run as multitask
     from adaptune.errors import ConfigError
-    from adaptune.experiments import multitask
     seen = []
 
     def fake_run(cfg, progress=None):
@@ -103,8 +103,8 @@ def test_options_given_reach_the_config(monkeypatch):
 def test_no_options_give_the_config_defaults_and_stack_alone_selects_method_stack(monkeypatch):
     import dataclasses
 
-    from adaptune.experiments.config import ExperimentConfig
-    from adaptune.experiments.methods import Method
+    from adaptune.experiments.common.methods import Method
+    from adaptune.experiments.multitask.config import ExperimentConfig
     cfg = capture_config(monkeypatch, [])
     assert dataclasses.replace(cfg, command="") == ExperimentConfig()
     assert cfg.command == "adaptune run multitask"

@@ -120,8 +120,8 @@ def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path)
 
     from safetensors.torch import load_file
 
-    from adaptune.experiments.methods import Method
-    from adaptune.experiments.multitask import ExperimentConfig, run
+    from adaptune.experiments.common.methods import Method
+    from adaptune.experiments.multitask.run import ExperimentConfig, run
     settings = dict(model=no_dropout_model_dir, data_dir=tiny_data, epochs=2, train_limit=5, dev_limit=8,
                     max_length=24, batch_size=4, seed=0)
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]

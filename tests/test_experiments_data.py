@@ -4,9 +4,9 @@ import random
 import pytest
 
 from adaptune.errors import AdaptuneError, DataError
-from adaptune.experiments.data import load_dataset, read_file, split, subset
-from adaptune.experiments.datasets import get_dataset, parse_datasets
-from adaptune.experiments.eda import augment, eda, load_synonyms
+from adaptune.experiments.common.data import load_dataset, read_file, split, subset
+from adaptune.experiments.common.datasets import get_dataset, parse_datasets
+from adaptune.experiments.multitask.eda import augment, eda, load_synonyms
 
 SST_HEAD = "\tid\tsentence\tsentiment\n"
 PAIR_HEAD = "\tid\tsentence1\tsentence2\tis_duplicate\n"
@@ -130,7 +130,7 @@ def test_eda_synonyms(tmp_path):
 
 
 def test_augment_appends_copies_with_labels():
-    from adaptune.experiments.data import Example
+    from adaptune.experiments.common.data import Example
     ex = [Example("a b c d", "e f g", 1.0), Example("h i j", "k l", 0.0)]
     out = augment(ex, 2, seed=0)
     assert out[:2] == ex and len(out) == 6
@@ -139,7 +139,7 @@ def test_augment_appends_copies_with_labels():
 
 
 def test_real_cs224n_files_parse():
-    from adaptune.experiments.data import default_data_dir
+    from adaptune.experiments.common.data import default_data_dir
     try:
         root = default_data_dir()
     except DataError:

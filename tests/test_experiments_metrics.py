@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from adaptune.experiments.metrics import accuracy, f1, matthews, pearson
+from adaptune.experiments.multitask.metrics import accuracy, f1, matthews, pearson
 
 rng = np.random.default_rng(0)
 
@@ -43,7 +43,7 @@ def test_lengths_must_match():
 
 
 def test_spearman_matches_scipy_with_ties():
-    from adaptune.experiments.metrics import spearman
+    from adaptune.experiments.multitask.metrics import spearman
     for _ in range(5):
         x = rng.integers(0, 6, 60).astype(float)  # many ties
         y = x + rng.normal(size=60)

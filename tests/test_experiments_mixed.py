@@ -8,8 +8,8 @@ from test_experiments_run import assert_dev_metrics_are_the_predictions, config,
 from typer.testing import CliRunner
 
 from adaptune.errors import ConfigError
-from adaptune.experiments.multitask import ExperimentConfig, predict_run, run
-from adaptune.experiments.training import loss_of, mixed_loss, mixed_schedule
+from adaptune.experiments.multitask.run import ExperimentConfig, predict_run, run
+from adaptune.experiments.multitask.training import loss_of, mixed_loss, mixed_schedule
 
 SIZES = {"sst": 10, "para": 4, "sts": 6}
 
@@ -64,7 +64,7 @@ def test_mixed_evaluation_predicts_what_dataset_by_dataset_evaluation_does(tiny_
 def test_batching_is_checked_and_offered_on_the_cli(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match=r"batching \(--batching\) must be 'round-robin' or 'mixed', got 'shuffled'"):
         ExperimentConfig(batching="shuffled")
-    from cli.app import app
+    from adaptune.cli.app import app
     r = CliRunner().invoke(app, ["run", "multitask", "--model", tiny_model_dir, "--data-dir", tiny_data, "--out",
                                  str(tmp_path), "--method", "adapter", "--epochs", "1", "--train-limit", "4",
                                  "--dev-limit", "4", "--batch-size", "4", "--batching", "mixed", "--name", "m"])

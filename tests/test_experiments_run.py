@@ -7,11 +7,12 @@ import torch
 from typer.testing import CliRunner
 
 from adaptune.errors import ConfigError
-from adaptune.experiments.data import load_dataset
-from adaptune.experiments.datasets import get_dataset
-from adaptune.experiments.methods import Method, depth, param_groups
-from adaptune.experiments.multitask import ExperimentConfig, load_run, predict_run, run, schedule
-from adaptune.experiments.report import load_results, markdown_table
+from adaptune.experiments.common.data import load_dataset
+from adaptune.experiments.common.datasets import get_dataset
+from adaptune.experiments.common.methods import Method, depth, param_groups
+from adaptune.experiments.multitask.report import markdown_table
+from adaptune.experiments.multitask.run import ExperimentConfig, load_run, predict_run, run, schedule
+from adaptune.experiments.reports import load_results
 
 WORDS = "good bad movie great awful plot fine dull bright dark film story acting".split()
 
@@ -242,7 +243,7 @@ def test_gpt2_model_directory(tiny_gpt2_dir, tiny_data, tmp_path, method):
 
 
 def test_regression_head_starts_at_the_mean_training_score(tiny_model_dir, tiny_data, tmp_path):
-    from adaptune.experiments.multitask import build, load_data
+    from adaptune.experiments.multitask.run import build, load_data
     cfg = config(tiny_model_dir, tiny_data, tmp_path, "lora").resolved()
     data = load_data(cfg)
     _, _, heads, _ = build(cfg, data)
@@ -270,7 +271,8 @@ def test_glue_folder_runs_end_to_end(tiny_model_dir, tmp_path):
 
 
 def test_report_skips_non_runs_and_labels_learning_rates(tiny_model_dir, tiny_data, tmp_path):
-    from adaptune.experiments.report import find_runs, relative_to_full, rows, run_label
+    from adaptune.experiments.multitask.report import relative_to_full, rows, run_label
+    from adaptune.experiments.reports import find_runs
     out = tmp_path / "runs"
     a = run(config(tiny_model_dir, tiny_data, out, "full", name="full"))
     b = run(config(tiny_model_dir, tiny_data, out, "full", lr=1e-3, name="full-hi"))

@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from adaptune.errors import ConfigError, LoadError
+from adaptune.experiments.common.training import Encoder
 from adaptune.experiments.fewshot.bases import load_lm
 from adaptune.experiments.fewshot.config import FewShotConfig, FewShotMethod
 from adaptune.experiments.fewshot.prompts import Prompt
 from adaptune.experiments.fewshot.run import _components, run
 from adaptune.experiments.fewshot.tapt import TaptConfig, tapt
 from adaptune.experiments.fewshot.train import accuracy, predict, scorer
-from adaptune.experiments.training import Encoder
 
 WORDS = ["good", "bad", "film", "plot", "great", "dull", "story", "fun", "slow", "long"]
 
@@ -62,8 +62,8 @@ def test_zero_shot_is_the_prompts_accuracy(data, tmp_path):
     assert [r["seed"] for r in result["seeds"]] == [None]  # nothing sampled, nothing trained: one evaluation
     model, tok, _ = load_lm("tiny-gpt2")
     prompt = Prompt.build(result["template"], result["verbalizer"], tok, True, 2)
-    from adaptune.experiments.data import load_dataset
-    from adaptune.experiments.datasets import get_dataset
+    from adaptune.experiments.common.data import load_dataset
+    from adaptune.experiments.common.datasets import get_dataset
     test = load_dataset(get_dataset("sst-binary"), data).dev
     with torch.no_grad():
         logits = prompt.class_logits(model, prompt.encode(test, 32))
@@ -115,7 +115,7 @@ def test_predict_batches_by_length_but_keeps_the_order(data):
     model, tok, _ = load_lm("bert-tiny")
     head = torch.nn.Linear(model.config.hidden_size, 2)
     score = scorer(model, None, head, Encoder(model, tok, 32), 32, torch.device("cpu"))
-    from adaptune.experiments.data import Example
+    from adaptune.experiments.common.data import Example
     examples = [Example("good " * n, None, 0.0) for n in (5, 1, 3)]
     whole = predict(score, [model, head], examples, batch_size=1)
     assert whole == predict(score, [model, head], examples, batch_size=3)
@@ -153,7 +153,7 @@ def test_tapt_for_another_method_is_refused(data, tmp_path):
 def test_report_tables_the_runs_with_their_spread(data, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from adaptune.cli.app import app
 
     zero = run(config(data, tmp_path, mode="zero-shot"))
     tuned = run(config(data, tmp_path, self_ensemble=2))
@@ -174,7 +174,7 @@ def test_report_tables_the_runs_with_their_spread(data, tmp_path):
 def test_the_commands_print_each_seed_and_refuse_bad_options(data, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from adaptune.cli.app import app
 
     common = ["--model", "tiny-gpt2", "--data-dir", data, "--max-length", "32"]
     tapt_dir = tmp_path / "tapt"

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from adaptune import ConfigError, PromptTuning, attach
-from adaptune.experiments.data import Example
+from adaptune.experiments.common.data import Example
+from adaptune.experiments.common.training import Encoder, takes_logits_to_keep
 from adaptune.experiments.fewshot import prompts
 from adaptune.experiments.fewshot.prompts import TEMPLATES, Prompt, Template, Verbalizer, default_prompt
-from adaptune.experiments.training import Encoder, takes_logits_to_keep
 
 ONE = "<s1> It was [MASK] ."
 PAIR = "<s1> ? [MASK] , <s2>"
@@ -28,7 +28,7 @@ def bert_tok():
 
 @pytest.fixture(scope="module")
 def bpe():
-    from adaptune.experiments.vae.bases import gpt2_bpe_tokenizer
+    from adaptune.experiments.common.causal import gpt2_bpe_tokenizer
     tok = gpt2_bpe_tokenizer()
     tok.pad_token = tok.eos_token
     return tok

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaptune.errors import ConfigError, DataError, TrainingError
-from adaptune.experiments.data import Example
+from adaptune.experiments.common.data import Example
 from adaptune.experiments.fewshot.recipes import ParameterAverage, distillation_loss, few_shot
 
 

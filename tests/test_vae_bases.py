@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from adaptune.errors import ConfigError
-from adaptune.experiments.vae import bases
-from adaptune.experiments.vae.bases import load_base
+from adaptune.experiments.common import causal as bases
+from adaptune.experiments.common.causal import load_base
 from adaptune.experiments.vae.data import Collate
 
 

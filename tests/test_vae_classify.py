@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from adaptune import ConfigError
 from adaptune.cli.app import app
-from adaptune.experiments.vae.bases import load_base
+from adaptune.experiments.common.causal import load_base
 from adaptune.experiments.vae.classify import (Labelled, Tuner, balanced_sample, classify, fit_logistic,
                                                minilm_features, sst_binary)
 from adaptune.experiments.vae.data import Collate

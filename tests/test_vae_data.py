@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from adaptune.errors import ConfigError, DataError
-from adaptune.experiments.vae.bases import load_base
+from adaptune.experiments.common.causal import load_base
 from adaptune.experiments.vae.data import CORPORA, Collate, bucket, default_lm_dir, load_corpus, sentences_of
 
 SIZES = {("yelp", "train"): 113320, ("yelp", "valid"): 31784, ("yelp", "test"): 31699,
@@ -124,7 +124,7 @@ def test_default_dir_names_the_variable(monkeypatch, tmp_path):
     assert default_lm_dir() == tmp_path
     monkeypatch.delenv("ADAPTUNE_LM_DATA")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("adaptune.experiments.data.__file__", str(tmp_path / "a/b/data.py"))
+    monkeypatch.setattr("adaptune.experiments.common.data.__file__", str(tmp_path / "a/b/c/data.py"))
     with pytest.raises(DataError, match="set ADAPTUNE_LM_DATA.*holds yelp/, ptb/ and wikitext-2/"):
         default_lm_dir()
 

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from adaptune import ConfigError
 from adaptune.cli.app import app
-from adaptune.experiments.vae.bases import load_base
+from adaptune.experiments.common.causal import load_base
 from adaptune.experiments.vae.data import Collate, by_length, length_grouped, load_corpus
 from adaptune.experiments.vae.pretrain import PretrainConfig, pretrain, read_pretrained
 

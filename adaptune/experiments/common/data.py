@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import DataError
+from ...errors import DataError
 from .datasets import CLASSES, DATASETS, Dataset
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long reviews (CFIMDB) exceed the 128 KiB default
@@ -63,7 +63,7 @@ def default_data_dir(shared: str = SHARED_DATA, env: str = "ADAPTUNE_DATA", hold
     given = os.environ.get(env)
     if given:
         return Path(given)
-    here = Path(__file__).resolve().parents[2]  # the repository root
+    here = Path(__file__).resolve().parents[3]  # the repository root
     for candidate in (Path.cwd() / shared, here / shared):
         if candidate.is_dir():
             return candidate.resolve()

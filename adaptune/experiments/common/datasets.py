@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 # kinds: what the head outputs and which loss trains it
 CLASSES = "classes"  # n_out logits, cross entropy, prediction argmax
@@ -32,7 +32,7 @@ class Dataset:
     name: str
     kind: str
     n_out: int  # head outputs: classes for CLASSES, 1 otherwise
-    metric: str  # accuracy | pearson | matthews | f1 (adaptune.experiments.metrics)
+    metric: str  # accuracy | pearson | matthews | f1 (multitask/metrics.py)
     text: tuple  # one column (single sentence) or two (a pair, cross-encoded); names, or indices when header=False
     label: str | int
     train: str

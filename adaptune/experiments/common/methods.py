@@ -1,4 +1,5 @@
-"""The fine-tuning methods an experiment compares: what is attached, what trains, and how it is counted.
+"""The fine-tuning methods an experiment compares: what is attached and what trains (multitask/heads.py counts
+it), and the AdamW parameter groups (param_groups).
 
 | method        | what trains                                                        | default sharing |
 |---------------|--------------------------------------------------------------------|-----------------|
@@ -21,27 +22,19 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
+from ...errors import ConfigError
 
-from .. import Adapter, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, attach
-from ..adaptation import Adaptation
-from ..attach import counts
-from ..errors import ConfigError
-from ..spec import parse_spec
+if TYPE_CHECKING:  # imported where used: the CLI builds its options from Method without importing torch
+    from torch import nn
+
+    from ...adaptation import Adaptation
 
 METHODS = ("head-only", "full", "lora", "dora", "adapter", "lora+adapter", "hyper", "prefix", "prompt", "stack")
 COMPONENT_LR = 3e-3  # the learning rate of every method DEFAULT_LR does not name (see the README: the comparisons)
 DEFAULT_LR = {"full": 3e-4, "prefix": 5e-3, "prompt": 1e-2}
 PER_TASK_BY_DEFAULT = {"adapter"}
-
-ACCOUNTING = ("% updated per task = (parameters trained for that task: shared components + the task's own "
-              "components + its head; for full fine-tuning every base parameter) / base parameters. "
-              "% stored = (extra parameters kept for all tasks together: shared components once + every task's "
-              "components + every head) / base parameters; full fine-tuning stores one fine-tuned model for all "
-              "tasks in place of the base, counted as 0% extra as in seed 004 Table 2, plus its heads.")
 
 
 def lr_defaults() -> str:
@@ -88,6 +81,8 @@ class Method:
         example = "e.g. --stack 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'"
         if self.stack is None or (isinstance(self.stack, str) and not self.stack.strip()):
             raise ConfigError(f"method 'stack' needs a composition, {example}")
+        from ...spec import parse_spec
+
         try:
             parse_spec(self.stack)
         except ConfigError as e:
@@ -114,6 +109,9 @@ class Method:
 
     def components(self) -> dict:
         """The spec attached for each task (or shared): selector -> stack."""
+        from ... import Adapter, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning
+        from ...spec import parse_spec
+
         both = lambda c: {"attn": c, "ffn": c}  # noqa: E731
         return {"lora": lambda: {"attn": LoRA(self.r)}, "dora": lambda: {"attn": DoRA(self.r)},
                 "adapter": lambda: both(Adapter(self.dim)), "hyper": lambda: both(HyperAdapter(self.dim)),
@@ -123,6 +121,8 @@ class Method:
 
     def prepare(self, model: nn.Module, tasks: list[str]) -> Adaptation | None:
         """Freeze/unfreeze the base and attach components; returns the Adaptation (None: no components)."""
+        from ... import Adapter, LoRA, attach
+
         if self.name in ("head-only", "full"):
             for p in model.parameters():
                 p.requires_grad_(self.name == "full")
@@ -133,29 +133,6 @@ class Method:
         if self.sharing == "per task":
             return attach(model, tasks={t: self.components() for t in tasks})
         return attach(model, self.components(), tasks={t: {} for t in tasks})  # empty task sets: hyper's task embeddings
-
-
-def base_params(model: nn.Module, adaptation: Adaptation | None) -> int:
-    own = {id(p) for p in adaptation.parameters()} if adaptation is not None else set()
-    return sum(p.numel() for p in model.parameters() if id(p) not in own)
-
-
-def accounting(method: Method, model: nn.Module, adaptation: Adaptation | None, heads: nn.ModuleDict) -> dict:
-    """Parameter counts of the results table (see ACCOUNTING)."""
-    base = base_params(model, adaptation)
-    head = {t: sum(p.numel() for p in h.parameters()) for t, h in heads.items()}
-    if adaptation is not None:
-        c = counts(adaptation)
-        updated = {t: c.trainable(t) + head[t] for t in heads}
-        stored = c.stored + sum(head.values())
-        components = {"shared": c.shared, "per_task": dict(c.per_task)}
-    else:
-        updated = {t: (base if method.name == "full" else 0) + head[t] for t in heads}
-        stored = sum(head.values())
-        components = {"shared": 0, "per_task": {t: 0 for t in heads}}
-    return {"base": base, "heads": head, "components": components, "updated": updated,
-            "pct_updated": {t: 100.0 * n / base for t, n in updated.items()},
-            "stored": stored, "pct_stored": 100.0 * stored / base, "how": ACCOUNTING}
 
 
 _COMPONENT_LAYER = re.compile(r"layers:(\d+):")
@@ -187,8 +164,3 @@ def param_groups(model: nn.Module, heads: nn.Module, lr: float, head_lr: float, 
     groups = [{"params": ps, "lr": g} for g, ps in sorted(by_lr.items(), reverse=True)]
     groups.append({"params": list(heads.parameters()), "lr": head_lr})
     return groups
-
-
-def make_heads(hidden: int, sizes: dict[str, int], seed: int) -> nn.ModuleDict:
-    torch.manual_seed(seed)
-    return nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in sizes.items()})

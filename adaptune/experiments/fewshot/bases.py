@@ -1,6 +1,6 @@
 """The bases of `adaptune run fewshot` and `adaptune tapt`, all offline, with the kind of LM each is:
 
-  causal   smollm2-135m, small-gpt2, tiny-gpt2, tiny-llama and causal-LM directories (vae/bases.py loads
+  causal   smollm2-135m, small-gpt2, tiny-gpt2, tiny-llama and causal-LM directories (common/causal.py loads
            them): prompts score the next token after the template; TAPT trains next-token prediction
   masked   tiny-bert-mlm (a random BertForMaskedLM with MiniLM's WordPiece tokenizer, for tests and smoke
            runs) and directories of a *ForMaskedLM: prompts score the [MASK] position; TAPT trains the MLM loss
@@ -15,9 +15,9 @@ from typing import Any
 
 from ...errors import ConfigError
 from ...models import PRESETS
-from ..config import load_base as load_encoder
-from ..config import load_tokenizer
-from ..vae import bases as causal
+from ..common import causal
+from ..common.encoders import load_base as load_encoder
+from ..common.encoders import load_tokenizer
 
 CAUSAL, MASKED, ENCODER = "causal", "masked", "encoder"
 TINY_MLM = "tiny-bert-mlm"

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...errors import ConfigError
-from ..config import DEVICE, check_run_name
-from ..datasets import REGRESSION, get_dataset
-from ..methods import METHODS, Method
+from ..common.config import DEVICE, check_run_name
+from ..common.datasets import REGRESSION, get_dataset
+from ..common.methods import METHODS, Method
 from .bases import NAMES
 
 MODES = ("zero-shot", "prompt", "head")

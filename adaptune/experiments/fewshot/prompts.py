@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from ...errors import ConfigError
-from ..training import takes_logits_to_keep
+from ..common.training import takes_logits_to_keep
 
 INPUT_SLOTS = ("<s1>", "<s2>")
 ANSWER = "[MASK]"  # the answer slot as written in a template (for masked LMs replaced by tokenizer.mask_token)

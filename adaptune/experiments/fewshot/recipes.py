@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ConfigError, DataError, TrainingError
-from ..data import Example
+from ..common.data import Example
 
 
 def _positive_int(value: object, what: str) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 from rich.table import Table
 
 from ...errors import LoadError
-from ..report import markdown, table
-from ..runs import NUMBER, malformed
+from ..common.tables import markdown, table
+from ..common.runs import NUMBER, malformed
 from .run import FORMAT
 
 HEAD = ["run", "dataset", "base", "mode", "method", "recipes", "seeds", "test acc", "self-ensemble acc",

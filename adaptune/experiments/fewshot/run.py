@@ -20,13 +20,13 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...files import atomic_write_dir
-from ..config import check_device, set_seed
-from ..data import default_data_dir, load_dataset, subset
-from ..datasets import CLASSES, get_dataset
-from ..machine import cpu_name, peak_rss_mb
-from ..methods import param_groups
-from ..runs import check_destination
-from ..training import EVAL_BATCH, Encoder
+from ..common.config import check_device, set_seed
+from ..common.data import default_data_dir, load_dataset, subset
+from ..common.datasets import CLASSES, get_dataset
+from ..common.machine import cpu_name, peak_rss_mb
+from ..common.methods import param_groups
+from ..common.runs import check_destination
+from ..common.training import EVAL_BATCH, Encoder
 from .bases import CAUSAL, ENCODER, kind_of, load_lm
 from .config import FewShotConfig
 from .prompts import Prompt, default_prompt

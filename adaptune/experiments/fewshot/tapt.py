@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from ...errors import ConfigError, LoadError, TrainingError
 from ...files import atomic_write_dir
 from ...persist import load
-from ..config import check_device, set_seed
-from ..data import default_data_dir, load_dataset
-from ..datasets import get_dataset
-from ..methods import Method, param_groups
-from ..runs import check_destination, malformed
-from ..training import warmup_linear
+from ..common.config import check_device, set_seed
+from ..common.data import default_data_dir, load_dataset
+from ..common.datasets import get_dataset
+from ..common.methods import Method, param_groups
+from ..common.runs import check_destination, malformed
+from ..common.training import warmup_linear
 from .bases import CAUSAL, ENCODER, kind_of, load_lm
 from .config import FewShotMethod
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import TrainingError
-from ..data import Example
-from ..training import EVAL_BATCH, Encoder, warmup_linear
+from ..common.data import Example
+from ..common.training import EVAL_BATCH, Encoder, warmup_linear
 from .prompts import Prompt
 from .recipes import ParameterAverage, distillation_loss
 

@@ -1,5 +1,5 @@
-"""The multitask experiment's settings (ExperimentConfig, with the QUICK and FULL presets) and what a
-run loads from them: the base model, its tokenizer, the datasets, the seeds.
+"""The multitask experiment's settings (ExperimentConfig, with the QUICK and FULL presets) and the data a
+run loads from them (load_data); the bases, tokenizers and seeds come from common/.
 
 Every setting is written once, here and in Method: default and help (field metadata "help"; "flags",
 "metavar" and "panel" shape the CLI option). cli/options.py builds `adaptune run multitask`'s options
@@ -11,21 +11,17 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from ..errors import ConfigError
-from ..models import PRESETS, load_model, minilm_path
-from .data import SHARED_DATA, DatasetSplits, default_data_dir, load_dataset
-from .datasets import ALIASES, DATASETS, DEFAULT_DATASETS, parse_datasets
+from ...errors import ConfigError
+from ..common.config import DEVICE, check_device, check_run_name
+from ..common.data import SHARED_DATA, DatasetSplits, default_data_dir, load_dataset
+from ..common.datasets import ALIASES, DATASETS, DEFAULT_DATASETS, parse_datasets
+from ..common.methods import Method, lr_defaults
 from .eda import augment, load_synonyms
-from .methods import Method, lr_defaults
 
 BATCHING = ("round-robin", "mixed")
 QUICK = {"epochs": 1, "train_limit": 512, "dev_limit": 400, "max_length": 64, "batch_size": 16}
@@ -143,28 +139,7 @@ class ExperimentConfig:
         return ExperimentConfig(**{**d, "method": Method(**d["method"]), "tasks": tuple(d["tasks"])})
 
 
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 NOT_HASHED = ("name", "out", "overwrite", "command")  # where a run goes and how it was typed, not what it computes
-
-
-def available_devices() -> list[str]:
-    """The devices of this machine: cpu, then cuda and cuda:0..N-1 when torch sees CUDA."""
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
-
-
-def check_device(device: Any) -> str:
-    """`device` if this machine has it, else a ConfigError naming it and the devices there are: the one check
-    of every command's --device (the CLI checks it as it parses, the experiments before they run)."""
-    valid = ", ".join(available_devices())
-    if not isinstance(device, str) or not DEVICE.fullmatch(device):
-        raise ConfigError(f"--device {device!r} is not a device: give cpu, cuda or cuda:N (here: {valid})")
-    if device not in available_devices():
-        why = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else
-               f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
-               "CUDA is not available (no GPU visible)")
-        raise ConfigError(f"--device {device!r}: {why}; available devices here: {valid}")
-    return device
 
 
 def _real(v: Any) -> bool:
@@ -181,14 +156,6 @@ def _check(cfg: ExperimentConfig, what: str, rule: str, ok: Any, optional: bool 
         raise ConfigError(f"{what} (--{what.replace('_', '-')}) must be {rule}, got {value!r}")
 
 
-def check_run_name(name: Any) -> None:
-    """A run name is one plain directory name inside OUT: never a path, '.', '..' or hidden."""
-    if not isinstance(name, str) or not name.strip() or name.startswith(".") or "\0" in name \
-            or any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")):
-        raise ConfigError(f"--name {name!r} is not a plain directory name: a run is written to OUT/NAME, so NAME "
-                          f"must be non-empty, hold no '/' or '\\', and not start with '.' (no '.', '..')")
-
-
 def default_name(cfg: ExperimentConfig) -> str:
     """'<method label>-seed<seed>-<hash>': the hash (8 hex digits) of every setting but NOT_HASHED, so runs that
     differ in any setting (--lr, --epochs, the data) get different names."""
@@ -196,53 +163,6 @@ def default_name(cfg: ExperimentConfig) -> str:
     settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{label}-seed{cfg.seed}-{digest}"
-
-
-def load_tokenizer(model_name: str, tokenizer: str | None = None) -> Any:
-    """The tokenizer for `model_name`: MiniLM's for 'minilm' and the random bert presets, the model
-    directory's own, or a hub name from the local cache."""
-    from transformers import AutoTokenizer
-    if tokenizer is None:
-        if model_name in PRESETS and model_name.startswith("gpt2"):
-            raise ConfigError(f"no tokenizer ships with the random preset {model_name!r}: give --tokenizer DIR")
-        tokenizer = str(minilm_path()) if model_name in PRESETS else model_name
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {tokenizer!r} (a local directory, or a hub name in the "
-                          f"local cache; downloads are off unless HF_HUB_OFFLINE=0): {e}") from e
-    if tok.pad_token is None:  # GPT-2
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_base(name: str, seed: int) -> nn.Module:
-    """A preset or local directory (adaptune.models.load_model), else a hub name from the local cache."""
-    valid = f"give one of {', '.join(PRESETS)}, a local Hugging Face BERT/GPT-2 directory, or a hub name in the local cache"
-    path = Path(name)
-    if name in PRESETS or path.is_dir():
-        try:
-            return load_model(name, seed=seed)
-        except ConfigError as e:
-            raise ConfigError(f"{e}; {valid}") from e
-    if path.exists():
-        raise ConfigError(f"{name}: a file, not a model; {valid}")
-    from transformers import AutoModel
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return AutoModel.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"unknown model {name!r}: {valid} ({e})") from e
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy
-        numpy.random.seed(seed)
-    except ImportError:  # numpy is optional
-        pass
 
 
 def load_data(cfg: ExperimentConfig) -> dict[str, DatasetSplits]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..errors import DataError
+from ...errors import DataError
 
 
 def load_synonyms(path: str | Path) -> dict[str, list[str]]:
@@ -90,7 +90,7 @@ def eda(sentence: str, rng: random.Random, alpha: float = 0.1,
 def augment(examples: list, n_aug: int, seed: int, alpha: float = 0.1,
             synonyms: dict[str, list[str]] | None = None) -> list:
     """The examples followed by n_aug augmented copies of each (both sentences of a pair augmented)."""
-    from .data import Example
+    from ..common.data import Example
 
     rng = random.Random(seed)
     extra = [Example(eda(e.a, rng, alpha, synonyms), eda(e.b, rng, alpha, synonyms) if e.b is not None else None, e.label)

@@ -2,54 +2,12 @@
 Tables 2-3), and dev average against % parameters updated per task (seed 004 Figure 1)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.table import Table
 
-from ..errors import LoadError
-from ..files import atomic_write
-from .runs import read_results
-
-
-def find_runs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
-    """(run directories, skipped): the paths holding a results.json (a results.json file stands for its
-    directory); other files (report.png beside the runs) and unfinished runs are skipped and named."""
-    found, skipped = [], []
-    for p in map(Path, paths):
-        if p.name == "results.json" and p.is_file():
-            p = p.parent
-        if (p / "results.json").is_file():
-            found.append(p)
-        else:
-            why = ("no results.json (unfinished run?)" if p.is_dir() else
-                   "not a run directory" if p.exists() else "no results.json (no such directory)")
-            skipped.append(f"{p}: {why}")
-    return found, skipped
-
-
-def _read_any(run_dir: Path) -> dict:
-    """A multitask, VAE or few-shot run's results.json (checked as its kind is)."""
-    from .fewshot.report import check_fewshot, is_fewshot
-    from .vae.results import check_vae, is_vae
-
-    path = run_dir / "results.json"
-    try:
-        found = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
-        found = None  # read_results names what is wrong
-    if is_fewshot(found):
-        return check_fewshot(found, path)
-    return check_vae(found, path) if is_vae(found) else read_results(run_dir)
-
-
-def load_results(paths: list[str | Path]) -> list[dict]:
-    """results.json of each run directory (or results.json file) given, multitask, VAE or few-shot runs; LoadError
-    names a bad one."""
-    out = [_read_any(p.parent if p.name == "results.json" else p) for p in map(Path, paths)]
-    if not out:
-        raise LoadError("no runs given; e.g. adaptune report runs/*")
-    return out
+from ...files import atomic_write
+from ..common.tables import markdown, table
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -76,7 +34,7 @@ def relative_to_full(results: list[dict], run: dict | None = None) -> float | No
 
 def _lr_note(result: dict) -> str:
     """', lr=...' when the run's learning rate is not its method's default, else ''."""
-    from .methods import COMPONENT_LR, DEFAULT_LR
+    from ..common.methods import COMPONENT_LR, DEFAULT_LR
     cfg = result.get("config", {})
     lr, method = cfg.get("lr"), result.get("method")
     if lr is None or method in (None, "head-only") or lr == DEFAULT_LR.get(method, COMPONENT_LR):
@@ -121,22 +79,6 @@ def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
                     _pct(r["params"]["pct_stored"]), _fmt(r["train_examples_per_s"], 1),
                     f"{r['peak_memory_mb']:.0f}", f"{r['wall_s']:.0f}"])
     return head, out
-
-
-def table(head: list[str], body: list[list[str]], title: str, columns: tuple[str, ...] | None = None) -> Table:
-    """A rich table of `body` (rows under `head`), only `columns` of them if given."""
-    keep = [head.index(k) for k in columns] if columns else list(range(len(head)))
-    out = Table(*[head[i] for i in keep], title=title)
-    for row in body:
-        out.add_row(*[row[i] for i in keep])
-    return out
-
-
-def markdown(head: list[str], body: list[list[str]]) -> str:
-    """A markdown table of `body` (rows under `head`); '|' inside a cell is escaped (stacks hold it)."""
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
-    return "\n".join(lines) + "\n"
 
 
 def runs_table(results: list[dict]) -> Table:

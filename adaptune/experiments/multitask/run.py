@@ -2,7 +2,7 @@
 and seed 003's layer-wise learning-rate decay).
 
 One base model; one plain nn.Linear head per dataset on the mean-pooled last hidden states (see
-training.py); a regression head's bias starts at the mean training score. Losses: classes cross entropy, binary one logit with BCE, regression one output with
+common/training.py); a regression head's bias starts at the mean training score. Losses: classes cross entropy, binary one logit with BCE, regression one output with
 MSE (STS, scored by Pearson r). Within each epoch the datasets take turns batch by batch (round
 robin); the active adaptune task is switched to the dataset's before each step. With batching "mixed"
 every batch mixes the datasets: each sample runs its dataset's task (adaptation.route), head and loss,
@@ -13,7 +13,7 @@ and seed give the same metrics on CPU (torch.use_deterministic_algorithms during
 Under torchrun (WORLD_SIZE > 1) the run is data parallel: each batch is split across the ranks and the
 gradients summed with one all-reduce per step (distributed.py); only rank 0 writes the run directory.
 
-Before anything is loaded the destination is checked (runs.check_destination); a non-finite loss or
+Before anything is loaded the destination is checked (common/runs.py check_destination); a non-finite loss or
 gradient norm stops training with a TrainingError naming the step and the dataset, and non-finite dev
 predictions stop the run too: a failed run saves nothing (runs.py).
 """
@@ -29,15 +29,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TrainingError
+from ...errors import ConfigError, TrainingError
+from ..common.config import set_seed
+from ..common.data import DatasetSplits
+from ..common.encoders import load_base, load_tokenizer
+from ..common.machine import cpu_name, peak_rss_mb
+from ..common.methods import param_groups
+from ..common.runs import check_destination
+from ..common.training import Encoder, warmup_linear
 from . import metrics
-from .config import QUICK, ExperimentConfig, default_name, load_base, load_data, load_tokenizer, set_seed
-from .data import DatasetSplits
+from .config import QUICK, ExperimentConfig, default_name, load_data
 from .distributed import Ranks, setup
-from .machine import cpu_name, peak_rss_mb
-from .methods import accounting, make_heads, param_groups
-from .runs import FORMAT, check_destination, load_run, predict_run, save_run
-from .training import Encoder, evaluate, loss_of, mixed_loss, mixed_schedule, routed, schedule, warmup_linear
+from .heads import accounting, make_heads
+from .runs import ARTIFACTS, FORMAT, load_run, predict_run, save_run
+from .training import evaluate, loss_of, mixed_loss, mixed_schedule, routed, schedule
 
 
 def score(data: dict[str, DatasetSplits], preds: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -176,7 +181,7 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
 
 def _run(cfg: ExperimentConfig, ranks: Ranks, progress: Any) -> dict:
     run_dir = cfg.run_dir()
-    check_destination(run_dir, cfg.overwrite)  # before any loading or training
+    check_destination(run_dir, cfg.overwrite, ARTIFACTS)  # before any loading or training
     start = time.perf_counter()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -17,7 +17,6 @@ refused before training (check_destination), and --overwrite replaces only a dir
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,21 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from ..errors import ConfigError, LoadError
-from ..files import atomic_write_dir, check_writable
-from ..persist import load as load_adaptation
-from .config import ExperimentConfig, load_base, load_data, load_tokenizer, set_seed
-from .datasets import get_dataset
-from .methods import make_heads
-from .training import Encoder, evaluate
+from ...errors import LoadError
+from ...files import atomic_write_dir
+from ...persist import load as load_adaptation
+from ..common.config import set_seed
+from ..common.datasets import get_dataset
+from ..common.encoders import load_base, load_tokenizer
+from ..common.runs import NUMBER, check_destination, malformed
+from ..common.training import Encoder
+from .config import ExperimentConfig, load_data
+from .heads import make_heads
+from .training import evaluate
 
 FORMAT = "adaptune-multitask/1"
 ARTIFACTS = ("command.txt", "heads.safetensors", "predictions.json", "adapters.safetensors", "model.safetensors",
              "results.json")
-NUMBER = (int, float)
 REQUIRED = {"name": str, "label": str, "method": str, "sharing": str, "config": dict, "files": dict, "tasks": dict,
             "model.name": str, "params.base": int, "params.pct_stored": NUMBER, "dev_average": NUMBER,
             "pct_updated_mean": NUMBER, "peak_memory_mb": NUMBER, "wall_s": NUMBER}  # what reports and reloads read
@@ -44,38 +46,9 @@ REQUIRED_PER_DATASET = {"metric": str, "dev": NUMBER, "metrics": dict, "pct_upda
                         "train_loss_by_epoch": list}
 
 
-def check_destination(run_dir: Path, overwrite: bool, artifacts: tuple[str, ...] = ARTIFACTS,
-                      option: str = "--name") -> None:
-    """Refuse, before training, a run directory that cannot be written or would replace a run silently
-    (`artifacts`: the files a run directory of this experiment holds; `option`: the option that names the
-    directory, --name for OUT/NAME, --out for a directory given whole)."""
-    out = run_dir.parent
-    for p in (out, *out.parents):
-        if os.path.lexists(p):
-            if not p.is_dir():
-                where = "runs are written to OUT/NAME: give a directory (it is made if missing)" \
-                    if option == "--name" else "give a path whose parents are directories"
-                raise ConfigError(f"--out {str(out if option == '--name' else run_dir)!r}: {str(p)!r} is a file, "
-                                  f"not a directory; {where}")
-            break
-    check_writable(run_dir)
-    if not os.path.lexists(run_dir):
-        return
-    if run_dir.is_symlink() or not run_dir.is_dir():
-        raise ConfigError(f"{str(run_dir)!r} exists and is not a run directory; give another {option}")
-    if not overwrite:
-        saved = "a run was saved under that name" if option == "--name" else "an earlier output is there"
-        raise ConfigError(f"{str(run_dir)!r} exists: {saved}; give another {option}, or "
-                          f"--overwrite to replace it (the old run is kept until the new one is complete)")
-    others = sorted(p.name for p in run_dir.iterdir() if p.name not in artifacts)
-    if others:
-        raise ConfigError(f"--overwrite replaces only a run directory, and {str(run_dir)!r} also holds "
-                          f"{', '.join(others[:5])}: move them away, or give another {option}")
-
-
 def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, preds: dict, result: dict) -> None:
     """Write the run, results.json last, into a new directory swapped in for run_dir; sets result["files"]."""
-    check_destination(run_dir, cfg.overwrite)  # again: another process may have saved there meanwhile
+    check_destination(run_dir, cfg.overwrite, ARTIFACTS)  # again: another process may have saved there meanwhile
     files = {"command": "command.txt", "heads": "heads.safetensors", "predictions": "predictions.json"}
     if adaptation is not None:
         files["adapters"] = "adapters.safetensors"
@@ -95,26 +68,6 @@ def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, p
         (tmp / "results.json").write_text(json.dumps(result, indent=2))
 
     atomic_write_dir(run_dir, write)
-
-
-def _get(d: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        d = d.get(key) if isinstance(d, dict) else None
-    return d
-
-
-def _fits(value: Any, kind: Any) -> bool:
-    """isinstance, but a bool is no number (JSON's true is not a metric)."""
-    numeric = kind in (int, float, NUMBER)
-    return isinstance(value, kind) and not (numeric and isinstance(value, bool))
-
-
-def malformed(result: Any, required: dict[str, Any], optional: dict[str, Any] | None = None) -> list[str]:
-    """The dotted keys of `required` that `result` lacks or holds with another type, and of `optional` that it
-    holds with another type: what every reader of a saved run checks before reading (one schema per run kind)."""
-    wrong = [k for k, kind in required.items() if not _fits(_get(result, k), kind)]
-    return wrong + [k for k, kind in (optional or {}).items()
-                    if _get(result, k) is not None and not _fits(_get(result, k), kind)]
 
 
 def check_results(result: Any, path: Path) -> dict:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ..data import default_data_dir
-from ..datasets import get_dataset
+from ..common.data import default_data_dir
+from ..common.datasets import get_dataset
 from .data import Collate, load_corpus
 from .model import VAE
 
@@ -53,7 +53,7 @@ class Labelled:
 
 def sst_binary(split: str, data_dir: str | Path | None = None) -> tuple[list[str], list[int]]:
     """SST-5's train or dev file as binary sentiment: 0-1 -> 0, 3-4 -> 1, neutral dropped; lower-cased."""
-    from ..data import find, read_file
+    from ..common.data import find, read_file
 
     dataset = get_dataset("sst")
     folder = Path(data_dir) if data_dir is not None else default_data_dir()

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ...errors import ConfigError, DataError
-from ..data import default_data_dir, find, subset
+from ..common.data import default_data_dir, find, subset
 
 SHARED_LM = "../shared/data/lm"  # the corpora's folder without a data_dir or $ADAPTUNE_LM_DATA
 SPLITS = ("train", "valid", "test")

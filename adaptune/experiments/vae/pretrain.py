@@ -25,10 +25,10 @@ import torch
 
 from ...errors import ConfigError, TrainingError
 from ...files import atomic_write_dir
-from ..config import set_seed
-from ..machine import cpu_name
-from ..training import warmup_linear
-from .bases import SMALL_GPT2, cache_root
+from ..common.config import set_seed
+from ..common.machine import cpu_name
+from ..common.training import warmup_linear
+from ..common.causal import SMALL_GPT2, cache_root
 from .data import CORPORA, Collate, length_grouped, load_corpus
 from .model import sentence_log_px
 

@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from ...files import atomic_write
-from ..report import markdown, table
+from ..common.tables import markdown, table
 from .results import is_vae as is_vae  # read and checked in results.py, as load_run reads
 
 HEAD = ["run", "corpus", "base", "posterior", "injection", "placement", "prefix", "fine-tuned", "λ", "% trainable",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import LoadError
-from ..runs import NUMBER, malformed
+from ..common.runs import NUMBER, malformed
 
 FORMAT = "adaptune-vae/1"
 REQUIRED = {

@@ -25,10 +25,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from ... import load
 from ...errors import ConfigError, LoadError
 from ...files import atomic_write_dir
-from ..config import set_seed
-from ..machine import cpu_name, peak_rss_mb
-from ..runs import check_destination, malformed
-from .bases import DEFAULT_BASE, load_base
+from ..common.config import set_seed
+from ..common.machine import cpu_name, peak_rss_mb
+from ..common.runs import check_destination, malformed
+from ..common.causal import DEFAULT_BASE, load_base
 from .data import Collate, by_length, length_grouped, load_corpus
 from .evaluation import evaluate
 from .generation import decode

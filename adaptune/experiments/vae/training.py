@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from ...errors import ConfigError, TrainingError
-from ..training import warmup_linear
+from ..common.training import warmup_linear
 from .model import VAE
 from .objective import cyclical_beta, gaussian_kl, kl_term, reparameterize
 
