@@ -220,14 +220,14 @@ CASES = [
          prepare=lambda e: finished_run(e, "run") or (e.tmp / "runs/run/notes.txt").write_text("mine")),
     Case("out-read-only-cli", lambda e: e.cli() + ["--out", str(e.tmp / "ro/runs")], CLI,
          "is not writable (permission denied)", prepare=read_only),
-    # methods: --stack is method 'stack's composition, parsed when the method is made
-    Case("stack-with-another-method-api", lambda e: Method("lora", stack="attn=LoRA(2)"), ConfigError,
-         "drop --method lora or --stack"),
-    Case("stack-with-another-method-cli", lambda e: e.cli("--stack", "attn=LoRA(2)"), CLI,
-         "drop --method lora or --stack"),
-    Case("stack-unknown-component-api", lambda e: Method(stack="attn=Bogus(3)"), ConfigError,
+    # methods: --spec is method 'spec's composition, parsed when the method is made
+    Case("spec-with-another-method-api", lambda e: Method("lora", spec="attn=LoRA(2)"), ConfigError,
+         "drop --method lora or --spec"),
+    Case("spec-with-another-method-cli", lambda e: e.cli("--spec", "attn=LoRA(2)"), CLI,
+         "drop --method lora or --spec"),
+    Case("spec-unknown-component-api", lambda e: Method(spec="attn=Bogus(3)"), ConfigError,
          "unknown component 'Bogus'"),
-    Case("stack-rank-0-api", lambda e: Method(stack="attn=LoRA(0)"), ConfigError, "r must be a positive integer"),
+    Case("spec-rank-0-api", lambda e: Method(spec="attn=LoRA(0)"), ConfigError, "r must be a positive integer"),
     Case("runs-differing-in-lr-get-two-dirs", lambda e: [multitask.run(e.config(name=None, lr=lr))
                                                           for lr in (1e-3, 2e-3)], None, check=checked_two_runs,
          trains=True),

@@ -36,8 +36,10 @@ def test_info_with_an_invalid_kernel_mode_exits_2_naming_the_valid_modes(monkeyp
 
 
 # `run multitask`: options generated from the config dataclasses
-LEGACY_OPTIONS = {  # the option names of `run multitask` before they were generated: users' scripts use them
-    "--method", "--r", "--dim", "--n", "--stack", "--per-task", "--shared", "--model", "--tokenizer", "--tasks",
+# the option names of `run multitask` before they were generated: users' scripts use them (--stack is now --spec,
+# the flag `adaptune inspect` has for the same text)
+LEGACY_OPTIONS = {
+    "--method", "--r", "--dim", "--n", "--spec", "--per-task", "--shared", "--model", "--tokenizer", "--tasks",
     "--data-dir", "--quick", "--epochs", "--train-limit", "--dev-limit", "--max-length", "--batch-size", "--lr",
     "--head-lr", "--layer-lr-decay", "--split-ratio", "--augment", "--n-aug", "--synonyms", "--seed", "--data-seed",
     "--device", "--threads", "--name", "--out", "--overwrite"}
@@ -100,7 +102,7 @@ def test_options_given_reach_the_config(monkeypatch):
     assert "--dim" not in cfg.command  # defaults are left out
 
 
-def test_no_options_give_the_config_defaults_and_stack_alone_selects_method_stack(monkeypatch):
+def test_no_options_give_the_config_defaults_and_spec_alone_selects_method_spec(monkeypatch):
     import dataclasses
 
     from adaptune.experiments.common.methods import Method
@@ -108,6 +110,6 @@ def test_no_options_give_the_config_defaults_and_stack_alone_selects_method_stac
     cfg = capture_config(monkeypatch, [])
     assert dataclasses.replace(cfg, command="") == ExperimentConfig()
     assert cfg.command == "adaptune run multitask"
-    cfg = capture_config(monkeypatch, ["--stack", "attn=LoRA(2)", "--per-task"])
-    assert cfg.method == Method("stack", stack="attn=LoRA(2)", per_task=True)
+    cfg = capture_config(monkeypatch, ["--spec", "attn=LoRA(2)", "--per-task"])
+    assert cfg.method == Method("spec", spec="attn=LoRA(2)", per_task=True)
     assert "--per-task" in cfg.command and "--method" not in cfg.command

@@ -1,6 +1,8 @@
 """Multitask runs end to end on a tiny random BERT (MiniLM's tokenizer, nothing downloaded) and tiny data."""
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +54,7 @@ def tiny_data(tmp_path_factory):
 
 
 def config(model_dir, data_dir, out, method="lora", **kw):
-    m = Method(method, r=2, dim=4, n=3, stack=kw.pop("stack", None), per_task=kw.pop("per_task", None))
+    m = Method(method, r=2, dim=4, n=3, spec=kw.pop("spec", None), per_task=kw.pop("per_task", None))
     base = dict(model=model_dir, data_dir=data_dir, out=str(out), epochs=1, train_limit=4, dev_limit=8,
                 max_length=24, batch_size=4, seed=0)
     return ExperimentConfig(m, **{**base, **kw})
@@ -74,7 +76,7 @@ def assert_dev_metrics_are_the_predictions(result, run_dir, data_dir):
 
 METHODS = [("head-only", {}), ("full", {}), ("lora", {}), ("dora", {}), ("adapter", {}), ("lora+adapter", {}),
            ("hyper", {}), ("prefix", {}), ("prompt", {}), ("lora", {"per_task": True}),
-           ("stack", {"stack": "attn=LoRA(2)|Prefix(3); ffn=Adapter(4)"})]
+           ("spec", {"spec": "attn=LoRA(2)|Prefix(3); ffn=Adapter(4)"})]
 
 
 @pytest.mark.parametrize("method, extra", METHODS, ids=[f"{m}{'-' + str(e) if e else ''}" for m, e in METHODS])
@@ -287,10 +289,28 @@ def test_report_skips_non_runs_and_labels_learning_rates(tiny_model_dir, tiny_da
     assert head[0] == "method" and "% of full" in head and len(body) == 2
 
 
-def test_cli_refuses_bad_threads_and_conflicting_stack(tiny_data):
+def test_cli_refuses_bad_threads_and_conflicting_spec(tiny_data):
     from adaptune.cli.app import app
     runner = CliRunner()
     r = runner.invoke(app, ["run", "multitask", "--threads", "0", "--data-dir", tiny_data])
     assert r.exit_code == 2 and "--threads must be at least 1" in r.output
-    r = runner.invoke(app, ["run", "multitask", "--method", "lora", "--stack", "attn=LoRA(2)", "--data-dir", tiny_data])
-    assert r.exit_code == 2 and "drop --method lora or --stack" in " ".join(r.output.split())
+    r = runner.invoke(app, ["run", "multitask", "--method", "lora", "--spec", "attn=LoRA(2)", "--data-dir", tiny_data])
+    assert r.exit_code == 2 and "drop --method lora or --spec" in " ".join(r.output.split())
+
+
+def test_results_saved_before_stack_became_spec_are_reported_and_reloaded(tmp_path):
+    """The committed results.json files were written while --spec was --stack: config.method holds `stack`."""
+    from adaptune.cli.app import app
+
+    committed = Path(__file__).resolve().parents[1] / "benchmarks/results/multitask/per-run/head-only-seed0.json"
+    saved = json.loads(committed.read_text())
+    assert saved["config"]["method"]["stack"] is None and "spec" not in saved["config"]["method"]
+    (tmp_path / "old").mkdir()
+    shutil.copy(committed, tmp_path / "old" / "results.json")
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "old"), "--plot", str(tmp_path / "r.png"),
+                                 "--markdown", str(tmp_path / "r.md")])
+    assert r.exit_code == 0, r.output
+    assert "| head-only |" in (tmp_path / "r.md").read_text() and (tmp_path / "r.png").is_file()
+    assert ExperimentConfig.from_dict(saved["config"]).method == Method("head-only")
+    composed = {**saved["config"], "method": {**saved["config"]["method"], "name": "stack", "stack": "attn=LoRA(2)"}}
+    assert ExperimentConfig.from_dict(composed).method == Method("spec", spec="attn=LoRA(2)")

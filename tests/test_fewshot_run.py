@@ -217,14 +217,14 @@ def _read_only(e):
 FEWSHOT = ["run", "fewshot", "--model", "tiny-gpt2", "--k", "2", "--seeds", "0", "--steps", "1"]
 TAPT = ["tapt", "--model", "tiny-gpt2", "--steps", "1"]
 BAD_CLI = {  # args ({tmp}: the case's directory), a fragment of the one-line error, what to prepare
-    "fewshot-unknown-component-in-stack": (FEWSHOT + ["--stack", "attn=Bogus(3)"], "unknown component 'Bogus'", None),
-    "fewshot-zero-shot-parses-the-stack": (FEWSHOT + ["--mode", "zero-shot", "--stack", "attn=Bogus(3)"],
+    "fewshot-unknown-component-in-spec": (FEWSHOT + ["--spec", "attn=Bogus(3)"], "unknown component 'Bogus'", None),
+    "fewshot-zero-shot-parses-the-spec": (FEWSHOT + ["--mode", "zero-shot", "--spec", "attn=Bogus(3)"],
                                            "unknown component 'Bogus'", None),
-    "fewshot-stack-with-another-method": (FEWSHOT + ["--method", "adapter", "--stack", "attn=LoRA(2)"],
-                                          "drop --method adapter or --stack", None),
-    "tapt-stack-rank-0": (TAPT + ["--out", "{tmp}/t", "--stack", "attn=LoRA(0)"], "r must be a positive integer", None),
-    "tapt-stack-with-another-method": (TAPT + ["--out", "{tmp}/t", "--method", "lora", "--stack", "attn=LoRA(2)"],
-                                       "drop --method lora or --stack", None),
+    "fewshot-spec-with-another-method": (FEWSHOT + ["--method", "adapter", "--spec", "attn=LoRA(2)"],
+                                         "drop --method adapter or --spec", None),
+    "tapt-spec-rank-0": (TAPT + ["--out", "{tmp}/t", "--spec", "attn=LoRA(0)"], "r must be a positive integer", None),
+    "tapt-spec-with-another-method": (TAPT + ["--out", "{tmp}/t", "--method", "lora", "--spec", "attn=LoRA(2)"],
+                                      "drop --method lora or --spec", None),
     "fewshot-model-missing": (FEWSHOT + ["--model", "{tmp}/nonexistent/dir"], "no such model directory", None),
     "fewshot-model-not-a-model-dir": (FEWSHOT + ["--model", "{tmp}"], "has no config.json", None),
     "tapt-model-missing": (TAPT + ["--out", "{tmp}/t", "--model", "/nonexistent/dir"], "no such model directory", None),
@@ -270,19 +270,19 @@ def test_bad_fewshot_and_tapt_input_is_refused_before_anything_loads(case, data,
     assert "--name" not in errors[0] or args[0] == "run"  # tapt has no --name
 
 
-def test_stack_alone_selects_method_stack_in_tapt_and_fewshot(data, tmp_path):
+def test_spec_alone_selects_method_spec_in_tapt_and_fewshot(data, tmp_path):
     from typer.testing import CliRunner
 
     from adaptune.cli.app import app
 
     out = CliRunner().invoke(app, [*TAPT, "--data-dir", data, "--batch-size", "2", "--max-length", "8", "--out",
-                                   str(tmp_path / "t"), "--stack", "attn=LoRA(2)"])
+                                   str(tmp_path / "t"), "--spec", "attn=LoRA(2)"])
     assert out.exit_code == 0, out.output
-    assert json.loads((tmp_path / "t" / "tapt.json").read_text())["method"] == "stack[attn=LoRA(2)]"
-    cfg = FewShotConfig(method=FewShotMethod(stack="attn=LoRA(2)"))
-    assert cfg.method.name == "stack" and FewShotMethod().name == "lora"
-    with pytest.raises(ConfigError, match="drop --method adapter or --stack"):
-        FewShotMethod(name="adapter", stack="attn=LoRA(2)")
+    assert json.loads((tmp_path / "t" / "tapt.json").read_text())["method"] == "spec[attn=LoRA(2)]"
+    cfg = FewShotConfig(method=FewShotMethod(spec="attn=LoRA(2)"))
+    assert cfg.method.name == "spec" and FewShotMethod().name == "lora"
+    with pytest.raises(ConfigError, match="drop --method adapter or --spec"):
+        FewShotMethod(name="adapter", spec="attn=LoRA(2)")
 
 
 def test_read_tapt_names_the_file_and_what_is_wrong(tmp_path):
@@ -290,6 +290,15 @@ def test_read_tapt_names_the_file_and_what_is_wrong(tmp_path):
     path = _tapt_dir(tmp_path / "t", {"format": "adaptune-tapt/1", "model": "tiny-gpt2", "method": 3})
     with pytest.raises(LoadError, match="tapt.json: missing or malformed method"):
         read_tapt(path, "tiny-gpt2", FewShotMethod())
+
+
+def test_read_tapt_takes_the_label_of_a_tapt_run_saved_before_stack_became_spec(tmp_path):
+    from adaptune.experiments.fewshot.tapt import read_tapt
+    path = _tapt_dir(tmp_path / "t", {"format": "adaptune-tapt/1", "model": "tiny-gpt2",
+                                      "method": "stack[attn=LoRA(2)]"})
+    assert read_tapt(path, "tiny-gpt2", FewShotMethod(spec="attn=LoRA(2)"))["method"] == "stack[attn=LoRA(2)]"
+    with pytest.raises(ConfigError, match=r"its components are stack\[attn=LoRA\(2\)\]"):
+        read_tapt(path, "tiny-gpt2", FewShotMethod(spec="attn=LoRA(4)"))
 
 
 def test_a_fewshot_results_json_is_checked_for_types(tmp_path):

@@ -11,7 +11,7 @@ it), and the AdamW parameter groups (param_groups).
 | hyper         | HyperAdapter(dim) on attn and ffn: one hypernetwork, task embeddings| shared          |
 | prefix        | Prefix(n) on attn                                                  | shared          |
 | prompt        | PromptTuning(n) on embed                                           | shared          |
-| stack         | any composition, e.g. "attn=LoRA(12)|Prefix(10); ffn=Adapter(64)"   | shared          |
+| spec          | any composition, e.g. "attn=LoRA(12)|Prefix(10); ffn=Adapter(64)"   | shared          |
 
 Sharing follows seed 004 (adapters are task-specific, LoRA and the hypernetwork are shared);
 `per_task=True/False` overrides it for everything the method attaches (lora+adapter included).
@@ -31,10 +31,31 @@ if TYPE_CHECKING:  # imported where used: the CLI builds its options from Method
 
     from ...adaptation import Adaptation
 
-METHODS = ("head-only", "full", "lora", "dora", "adapter", "lora+adapter", "hyper", "prefix", "prompt", "stack")
+METHODS = ("head-only", "full", "lora", "dora", "adapter", "lora+adapter", "hyper", "prefix", "prompt", "spec")
 COMPONENT_LR = 3e-3  # the learning rate of every method DEFAULT_LR does not name (see the README: the comparisons)
 DEFAULT_LR = {"full": 3e-4, "prefix": 5e-3, "prompt": 1e-2}
 PER_TASK_BY_DEFAULT = {"adapter"}
+
+
+RENAMED = {"stack": "spec"}  # the method and its field were named 'stack' before the option became --spec
+
+
+def method_fields(saved: dict) -> dict:
+    """Method's fields of a saved method (config.method of a results.json), of runs saved before the rename
+    too: their field `stack` is `spec`, their method 'stack' is 'spec'."""
+    fields = {RENAMED.get(k, k): v for k, v in saved.items()}
+    if fields.get("name") in RENAMED:
+        fields["name"] = RENAMED[fields["name"]]
+    return fields
+
+
+def method_label(saved: str) -> str:
+    """A saved Method.label() as this version writes it: 'stack[...]' of runs saved before the rename is
+    'spec[...]'."""
+    for old, new in RENAMED.items():
+        if saved.startswith(f"{old}["):
+            return f"{new}[{saved[len(old) + 1:]}"
+    return saved
 
 
 def lr_defaults() -> str:
@@ -46,47 +67,47 @@ def lr_defaults() -> str:
 class Method:
     """What an experiment attaches and trains; the field metadata is the help of the CLI's options."""
     name: str | None = field(default=None, metadata={
-        "help": f"one of {', '.join(METHODS)} (default lora+adapter; stack when --stack is given)",
+        "help": f"one of {', '.join(METHODS)} (default lora+adapter; spec when --spec is given)",
         "flags": ("--method",)})
     r: int = field(default=12, metadata={"help": "LoRA/DoRA rank (lora, dora, lora+adapter)"})
     dim: int = field(default=64, metadata={"help": "adapter / hyper-adapter bottleneck (adapter, lora+adapter, hyper)"})
     n: int = field(default=20, metadata={"help": "prefix / prompt length (prefix, prompt)"})
-    stack: str | None = field(default=None, metadata={
-        "help": "any composition, e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)' (method 'stack'; "
-                "--stack alone selects it, with another --method it is refused)"})
+    spec: str | None = field(default=None, metadata={
+        "help": "any composition, e.g. 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)' (method 'spec'; "
+                "--spec alone selects it, with another --method it is refused)"})
     per_task: bool | None = field(default=None, metadata={
         "help": "per-task or shared components (default: the method's, as seed 004)",
         "flags": ("--per-task/--shared",)})
 
-    default: ClassVar[str] = "lora+adapter"  # the method when neither name nor stack is given
+    default: ClassVar[str] = "lora+adapter"  # the method when neither name nor spec is given
 
     def __post_init__(self) -> None:
-        if self.name is None:  # --stack alone selects method 'stack'
-            object.__setattr__(self, "name", "stack" if self.stack is not None else self.default)
+        if self.name is None:  # --spec alone selects method 'spec'
+            object.__setattr__(self, "name", "spec" if self.spec is not None else self.default)
         if self.name not in METHODS:
             raise ConfigError(f"unknown method {self.name!r}; known: {', '.join(METHODS)}")
         for what in ("r", "dim", "n"):
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{what} (--{what}) must be an integer of at least 1, got {value!r}")
-        if self.stack is not None and self.name != "stack":
-            raise ConfigError(f"--stack gives the composition of method 'stack'; drop --method {self.name} or --stack")
-        if self.name == "stack":
-            self._check_stack()
+        if self.spec is not None and self.name != "spec":
+            raise ConfigError(f"--spec gives the composition of method 'spec'; drop --method {self.name} or --spec")
+        if self.name == "spec":
+            self._check_spec()
         if self.name in ("head-only", "full") and self.per_task is not None:
             raise ConfigError(f"--per-task/--shared does not apply to {self.name!r}")
 
-    def _check_stack(self) -> None:
+    def _check_spec(self) -> None:
         """The composition parsed now, so a bad one is refused before anything loads."""
-        example = "e.g. --stack 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'"
-        if self.stack is None or (isinstance(self.stack, str) and not self.stack.strip()):
-            raise ConfigError(f"method 'stack' needs a composition, {example}")
+        example = "e.g. --spec 'attn=LoRA(12)|Prefix(10); ffn=Adapter(64)'"
+        if self.spec is None or (isinstance(self.spec, str) and not self.spec.strip()):
+            raise ConfigError(f"method 'spec' needs a composition, {example}")
         from ...spec import parse_spec
 
         try:
-            parse_spec(self.stack)
+            parse_spec(self.spec)
         except ConfigError as e:
-            raise ConfigError(f"--stack {self.stack!r}: {e}") from e
+            raise ConfigError(f"--spec {self.spec!r}: {e}") from e
 
     @property
     def sharing(self) -> str:
@@ -104,7 +125,7 @@ class Method:
     def label(self) -> str:
         arg = {"lora": f"r={self.r}", "dora": f"r={self.r}", "adapter": f"dim={self.dim}", "hyper": f"dim={self.dim}",
                "lora+adapter": f"r={self.r}, dim={self.dim}", "prefix": f"n={self.n}", "prompt": f"n={self.n}",
-               "stack": self.stack}.get(self.name)
+               "spec": self.spec}.get(self.name)
         return f"{self.name}[{arg}]" if arg else self.name
 
     def components(self) -> dict:
@@ -117,7 +138,7 @@ class Method:
                 "adapter": lambda: both(Adapter(self.dim)), "hyper": lambda: both(HyperAdapter(self.dim)),
                 "lora+adapter": lambda: {"attn": LoRA(self.r) | Adapter(self.dim), "ffn": Adapter(self.dim)},
                 "prefix": lambda: {"attn": Prefix(self.n)}, "prompt": lambda: {"embed": PromptTuning(self.n)},
-                "stack": lambda: parse_spec(self.stack or "")}[self.name]()
+                "spec": lambda: parse_spec(self.spec or "")}[self.name]()
 
     def prepare(self, model: nn.Module, tasks: list[str]) -> Adaptation | None:
         """Freeze/unfreeze the base and attach components; returns the Adaptation (None: no components)."""

@@ -30,7 +30,7 @@ def _budget(text: str, key: str) -> dict:
 class FewShotMethod(Method):
     """Method with LoRA as the few-shot default (the multitask runner's default is lora+adapter)."""
     name: str | None = field(default=None, metadata={
-        "help": f"one of {', '.join(METHODS)} (default lora; stack when --stack is given)", "flags": ("--method",)})
+        "help": f"one of {', '.join(METHODS)} (default lora; spec when --spec is given)", "flags": ("--method",)})
     r: int = field(default=8, metadata={"help": "LoRA/DoRA rank (lora, dora, lora+adapter)"})
 
     default: ClassVar[str] = "lora"

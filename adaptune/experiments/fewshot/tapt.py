@@ -25,7 +25,7 @@ from ...persist import load
 from ..common.config import check_device, set_seed
 from ..common.data import default_data_dir, load_dataset
 from ..common.datasets import get_dataset
-from ..common.methods import Method, param_groups
+from ..common.methods import Method, method_label, param_groups
 from ..common.runs import check_destination, malformed
 from ..common.training import warmup_linear
 from .bases import CAUSAL, ENCODER, kind_of, load_lm
@@ -74,7 +74,7 @@ class TaptConfig:
             raise ConfigError(f"--lr must be a positive finite number, got {self.lr!r}")
         if self.method.name in ("head-only", "full"):
             raise ConfigError(f"TAPT trains components and saves them; method {self.method.name!r} has none: "
-                              f"give a component method (lora, dora, adapter, prefix, prompt, stack, ...)")
+                              f"give a component method (lora, dora, adapter, prefix, prompt, spec, ...)")
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor], causal: bool, mask_token: int | None, vocab: int,
@@ -177,7 +177,7 @@ def read_tapt(path: str | Path, model_name: str, method: Method) -> dict:
                         f"adaptune tapt (format {FORMAT!r})")
     if not weights.is_file():
         raise LoadError(f"{weights}: missing; an `adaptune tapt` output directory holds {', '.join(ARTIFACTS)}")
-    if info["model"] != model_name or info["method"] != method.label():
+    if info["model"] != model_name or method_label(info["method"]) != method.label():  # 'stack[...]': before --spec
         raise ConfigError(f"{path}: its components are {info['method']} on {info['model']!r}; this run is "
                           f"{method.label()} on {model_name!r}: give the same --model and method options")
     return info

@@ -20,7 +20,7 @@ from ...errors import ConfigError
 from ..common.config import DEVICE, check_device, check_run_name
 from ..common.data import SHARED_DATA, DatasetSplits, default_data_dir, load_dataset
 from ..common.datasets import ALIASES, DATASETS, DEFAULT_DATASETS, parse_datasets
-from ..common.methods import Method, lr_defaults
+from ..common.methods import RENAMED, Method, lr_defaults, method_fields
 from .eda import augment, load_synonyms
 
 BATCHING = ("round-robin", "mixed")
@@ -136,7 +136,8 @@ class ExperimentConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "ExperimentConfig":
-        return ExperimentConfig(**{**d, "method": Method(**d["method"]), "tasks": tuple(d["tasks"])})
+        """The config of a results.json (of runs saved before --stack became --spec too)."""
+        return ExperimentConfig(**{**d, "method": Method(**method_fields(d["method"])), "tasks": tuple(d["tasks"])})
 
 
 NOT_HASHED = ("name", "out", "overwrite", "command")  # where a run goes and how it was typed, not what it computes
@@ -161,6 +162,8 @@ def default_name(cfg: ExperimentConfig) -> str:
     differ in any setting (--lr, --epochs, the data) get different names."""
     label = re.sub(r"[^A-Za-z0-9.+]+", "-", cfg.method.label().replace("=", "")).strip("-")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    former = {new: old for old, new in RENAMED.items()}  # Method.spec hashed as `stack`, its name before the rename,
+    settings["method"] = {former.get(k, k): v for k, v in settings["method"].items()}  # so default names stay
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{label}-seed{cfg.seed}-{digest}"
 
