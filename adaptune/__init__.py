@@ -8,8 +8,8 @@ from .persist import load, save
 from .spec import parse_spec
 from .components import (PSA, Adapter, AtM, Bidirectional, BitFit, Component, DoRA, HyperAdapter, LoRA, Prefix,
                          PromptTuning, Stack, Trainable)
-from .errors import (AdaptuneError, BindError, ConfigError, DataError, LoadError, MergeError, SiteError,
-                     TaskError, TrainingError, WriteError)
+from .errors import AdaptuneError, BindError, ConfigError, LoadError, MergeError, SiteError, TaskError, WriteError
+from .experiments.common.errors import DataError, TrainingError  # the experiments' own errors
 
 __version__ = "0.1.0"
 

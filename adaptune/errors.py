@@ -1,4 +1,7 @@
-"""One exception family: every error adaptune raises is an AdaptuneError."""
+"""One exception family: every error adaptune raises is an AdaptuneError.
+
+The library's errors are here; the experiments' own (DataError, TrainingError) are in
+adaptune/experiments/common/errors.py, exported from adaptune as these are."""
 
 
 class AdaptuneError(Exception):
@@ -37,11 +40,3 @@ class LoadError(AdaptuneError, ValueError):
 
 class WriteError(AdaptuneError, OSError):
     """A file or directory could not be written; what was at its path before is kept."""
-
-
-class TrainingError(AdaptuneError, RuntimeError):
-    """Training cannot go on: a non-finite loss, gradient or prediction (the message names step and dataset)."""
-
-
-class DataError(AdaptuneError, ValueError):
-    """An experiment's data file is missing or malformed; the message names the file and line."""

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 import adaptune.experiments.multitask.run as multitask
 from adaptune.cli.app import app
-from adaptune.errors import ConfigError, DataError, LoadError
+from adaptune.errors import ConfigError, LoadError
 from adaptune.experiments.common.data import read_file
 from adaptune.experiments.common.datasets import get_dataset
+from adaptune.experiments.common.errors import DataError
 from adaptune.experiments.common.methods import Method
 from adaptune.experiments.multitask.eda import load_synonyms
 from adaptune.experiments.multitask.run import ExperimentConfig, TrainingError, load_run

@@ -3,9 +3,10 @@ import random
 
 import pytest
 
-from adaptune.errors import AdaptuneError, DataError
+from adaptune.errors import AdaptuneError
 from adaptune.experiments.common.data import load_dataset, read_file, split, subset
 from adaptune.experiments.common.datasets import get_dataset, parse_datasets
+from adaptune.experiments.common.errors import DataError
 from adaptune.experiments.multitask.eda import augment, eda, load_synonyms
 
 SST_HEAD = "\tid\tsentence\tsentiment\n"

@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from adaptune.errors import ConfigError, DataError
+from adaptune.errors import ConfigError
 from adaptune.experiments.common.data import load_dataset, read_file
 from adaptune.experiments.common.datasets import CLASSES, Dataset, get_dataset, parse_datasets
+from adaptune.experiments.common.errors import DataError
 
 SST_HEAD = "\tid\tsentence\tsentiment\n"
 REAL = Path("/work/shared/data/cs224n")

@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from adaptune.errors import ConfigError, DataError, TrainingError
+from adaptune.errors import ConfigError
 from adaptune.experiments.common.data import Example
+from adaptune.experiments.common.errors import DataError, TrainingError
 from adaptune.experiments.fewshot.recipes import ParameterAverage, distillation_loss, few_shot
 
 

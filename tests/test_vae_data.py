@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from adaptune.errors import ConfigError, DataError
+from adaptune.errors import ConfigError
 from adaptune.experiments.common.causal import load_base
+from adaptune.experiments.common.errors import DataError
 from adaptune.experiments.vae.data import CORPORA, Collate, bucket, default_lm_dir, load_corpus, sentences_of
 
 SIZES = {("yelp", "train"): 113320, ("yelp", "valid"): 31784, ("yelp", "test"): 31699,

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ...errors import DataError
 from .datasets import CLASSES, DATASETS, Dataset
+from .errors import DataError
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long reviews (CFIMDB) exceed the 128 KiB default
 

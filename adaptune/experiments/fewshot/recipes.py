@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...errors import ConfigError, DataError, TrainingError
+from ...errors import ConfigError
 from ..common.data import Example
+from ..common.errors import DataError, TrainingError
 
 
 def _positive_int(value: object, what: str) -> int:

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...errors import ConfigError, LoadError, TrainingError
+from ...errors import ConfigError, LoadError
 from ...files import atomic_write_dir
 from ...persist import load
 from ..common.config import check_device, set_seed
 from ..common.data import default_data_dir, load_dataset
 from ..common.datasets import get_dataset
+from ..common.errors import TrainingError
 from ..common.methods import Method, method_label, param_groups
 from ..common.runs import check_destination, malformed
 from ..common.training import warmup_linear

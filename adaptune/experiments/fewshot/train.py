@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...errors import TrainingError
 from ..common.data import Example
+from ..common.errors import TrainingError
 from ..common.training import EVAL_BATCH, Encoder, warmup_linear
 from .prompts import Prompt
 from .recipes import ParameterAverage, distillation_loss

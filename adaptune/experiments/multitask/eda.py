@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ...errors import DataError
+from ..common.errors import DataError
 
 
 def load_synonyms(path: str | Path) -> dict[str, list[str]]:

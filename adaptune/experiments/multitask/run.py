@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import ConfigError, TrainingError
+from ...errors import ConfigError
 from ..common.config import set_seed
 from ..common.data import DatasetSplits
 from ..common.encoders import load_base, load_tokenizer
+from ..common.errors import TrainingError
 from ..common.machine import cpu_name, peak_rss_mb
 from ..common.methods import param_groups
 from ..common.runs import check_destination

@@ -37,8 +37,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError
 from ..common.data import default_data_dir, find, subset
+from ..common.errors import DataError
 
 SHARED_LM = "../shared/data/lm"  # the corpora's folder without a data_dir or $ADAPTUNE_LM_DATA
 SPLITS = ("train", "valid", "test")

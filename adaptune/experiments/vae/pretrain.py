@@ -23,12 +23,13 @@ from typing import Any, Callable
 
 import torch
 
-from ...errors import ConfigError, TrainingError
+from ...errors import ConfigError
 from ...files import atomic_write_dir
+from ..common.causal import SMALL_GPT2, cache_root
 from ..common.config import set_seed
+from ..common.errors import TrainingError
 from ..common.machine import cpu_name
 from ..common.training import warmup_linear
-from ..common.causal import SMALL_GPT2, cache_root
 from .data import CORPORA, Collate, length_grouped, load_corpus
 from .model import sentence_log_px
 

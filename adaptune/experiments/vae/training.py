@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ...errors import ConfigError, TrainingError
+from ...errors import ConfigError
+from ..common.errors import TrainingError
 from ..common.training import warmup_linear
 from .model import VAE
 from .objective import cyclical_beta, gaussian_kl, kl_term, reparameterize
