@@ -7,8 +7,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from adaptune.experiments.fewshot.config import FewShotConfig, FewShotMethod
-from adaptune.experiments.fewshot.tapt import TaptConfig
+from adaptune.experiments.fewshot.config import FewShotConfig, FewShotMethod, TaptConfig
 
 from .common import command_line, console, fail
 from .options import fields_of, options

@@ -8,10 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from adaptune.experiments.vae.model import VAEConfig
-from adaptune.experiments.vae.pretrain import PretrainConfig
-from adaptune.experiments.vae.run import RunConfig
-from adaptune.experiments.vae.training import TrainConfig
+from adaptune.experiments.vae.config import PretrainConfig, RunConfig, TrainConfig, VAEConfig
 
 from .common import command_line, console, fail
 from .options import fields_of, options

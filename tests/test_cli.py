@@ -1,4 +1,7 @@
 """The CLI through typer's CliRunner."""
+import subprocess
+import sys
+
 from typer.testing import CliRunner
 
 from adaptune.cli.app import app
@@ -113,3 +116,13 @@ def test_no_options_give_the_config_defaults_and_spec_alone_selects_method_spec(
     cfg = capture_config(monkeypatch, ["--spec", "attn=LoRA(2)", "--per-task"])
     assert cfg.method == Method("spec", spec="attn=LoRA(2)", per_task=True)
     assert "--per-task" in cfg.command and "--method" not in cfg.command
+
+
+def test_importing_the_cli_imports_no_torch():
+    """The CLI starts without torch or transformers (`adaptune --help` stays quick): its modules, adaptune's
+    exports and the config modules the options are generated from import them only when a command runs."""
+    code = ("import sys; import adaptune.cli.app; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -27,3 +27,21 @@ def test_the_wheel_installs_only_adaptune(tmp_path):
     assert "adaptune/cli/app.py" in names and "adaptune/_csrc/schema.cpp" in names
     (entry,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "adaptune = adaptune.cli.app:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_the_exports_resolve_on_first_use():
+    """`import adaptune` imports no torch; every name of __all__ resolves (and is in dir()) when first used, and
+    `attach` stays the function when the module adaptune.attach was imported first."""
+    code = """
+import sys, types
+import adaptune
+assert "torch" not in sys.modules, "import adaptune imported torch"
+import adaptune.persist  # imports the module adaptune.attach
+from adaptune import attach, LoRA, DataError
+assert callable(attach) and not isinstance(attach, types.ModuleType) and adaptune.attach is attach
+assert set(adaptune.__all__) <= set(dir(adaptune))
+assert all(getattr(adaptune, name) is not None for name in adaptune.__all__)
+assert issubclass(DataError, adaptune.AdaptuneError) and LoRA(4).r == 4
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +30,11 @@ from ..common.methods import Method, method_label, param_groups
 from ..common.runs import check_destination, malformed
 from ..common.training import warmup_linear
 from .bases import CAUSAL, ENCODER, kind_of, load_lm
-from .config import FewShotMethod
+from .config import TaptConfig
 
 TASK = "task"  # the adaptune task name of the components in tapt and fewshot runs
 FORMAT = "adaptune-tapt/1"
 ARTIFACTS = ("adaptation.safetensors", "tapt.json")
-
-
-@dataclass(frozen=True)
-class TaptConfig:
-    """One TAPT run; the field metadata is the CLI's help."""
-    out: str = field(default="", metadata={"help": "the output directory (made; refused if it exists without "
-                                                   "--overwrite)", "metavar": "<dir>", "panel": "Run"})
-    method: Method = field(default_factory=FewShotMethod)
-    dataset: str = field(default="sst-binary", metadata={"help": "whose training-file text to train on",
-                                                         "panel": "Task"})
-    model: str = field(default="smollm2-135m", metadata={"help": "a causal or masked LM (see run fewshot --model)",
-                                                         "panel": "Task"})
-    data_dir: str | None = field(default=None, metadata={"help": "default: $ADAPTUNE_DATA, else ../shared/data/cs224n",
-                                                         "metavar": "<dir>", "panel": "Task"})
-    steps: int = field(default=100, metadata={"help": "training steps", "panel": "Budget"})
-    batch_size: int = field(default=8, metadata={"help": "texts per step", "panel": "Budget"})
-    max_length: int = field(default=128, metadata={"help": "tokens per text", "panel": "Budget"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the method's)",
-                                                     "panel": "Training"})
-    mlm_probability: float = field(default=0.15, metadata={"help": "share of tokens masked (masked LMs)",
-                                                           "panel": "Training"})
-    seed: int = field(default=0, metadata={"help": "text order, masking, initialisation", "panel": "Run"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N", "panel": "Run"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory",
-                                                     "flags": ("--overwrite",), "panel": "Run"})
-    command: str = ""
-
-    def __post_init__(self) -> None:
-        if not str(self.out).strip():
-            raise ConfigError("--out DIR is required: where the TAPT components are written")
-        for what in ("steps", "batch_size", "max_length"):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{what.replace('_', '-')} must be an integer of at least 1, got {value!r}")
-        if not (isinstance(self.mlm_probability, float) and 0 < self.mlm_probability < 1):
-            raise ConfigError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
-            raise ConfigError(f"--lr must be a positive finite number, got {self.lr!r}")
-        if self.method.name in ("head-only", "full"):
-            raise ConfigError(f"TAPT trains components and saves them; method {self.method.name!r} has none: "
-                              f"give a component method (lora, dora, adapter, prefix, prompt, spec, ...)")
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor], causal: bool, mask_token: int | None, vocab: int,

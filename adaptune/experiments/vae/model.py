@@ -14,7 +14,6 @@ like any other adaptation; with `finetune=True` the base itself trains too (the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,46 +22,7 @@ from torch import Tensor, nn
 from ... import PSA, Adaptation, Adapter, AtM, Bidirectional, Prefix, attach
 from ...errors import ConfigError
 from ...sites import SiteMap
-
-INJECTIONS = ("psa", "atm", "both")
-LATENT_GENS = ("attn", "pool")
-PLACEMENTS = ("ffn-parallel", "attn-parallel", "attn-serial")
-
-
-def _m(text: str, **kw) -> dict:
-    return {"help": text, "panel": "Model", **kw}
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """The VAE's architecture; the field metadata is `adaptune run vae`'s help."""
-    latent_dim: int = field(default=32, metadata=_m("size d_z of the latent (seed: 32 for language modelling)"))
-    encoder_layers: int | None = field(default=None, metadata=_m(
-        "encoder depth L_enc (default: two thirds of the base's layers, 8 of GPT-2's 12)"))
-    injection: str = field(default="psa", metadata=_m("how z enters the decoder: psa, atm or both"))
-    latent_gen: str = field(default="attn", metadata=_m("q(z|x): attn (Latent Attention) or pool (Optimus's LG)"))
-    adapter_dim: int = field(default=128, metadata=_m("adapter bottleneck size"))
-    placement: str = field(default="ffn-parallel", metadata=_m(
-        "where the adapters go: ffn-parallel (AdaVAE), attn-parallel or attn-serial"))
-    prefix: int = field(default=0, metadata=_m("+ Prefix(N) in encoder and decoder (0: none)"))
-    finetune: bool = field(default=False, metadata=_m("fine-tune the base instead of adapters",
-                                                       flags=("--finetune",)))
-
-    def __post_init__(self) -> None:
-        for name, value, valid in (("injection", self.injection, INJECTIONS),
-                                   ("latent_gen", self.latent_gen, LATENT_GENS),
-                                   ("placement", self.placement, PLACEMENTS)):
-            if value not in valid:
-                raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
-        for name in ("latent_dim", "adapter_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.prefix, int) or self.prefix < 0:
-            raise ConfigError(f"prefix must be a non-negative integer (0: none), got {self.prefix!r}")
-        if self.encoder_layers is not None and (not isinstance(self.encoder_layers, int) or self.encoder_layers < 1):
-            raise ConfigError(f"encoder_layers must be a positive integer or None, got {self.encoder_layers!r}")
-
+from .config import VAEConfig
 
 def default_encoder_layers(n_layers: int) -> int:
     """Two thirds of the layers, rounded (the seed: 8 of 12), at least one."""

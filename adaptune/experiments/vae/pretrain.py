@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,58 +30,12 @@ from ..common.config import set_seed
 from ..common.errors import TrainingError
 from ..common.machine import cpu_name
 from ..common.training import warmup_linear
+from .config import PretrainConfig
 from .data import CORPORA, Collate, length_grouped, load_corpus
 from .model import sentence_log_px
 
 FORMAT = "adaptune-pretrain-lm/1"
 EOT = "<|endoftext|>"
-
-
-def _p(text: str, panel: str = "Model", **kw) -> dict:
-    return {"help": text, "panel": panel, **kw}
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """One `adaptune pretrain-lm`; the field metadata is the CLI's help."""
-    layers: int = field(default=6, metadata=_p("transformer layers"))
-    hidden: int = field(default=256, metadata=_p("hidden size"))
-    heads: int = field(default=4, metadata=_p("attention heads"))
-    vocab: int = field(default=8192, metadata=_p("BPE vocabulary size (bytes and merges, <|endoftext|> included)"))
-    max_length: int = field(default=32, metadata=_p("tokens per sentence, BOS and EOS included"))
-    steps: int = field(default=2000, metadata=_p("training steps", "Training"))
-    batch_size: int = field(default=64, metadata=_p("sentences per step", "Training"))
-    lr: float = field(default=1e-3, metadata=_p("peak learning rate (AdamW)", "Training"))
-    warmup: float = field(default=0.05, metadata=_p("share of the steps of linear warm-up", "Training"))
-    dropout: float = field(default=0.1, metadata=_p("dropout of embeddings, attention and residuals", "Training"))
-    train_limit: int | None = field(default=None, metadata=_p(
-        "training sentences per corpus, a seeded subset (default: all)", "Training"))
-    eval_limit: int = field(default=2000, metadata=_p("held-out sentences per corpus", "Training"))
-    seed: int = field(default=0, metadata=_p("seed of the data order and initialisation", "Run"))
-    data_dir: str | None = field(default=None, metadata=_p(
-        "the folder holding yelp/, ptb/, wikitext-2/ (default $ADAPTUNE_LM_DATA, else ../shared/data/lm)", "Run",
-        metavar="<dir>"))
-
-    def __post_init__(self) -> None:
-        for name in ("layers", "hidden", "heads", "vocab", "steps", "batch_size", "eval_limit"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.train_limit is not None and (not isinstance(self.train_limit, int) or self.train_limit < 1):
-            raise ConfigError(f"--train-limit must be a positive integer, got {self.train_limit!r}")
-        if self.hidden % self.heads:
-            raise ConfigError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
-        if self.vocab < 258:
-            raise ConfigError(f"--vocab {self.vocab} is too small: the 256 bytes and <|endoftext|> come first "
-                              f"(give at least 258)")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be at least 2 (BOS and EOS), got {self.max_length}")
-        for name, low, high in (("lr", 0, math.inf), ("warmup", 0, 1), ("dropout", 0, 1)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value < high \
-                    or (name == "lr" and value == 0):
-                raise ConfigError(f"--{name} must be a finite number in "
-                                  f"{'(0, ∞)' if name == 'lr' else '[0, 1)'}, got {value!r}")
 
 
 def train_tokenizer(texts: list[str], vocab: int) -> Any:

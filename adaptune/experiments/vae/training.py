@@ -8,55 +8,15 @@ warm-up then linear decay, gradients clipped to norm `clip`. A non-finite loss s
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-from ...errors import ConfigError
 from ..common.errors import TrainingError
 from ..common.training import warmup_linear
+from .config import TrainConfig
 from .model import VAE
 from .objective import cyclical_beta, gaussian_kl, kl_term, reparameterize
-
-
-def _t(text: str, **kw) -> dict:
-    return {"help": text, "panel": "Training", **kw}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The VAE's training; the field metadata is `adaptune run vae`'s help (steps come from the budget)."""
-    steps: int = 1000
-    lr: float = field(default=1e-4, metadata=_t("peak learning rate (AdamW)"))
-    warmup: float = field(default=0.1, metadata=_t("share of the steps of linear learning-rate warm-up"))
-    free_bits: float = field(default=0.5, metadata=_t("free-bits threshold λ: the KL term is at least λ·d_z"))
-    per_dim_free_bits: bool = field(default=False, metadata=_t("free bits per dimension, Σ max(λ, KL_i)",
-                                                               flags=("--per-dim-free-bits",)))
-    cycles: int = field(default=4, metadata=_t("cycles of the β schedule (each: 25% at 0, 25% rising, 50% at 1; at most one per step)"))
-    decoder_after: float = field(default=1 / 6, metadata=_t("share of the steps before the decoder's "
-                                                              "components train"))
-    clip: float = field(default=1.0, metadata=_t("gradient-norm clipping"))
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
-        for name in ("lr", "clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("warmup", "decoder_after"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ConfigError(f"{name} is a share of the steps, in [0, 1); got {value!r}")
-        if not isinstance(self.free_bits, (int, float)) or not math.isfinite(self.free_bits) or self.free_bits < 0:
-            raise ConfigError(f"free_bits (λ) must be a finite number ≥ 0, got {self.free_bits!r}")
-
-    @property
-    def decoder_step(self) -> int:
-        return round(self.steps * self.decoder_after)
 
 
 def train(vae: VAE, batches: Iterator[dict], cfg: TrainConfig, generator: torch.Generator | None = None,
