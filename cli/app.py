@@ -14,7 +14,7 @@ from rich.table import Table
 from adaptune.experiments.common.methods import Method
 from adaptune.experiments.multitask.config import ExperimentConfig
 
-from .common import command_line, console, fail
+from .common import command_line, console, fail, progress, set_threads
 from .fewshot import FEWSHOT_OPTIONS, TAPT_OPTIONS, run_fewshot, run_tapt
 from .options import fields_of, options, with_options
 from .vae import PRETRAIN_OPTIONS, VAE_OPTIONS, pretrain_lm, run_vae, vae_app
@@ -111,24 +111,18 @@ def run_multitask(ctx: typer.Context, *,
                                                       "(more threads than free cores stall)", rich_help_panel="Run"),
                   **values) -> None:
     """Multitask fine-tuning (SST-5, Quora paraphrase, STS by default) and dev evaluation."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from adaptune import AdaptuneError
     from adaptune.experiments.multitask.report import run_table
     from adaptune.experiments.multitask.run import run
 
-    if threads < 1:
-        return fail(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
+    set_threads(threads)
     try:
         cfg = multitask_config(values, command=command_line(ctx))
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 shows progress, prints and saves
             run(cfg)
             return None
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console) as progress:
-            result = run(cfg, progress)
+        with progress() as bars:
+            result = run(cfg, bars)
     except AdaptuneError as e:
         return fail(str(e))
     console.print(run_table(result))

@@ -1,11 +1,16 @@
-"""What every command shares: the console, the one-line error exit, the command line as typed."""
+"""What every command shares: the console, the one-line error exit, the command line as typed, the torch thread
+setting of --threads and the progress bars."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 console = Console()
 
@@ -37,3 +42,18 @@ def command_line(ctx: typer.Context) -> str:
         else:
             parts += [max(p.opts, key=len), str(v)]
     return shlex.join(parts)
+
+
+def set_threads(threads: int) -> None:
+    """--threads: torch's CPU threads for the command; below 1, the one-line error exit."""
+    if threads < 1:
+        fail(f"--threads must be at least 1, got {threads}")
+    import torch
+    torch.set_num_threads(threads)
+
+
+def progress() -> Progress:
+    """The commands' progress bars: description, bar, done/total, time elapsed and remaining."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)

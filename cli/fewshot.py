@@ -9,24 +9,11 @@ from rich.table import Table
 
 from adaptune.experiments.fewshot.config import FewShotConfig, FewShotMethod, TaptConfig
 
-from .common import command_line, console, fail
+from .common import command_line, console, fail, progress, set_threads
 from .options import fields_of, options
 
 FEWSHOT_OPTIONS = options(FewShotMethod, panel="Method") + options(FewShotConfig)
 TAPT_OPTIONS = options(FewShotMethod, panel="Method") + options(TaptConfig)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console)
-
-
-def _threads(threads: int) -> None:
-    import torch
-    if threads < 1:
-        fail(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
 
 
 def run_fewshot(ctx: typer.Context, *,
@@ -36,12 +23,12 @@ def run_fewshot(ctx: typer.Context, *,
     from adaptune import AdaptuneError
     from adaptune.experiments.fewshot.run import run
 
-    _threads(threads)
+    set_threads(threads)
     try:
         cfg = FewShotConfig(method=FewShotMethod(**fields_of(FewShotMethod, FEWSHOT_OPTIONS, values)),
                             command=command_line(ctx), **fields_of(FewShotConfig, FEWSHOT_OPTIONS, values))
-        with _progress() as progress:
-            result = run(cfg, progress)
+        with progress() as bars:
+            result = run(cfg, bars)
     except AdaptuneError as e:
         return fail(str(e))
     table = Table("seed", "train", "best dev", "test acc", "self-ensemble test",
@@ -66,12 +53,12 @@ def run_tapt(ctx: typer.Context, *,
     from adaptune import AdaptuneError
     from adaptune.experiments.fewshot.tapt import tapt
 
-    _threads(threads)
+    set_threads(threads)
     try:
         cfg = TaptConfig(method=FewShotMethod(**fields_of(FewShotMethod, TAPT_OPTIONS, values)),
                          command=command_line(ctx), **fields_of(TaptConfig, TAPT_OPTIONS, values))
-        with _progress() as progress:
-            info = tapt(cfg, progress)
+        with progress() as bars:
+            info = tapt(cfg, bars)
     except AdaptuneError as e:
         return fail(str(e))
     losses = info["losses"]

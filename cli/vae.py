@@ -10,7 +10,7 @@ from rich.table import Table
 
 from adaptune.experiments.vae.config import PretrainConfig, RunConfig, TrainConfig, VAEConfig
 
-from .common import command_line, console, fail
+from .common import command_line, console, fail, progress, set_threads
 from .options import fields_of, options
 
 VAE_OPTIONS = options(VAEConfig) + options(TrainConfig) + options(RunConfig)
@@ -19,22 +19,16 @@ VAE_OPTIONS = options(VAEConfig) + options(TrainConfig) + options(RunConfig)
 def run_vae(ctx: typer.Context, *,
             threads: int = typer.Option(1, help="torch CPU threads", rich_help_panel="Run"), **values) -> None:
     """AdaVAE (seed 001): a VAE language model on one frozen causal LM; test PPL, -ELBO, MI, AU."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from adaptune import AdaptuneError
     from adaptune.experiments.vae.run import run
 
-    if threads < 1:
-        return fail(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
+    set_threads(threads)
     try:
         cfg = RunConfig(vae=VAEConfig(**fields_of(VAEConfig, VAE_OPTIONS, values)),
                         training=TrainConfig(**fields_of(TrainConfig, VAE_OPTIONS, values)),
                         command=command_line(ctx), **fields_of(RunConfig, VAE_OPTIONS, values))
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console) as progress:
-            result = run(cfg, progress)
+        with progress() as bars:
+            result = run(cfg, bars)
     except AdaptuneError as e:
         return fail(str(e))
     m = result["test"]
@@ -139,15 +133,10 @@ def pretrain_lm(out: Path = typer.Option(None, "--out", help="where the model go
                                                rich_help_panel="Run"),
                 threads: int = typer.Option(2, help="torch CPU threads", rich_help_panel="Run"), **values) -> None:
     """Train the small GPT-2 `small-gpt2` from scratch on the corpora's train splits; print its held-out PPL."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from adaptune import AdaptuneError
     from adaptune.experiments.vae.pretrain import default_out, pretrain, read_pretrained
 
-    if threads < 1:
-        return fail(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
+    set_threads(threads)
     target = out if out is not None else default_out()
     try:
         cfg = PretrainConfig(**fields_of(PretrainConfig, PRETRAIN_OPTIONS, values))
@@ -158,10 +147,9 @@ def pretrain_lm(out: Path = typer.Option(None, "--out", help="where the model go
             console.print(f"{target} is already built (give --overwrite to train it again)")
             result = {**found, "out": str(target)}
         else:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TimeRemainingColumn(), console=console) as progress:
-                bar = progress.add_task("pretrain", total=cfg.steps)
-                result = pretrain(cfg, target, log=console.print, on_step=lambda step, loss: progress.update(
+            with progress() as bars:
+                bar = bars.add_task("pretrain", total=cfg.steps)
+                result = pretrain(cfg, target, log=console.print, on_step=lambda step, loss: bars.update(
                     bar, advance=1, description=f"pretrain  loss {loss:.3f}"))
     except AdaptuneError as e:
         return fail(str(e))
@@ -188,16 +176,12 @@ def classify(run: Path = RUN,
     """Latent classification (seed Table 3 / Figure 1): sentiment from few labels on the run's posterior."""
     import json
 
-    import torch
-
     from adaptune import AdaptuneError
     from adaptune.experiments.vae.classify import LABELS, classify as run_classify, load_labelled, plot
     from adaptune.experiments.vae.run import load_run
     from adaptune.files import atomic_write
 
-    if threads < 1:
-        return fail(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
+    set_threads(threads)
     try:
         sizes = [int(x) for x in labels.split(",") if x.strip()]
     except ValueError:
