@@ -1,7 +1,10 @@
 """Test settings (offline, two threads) and the shared fixtures; helpers live in helpers.py.
 
 Modules marked `on_device` (pytestmark) run on $ADAPTUNE_TEST_DEVICE when it is set (benchmarks/gpu_check.sh sets
-it to cuda): every tensor made without a device is made there (helpers.OnDevice)."""
+it to cuda): every tensor made without a device is made there (helpers.OnDevice).
+
+The modules in SLOW are marked `slow`: `pytest -m "not slow"` is the quick suite for a change in progress; CI
+runs everything."""
 import os
 
 import pytest
@@ -25,8 +28,27 @@ def ids():
     return torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
+SLOW = {  # module -> why it takes its time (together most of the suite's)
+    "test_kernels_build.py": "builds the C++ extension, in fresh processes",
+    "test_distributed.py": "torchrun, two processes",
+    "test_compile.py": "torch.compile",
+    "test_crash_safe.py": "kills writer processes mid-write",
+    "test_minilm.py": "a real checkpoint (all-MiniLM-L6-v2)",
+    "test_vae_training.py": "trains AdaVAE",
+    "test_gpu_check.py": "rehearses benchmarks/gpu_check.sh",
+    "test_bench.py": "runs the benchmark suites",
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "on_device: the module's tests run on $ADAPTUNE_TEST_DEVICE when it is set")
+    config.addinivalue_line("markers", "slow: in a module of conftest.SLOW (deselect with -m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
