@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from adaptune import ops
 from adaptune.ops import reference
@@ -179,6 +180,52 @@ def opcheck_cases(device):
 def test_opcheck(case, device):
     name, args = opcheck_cases(device)[case]
     torch.library.opcheck(getattr(torch.ops.adaptune, name).default, args)
+
+
+def assert_fails_alike(name, args, message):
+    """The kernel's TORCH_CHECK and the op's fake (under FakeTensorMode, as torch.compile runs it, and on meta
+    tensors) raise the same message for a wrong shape."""
+    op = getattr(torch.ops.adaptune, name)
+    with pytest.raises(RuntimeError, match=message) as kernel:
+        op(*args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message) as fake:
+        op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    with pytest.raises(RuntimeError, match=message) as meta:
+        op(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    first_lines = {str(raised.value).splitlines()[0] for raised in (kernel, fake, meta)}
+    assert len(first_lines) == 1, first_lines
+
+
+def bad_shape_cases(device):
+    """{case: (op, arguments with one wrong shape, the message)}"""
+    t = tensors(5, device=device)
+    x, W, b, A, B, m = t(2, 3, 8), t(6, 8), t(6), t(3, 8), t(6, 3), t(6).abs() + 0.5
+    return {
+        "lora A": ("lora", (x, W, b, t(3, 7), B, 1.5, None), "shape mismatch: x"),
+        "lora bias": ("lora", (x, W, t(5), A, B, 1.5, None), r"bias must be \(6,\)"),
+        "lora xd": ("lora", (x, W, b, A, B, 1.5, t(2, 4, 8)), "xd must have x's shape"),
+        "dora_norm B": ("dora_norm", (W, A, t(5, 3), 1.5, None), "dora_norm shapes"),
+        "dora_norm weight_norm_sq": ("dora_norm", (W, A, B, 1.5, t(5)), r"weight_norm_sq must be \(6,\)"),
+        "dora magnitude": ("dora", (x, W, b, A, B, t(5), m, 1.5, None), r"magnitude and norm must be \(6,\)"),
+        "dora x": ("dora", (t(2, 3, 7), W, b, A, B, m, m, 1.5, None), "shape mismatch: x"),
+        "bottleneck up": ("bottleneck", (x, x, t(4, 8), None, t(7, 4), None, 1.0, "relu"), "bottleneck shapes"),
+        "bottleneck rows": ("bottleneck", (x, t(2, 4, 8), t(4, 8), None, t(8, 4), None, 1.0, "relu"),
+                            "bottleneck shapes"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_shape_cases("cpu")))
+def test_a_wrong_shape_fails_alike_in_the_kernel_and_its_fake(case, device):
+    assert_fails_alike(*bad_shape_cases(device)[case])
+
+
+def test_a_wrong_shape_under_torch_compile_fails_with_the_kernels_message(device, kernels):
+    torch._dynamo.reset()
+    t = tensors(5, device=device)
+    x, W, A, B = t(2, 8), t(6, 8), t(3, 7), t(6, 3)
+    compiled = torch.compile(lambda x, A: kernels.lora(x, W, None, A, B, 1.0), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"adaptune: shape mismatch: x \[2, 8\], weight \[6, 8\], A \[3, 7\]"):
+        compiled(x, A)
 
 
 def test_gradcheck_in_float64(device, kernels):

@@ -128,6 +128,33 @@ def test_opcheck(case, device):
     torch.library.opcheck(getattr(torch.ops.adaptune, name).default, args)
 
 
+def bad_shape_cases(device):
+    """{case: (op, arguments with one wrong shape, the message)}: index (4,), T = 3 tasks"""
+    p = problem(device, n=4, lead=(3,), d_in=8, d_out=6, r=2, tasks=3)
+    x, W, b, A, B, m, s, i = (p[k] for k in ("x", "W", "b", "A", "B", "m", "scale", "index"))
+    t = tensors(4, device=device)
+    down, down_bias, up, up_bias = t(3, 5, 8), t(3, 5), t(3, 6, 5), t(3, 6)
+    return {
+        "lora_routed A": ("lora_routed", (x, W, b, t(3, 2, 7), B, s, i, None), "routed shapes"),
+        "lora_routed B tasks": ("lora_routed", (x, W, b, A, t(2, 6, 2), s, i, None), "routed shapes"),
+        "lora_routed samples": ("lora_routed", (t(5, 3, 8), W, b, A, B, s, i, None),
+                                "x must have the route's 4 samples first"),
+        "lora_routed index": ("lora_routed", (x, W, b, A, B, s, i.view(2, 2), None), r"index \(N,\) and scale"),
+        "dora_routed magnitude": ("dora_routed", (x, W, b, A, B, t(3, 5), m, s, i, None),
+                                  r"magnitude and norm must be \(T, out\) = \(3, 6\)"),
+        "bottleneck_routed up": ("bottleneck_routed", (x, t(4, 3, 6), down, down_bias, t(3, 7, 5), up_bias, s, i,
+                                                       "gelu"), "routed bottleneck shapes"),
+        "bottleneck_routed rows": ("bottleneck_routed", (x, t(4, 2, 6), down, down_bias, up, up_bias, s, i, "gelu"),
+                                   "x and residual must have the same rows"),
+        "dora_norm stacked": ("dora_norm", (W, A, t(2, 6, 2), 1.5, None), "dora_norm shapes"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_shape_cases("cpu")))
+def test_a_wrong_shape_fails_alike_in_the_kernel_and_its_fake(case, device):
+    test_kernels.assert_fails_alike(*bad_shape_cases(device)[case])
+
+
 def test_gradcheck_in_float64(device, kernels):
     t = tensors(6, torch.float64, device)
     index = torch.tensor([2, -1, 0, 2, 1], device=device)

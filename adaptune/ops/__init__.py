@@ -19,6 +19,8 @@ half-precision base): the kernels take operands of one dtype.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import warnings
 from typing import TYPE_CHECKING
@@ -105,12 +107,14 @@ def _kernel_ready(device: str) -> bool:
     return result.ok
 
 
-def _use_kernel(op: str, x: Tensor, *base: Tensor | None, params: tuple[Tensor | None, ...] = ()) -> bool:
+def _use_kernel(op: str, x: Tensor, frozen: list[Tensor | None], same_dtype: list[Tensor | None]) -> bool:
+    """The dispatch rule of every op: the kernel if it runs on x's device in this mode, every `same_dtype`
+    tensor has x's dtype, no `frozen` one requires grad, and autocast is off; else the reference."""
     if not _kernel_ready(x.device.type):
         return False
-    if any(t is not None and t.dtype != x.dtype for t in params):
+    if any(t is not None and t.dtype != x.dtype for t in same_dtype):
         return False  # mixed precision (float32 components, half base): the reference
-    if any(t is not None and t.requires_grad for t in base):
+    if any(t is not None and t.requires_grad for t in frozen):
         _warn_once(f"trainable:{op}", f"adaptune: {op} on a trainable base weight or bias runs the reference "
                    "(the kernels compute no gradient for the frozen base)")
         return False
@@ -137,67 +141,81 @@ def path(op: str, device: str) -> tuple[str, str]:
     return "reference", f"kernels not available: {result.reason.splitlines()[0]}"
 
 
+def _op(like: str = "x", frozen: tuple[str, ...] = (), same_dtype: tuple[str, ...] = ()):
+    """Turns a signature (a def with a docstring and no body) into the op of that name: a call runs
+    `kernels.<name>` when `_use_kernel` allows it, else `reference.<name>`, with the same arguments.
+
+    like: the argument whose device picks the kernels and whose dtype the others must have;
+    frozen: the base weight and bias, which must not require grad (the kernels compute no gradient for them);
+    same_dtype: the components, which must have `like`'s dtype (the kernels take operands of one dtype).
+    All three name parameters without a default.
+    """
+    def wrap(signature):
+        op = signature.__name__
+        assert op in OPS, f"{op} is missing from OPS"
+        params = inspect.signature(signature).parameters
+        position = {name: list(params).index(name) for name in (like, *frozen, *same_dtype)}
+        assert all(params[name].default is inspect.Parameter.empty for name in position), op
+
+        def arg(args: tuple, kwargs: dict, name: str):
+            if position[name] < len(args):
+                return args[position[name]]
+            if name not in kwargs:
+                raise TypeError(f"{op}() missing required argument: {name!r}")
+            return kwargs[name]
+
+        @functools.wraps(signature)
+        def dispatch(*args, **kwargs) -> Tensor:
+            if _use_kernel(op, arg(args, kwargs, like), [arg(args, kwargs, name) for name in frozen],
+                           [arg(args, kwargs, name) for name in same_dtype]):
+                from . import kernels
+                return getattr(kernels, op)(*args, **kwargs)
+            return getattr(reference, op)(*args, **kwargs)
+
+        return dispatch
+    return wrap
+
+
+@_op(frozen=("weight", "bias"), same_dtype=("A", "B"))
 def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
          dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ; see `reference.lora`."""
-    if _use_kernel("lora", x, weight, bias, params=(A, B)):
-        from . import kernels
-        return kernels.lora(x, weight, bias, A, B, scale, dropout, training)
-    return reference.lora(x, weight, bias, A, B, scale, dropout, training)
 
 
+@_op(like="weight", frozen=("weight",), same_dtype=("A", "B"))
 def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_norm_sq: Tensor | None = None) -> Tensor:
     """Row norms of W + s·B·A by the factored formula; see `reference.dora_norm`."""
-    if _use_kernel("dora_norm", weight, weight, params=(A, B)):
-        from . import kernels
-        return kernels.dora_norm(weight, A, B, scale, weight_norm_sq)
-    return reference.dora_norm(weight, A, B, scale, weight_norm_sq)
 
 
+@_op(frozen=("weight", "bias"), same_dtype=("A", "B", "magnitude"))
 def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, scale: float,
          dropout: float = 0.0, training: bool = False, weight_norm_sq: Tensor | None = None,
          detach_norm: bool = True) -> Tensor:
     """y = (m / n) ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b; see `reference.dora`."""
-    if _use_kernel("dora", x, weight, bias, params=(A, B, magnitude)):
-        from . import kernels
-        return kernels.dora(x, weight, bias, A, B, magnitude, scale, dropout, training, weight_norm_sq, detach_norm)
-    return reference.dora(x, weight, bias, A, B, magnitude, scale, dropout, training, weight_norm_sq, detach_norm)
 
 
+@_op(same_dtype=("residual", "down_weight", "down_bias", "up_weight", "up_bias"))
 def bottleneck(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
                up_bias: Tensor | None, scale: float = 1.0, act: str = "relu") -> Tensor:
     """y = residual + s·up(act(down(x))); see `reference.bottleneck`."""
-    if _use_kernel("bottleneck", x, params=(residual, down_weight, down_bias, up_weight, up_bias)):
-        from . import kernels
-        return kernels.bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale, act)
-    return reference.bottleneck(x, residual, down_weight, down_bias, up_weight, up_bias, scale, act)
 
 
+@_op(frozen=("weight", "bias"), same_dtype=("A", "B"))
 def lora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: Tensor, index: Tensor,
                 dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
     """LoRA with a task per sample: A (T, r, in), B (T, out, r), scale (T,), index (N,); see `reference.lora_routed`."""
-    if _use_kernel("lora_routed", x, weight, bias, params=(A, B)):
-        from . import kernels
-        return kernels.lora_routed(x, weight, bias, A, B, scale, index, dropout, training)
-    return reference.lora_routed(x, weight, bias, A, B, scale, index, dropout, training)
 
 
+@_op(frozen=("weight", "bias"), same_dtype=("A", "B", "magnitude"))  # not norm: float32 from dora_norm
 def dora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
                 scale: Tensor, index: Tensor, dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
     """DoRA with a task per sample and the task norms (T, out) given; see `reference.dora_routed`."""
-    if _use_kernel("dora_routed", x, weight, bias, params=(A, B, magnitude)):  # norm: float32 from dora_norm
-        from . import kernels
-        return kernels.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
-    return reference.dora_routed(x, weight, bias, A, B, magnitude, norm, scale, index, dropout, training)
 
 
+@_op(same_dtype=("residual", "down_weight", "down_bias", "up_weight", "up_bias"))
 def bottleneck_routed(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
                       up_bias: Tensor, scale: Tensor, index: Tensor, act: str = "relu") -> Tensor:
     """Bottleneck adapters with a task per sample: down (T, m, d_in), up (T, d, m); see `reference.bottleneck_routed`."""
-    if _use_kernel("bottleneck_routed", x, params=(residual, down_weight, down_bias, up_weight, up_bias)):
-        from . import kernels
-        return kernels.bottleneck_routed(x, residual, down_weight, down_bias, up_weight, up_bias, scale, index, act)
-    return reference.bottleneck_routed(x, residual, down_weight, down_bias, up_weight, up_bias, scale, index, act)
 
 
 __all__ = ["ACTIVATIONS", "MODES", "OPS", "bottleneck", "bottleneck_routed", "builds", "dora", "dora_norm",

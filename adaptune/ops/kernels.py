@@ -6,6 +6,10 @@ registrations below need the schemas. Dropout stays in Python: the wrapper draws
 `F.dropout`, as the reference does, and passes it to the op, so under the same RNG state kernel and
 reference use the same mask. The kernels compute no gradient for the (frozen) base weight and bias;
 `adaptune.ops` sends a trainable base to the reference.
+
+Each fake checks its inputs' shapes with `torch._check`, with the message of the kernel's TORCH_CHECK
+(csrc/ops.h, csrc/routed.h), so a wrong shape under torch.compile or opcheck fails as the kernel does
+rather than giving a wrong-shaped fake.
 """
 from __future__ import annotations
 
@@ -34,6 +38,75 @@ def _dropped(x: Tensor, p: float, training: bool) -> Tensor | None:
     return F.dropout(x, p, True) if p > 0.0 and training else None
 
 
+# ---- shape checks of the fakes: the kernels' TORCH_CHECKs -----------------------------------------------
+# Each condition is its own torch._check (under symbolic shapes, `and` would guard on the first one), and
+# dimensions are checked before the sizes that index them. The messages are built at trace time only.
+
+def _check(message: str, *conditions) -> None:
+    for condition in conditions:
+        torch._check(condition, lambda: message)
+
+
+def _sizes(**tensors: Tensor) -> str:
+    return ", ".join(f"{name} {list(t.shape)}" for name, t in tensors.items())
+
+
+def _check_same_shape(t: Tensor, like: Tensor, message: str) -> None:
+    _check(message, t.dim() == like.dim())
+    _check(message, *(a == b for a, b in zip(t.shape, like.shape)))
+
+
+def _check_low_rank(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> None:
+    """x (..., in), weight (out, in), A (r, in), B (out, r), bias (out,): csrc/ops.h check_low_rank."""
+    shapes = _sizes(x=x, weight=weight, A=A, B=B)
+    _check("adaptune: x (..., in), weight (out, in), A (r, in), B (out, r) expected; got " + shapes,
+           x.dim() >= 1, weight.dim() == 2, A.dim() == 2, B.dim() == 2)
+    _check("adaptune: shape mismatch: " + shapes, x.shape[-1] == weight.shape[1], A.shape[1] == weight.shape[1],
+           B.shape[0] == weight.shape[0], B.shape[1] == A.shape[0])
+    if bias is not None:
+        _check(f"adaptune: bias must be ({weight.shape[0]},)", bias.dim() == 1)
+        _check(f"adaptune: bias must be ({weight.shape[0]},)", bias.shape[0] == weight.shape[0])
+
+
+def _check_xd(x: Tensor, xd: Tensor | None) -> None:
+    if xd is not None:
+        _check_same_shape(xd, x, "adaptune: xd must have x's shape")
+
+
+def _check_norm_tasks(weight: Tensor, A: Tensor, B: Tensor) -> None:
+    """A (r, in) and B (out, r), or stacked per task (T, r, in) and (T, out, r): csrc/ops.h norm_tasks."""
+    message = (f"adaptune: dora_norm shapes: weight {list(weight.shape)}, A (r, in) or (T, r, in) {list(A.shape)}, "
+               f"B (out, r) or (T, out, r) {list(B.shape)}")
+    _check(message, weight.dim() == 2, A.dim() in (2, 3), B.dim() == A.dim())
+    if A.dim() == 3:
+        _check(message, A.shape[0] == B.shape[0])
+    _check(message, A.shape[-1] == weight.shape[1], B.shape[-2] == weight.shape[0], B.shape[-1] == A.shape[-2])
+
+
+def _check_tables(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, index: Tensor) -> None:
+    """index (N,), scale (T,), A (T, r, in), B (T, out, r), x (N, ..., in): csrc/routed.h gather, check_tables
+    and samples."""
+    _check_route(index, scale)
+    message = (f"adaptune: routed shapes: {_sizes(x=x, weight=weight)}, A (T, r, in) {list(A.shape)}, "
+               f"B (T, out, r) {list(B.shape)}, scale (T,) {list(scale.shape)}")
+    _check(message, x.dim() >= 1, weight.dim() == 2, A.dim() == 3, B.dim() == 3)
+    _check(message, A.shape[0] == B.shape[0], A.shape[0] == scale.shape[0], A.shape[2] == weight.shape[1],
+           B.shape[1] == weight.shape[0], B.shape[2] == A.shape[1], x.shape[-1] == weight.shape[1])
+    _check_samples(x, index)
+
+
+def _check_route(index: Tensor, scale: Tensor) -> None:
+    _check("adaptune: index (N,) and scale (T,) expected; got " + _sizes(index=index, scale=scale),
+           index.dim() == 1, scale.dim() == 1)
+
+
+def _check_samples(x: Tensor, index: Tensor) -> None:
+    n = index.shape[0]
+    message = f"adaptune: x must have the route's {n} samples first; got {list(x.shape)}"
+    _check(message, x.dim() >= 1)
+    _check(message, x.shape[0] == n)
+
+
 def _low_rank_grads_fake(xs: Tensor, A: Tensor, B: Tensor, dropped: bool,
                          need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx = xs.new_empty(xs.shape) if need_dx else _empty(xs)
@@ -52,12 +125,15 @@ def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s
 @torch.library.register_fake("adaptune::lora")
 def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
       xd: Tensor | None) -> tuple[Tensor, Tensor]:
+    _check_low_rank(x, weight, bias, A, B)
+    _check_xd(x, xd)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((_rows(x), A.shape[0]))  # y, h (N, r)
 
 
 @torch.library.register_fake("adaptune::lora_backward")
 def _(dy: Tensor, xs: Tensor, weight: Tensor, A: Tensor, B: Tensor, h: Tensor, scale: float, dropped: bool,
       need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_low_rank(xs, weight, None, A, B)
     return _low_rank_grads_fake(xs, A, B, dropped, need_dx)
 
 
@@ -87,6 +163,11 @@ def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_norm_sq
 @torch.library.register_fake("adaptune::dora_norm")
 def _(weight: Tensor, A: Tensor, B: Tensor, scale: float,
       weight_norm_sq: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _check_norm_tasks(weight, A, B)
+    if weight_norm_sq is not None:
+        message = f"adaptune: weight_norm_sq must be ({weight.shape[0]},)"
+        _check(message, weight_norm_sq.dim() == 1)
+        _check(message, weight_norm_sq.shape[0] == weight.shape[0])
     dtype = torch.promote_types(weight.dtype, torch.float32)
     return (weight.new_empty(B.shape[:-1], dtype=dtype), weight.new_empty(B.shape, dtype=dtype),  # n, W·Aᵀ
             weight.new_empty(B.shape, dtype=dtype))  # B·A·Aᵀ
@@ -95,6 +176,7 @@ def _(weight: Tensor, A: Tensor, B: Tensor, scale: float,
 @torch.library.register_fake("adaptune::dora_norm_backward")
 def _(dn: Tensor, n: Tensor, weight: Tensor, A: Tensor, B: Tensor, WA: Tensor, BAA: Tensor,
       scale: float) -> tuple[Tensor, Tensor]:
+    _check_norm_tasks(weight, A, B)
     return A.new_empty(A.shape), B.new_empty(B.shape)
 
 
@@ -131,6 +213,11 @@ def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m
 @torch.library.register_fake("adaptune::dora")
 def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
       scale: float, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _check_low_rank(x, weight, bias, A, B)
+    message = f"adaptune: magnitude and norm must be ({weight.shape[0]},)"
+    _check(message, magnitude.dim() == 1, norm.dim() == 1)
+    _check(message, magnitude.shape[0] == weight.shape[0], norm.shape[0] == weight.shape[0])
+    _check_xd(x, xd)
     out, n = weight.shape[0], _rows(x)
     return x.new_empty((*x.shape[:-1], out)), x.new_empty((n, A.shape[0])), x.new_empty((n, out))  # y, h, z
 
@@ -138,6 +225,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magn
 @torch.library.register_fake("adaptune::dora_backward")
 def _(dy: Tensor, xs: Tensor, weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor, h: Tensor,
       z: Tensor, scale: float, dropped: bool, need_dx: bool, need_dnorm: bool) -> tuple[Tensor, ...]:
+    _check_low_rank(xs, weight, None, A, B)
     dnorm = norm.new_empty(norm.shape) if need_dnorm else _empty(norm)
     return (*_low_rank_grads_fake(xs, A, B, dropped, need_dx), magnitude.new_empty(magnitude.shape), dnorm)
 
@@ -171,6 +259,10 @@ def bottleneck(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tens
 @torch.library.register_fake("adaptune::bottleneck")
 def _(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
       up_bias: Tensor | None, scale: float, act: str) -> tuple[Tensor, Tensor, Tensor]:
+    message = "adaptune: bottleneck shapes: " + _sizes(x=x, residual=residual, down=down_weight, up=up_weight)
+    _check(message, down_weight.dim() == 2, up_weight.dim() == 2, x.dim() >= 1, residual.dim() >= 1)
+    _check(message, down_weight.shape[1] == x.shape[-1], up_weight.shape[1] == down_weight.shape[0],
+           up_weight.shape[0] == residual.shape[-1], _rows(x) == _rows(residual))
     hidden = (_rows(x), down_weight.shape[0])  # (N, m)
     return residual.new_empty(residual.shape), x.new_empty(hidden), x.new_empty(hidden)  # y, pre, h
 
@@ -222,6 +314,8 @@ def lora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 @torch.library.register_fake("adaptune::lora_routed")
 def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: Tensor, index: Tensor,
       xd: Tensor | None) -> tuple[Tensor, Tensor]:
+    _check_tables(x, weight, A, B, scale, index)
+    _check_xd(x, xd)
     n = index.shape[0]
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((n, _rows(x) // n, A.shape[1]))  # y, h
 
@@ -229,6 +323,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scal
 @torch.library.register_fake("adaptune::lora_routed_backward")
 def _(dy: Tensor, xs: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, index: Tensor, h: Tensor,
       dropped: bool, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_tables(xs, weight, A, B, scale, index)
     return _low_rank_grads_fake(xs, A, B, dropped, need_dx)
 
 
@@ -258,6 +353,12 @@ def dora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 @torch.library.register_fake("adaptune::dora_routed")
 def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
       scale: Tensor, index: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _check_tables(x, weight, A, B, scale, index)
+    message = f"adaptune: magnitude and norm must be (T, out) = ({A.shape[0]}, {weight.shape[0]})"
+    _check(message, magnitude.dim() == 2, norm.dim() == 2)
+    _check(message, magnitude.shape[0] == A.shape[0], magnitude.shape[1] == weight.shape[0],
+           norm.shape[0] == A.shape[0], norm.shape[1] == weight.shape[0])
+    _check_xd(x, xd)
     n, out = index.shape[0], weight.shape[0]
     rows = _rows(x) // n
     return x.new_empty((*x.shape[:-1], out)), x.new_empty((n, rows, A.shape[1])), x.new_empty((n, rows, out))
@@ -266,6 +367,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magn
 @torch.library.register_fake("adaptune::dora_routed_backward")
 def _(dy: Tensor, xs: Tensor, weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor, scale: Tensor,
       index: Tensor, h: Tensor, z: Tensor, dropped: bool, need_dx: bool, need_dnorm: bool) -> tuple[Tensor, ...]:
+    _check_tables(xs, weight, A, B, scale, index)
     dnorm = norm.new_empty(norm.shape) if need_dnorm else _empty(norm)
     return (*_low_rank_grads_fake(xs, A, B, dropped, need_dx), magnitude.new_empty(magnitude.shape), dnorm)
 
@@ -298,6 +400,17 @@ def bottleneck_routed(x: Tensor, residual: Tensor, down_weight: Tensor, down_bia
 @torch.library.register_fake("adaptune::bottleneck_routed")
 def _(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor,
       scale: Tensor, index: Tensor, act: str) -> tuple[Tensor, Tensor, Tensor]:
+    _check_route(index, scale)
+    message = (f"adaptune: routed bottleneck shapes: {_sizes(x=x, residual=residual)}, "
+               f"down (T, m, d) {list(down_weight.shape)}, up (T, d, m) {list(up_weight.shape)}")
+    _check(message, x.dim() >= 1, residual.dim() >= 1, down_weight.dim() == 3, up_weight.dim() == 3,
+           down_bias.dim() == 2, up_bias.dim() == 2)
+    _check(message, down_weight.shape[2] == x.shape[-1], up_weight.shape[2] == down_weight.shape[1],
+           up_weight.shape[1] == residual.shape[-1], down_bias.shape[1] == down_weight.shape[1],
+           up_bias.shape[1] == up_weight.shape[1], scale.shape[0] == down_weight.shape[0])
+    _check_samples(x, index)
+    _check_samples(residual, index)
+    _check("adaptune: x and residual must have the same rows", _rows(x) == _rows(residual))
     n = index.shape[0]
     hidden = (n, _rows(x) // n, down_weight.shape[1])  # (N, L, m)
     return residual.new_empty(residual.shape), x.new_empty(hidden), x.new_empty(hidden)  # y, pre, h
@@ -306,6 +419,8 @@ def _(x: Tensor, residual: Tensor, down_weight: Tensor, down_bias: Tensor, up_we
 @torch.library.register_fake("adaptune::bottleneck_routed_backward")
 def _(dy: Tensor, x: Tensor, pre: Tensor, h: Tensor, down_weight: Tensor, up_weight: Tensor, scale: Tensor,
       index: Tensor, act: str, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_route(index, scale)
+    _check_samples(x, index)
     dx = x.new_empty(x.shape) if need_dx else _empty(x)
     return (dx, x.new_empty(down_weight.shape), x.new_empty(down_weight.shape[:2]), x.new_empty(up_weight.shape),
             x.new_empty(up_weight.shape[:2]))
