@@ -1,8 +1,11 @@
 // The device-generic part of every op: shape checks and GEMMs (at::mm / in-place addmm_, which run
 // on the current stream). The fused elementwise parts come from a device struct K (cpu/fused.h:
-// Cpu, cuda/fused.cuh: Cuda) declaring the static members of ADAPTUNE_DEVICE_MEMBERS below. Each
-// op family's cpu/<op>.cpp and cuda/<op>.cu register these functions with m.impl for their key.
+// Cpu, cuda/fused.cuh: Cuda) declaring the static members of ADAPTUNE_DEVICE_MEMBERS below. Each op
+// family's m.impl calls are written once, in register_<family> (at the end of this file; of routed.h for
+// the routed family); cpu/<family>.cpp and cuda/<family>.cu call it in their key's TORCH_LIBRARY_IMPL block.
 #pragma once
+#include <torch/library.h>
+
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -210,6 +213,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_backward(const Ten
   Tensor dWd = at::mm(da.t(), x2);                                      // (m, d_in)
   Tensor dx = need_dx ? at::mm(da, Wd).view(x.sizes()) : empty0(x);
   return {dx, dWd, dbd, dWu, dbu};
+}
+
+// Each family's ops, the same on every backend but for the device struct K: a new op of a family is one
+// line here, and a backend registers a family with one call, register_<family><K>(m) (register_lora(m)).
+inline void register_lora(torch::Library& m) {  // no device part
+  m.impl("lora", &lora_forward);
+  m.impl("lora_backward", &lora_backward);
+}
+
+template <class K>
+void register_dora(torch::Library& m) {
+  m.impl("dora_norm", &dora_norm_forward<K>);
+  m.impl("dora_norm_backward", &dora_norm_backward<K>);
+  m.impl("dora", &dora_forward<K>);
+  m.impl("dora_backward", &dora_backward<K>);
+}
+
+template <class K>
+void register_bottleneck(torch::Library& m) {
+  m.impl("bottleneck", &bottleneck_forward<K>);
+  m.impl("bottleneck_backward", &bottleneck_backward<K>);
 }
 
 }  // namespace adaptune

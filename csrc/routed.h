@@ -3,7 +3,7 @@
 // (index_select: r·in + out·r values per sample, not x) and the low-rank and bottleneck GEMMs run batched
 // over the samples (bmm), one launch for all tasks, in any order of the samples: x is never copied or
 // regrouped. Gradients of the tables are the per-sample ones summed into their task's rows (index_add_).
-// Device-generic ATen; registered by cpu/routed.cpp and cuda/routed.cu.
+// Device-generic ATen; register_routed (below) is called by cpu/routed.cpp and cuda/routed.cu.
 #pragma once
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
@@ -181,6 +181,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_routed_backward(co
   Tensor dbd = at::zeros({Wd.size(0), Wd.size(1)}, Wd.options()).index_add_(0, g.idx, da.sum(1));
   Tensor dx = need_dx ? at::bmm(da, g.take(Wd)).view(x.sizes()) : empty0(x);
   return {dx, dWd, dbd, dWu, dbu};
+}
+
+// The routed family's ops for device struct K (as the other families' at the end of ops.h).
+template <class K>
+void register_routed(torch::Library& m) {
+  m.impl("lora_routed", &lora_routed_forward);
+  m.impl("lora_routed_backward", &lora_routed_backward);
+  m.impl("dora_routed", &dora_routed_forward);
+  m.impl("dora_routed_backward", &dora_routed_backward<K>);
+  m.impl("bottleneck_routed", &bottleneck_routed_forward);
+  m.impl("bottleneck_routed_backward", &bottleneck_routed_backward<K>);
 }
 
 }  // namespace adaptune

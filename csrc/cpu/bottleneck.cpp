@@ -42,9 +42,6 @@ Tensor Cpu::residual_bias(const Tensor& residual, const OptTensor& bias, double 
   return bias ? at::add(residual, *bias, s) : residual.clone(at::MemoryFormat::Contiguous);
 }
 
-TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
-  m.impl("bottleneck", &bottleneck_forward<Cpu>);
-  m.impl("bottleneck_backward", &bottleneck_backward<Cpu>);
-}
+TORCH_LIBRARY_IMPL(adaptune, CPU, m) { register_bottleneck<Cpu>(m); }
 
 }  // namespace adaptune

@@ -90,11 +90,6 @@ std::tuple<Tensor, Tensor> Cpu::routed_scale_backward(const Tensor& dy, const Te
   return scale_pass(dy, z, ratio, dy.size(0));
 }
 
-TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
-  m.impl("dora_norm", &dora_norm_forward<Cpu>);
-  m.impl("dora_norm_backward", &dora_norm_backward<Cpu>);
-  m.impl("dora", &dora_forward<Cpu>);
-  m.impl("dora_backward", &dora_backward<Cpu>);
-}
+TORCH_LIBRARY_IMPL(adaptune, CPU, m) { register_dora<Cpu>(m); }
 
 }  // namespace adaptune

@@ -5,9 +5,6 @@
 
 namespace adaptune {
 
-TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
-  m.impl("lora", &lora_forward);
-  m.impl("lora_backward", &lora_backward);
-}
+TORCH_LIBRARY_IMPL(adaptune, CPU, m) { register_lora(m); }
 
 }  // namespace adaptune

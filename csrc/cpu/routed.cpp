@@ -6,13 +6,6 @@
 
 namespace adaptune {
 
-TORCH_LIBRARY_IMPL(adaptune, CPU, m) {
-  m.impl("lora_routed", &lora_routed_forward);
-  m.impl("lora_routed_backward", &lora_routed_backward);
-  m.impl("dora_routed", &dora_routed_forward);
-  m.impl("dora_routed_backward", &dora_routed_backward<Cpu>);
-  m.impl("bottleneck_routed", &bottleneck_routed_forward);
-  m.impl("bottleneck_routed_backward", &bottleneck_routed_backward<Cpu>);
-}
+TORCH_LIBRARY_IMPL(adaptune, CPU, m) { register_routed<Cpu>(m); }
 
 }  // namespace adaptune

@@ -46,7 +46,7 @@ std::tuple<Tensor, Tensor> Cuda::down(const Tensor& x, const Tensor& W, const Op
   if (pre.numel() == 0) return {pre, h};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "adaptune_bias_act", [&] {
     using A = typename Acc<scalar_t>::type;
-    bias_act_kernel<scalar_t, A><<<blocks_for(pre.numel(), 256), 256, 0, stream()>>>(
+    bias_act_kernel<scalar_t, A><<<blocks_for(pre.numel(), kThreads), kThreads, 0, stream()>>>(
         pre.data_ptr<scalar_t>(), bias ? bc.data_ptr<scalar_t>() : nullptr, h.data_ptr<scalar_t>(), pre.numel(),
         pre.size(1), act);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -61,7 +61,7 @@ Tensor Cuda::act_backward(Tensor dh, const Tensor& pre, const Tensor& h, double 
   if (dh.numel() == 0) return dh;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dh.scalar_type(), "adaptune_act_bwd", [&] {
     using A = typename Acc<scalar_t>::type;
-    act_backward_kernel<scalar_t, A><<<blocks_for(dh.numel(), 256), 256, 0, stream()>>>(
+    act_backward_kernel<scalar_t, A><<<blocks_for(dh.numel(), kThreads), kThreads, 0, stream()>>>(
         dh.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(), dh.numel(), static_cast<A>(s), act);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -78,7 +78,7 @@ Tensor Cuda::residual_bias(const Tensor& residual, const OptTensor& bias, double
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "adaptune_residual_bias", [&] {
     using A = typename Acc<scalar_t>::type;
-    residual_bias_kernel<scalar_t, A><<<blocks_for(y.numel(), 256), 256, 0, stream()>>>(
+    residual_bias_kernel<scalar_t, A><<<blocks_for(y.numel(), kThreads), kThreads, 0, stream()>>>(
         residual.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), y.numel(), y.size(1),
         static_cast<A>(s));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -86,9 +86,6 @@ Tensor Cuda::residual_bias(const Tensor& residual, const OptTensor& bias, double
   return y;
 }
 
-TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
-  m.impl("bottleneck", &bottleneck_forward<Cuda>);
-  m.impl("bottleneck_backward", &bottleneck_backward<Cuda>);
-}
+TORCH_LIBRARY_IMPL(adaptune, CUDA, m) { register_bottleneck<Cuda>(m); }
 
 }  // namespace adaptune

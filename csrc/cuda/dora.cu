@@ -6,6 +6,21 @@
 namespace adaptune {
 namespace {
 
+// The tile of dora_scale_backward_kernel: a block of kTileCols x kTileRows threads covers kTileCols columns and
+// reads kTileRows rows at a time.
+// kTileCols: one warp (threadIdx.x) spans 32 consecutive columns of a row, so each read of dy and z and each
+// write of dz is one coalesced transaction.
+constexpr int kTileCols = 32;
+// kTileRows: the warps per block (threadIdx.y), each on its own row; 8 x 32 = 256 threads per block.
+constexpr int kTileRows = 8;
+// kRowsPerBlock: about how many rows each block sums (gridDim.y = ceil(rows / kRowsPerBlock), at most
+// kMaxRowBlocks): 32 rows per thread, enough to amortise a block's shared-memory reduction and its row of
+// partial sums.
+constexpr int64_t kRowsPerBlock = 256;
+// kMaxRowBlocks: the most blocks along the rows (gridDim.y); larger inputs loop over the rows. Bounds the partial
+// sums (kMaxRowBlocks x cols in the accumulation dtype) that are added afterwards in a fixed order.
+constexpr int64_t kMaxRowBlocks = 1024;
+
 // n_i = sqrt(max(wsq_i + Σ_k (2s·WA_ik + s²·BAA_ik)·B_ik, 0)); one thread per row (r is small).
 template <typename T>
 __global__ void dora_combine_kernel(const T* wsq, const T* WA, const T* BAA, const T* B, T* n, int64_t rows,
@@ -34,12 +49,13 @@ __global__ void dora_scale_kernel(const T* z, const A* m, const A* n, const T* b
 template <typename T, typename A>
 __global__ void dora_scale_backward_kernel(const T* dy, const T* z, const A* m, const A* n, T* dz, A* part_out,
                                            int64_t rows, int64_t cols) {
-  __shared__ A part[8][33];
-  const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  // +1 column: padding against shared-memory bank conflicts (the accesses below run along rows: none either way)
+  __shared__ A part[kTileRows][kTileCols + 1];
+  const int64_t j = blockIdx.x * kTileCols + threadIdx.x;
   A acc = 0;
   if (j < cols) {
     const A g = m[j] / n[j];
-    for (int64_t i = blockIdx.y * 8 + threadIdx.y; i < rows; i += (int64_t)gridDim.y * 8) {
+    for (int64_t i = blockIdx.y * kTileRows + threadIdx.y; i < rows; i += (int64_t)gridDim.y * kTileRows) {
       const A d = static_cast<A>(dy[i * cols + j]);
       dz[i * cols + j] = static_cast<T>(d * g);
       acc += d * static_cast<A>(z[i * cols + j]);
@@ -48,7 +64,7 @@ __global__ void dora_scale_backward_kernel(const T* dy, const T* z, const A* m, 
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && j < cols) {
-    for (int k = 1; k < 8; ++k) acc += part[k][threadIdx.x];
+    for (int k = 1; k < kTileRows; ++k) acc += part[k][threadIdx.x];
     part_out[blockIdx.y * cols + j] = acc;
   }
 }
@@ -66,7 +82,7 @@ Tensor Cuda::dora_combine(const Tensor& wsq, const Tensor& WA, const Tensor& BAA
   Tensor n = at::empty({a.size(0)}, a.options());
   if (a.size(0) == 0) return n;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "adaptune_dora_combine", [&] {
-    dora_combine_kernel<scalar_t><<<blocks_for(a.size(0), 256), 256, 0, stream()>>>(
+    dora_combine_kernel<scalar_t><<<blocks_for(a.size(0), kThreads), kThreads, 0, stream()>>>(
         w.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), bb.data_ptr<scalar_t>(),
         n.data_ptr<scalar_t>(), a.size(0), a.size(1), static_cast<scalar_t>(s));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -83,7 +99,7 @@ Tensor Cuda::dora_scale(const Tensor& z, const Tensor& m, const Tensor& n, const
   if (zc.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "adaptune_dora_scale", [&] {
     using A = typename Acc<scalar_t>::type;
-    dora_scale_kernel<scalar_t, A><<<blocks_for(zc.numel(), 256), 256, 0, stream()>>>(
+    dora_scale_kernel<scalar_t, A><<<blocks_for(zc.numel(), kThreads), kThreads, 0, stream()>>>(
         zc.data_ptr<scalar_t>(), mc.data_ptr<A>(), nc.data_ptr<A>(), bias ? bc.data_ptr<scalar_t>() : nullptr,
         y.data_ptr<scalar_t>(), zc.numel(), zc.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -98,10 +114,12 @@ std::tuple<Tensor, Tensor> Cuda::dora_scale_backward(const Tensor& dy, const Ten
   const Tensor dyc = dy.contiguous(), zc = z.contiguous(), mc = m.to(acc).contiguous(), nc = n.to(acc).contiguous();
   Tensor dz = at::empty_like(dyc);
   const int64_t rows = dyc.size(0), cols = dyc.size(1);
-  const int64_t gy = std::max<int64_t>(std::min<int64_t>((rows + 255) / 256, 1024), 1);
+  const int64_t gy = std::max<int64_t>(std::min<int64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock, kMaxRowBlocks),
+                                       1);
   Tensor part = at::zeros({gy, cols}, dyc.options().dtype(acc));  // (row chunks, out)
   if (dyc.numel() > 0) {
-    const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(gy)), block(32, 8);
+    const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols), static_cast<unsigned>(gy)),
+        block(kTileCols, kTileRows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dyc.scalar_type(), "adaptune_dora_scale_bwd", [&] {
       using A = typename Acc<scalar_t>::type;
       dora_scale_backward_kernel<scalar_t, A><<<grid, block, 0, stream()>>>(
@@ -113,11 +131,6 @@ std::tuple<Tensor, Tensor> Cuda::dora_scale_backward(const Tensor& dy, const Ten
   return {dz, part.sum(0).div_(nc).to(n.scalar_type())};
 }
 
-TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
-  m.impl("dora_norm", &dora_norm_forward<Cuda>);
-  m.impl("dora_norm_backward", &dora_norm_backward<Cuda>);
-  m.impl("dora", &dora_forward<Cuda>);
-  m.impl("dora_backward", &dora_backward<Cuda>);
-}
+TORCH_LIBRARY_IMPL(adaptune, CUDA, m) { register_dora<Cuda>(m); }
 
 }  // namespace adaptune

@@ -26,6 +26,11 @@ inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Threads per block of the elementwise kernels (grid-stride loops, launched with blocks_for): 8 warps, so
+// several blocks fit on an SM at once (2048 threads on sm_80 and sm_90), and blocks_for's cap of 4096 blocks
+// covers about a million elements per pass of the loop.
+constexpr int kThreads = 256;
+
 inline int blocks_for(int64_t n, int threads) {
   const int64_t b = (n + threads - 1) / threads;
   return static_cast<int>(b < 4096 ? (b > 0 ? b : 1) : 4096);  // grid-stride loops cover the rest

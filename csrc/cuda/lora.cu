@@ -6,9 +6,6 @@
 
 namespace adaptune {
 
-TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
-  m.impl("lora", &lora_forward);
-  m.impl("lora_backward", &lora_backward);
-}
+TORCH_LIBRARY_IMPL(adaptune, CUDA, m) { register_lora(m); }
 
 }  // namespace adaptune

@@ -14,13 +14,6 @@ std::tuple<Tensor, Tensor> Cuda::routed_scale_backward(const Tensor& dy, const T
   return {dy * r.to(dy.scalar_type()), (dy.to(ratio.scalar_type()) * z.to(ratio.scalar_type())).sum(1)};
 }
 
-TORCH_LIBRARY_IMPL(adaptune, CUDA, m) {
-  m.impl("lora_routed", &lora_routed_forward);
-  m.impl("lora_routed_backward", &lora_routed_backward);
-  m.impl("dora_routed", &dora_routed_forward);
-  m.impl("dora_routed_backward", &dora_routed_backward<Cuda>);
-  m.impl("bottleneck_routed", &bottleneck_routed_forward);
-  m.impl("bottleneck_routed_backward", &bottleneck_routed_backward<Cuda>);
-}
+TORCH_LIBRARY_IMPL(adaptune, CUDA, m) { register_routed<Cuda>(m); }
 
 }  // namespace adaptune
