@@ -15,9 +15,9 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
                              PromptTuning, Stack, Trainable)
     from .errors import AdaptuneError, BindError, ConfigError, LoadError, MergeError, SiteError, TaskError, WriteError
     from .experiments.common.errors import DataError, TrainingError
-    from .peft_format import export_peft
-    from .peft_read import import_peft
-    from .persist import load, save
+    from .peft_export import export_peft
+    from .peft_import import import_peft
+    from .save_load import load, save
     from .spec import parse_spec
 
 __version__ = "0.1.0"
@@ -26,9 +26,9 @@ _EXPORTS = {  # name -> the module it comes from
     **dict.fromkeys(["Adaptation"], ".adaptation"),
     **dict.fromkeys(["Counts"], ".accounting"),
     **dict.fromkeys(["attach", "counts", "detach"], ".attach"),
-    **dict.fromkeys(["export_peft"], ".peft_format"),
-    **dict.fromkeys(["import_peft"], ".peft_read"),
-    **dict.fromkeys(["load", "save"], ".persist"),
+    **dict.fromkeys(["export_peft"], ".peft_export"),
+    **dict.fromkeys(["import_peft"], ".peft_import"),
+    **dict.fromkeys(["load", "save"], ".save_load"),
     **dict.fromkeys(["parse_spec"], ".spec"),
     **dict.fromkeys(["PSA", "Adapter", "AtM", "Bidirectional", "BitFit", "Component", "DoRA", "HyperAdapter", "LoRA",
                      "Prefix", "PromptTuning", "Stack", "Trainable"], ".components"),

@@ -20,7 +20,7 @@ from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
 from .hooks.condition import Condition
 from .hooks.route import Route, checked, route_index
-from .saved import write as write_saved
+from .save_format import write as write_saved
 from .points import Point, check_unquantized
 from .sites import SiteMap
 
@@ -357,7 +357,7 @@ class Adaptation(nn.Module):
     # ---- persistence and accounting -------------------------------------------------------------
 
     def save(self, path: Any) -> Any:
-        """Save the components to one .safetensors file (see adaptune.saved); returns its path."""
+        """Save the components to one .safetensors file (see adaptune.save_format); returns its path."""
         self._check_attached()
         return write_saved(self, path)
 

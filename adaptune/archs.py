@@ -1,6 +1,6 @@
 """Where the sites of an architecture live: exact maps for known model types, else found by structure.
 
-Structure: a layer stack is a ModuleList of identical blocks whose first block holds q/k/v projections
+Structure: a layer tower is a ModuleList of identical blocks whose first block holds q/k/v projections
 (encoder-decoder models have two, named `encoder` and `decoder` by their paths). In a block, an
 attention module is the parent of a q projection (by its usual names: `q_proj`, `query`, `q_lin`, `q`;
 or of one fused `c_attn` / `query_key_value` / `qkv_proj` / `Wqkv`), with k and v inside it and its
@@ -24,7 +24,7 @@ from .points import is_linear
 class Arch:
     """Where the sites of one architecture live, as paths inside a layer."""
     name: str
-    layers: str  # the layer stack's path (or its last parts)
+    layers: str  # the layer tower's path (or its last parts)
     q: str
     k: str
     v: str
@@ -77,8 +77,8 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + ".")
 
 
-def stacks(model: nn.Module) -> list[str]:
-    """Paths of every layer stack that holds attention (several in encoder-decoder models)."""
+def towers(model: nn.Module) -> list[str]:
+    """Paths of every layer tower that holds attention (several in encoder-decoder models)."""
     out = []
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and len({type(b) for b in module}) == 1:
@@ -89,9 +89,9 @@ def stacks(model: nn.Module) -> list[str]:
     return out
 
 
-def stack_names(paths: list[str]) -> list[str | None] | None:
-    """None for the one stack of most models; `encoder`, `decoder` for the two of an encoder-decoder
-    model (by the parts of their paths); None when the stacks cannot be told apart."""
+def tower_names(paths: list[str]) -> list[str | None] | None:
+    """None for the one tower of most models; `encoder`, `decoder` for the two of an encoder-decoder
+    model (by the parts of their paths); None when the towers cannot be told apart."""
     if len(paths) == 1:
         return [None]
     names = ["encoder" if "encoder" in p.split(".") else "decoder" if "decoder" in p.split(".") else None
@@ -100,13 +100,13 @@ def stack_names(paths: list[str]) -> list[str | None] | None:
 
 
 def discover(model: nn.Module) -> tuple[list[tuple[str | None, Arch]], str]:
-    """([(stack name, structure)] for every layer stack, "") or ([], why not)."""
-    found = stacks(model)
+    """([(tower name, structure)] for every layer tower, "") or ([], why not)."""
+    found = towers(model)
     if not found:
-        return [], "no stack of identical layers with attention projections was found"
-    names = stack_names(found)
+        return [], "no tower of identical layers with attention projections was found"
+    names = tower_names(found)
     if names is None:
-        return [], f"it has {len(found)} layer stacks ({', '.join(found)}) that are not an encoder and a decoder; " \
+        return [], f"it has {len(found)} layer towers ({', '.join(found)}) that are not an encoder and a decoder; " \
                    f"name modules by path"
     out = []
     for name, path in zip(names, found):

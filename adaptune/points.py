@@ -46,7 +46,7 @@ class Point:
     kind: str
     key: str
     site: str  # the site (attn.q, ffn, ...) or module path it was resolved from
-    layer: int | None  # None: the embeddings or a raw module path; else the index in its layer stack
+    layer: int | None  # None: the embeddings or a raw module path; else the index in its layer tower
     module: nn.Module
     dim_in: int  # width of what enters the place (in features; the sublayer input; H_kv·D; d_model)
     dim_out: int  # width of what it produces (out features of `rows`; the sublayer output; H_kv·D; d_model)

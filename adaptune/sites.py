@@ -1,10 +1,10 @@
 """Named sites of transformer architectures, selectors, and their resolution to concrete points.
 
-A selector is `[<stack>.][layers.<range>.]<site>` with site one of SITES and range `3`, `0-7`, `0,2,5`
+A selector is `[<tower>.][layers.<range>.]<site>` with site one of SITES and range `3`, `0-7`, `0,2,5`
 or `*`, or a raw module path of the model (`encoder.layer.0.attention.self.query`), or a pattern of
-paths (`model.layers.*.mlp.gate_proj`, `re:<regex>`). Encoder-decoder models have two layer stacks,
-`encoder` and `decoder`: `encoder.layers.0-5.attn`, `decoder.cross_attn`; a selector without a stack
-means every stack that has the site (`attn`: both stacks' self-attention), its layer range counted
+paths (`model.layers.*.mlp.gate_proj`, `re:<regex>`). Encoder-decoder models have two layer towers,
+`encoder` and `decoder`: `encoder.layers.0-5.attn`, `decoder.cross_attn`; a selector without a tower
+means every tower that has the site (`attn`: both towers' self-attention), its layer range counted
 in each.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up
 STACKS = ("encoder", "decoder")
 
 
-_SELECTOR = re.compile(r"^(?:(?P<stack>encoder|decoder)\.)?(?:layers\.(?P<range>[^.]+)\.)?"
+_SELECTOR = re.compile(r"^(?:(?P<tower>encoder|decoder)\.)?(?:layers\.(?P<range>[^.]+)\.)?"
                        r"(?P<site>[a-z_]+(?:\.[a-z]+)?)$")
 _KIND_SITES = {
     PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, cross_attn[.q|k|v|o], embed, or "
@@ -44,8 +44,8 @@ def _require_linear(module: nn.Module, path: str, what: str) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class Stack:
-    """One layer stack: its name (`encoder` / `decoder`; None in a model with one stack), the paths of its
+class Tower:
+    """One tower of layers: its name (`encoder` / `decoder`; None in a model with one tower), the paths of its
     sites inside a layer, its layers, and the index of its first layer among all the model's layers."""
     name: str | None
     arch: Arch
@@ -73,28 +73,28 @@ class SiteMap:
         found = [(None, exact)] if exact is not None else None
         if found is None:
             found, self.why_not = discover(model)
-        self.stacks: list[Stack] = []
+        self.towers: list[Tower] = []
         for name, arch in found:
             layers = next((list(m) for n, m in self.modules.items() if isinstance(m, nn.ModuleList)
                            and (n == arch.layers or n.endswith("." + arch.layers))), [])
-            self.stacks.append(Stack(name, arch, layers, self.n_layers))
+            self.towers.append(Tower(name, arch, layers, self.n_layers))
 
     @property
     def arch(self) -> Arch | None:
-        """The structure of the (first) layer stack; None when no site map was found."""
-        return self.stacks[0].arch if self.stacks else None
+        """The structure of the (first) layer tower; None when no site map was found."""
+        return self.towers[0].arch if self.towers else None
 
     @property
     def n_layers(self) -> int:
-        """Layers in all stacks."""
-        return sum(len(s.layers) for s in self.stacks)
+        """Layers in all towers."""
+        return sum(len(s.layers) for s in self.towers)
 
     def describe(self) -> str:
         valid = ", ".join(SITES)
-        stacks = (" with a stack in front (" + ", ".join(f"{s.name}.<site>" for s in self.stacks) + ")"
-                  if len(self.stacks) > 1 else "")
+        towers = (" with a tower in front (" + ", ".join(f"{s.name}.<site>" for s in self.towers) + ")"
+                  if len(self.towers) > 1 else "")
         return (f"valid selectors: {valid} (optionally as layers.N.<site>, layers.A-B.<site>, layers.A,B.<site>"
-                f"{stacks}), or a module path such as {self.example_path()!r}")
+                f"{towers}), or a module path such as {self.example_path()!r}")
 
     def example_path(self) -> str:
         """A Linear/Conv1D module path of this model, for messages and help."""
@@ -116,38 +116,38 @@ class SiteMap:
         if not match or match["site"] not in SITES:
             raise SiteError(f"unknown site {selector!r}; {self.describe()}")
         site, layers = match["site"], match["range"]
-        if not self.stacks:
+        if not self.towers:
             raise SiteError(f"no site map for model type {self.model_type!r}: {self.why_not} (exact maps: "
                             f"{', '.join(sorted(ARCHS))}); name modules by path instead, e.g. {self.example_path()!r}")
         if site == "embed":
-            if layers is not None or match["stack"]:
-                raise SiteError(f"'embed' has no layers or stack; write 'embed', not {selector!r}")
+            if layers is not None or match["tower"]:
+                raise SiteError(f"'embed' has no layers or tower; write 'embed', not {selector!r}")
             if kind not in (EMBED, PROJECTION):
                 raise BindError(f"{what} cannot bind to 'embed'; it binds to {_KIND_SITES[kind]}")
             return [self._embedding(self.model.get_input_embeddings(), "embed", "embed", kind, what)]
-        stacks = self._stacks(match["stack"], selector)
+        towers = self._towers(match["tower"], selector)
         if site.startswith("cross_attn"):
-            stacks = [s for s in stacks if s.arch.cross is not None]
-            if not stacks:
-                where = f"its {match['stack']}" if match["stack"] else "this model"
+            towers = [s for s in towers if s.arch.cross is not None]
+            if not towers:
+                where = f"its {match['tower']}" if match["tower"] else "this model"
                 raise SiteError(f"{where} has no cross-attention (only decoders of encoder-decoder models have "
                                 f"it); its sites: attn, ffn and their projections")
-        return [p for stack in stacks for i in self._layer_indices(stack, layers, selector)
-                for p in self._layer_points(stack, i, site, kind, what)]
+        return [p for tower in towers for i in self._layer_indices(tower, layers, selector)
+                for p in self._layer_points(tower, i, site, kind, what)]
 
-    def _stacks(self, name: str | None, selector: str) -> list[Stack]:
+    def _towers(self, name: str | None, selector: str) -> list[Tower]:
         if name is None:
-            return self.stacks
-        if len(self.stacks) == 1:
+            return self.towers
+        if len(self.towers) == 1:
             bare = selector.split(".", 1)[1]
-            raise SiteError(f"{selector!r} names a layer stack, but this model has one; write {bare!r}")
-        return [s for s in self.stacks if s.name == name]
+            raise SiteError(f"{selector!r} names a layer tower, but this model has one; write {bare!r}")
+        return [s for s in self.towers if s.name == name]
 
-    def _layer_indices(self, stack: Stack, layers: str | None, selector: str) -> list[int]:
-        n = len(stack.layers)
+    def _layer_indices(self, tower: Tower, layers: str | None, selector: str) -> list[int]:
+        n = len(tower.layers)
         if layers is None or layers == "*":
             return list(range(n))
-        where = f"its {stack.name}" if stack.name else "this model"
+        where = f"its {tower.name}" if tower.name else "this model"
         out: list[int] = []
         for part in layers.split(","):
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -161,45 +161,45 @@ class SiteMap:
             out.extend(range(lo, hi + 1))
         return sorted(set(out))
 
-    def _linear(self, stack: Stack, layer: int, path: str, what: str) -> nn.Module:
-        module = stack.layers[layer].get_submodule(path)
-        _require_linear(module, f"{stack.site('layers')}.{layer}.{path}", what)
+    def _linear(self, tower: Tower, layer: int, path: str, what: str) -> nn.Module:
+        module = tower.layers[layer].get_submodule(path)
+        _require_linear(module, f"{tower.site('layers')}.{layer}.{path}", what)
         return module
 
-    def _layer_points(self, stack: Stack, i: int, site: str, kind: str, what: str) -> list[Point]:
-        a = stack.arch
+    def _layer_points(self, tower: Tower, i: int, site: str, kind: str, what: str) -> list[Point]:
+        a = tower.arch
         base, _, part = site.partition(".")
         attention = a.cross if base == "cross_attn" else a
-        depth = stack.offset + i
+        depth = tower.offset + i
         if kind == PROJECTION:
             if part:
                 names = [part]
             else:
                 names = ["up", "down"] if base == "ffn" else ["qkv"] if attention.qkv else ["q", "k", "v"]
-            return [self._projection(stack, i, base, name, what) for name in names]
+            return [self._projection(tower, i, base, name, what) for name in names]
         if kind == SUBLAYER and not part:
             inp, out = (a.up, a.down) if base == "ffn" else (attention.q, attention.o)
             if inp is None or out is None:
-                self._no_ffn(stack, what)
-            in_module, out_module = self._linear(stack, i, inp, what), self._linear(stack, i, out, what)
+                self._no_ffn(tower, what)
+            in_module, out_module = self._linear(tower, i, inp, what), self._linear(tower, i, out, what)
             position = {"attn": ATTENTION_SUBLAYER, "ffn": FFN_SUBLAYER, "cross_attn": CROSS_SUBLAYER}[base]
-            return [Point(SUBLAYER, stack.key(i, site), stack.site(site), i, out_module, linear_dims(in_module)[0],
+            return [Point(SUBLAYER, tower.key(i, site), tower.site(site), i, out_module, linear_dims(in_module)[0],
                           linear_dims(out_module)[1], in_module=in_module, position=position, depth=depth)]
         if kind == ATTENTION and base != "ffn" and not part:
-            module = stack.layers[i].get_submodule(attention.attention)
-            return [self._attention_point(stack.key(i, site), stack.site(site), i, module, depth)]
+            module = tower.layers[i].get_submodule(attention.attention)
+            return [self._attention_point(tower.key(i, site), tower.site(site), i, module, depth)]
         raise BindError(f"{what} cannot bind to {site!r}; it binds to {_KIND_SITES[kind]}")
 
-    def _no_ffn(self, stack: Stack, what: str) -> None:
-        experts = [type(m).__name__ for m in stack.layers[0].modules() if "expert" in type(m).__name__.lower()]
+    def _no_ffn(self, tower: Tower, what: str) -> None:
+        experts = [type(m).__name__ for m in tower.layers[0].modules() if "expert" in type(m).__name__.lower()]
         kind = f" (a mixture of experts: {experts[0]})" if experts else ""
         raise BindError(f"{what}: this model's feed-forward has no Linear up/down projections{kind}; "
                         f"bind to attention sites, or name modules by path")
 
-    def _projection(self, stack: Stack, i: int, base: str, name: str, what: str = "a component") -> Point:
-        a = stack.arch
+    def _projection(self, tower: Tower, i: int, base: str, name: str, what: str = "a component") -> Point:
+        a = tower.arch
         attention = a.cross if base == "cross_attn" else a
-        where = stack.site("layers")
+        where = tower.site("layers")
         if attention.qkv and name in ("q", "k", "v"):
             raise BindError(f"{what}: q, k and v are one fused projection in this model "
                             f"({where}.{i}.{attention.qkv}); bind to {base!r} to adapt it whole")
@@ -211,8 +211,8 @@ class SiteMap:
             if name == "gate":
                 raise BindError(f"{what}: this model's feed-forward has no gate projection; "
                                 f"its sites: ffn.up, ffn.down")
-            self._no_ffn(stack, what)
-        module = self._linear(stack, i, path, what)
+            self._no_ffn(tower, what)
+        module = self._linear(tower, i, path, what)
         inp, out = linear_dims(module)
         rows = None
         if a.fused_qkv and base == "attn" and name in ("q", "k", "v"):
@@ -220,8 +220,8 @@ class SiteMap:
             j = "qkv".index(name)
             rows, out = (j * part, (j + 1) * part), part
         site = f"{base}.{name}"
-        return Point(PROJECTION, stack.key(i, site), stack.site(site), i, module, inp, out, rows=rows,
-                     depth=stack.offset + i)
+        return Point(PROJECTION, tower.key(i, site), tower.site(site), i, module, inp, out, rows=rows,
+                     depth=tower.offset + i)
 
     def _attention_point(self, key: str, site: str, layer: int | None, module: nn.Module,
                          depth: int | None = None) -> Point:
@@ -284,7 +284,7 @@ class SiteMap:
         if kind == PROJECTION:
             twins = [n for n, m in self.modules.items() if m is not module and isinstance(m, nn.Embedding)
                      and m.weight is module.weight]
-            if twins and key == "embed":  # T5, BART: `shared`, while each stack looks up its own module holding the same table
+            if twins and key == "embed":  # T5, BART: `shared`, while each tower looks up its own module holding the same table
                 raise BindError(f"{what} cannot bind to {site!r}: its table is shared with {', '.join(twins)}, "
                                 f"which look tokens up instead; name the one to adapt by path, e.g. {twins[0]!r}")
             return Point(PROJECTION, key, site, None, module, module.num_embeddings, module.embedding_dim)
@@ -293,23 +293,23 @@ class SiteMap:
 
     def table(self) -> list[tuple[str, str, int, int]]:
         """(site, module paths, layers, parameters per layer) for every site this model has (`adaptune inspect`)."""
-        if not any(s.layers for s in self.stacks):
+        if not any(s.layers for s in self.towers):
             return []
         names = {id(m): n for n, m in self.modules.items()}
         embed = self.model.get_input_embeddings()
         rows = [("embed", names.get(id(embed), "?"), 0, embed.weight.numel())] if embed is not None else []
-        for stack in self.stacks:
+        for tower in self.towers:
             for site in SITES[1:]:
-                if site.startswith("cross_attn") and stack.arch.cross is None:
+                if site.startswith("cross_attn") and tower.arch.cross is None:
                     continue
                 try:
-                    per_layer = [self._layer_points(stack, i, site, PROJECTION, "a component")
-                                 for i in range(len(stack.layers))]
+                    per_layer = [self._layer_points(tower, i, site, PROJECTION, "a component")
+                                 for i in range(len(tower.layers))]
                 except BindError:
                     continue  # a site this model does not have (a gate, q alone in a fused projection)
                 modules = {id(p.module): p.module for points in per_layer for p in points}
                 paths = [names[id(m)] for m in modules.values()]
                 shown = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
                 count = sum(p.dim_out * (p.dim_in + (p.module.bias is not None)) for p in per_layer[0])
-                rows.append((stack.site(site), shown, len(stack.layers), count))
+                rows.append((tower.site(site), shown, len(tower.layers), count))
         return rows

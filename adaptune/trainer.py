@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .adaptation import Adaptation
 from .errors import ConfigError, LoadError, WriteError
-from .saved import check_finite, read
+from .save_format import check_finite, read
 
 ADAPTERS_FILE = "adapters.safetensors"
 

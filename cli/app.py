@@ -38,7 +38,7 @@ def inspect(model: str = typer.Argument(..., help="minilm, gpt2-tiny, bert-tiny,
     except AdaptuneError as e:
         return fail(str(e))
     sites = SiteMap(base)
-    layers = (" + ".join(f"{len(s.layers)} {s.name}" for s in sites.stacks) if len(sites.stacks) > 1
+    layers = (" + ".join(f"{len(s.layers)} {s.name}" for s in sites.towers) if len(sites.towers) > 1
               else str(sites.n_layers))
     total = sum(p.numel() for p in base.parameters())
     console.print(f"[bold]{type(base).__name__}[/bold] (model_type {sites.model_type!r}): "

@@ -1,5 +1,5 @@
 """Bad input, table-driven: each case raises the named error with a message naming the problem, and
-leaves the model and every file on disk as they were. (More cases: test_errors.py, test_persist.py,
+leaves the model and every file on disk as they were. (More cases: test_errors.py, test_save_load.py,
 test_peft_format.py, test_crash_safe.py, test_half_precision.py.)"""
 import json
 import math
@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from adaptune import (PSA, Adapter, AdaptuneError, BindError, BitFit, ConfigError, DoRA, LoadError, LoRA,
                       MergeError, Prefix, PromptTuning, SiteError, TaskError, Trainable, WriteError, attach, detach,
                       export_peft, import_peft, load, parse_spec)
-from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from adaptune.peft_export import CONFIG_NAME, WEIGHTS_NAME
 from helpers import bound, tiny_gpt2, tiny_llama, VOCAB
 
 NAN, INF = math.nan, math.inf

@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5, BART): two layer stacks named `encoder` and `decoder`, cross-attention
+"""Encoder-decoder models (T5, BART): two layer towers named `encoder` and `decoder`, cross-attention
 sites, every component kind, cached generate == uncached, PEFT's format and adaptune's both ways."""
 import peft
 import pytest
@@ -8,8 +8,8 @@ from helpers import VOCAB, perturb
 
 from adaptune import (Adapter, BindError, DoRA, HyperAdapter, LoRA, Prefix, PromptTuning, SiteError, attach, detach,
                       load, save)
-from adaptune.peft_format import export_peft
-from adaptune.peft_read import import_peft
+from adaptune.peft_export import export_peft
+from adaptune.peft_import import import_peft
 from adaptune.points import CROSS_SUBLAYER, PROJECTION, SUBLAYER
 from adaptune.sites import SiteMap
 
@@ -51,17 +51,17 @@ def logits(model, batch, **kw):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_stacks_are_found_with_their_cross_attention(name):
+def test_towers_are_found_with_their_cross_attention(name):
     sites, n = SiteMap(MODELS[name]()), DECODER_LAYERS[name]
-    assert [(s.name, len(s.layers), s.offset) for s in sites.stacks] == [("encoder", 2, 0), ("decoder", n, 2)]
-    assert sites.stacks[0].arch.cross is None and sites.stacks[1].arch.cross is not None
+    assert [(s.name, len(s.layers), s.offset) for s in sites.towers] == [("encoder", 2, 0), ("decoder", n, 2)]
+    assert sites.towers[0].arch.cross is None and sites.towers[1].arch.cross is not None
     rows = {row[0]: row for row in sites.table()}
     assert {"encoder.attn", "decoder.attn.o", "decoder.cross_attn.q", "decoder.ffn.down"} <= set(rows)
     assert "encoder.cross_attn" not in rows and rows["decoder.cross_attn"][2] == n
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_selectors_name_the_stack_and_default_to_every_stack_that_has_the_site(name):
+def test_selectors_name_the_tower_and_default_to_every_tower_that_has_the_site(name):
     sites, n = SiteMap(MODELS[name]()), DECODER_LAYERS[name]
     keys = [p.key for p in sites.resolve("attn.q", PROJECTION, "LoRA")]
     assert keys == [f"encoder:layers:{i}:attn:q" for i in range(2)] + [f"decoder:layers:{i}:attn:q" for i in range(n)]
@@ -72,23 +72,23 @@ def test_selectors_name_the_stack_and_default_to_every_stack_that_has_the_site(n
     assert [p.depth for p in cross] == list(range(2, 2 + n)) and {p.position for p in cross} == {CROSS_SUBLAYER}
     names = {id(m): n for n, m in sites.model.named_modules()}
     assert all(("EncDecAttention" in names[id(p.module)]) or ("encoder_attn" in names[id(p.module)]) for p in cross)
-    assert len(sites.resolve("layers.0-1.ffn", SUBLAYER, "Adapter")) == 4  # the range in each stack
+    assert len(sites.resolve("layers.0-1.ffn", SUBLAYER, "Adapter")) == 4  # the range in each tower
 
 
 @pytest.mark.parametrize("selector, error, words", [
     ("encoder.cross_attn", SiteError, ["its encoder has no cross-attention"]),
     ("decoder.layers.3.attn", SiteError, ["out of range", "its decoder has 3 layers (0-2)"]),
-    ("decoder.embed", SiteError, ["'embed' has no layers or stack"]),
+    ("decoder.embed", SiteError, ["'embed' has no layers or tower"]),
     ("middle.attn", SiteError, ["unknown site", "encoder.<site>, decoder.<site>"]),
     ("embed", BindError, ["shared with", "embed_tokens", "name the one to adapt by path"]),
 ])
-def test_bad_stack_selectors_say_what_is_valid(selector, error, words):
+def test_bad_tower_selectors_say_what_is_valid(selector, error, words):
     with pytest.raises(error) as err:
         attach(bart(), {selector: LoRA(2)})
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
-def test_lora_binds_to_the_embedding_a_stack_looks_up(batch):
+def test_lora_binds_to_the_embedding_a_tower_looks_up(batch):
     model = bart()
     with torch.no_grad():
         before = logits(model, batch)
@@ -98,7 +98,7 @@ def test_lora_binds_to_the_embedding_a_stack_looks_up(batch):
         assert (logits(model, batch) - before).abs().max() > 1e-3
 
 
-def test_a_stack_on_a_one_stack_model_is_refused_clearly():
+def test_a_tower_on_a_one_tower_model_is_refused_clearly():
     model = T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, vocab_size=VOCAB))
     with pytest.raises(SiteError, match="this model has one; write 'attn'"):

@@ -11,8 +11,8 @@ from torch import nn
 
 import adaptune
 from adaptune import BindError, BitFit, DoRA, LoadError, LoRA, MergeError, attach
-from adaptune.peft_format import WEIGHTS_NAME, export_peft
-from adaptune.peft_read import import_peft
+from adaptune.peft_export import WEIGHTS_NAME, export_peft
+from adaptune.peft_import import import_peft
 
 
 def untied_llama():

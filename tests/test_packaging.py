@@ -36,7 +36,7 @@ def test_the_exports_resolve_on_first_use():
 import sys, types
 import adaptune
 assert "torch" not in sys.modules, "import adaptune imported torch"
-import adaptune.persist  # imports the module adaptune.attach
+import adaptune.save_load  # imports the module adaptune.attach
 from adaptune import attach, LoRA, DataError
 assert callable(attach) and not isinstance(attach, types.ModuleType) and adaptune.attach is attach
 assert set(adaptune.__all__) <= set(dir(adaptune))

@@ -9,9 +9,9 @@ from helpers import bound, randomize, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 from adaptune import Adapter, AdaptuneError, DoRA, LoadError, LoRA, TaskError, attach
-from adaptune import files, peft_format
-from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft
-from adaptune.peft_read import import_peft
+from adaptune import files, peft_export
+from adaptune.peft_export import CONFIG_NAME, WEIGHTS_NAME, export_peft
+from adaptune.peft_import import import_peft
 
 ATOL = 1e-5
 
@@ -259,7 +259,7 @@ def test_failed_export_keeps_the_previous_one(failure, tmp_path, monkeypatch):
         def write(directory, config, tensors):
             save_file(tensors, str(directory / WEIGHTS_NAME))
             raise OSError("disk full")
-        monkeypatch.setattr(peft_format, "_write_files", write)
+        monkeypatch.setattr(peft_export, "_write_files", write)
     elif failure == "while exchanging":
         def exchange(a, b):
             raise OSError("exchange failed")

@@ -13,8 +13,8 @@ from test_peft_format import ATOL, every_output, load_peft, randomize_adaptation
 import adaptune
 from adaptune import ConfigError, DoRA, LoadError, LoRA, attach
 from adaptune.components.base import Component
-from adaptune.peft_format import CONFIG_NAME, export_peft
-from adaptune.peft_read import import_peft
+from adaptune.peft_export import CONFIG_NAME, export_peft
+from adaptune.peft_import import import_peft
 
 
 def specs_of(adaptation):

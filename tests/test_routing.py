@@ -7,7 +7,7 @@ import torch
 
 from adaptune import (Adapter, AdaptuneError, BitFit, DoRA, HyperAdapter, LoRA, MergeError, Prefix, PromptTuning,
                       TaskError, Trainable, attach)
-from adaptune.saved import read
+from adaptune.save_format import read
 from helpers import VOCAB, main_output, randomize, tiny_bert, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.on_device  # on $ADAPTUNE_TEST_DEVICE when set (conftest.py)

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import adaptune
 from adaptune import AdaptuneError, BindError, BitFit, LoRA, MergeError, SiteError, Trainable, attach
-from adaptune.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft
-from adaptune.peft_read import import_peft
+from adaptune.peft_export import CONFIG_NAME, WEIGHTS_NAME, export_peft
+from adaptune.peft_import import import_peft
 
 ATOL = 1e-5
 

@@ -45,7 +45,7 @@ def test_the_encoder_is_bidirectional_and_the_decoder_causal(name, gen):
 def test_the_encoder_stops_after_its_layers_and_ignores_padding(name):
     vae = VAE(BASES[name](), VAEConfig(**SMALL, encoder_layers=2))
     ran = []
-    SiteMap(vae.base).stacks[0].layers[2].register_forward_hook(lambda *a: ran.append(1))
+    SiteMap(vae.base).towers[0].layers[2].register_forward_hook(lambda *a: ran.append(1))
     ids, mask = batch()
     with torch.no_grad():
         mean, logvar = vae.encode(ids, mask)

@@ -79,7 +79,7 @@ class HyperAdapter(Component):
                 break
         else:
             tasks = list(ctx.tasks) if ctx.group is None and ctx.tasks else None
-            cross = any(s.arch.cross is not None for s in ctx.sites.stacks)
+            cross = any(s.arch.cross is not None for s in ctx.sites.towers)
             net = HyperNetwork(self, tasks, ctx.sites.n_layers, CROSS_SUBLAYER + 1 if cross else POSITIONS)
         for point in ctx.points:
             net.add_width(point.dim_out)

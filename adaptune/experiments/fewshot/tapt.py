@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError, LoadError
 from ...files import atomic_write_dir
-from ...persist import load
+from ...save_load import load
 from ..common.config import check_device, set_seed
 from ..common.data import default_data_dir, load_dataset
 from ..common.datasets import get_dataset

@@ -26,7 +26,7 @@ from safetensors.torch import save_model as st_save_model
 
 from ...errors import LoadError
 from ...files import atomic_write_dir
-from ...persist import load as load_adaptation
+from ...save_load import load as load_adaptation
 from ..common.config import set_seed
 from ..common.datasets import get_dataset
 from ..common.encoders import load_base, load_tokenizer

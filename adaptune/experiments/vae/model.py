@@ -56,7 +56,7 @@ FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "norm_f")
 
 
 def final_norm(base: nn.Module, first_layer: nn.Module) -> nn.Module:
-    """The norm the base applies after its layer stack (a sibling of the stack, by one of FINAL_NORMS'
+    """The norm the base applies after its layer tower (a sibling of the tower, by one of FINAL_NORMS'
     names), else the identity."""
     for parent in base.modules():
         for child in parent.children():
@@ -119,8 +119,8 @@ class VAE(nn.Module):
         attach them as `cfg` says."""
         super().__init__()
         sites = SiteMap(base)
-        if len(sites.stacks) != 1:
-            raise ConfigError("the VAE needs a causal LM with one layer stack (GPT-2, Llama, ...)")
+        if len(sites.towers) != 1:
+            raise ConfigError("the VAE needs a causal LM with one layer tower (GPT-2, Llama, ...)")
         self.cfg, self.base = cfg, base
         n_layers = sites.n_layers
         self.encoder_layers = cfg.encoder_layers or default_encoder_layers(n_layers)
@@ -132,8 +132,8 @@ class VAE(nn.Module):
         if cfg.finetune:
             for p in base.parameters():
                 p.requires_grad_(True)
-        self._last = sites.stacks[0].layers[self.encoder_layers - 1]
-        object.__setattr__(self, "_norm", final_norm(base, sites.stacks[0].layers[0]))  # the base holds it
+        self._last = sites.towers[0].layers[self.encoder_layers - 1]
+        object.__setattr__(self, "_norm", final_norm(base, sites.towers[0].layers[0]))  # the base holds it
         d = base.config.hidden_size
         posterior = LatentAttention if cfg.latent_gen == "attn" else PooledLatent
         self.posterior = posterior(d, cfg.latent_dim)

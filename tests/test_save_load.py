@@ -84,7 +84,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("adaptune.saved.save_file", broken)
+    monkeypatch.setattr("adaptune.save_format.save_file", broken)
     randomize(adaptation)
     with pytest.raises(OSError, match="disk full"):
         adaptation.save(path)

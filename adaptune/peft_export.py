@@ -25,7 +25,7 @@ config's modules_to_save. BitFit has no PEFT equivalent (PEFT's bias="all" / "lo
 values into the base biases themselves, of every layer or of every LoRA layer): it is refused, or left
 out with skip_unsupported.
 
-import_peft (peft_read.py): the inverse, onto raw module paths of the model, all or nothing.
+import_peft (peft_import.py): the inverse, onto raw module paths of the model, all or nothing.
 
 Not carried over: DoRA's detach_norm=False (PEFT always detaches the norm; outputs are equal);
 differing dropouts (PEFT has one lora_dropout: the largest is written, with a warning); adaptune's

@@ -1,4 +1,4 @@
-"""Reading a LoRA / DoRA adapter saved by Hugging Face PEFT and attaching it (see peft_format); its
+"""Reading a LoRA / DoRA adapter saved by Hugging Face PEFT and attaching it (see peft_export); its
 modules_to_save (a SEQ_CLS adapter's classifier / score head) import as Trainable modules, its
 lora_embedding_A / B as LoRA on the nn.Embedding. The copy of a targeted layer's base weights PEFT saves
 with embedding LoRAs (`<path>.base_layer.weight`, save_embedding_layers) must equal this model's.
@@ -25,9 +25,9 @@ from .components.dora import DoRA
 from .components.lora import LoRA
 from .components.trainable import Trainable
 from .errors import AdaptuneError, LoadError
-from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .peft_export import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .points import Conv1D, is_linear, is_table, linear_dims
-from .saved import check_finite, check_state
+from .save_format import check_finite, check_state
 
 _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT's saved names, adapter name stripped
           ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",

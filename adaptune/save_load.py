@@ -1,7 +1,7 @@
 """save / load: component parameters (safetensors) with the stacks as JSON in the file's metadata.
 
 One file holds everything `load` needs to rebuild the components without user code (the file itself:
-saved.py). Writes are atomic: a temporary file beside the target is renamed over it, so an existing
+save_format.py). Writes are atomic: a temporary file beside the target is renamed over it, so an existing
 save is never lost.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .adaptation import Adaptation, adaptation_of
 from .attach import attach
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
-from .saved import check_finite, check_state, fingerprint, read
+from .save_format import check_finite, check_state, fingerprint, read
 
 
 def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
