@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from .accounting import Counts, count
 from .components.base import Stack
 from .components.contract import Context, SharedContext
+from .components.hyper import HyperNetwork
 from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
 from .hooks.condition import Condition
@@ -246,6 +247,61 @@ class Adaptation(nn.Module):
             yield self
         finally:
             self.enable(previous)
+
+    def add_task(self, name: str, spec: Spec, state: dict[str, torch.Tensor] | None = None) -> Group:
+        """Build the task `name` from `spec` (selector -> component or stack) on the attached model, as attach
+        builds tasks, installing a hook at any new place; `state` (optional) gives the new group's parameters
+        (every name of its state_dict). Returns its Group. All or nothing: on any error nothing changes."""
+        self._check_attached()
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
+            raise ConfigError(f"task names are letters, digits, '_' and '-'; got {name!r}")
+        if name in self.tasks:
+            raise TaskError(f"task {name!r} exists; give the new task another name")
+        if self._route is not None:
+            raise TaskError("cannot add a task inside route(); add it outside the route() block")
+        self._check_unmerged("add a task")
+        conditioned = [m for m in self.shared.common.values() if isinstance(m, HyperNetwork) and m.task_names]
+        if conditioned:
+            raise ConfigError(f"cannot add a task: the shared {conditioned[0].component!r} embeds each task named at "
+                              f"attach and has no embedding for a new one")
+        if not isinstance(spec, Mapping) or not spec:
+            raise ConfigError(f"a task's spec maps selectors to components, e.g. {{'attn': LoRA(8)}}; got {spec!r}")
+        spec = {selector: Stack(stack) for selector, stack in spec.items()}
+        if not all(spec.values()):
+            raise ConfigError(f"task {name!r} has an empty stack; give each selector at least one component")
+        hooks, counts = dict(self.hooks), {place: len(hook.bindings) for place, hook in self.hooks.items()}
+        installed: list[Hook] = []
+        self.task_names.append(name)
+        self.specs[name], self.tasks[name] = spec, Group()
+        try:
+            self._build(name, spec)
+            self.tasks[name].train(self.training)
+            for place, hook in self.hooks.items():
+                if place not in hooks and self._installed:
+                    hook.install()
+                    installed.append(hook)
+            if state is not None:
+                self._load_group(name, state)
+        except BaseException:
+            for hook in reversed(installed):
+                hook.remove()
+            for place in [p for p in self.hooks if p not in hooks]:
+                del self.hooks[place]
+            for place, n in counts.items():
+                del self.hooks[place].bindings[n:]
+            del self.tasks[name], self.specs[name]
+            self.task_names.remove(name)
+            raise
+        return self.tasks[name]
+
+    def _load_group(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        own = self.tasks[name].state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
+        if missing or unexpected or wrong:
+            raise ConfigError(f"the state given for task {name!r} does not fit its components: missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {sorted(wrong)[:3]}")
+        self.tasks[name].load_state_dict(state, strict=True)
 
     # ---- routing: a task per sample ---------------------------------------------------------------
 
