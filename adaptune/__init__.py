@@ -11,12 +11,14 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .accounting import Counts
     from .adaptation import Adaptation
     from .attach import attach, counts, detach
+    from .combine import combine
     from .components import (PSA, Adapter, AtM, Bidirectional, BitFit, Component, DoRA, HyperAdapter, LoRA, Prefix,
                              PromptTuning, Stack, Trainable)
     from .errors import AdaptuneError, BindError, ConfigError, LoadError, MergeError, SiteError, TaskError, WriteError
     from .experiments.common.errors import DataError, TrainingError
     from .peft_export import export_peft
     from .peft_import import import_peft
+    from .quantized import quantize
     from .save_load import load, save
     from .spec import parse_spec
 
@@ -26,6 +28,8 @@ _EXPORTS = {  # name -> the module it comes from
     **dict.fromkeys(["Adaptation"], ".adaptation"),
     **dict.fromkeys(["Counts"], ".accounting"),
     **dict.fromkeys(["attach", "counts", "detach"], ".attach"),
+    **dict.fromkeys(["combine"], ".combine"),
+    **dict.fromkeys(["quantize"], ".quantized"),
     **dict.fromkeys(["export_peft"], ".peft_export"),
     **dict.fromkeys(["import_peft"], ".peft_import"),
     **dict.fromkeys(["load", "save"], ".save_load"),
@@ -40,7 +44,7 @@ _EXPORTS = {  # name -> the module it comes from
 __all__ = [
     "Adaptation", "Adapter", "AdaptuneError", "BindError", "Component", "ConfigError", "DoRA", "HyperAdapter",
     "LoRA", "LoadError", "MergeError", "SiteError", "Stack", "TaskError", "attach", "detach",
-    "export_peft", "import_peft",
+    "export_peft", "import_peft", "combine", "quantize",
     "Counts", "counts", "load", "parse_spec", "save",
     "DataError", "Prefix", "PromptTuning", "TrainingError", "WriteError", "BitFit", "Trainable",
     "AtM", "Bidirectional", "PSA",

@@ -6,6 +6,7 @@ It is registered on the model as the submodule `adaptune`, so `model.parameters(
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ from .hooks import Binding, Hook, hook_class
 from .hooks.condition import Condition
 from .hooks.route import Route, checked, route_index
 from .save_format import write as write_saved
-from .points import Point, check_unquantized
+from .points import Point, check_quantized
 from .sites import SiteMap
 
 Spec = dict[str, Stack]  # selector -> stack: what one group composes
@@ -76,6 +77,7 @@ class Adaptation(nn.Module):
         self._installed = False
         self._detached = False
         self.hooks: dict[tuple, Hook] = {}
+        self.merge_errors: dict[str, tuple[float, float]] = {}  # the last merge()'s requantization errors
         self.shared = Group()
         self.tasks = nn.ModuleDict({name: Group() for name in self.task_names})
         self.sites = SiteMap(model)
@@ -94,7 +96,7 @@ class Adaptation(nn.Module):
             for component in stack:
                 points = self.sites.resolve(selector, component.kind, repr(component))
                 for point in points:
-                    check_unquantized(point, repr(component))
+                    check_quantized(point, repr(component))
                 ctx = SharedContext(group, points, self.task_names, self.sites, list(target.common.values()))
                 shared = component.shared(ctx)
                 # a component may return a module it already registered in this group, to reuse it
@@ -380,14 +382,20 @@ class Adaptation(nn.Module):
         return any(hook.merged for hook in self.hooks.values())
 
     def merge(self) -> "Adaptation":
-        """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge)."""
+        """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge). A quantized
+        weight is dequantized, updated and requantized: `merge_errors` and a warning give the error that adds."""
         self._check_attached()
         if self._route is not None:
             raise MergeError("cannot merge inside route(): a merged update would apply to every sample of the "
                              "batch; merge outside the route() block")
         ready = [(hook, hook.mergeable()) for hook in self.hooks.values()]  # all checked before any change
-        for hook, bindings in ready:
-            hook.merge(bindings)
+        self.merge_errors = {where: e for hook, bindings in ready for where, e in hook.merge(bindings).items()}
+        if self.merge_errors:
+            where, (most, relative) = max(self.merge_errors.items(), key=lambda item: item[1][1])
+            warnings.warn(f"merge() requantized {len(self.merge_errors)} quantized weight(s), which changes them "
+                          f"beyond the update: at most |ΔW| = {most:.3g}, relative {relative:.3g} (at {where}); "
+                          f"adaptation.merge_errors holds (max |ΔW|, ‖ΔW‖ / ‖W‖) per layer, unmerge() restores "
+                          f"the original storage bit for bit", RuntimeWarning, stacklevel=2)
         return self
 
     def unmerge(self) -> "Adaptation":

@@ -52,6 +52,7 @@ from .components.dora import DoRA, DoRAModule
 from .components.lora import LoRA
 from .errors import ConfigError, MergeError, TaskError
 from .points import Conv1D, is_table, linear_weight
+from .quantized import row_norm_sq
 
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
            "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -258,7 +259,7 @@ def _slot(point, modules: list, weights: list[float], method: str, opts: dict) -
                           f"({point.dim_out}×{point.dim_in}); use an svd method with rank ≤ {limit}")
     if not isinstance(modules[0], DoRAModule):
         return {"A": A, "B": B}
-    norm = linear_weight(point.module).detach()[point.out_rows].float().norm(dim=1)  # (out,) ‖W_i‖
+    norm = row_norm_sq(linear_weight(point.module)[point.out_rows]).sqrt()  # (out,) ‖W_i‖
     return {"A": A, "B": B, "magnitude": norm + sum(w * (m.magnitude.detach() - norm)
                                                     for w, m in zip(weights, modules))}
 

@@ -57,6 +57,7 @@ from .errors import AdaptuneError, WriteError
 from .files import atomic_write_dir
 from .hooks import Binding
 from .points import MODULE, PROJECTION, Conv1D, is_table, linear_weight
+from .quantized import row_norm_sq
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -195,7 +196,7 @@ def _layer(path: str, module: nn.Module, bindings: list[Binding]) -> PeftLayer:
         col += r
     magnitude = None
     if isinstance(bounds[0], DoRAModule):
-        magnitude = weight.float().norm(dim=1).to(bounds[0].magnitude.dtype)  # (out,): factor 1 off the slices
+        magnitude = row_norm_sq(weight).sqrt().to(bounds[0].magnitude.dtype)  # (out,): factor 1 off the slices
         for binding in bindings:
             magnitude[binding.point.out_rows] = binding.module.magnitude
     dropouts = sorted({b.dropout for b in bounds})

@@ -23,6 +23,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from .errors import BindError
+from .quantized import QuantizedWeight, scheme
 
 try:  # GPT-2's fused projections are transformers' Conv1D: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -89,9 +90,12 @@ def is_table(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding)
 
 
-def linear_weight(module: nn.Module) -> Tensor:
-    """The weight as an (out, in) matrix (a transposed view for Conv1D and for an embedding table)."""
-    return module.weight.t() if isinstance(module, (Conv1D, nn.Embedding)) else module.weight
+def linear_weight(module: nn.Module) -> Tensor | QuantizedWeight:
+    """The weight as an (out, in) matrix (a transposed view for Conv1D and for an embedding table; a
+    QuantizedWeight for a supported quantized layer)."""
+    if isinstance(module, (Conv1D, nn.Embedding)):
+        return module.weight.t()
+    return QuantizedWeight(module) if scheme(module) else module.weight
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -104,7 +108,7 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return inp, out
 
 
-# ---- quantized layers: recognised by names, dtypes and shapes (bitsandbytes, torchao are never imported) ----
+# ---- quantized layers: the supported ones by what they are (quantized.py), any other by names, dtypes and shapes ----
 
 QUANTIZERS = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "hqq", "optimum.quanto",
               "torch.ao.nn.quantized", "torch.nn.quantized")  # the packages of quantized layers and tensors
@@ -143,19 +147,28 @@ def quantization(module: nn.Module) -> str | None:
     return None
 
 
-def check_unquantized(point: Point, what: str) -> None:
-    """BindError when a component that reads or trains the base weight at `point` (LoRA, DoRA, BitFit,
-    Trainable, PromptTuning) would bind to a quantized layer: quantized bases are not supported yet."""
+def check_quantized(point: Point, what: str) -> None:
+    """BindError when a component that reads or trains the base weight at `point` meets a quantized layer it
+    cannot use. LoRA, DoRA and BitFit (projections) take the supported ones (adaptune.quantized); Trainable
+    and PromptTuning need float weights; any other quantization is refused, naming what is supported."""
     if point.kind not in READS_WEIGHT:
         return
     for name, module in point.module.named_modules():
         found = quantization(module)
-        if found:
-            inside = f" (its submodule {name!r})" if name else ""
-            raise BindError(f"{what} at {point.where()}: the layer is quantized{inside}: {found}. Quantized bases "
-                            f"are not supported yet: LoRA, DoRA, BitFit, Trainable and PromptTuning need a "
-                            f"floating-point weight; load the model without quantization, or use components that "
-                            f"do not read the weight (Adapter, Prefix, HyperAdapter, ...)")
+        if not found:
+            continue
+        inside = f" (its submodule {name!r})" if name else ""
+        supported = scheme(module)
+        if supported and point.kind == PROJECTION and not name:
+            continue
+        if supported:
+            raise BindError(f"{what} at {point.where()}: the layer{inside} is quantized ({supported}); {what} "
+                            f"trains or reads it as float weights. On a quantized base, adapt its projections "
+                            f"with LoRA, DoRA or BitFit, and keep Trainable for modules left in float (the heads)")
+        raise BindError(f"{what} at {point.where()}: the layer is quantized{inside}: {found}, which adaptune does "
+                        f"not support. Supported: bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt; load the "
+                        f"model with one of those or without quantization, "
+                        f"or use components that do not read the weight (Adapter, Prefix, HyperAdapter, ...)")
 
 
 # ---- attention implementations that prefix tuning can wrap (hooks/attention.py) -----------------

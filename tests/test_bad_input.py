@@ -133,7 +133,8 @@ def _read_only_replace(c, monkeypatch):
         detach(c.model)
 
 
-# stand-ins of quantized layers, as bitsandbytes and torchao expose them (neither is installed here)
+# stand-ins of quantized layers adaptune does not support: names and storage of bitsandbytes' and torchao's, but
+# not their quantization state (tests/test_quantized.py runs the real bitsandbytes layers)
 class Linear4bit(torch.nn.Linear):
     """bitsandbytes' 4-bit Linear: an nn.Linear whose weight is packed uint8 storage (in·out/2, 1); its forward
     dequantizes (here: a float copy kept aside)."""
@@ -246,9 +247,10 @@ CASES = {
                             "it is a directory"),
     "prompt past the positions": (_long_prompt, AdaptuneError, "at most 118 tokens fit"),
     # quantized bases: refused by attach, before anything changes
-    "LoRA on a bitsandbytes Linear4bit": (lambda c: _attach_quantized(Linear4bit, {"layers.0.attn.q": LoRA(4)}),
-                                          BindError, "bitsandbytes.nn.modules.Linear4bit. Quantized bases are not "
-                                                     "supported yet"),
+    "LoRA on a Linear4bit without bitsandbytes' quantization state": (
+        lambda c: _attach_quantized(Linear4bit, {"layers.0.attn.q": LoRA(4)}), BindError,
+        "bitsandbytes.nn.modules.Linear4bit, which adaptune does not support. Supported: bitsandbytes Linear4bit "
+        "(nf4, fp4) and Linear8bitLt"),
     "LoRA on attn beside a Linear4bit": (lambda c: _attach_quantized(Linear4bit, {"attn": LoRA(4)}), BindError,
                                          "at attn.q (layer 0): the layer is quantized"),
     "DoRA on an int8 weight": (lambda c: _attach_quantized(_int8, {"layers.0.attn.q": DoRA(4)}), BindError,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import BindError, ConfigError
 from ..points import Point, is_table, linear_weight
+from ..quantized import QuantizedWeight, row_norm_sq
 from .lora import LoRA, LoRAModule
 
 
@@ -40,8 +41,8 @@ class DoRAModule(LoRAModule):
 
     def __init__(self, component: DoRA, point: Point) -> None:
         super().__init__(component, point)
-        weight = linear_weight(point.module).detach()[point.out_rows]  # (out, in)
-        self.magnitude = nn.Parameter(weight.float().norm(dim=1))  # (out,)
+        weight = linear_weight(point.module)[point.out_rows]  # (out, in)
+        self.magnitude = nn.Parameter(row_norm_sq(weight).sqrt())  # (out,)
         self.detach_norm = component.detach_norm
         self._norm_cache: tuple[tuple, Tensor] | None = None
 
@@ -52,11 +53,11 @@ class DoRAModule(LoRAModule):
         compiler cannot compare once the cache is filled by an eager call.
         """
         if torch.compiler.is_compiling():
-            return weight.detach().float().pow(2).sum(1)
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device, weight.dtype)
+            return row_norm_sq(weight)
+        key = weight.key() if isinstance(weight, QuantizedWeight) else \
+            (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device, weight.dtype)
         if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                self._norm_cache = (key, weight.float().pow(2).sum(1))
+            self._norm_cache = (key, row_norm_sq(weight))
         return self._norm_cache[1]
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -64,6 +65,6 @@ class DoRAModule(LoRAModule):
                         self.training, self._weight_norm_sq(weight), self.detach_norm)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
-        """(m / n) ⊙ (W + s·B·A) row-wise."""
+        """(m / n) ⊙ (W + s·B·A) row-wise, W a float tensor."""
         w = super().merged_weight(weight)
         return (self.magnitude.float() / w.norm(dim=1)).unsqueeze(1) * w

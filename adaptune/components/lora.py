@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import BindError, ConfigError
 from ..points import PROJECTION, Point, is_table, linear_weight
+from ..quantized import QuantizedWeight
 from .base import Component, check_choice, check_dropout, check_positive
 
 INITS = ("default", "pissa", "olora")  # data-free initialisations; PEFT's init_lora_weights True, "pissa", "olora"
@@ -99,6 +100,8 @@ class LoRAModule(nn.Module):
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             return
         weight = linear_weight(point.module)[point.out_rows]  # (out, in)
+        if isinstance(weight, QuantizedWeight):
+            weight = weight.dequantize()  # a transient float copy: the factors start from what the layer computes
         if not weight.is_floating_point():
             raise BindError(f"{component!r} at {point.where()}: init={component.init!r} needs a float weight")
         A0, B0 = initial_factors(weight, r, self.scale, component.init)
@@ -132,7 +135,7 @@ class LoRAModule(nn.Module):
         return torch.cat([self.A, self.A0.to(self.A.dtype)]), torch.cat([self.B, -self.B0.to(self.B.dtype)], dim=1)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
-        """W + s·B′·A′, in float32 at least; used only by merge()."""
+        """W + s·B′·A′ (W a float tensor), in float32 at least; used only by merge()."""
         A, B = self.update()
         return weight.float() + self.scale * (B.float() @ A.float())
 

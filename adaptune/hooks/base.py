@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..points import Point
 
@@ -29,7 +29,7 @@ class Hook:
         self.adaptation = adaptation
         self.point = point
         self.bindings: list[Binding] = []
-        self._backups: dict[Binding, Tensor] = {}  # merged binding -> the base weights it replaced
+        self._backups: dict[Binding, Any] = {}  # merged binding -> the base weights it replaced
 
     def add(self, binding: Binding) -> None:
         self.bindings.append(binding)
@@ -54,8 +54,10 @@ class Hook:
         """The active bindings merge() would fold in, each checked; changes nothing (raises MergeError)."""
         return []
 
-    def merge(self, bindings: list[Binding]) -> None:
-        """Fold `bindings` (from mergeable()) into the base weights, keeping backups."""
+    def merge(self, bindings: list[Binding]) -> dict[str, tuple[float, float]]:
+        """Fold `bindings` (from mergeable()) into the base weights, keeping backups; returns the error that
+        requantizing a quantized weight introduced, per point: (max |ΔW|, ‖ΔW‖ / ‖W‖)."""
+        return {}
 
     def unmerge(self) -> None:
         """Restore the base weights from the backups, bit-exact."""

@@ -8,11 +8,11 @@ The module's `forward` is replaced on the instance (base weights and state-dict 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BindError, MergeError
 from ..points import linear_weight
+from ..quantized import QuantizedWeight, linear
 from .base import Binding, ForwardHook
 
 
@@ -70,11 +70,11 @@ class ProjectionHook(ForwardHook):
         for unit in units:
             rows = unit[0].point.out_rows
             if rows.start > pos:
-                parts.append(F.linear(x, weight[pos:rows.start], None if bias is None else bias[pos:rows.start]))
+                parts.append(linear(x, weight[pos:rows.start], None if bias is None else bias[pos:rows.start]))
             parts.append(self._unit(unit, x, weight[rows], None if bias is None else bias[rows]))
             pos = rows.stop
         if pos < weight.shape[0]:
-            parts.append(F.linear(x, weight[pos:], None if bias is None else bias[pos:]))
+            parts.append(linear(x, weight[pos:], None if bias is None else bias[pos:]))
         return torch.cat(parts, dim=-1)
 
     def _units(self, active: list[Binding]) -> list[list[Binding]]:
@@ -98,14 +98,18 @@ class ProjectionHook(ForwardHook):
         local = route.local([b.group for b in unit], x.shape[0], x.device, self.point.where())
         return type(unit[0].module).routed_linear([b.module for b in unit], x, weight, bias, local)
 
-    # ---- merge / unmerge: W[rows] (b[rows] for BitFit) <- the merged value; the replaced rows kept here
+    # ---- merge / unmerge: W[rows] (b[rows] for BitFit) <- the merged value; the replaced rows kept here (a
+    # quantized weight: dequantized, the rows replaced, requantized; its whole former storage kept here)
 
-    def _target(self, binding: Binding) -> Tensor:
-        """What merging `binding` changes: the bias for a bias shift, else the (out, in) weight."""
+    def _rows(self, binding: Binding) -> Tensor | QuantizedWeight:
+        """What merging `binding` changes: the rows of the bias for a bias shift, else of the (out, in) weight."""
         module = self.point.module
-        return module.bias if binding.module.bias_only else linear_weight(module)
+        target = module.bias if binding.module.bias_only else linear_weight(module)
+        return None if target is None else target[binding.point.out_rows]
 
-    def _merged(self, binding: Binding, rows: Tensor) -> Tensor:
+    def _merged(self, binding: Binding, rows: Tensor | QuantizedWeight) -> Tensor:
+        if isinstance(rows, QuantizedWeight):
+            rows = rows.dequantize()
         return binding.module.merged_bias(rows) if binding.module.bias_only else binding.module.merged_weight(rows)
 
     def mergeable(self) -> list[Binding]:
@@ -113,8 +117,8 @@ class ProjectionHook(ForwardHook):
         out = []
         for b in self.active():
             what = f"{type(b.module).__name__} at {b.point.where()}"
-            weight = self._target(b)
-            if weight is None:
+            rows = self._rows(b)
+            if rows is None:
                 raise MergeError(f"cannot merge {what}: the layer has no bias to add the shift into (BitFit on a "
                                  f"layer without bias runs unmerged); nothing was merged")
             param = module.bias if b.module.bias_only else module.weight
@@ -124,24 +128,34 @@ class ProjectionHook(ForwardHook):
                 raise MergeError(f"cannot merge {what}: its weight is tied to {', '.join(tied)}, which merging "
                                  f"would change too; nothing was merged")
             with torch.no_grad():
-                merged = self._merged(b, weight[b.point.out_rows]).to(weight.dtype)  # as merge() writes it
+                merged = self._merged(b, rows).to(rows.dtype)  # as merge() writes it (before requantization)
                 if not torch.isfinite(merged).all():
-                    raise MergeError(f"merging {what} gives non-finite weights in {weight.dtype} (NaN or inf in its "
+                    raise MergeError(f"merging {what} gives non-finite weights in {rows.dtype} (NaN or inf in its "
                                      f"parameters, or values beyond the dtype's range); nothing was merged")
             out.append(b)
         return out
 
     @torch.no_grad()
-    def merge(self, bindings: list[Binding]) -> None:
+    def merge(self, bindings: list[Binding]) -> dict[str, tuple[float, float]]:
+        errors = {}
         for b in bindings:
-            view = self._target(b)[b.point.out_rows]
-            self._backups[b] = view.clone()
-            view.copy_(self._merged(b, view).to(view.dtype))
+            view = self._rows(b)
+            if isinstance(view, QuantizedWeight):
+                self._backups[b] = view.storage()
+                errors[b.point.where()] = view.requantize(self._merged(b, view))
+            else:
+                self._backups[b] = view.clone()
+                view.copy_(self._merged(b, view).to(view.dtype))
+        return errors
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        for b, backup in self._backups.items():
-            self._target(b)[b.point.out_rows].copy_(backup)
+        for b, backup in reversed(self._backups.items()):  # last first: a quantized layer ends as it began
+            view = self._rows(b)
+            if isinstance(view, QuantizedWeight):
+                view.restore(backup)
+            else:
+                view.copy_(backup)
         self._backups.clear()
 
 

@@ -15,7 +15,8 @@ oracle kernels are tested against. `ADAPTUNE_KERNELS` or `use_kernels()` picks t
 `off` (always the reference), `require` (kernel or an `AdaptuneError`). A trainable base weight
 or bias always runs the reference: the kernels compute no gradient for them. So does a call under
 `torch.autocast`, and so do components whose dtype differs from the input's (float32 components on a
-half-precision base): the kernels take operands of one dtype.
+half-precision base): the kernels take operands of one dtype. So does a quantized base (its weight is a
+`adaptune.quantized.QuantizedWeight`, whose products run through the layer), whatever the mode.
 """
 from __future__ import annotations
 
@@ -109,7 +110,10 @@ def _kernel_ready(device: str) -> bool:
 
 def _use_kernel(op: str, x: Tensor, frozen: list[Tensor | None], same_dtype: list[Tensor | None]) -> bool:
     """The dispatch rule of every op: the kernel if it runs on x's device in this mode, every `same_dtype`
-    tensor has x's dtype, no `frozen` one requires grad, and autocast is off; else the reference."""
+    tensor has x's dtype, no `frozen` one requires grad, and autocast is off; else the reference. A quantized
+    base weight (not a tensor: adaptune.quantized) always runs the reference, whatever the mode."""
+    if any(t is not None and not isinstance(t, Tensor) for t in (x, *frozen)):
+        return False
     if not _kernel_ready(x.device.type):
         return False
     if any(t is not None and t.dtype != x.dtype for t in same_dtype):

@@ -1,6 +1,7 @@
 """Pure-PyTorch reference of every op: the fallback on every machine and the oracle of every test.
 
-Shapes: x (..., in), weight (out, in), bias (out,), A (r, in), B (out, r), magnitude (out,).
+Shapes: x (..., in), weight (out, in), bias (out,), A (r, in), B (out, r), magnitude (out,). The weight is a
+tensor, or a quantized layer's (adaptune.quantized.QuantizedWeight): x·Wᵀ and W·Aᵀ then run through the layer.
 Precision: the components' part runs in their parameters' dtype (float32 on a half-precision base),
 and the sum is returned in the base's dtype, as PEFT does.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..quantized import linear, times
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -27,7 +30,7 @@ def _drop(x: Tensor, p: float, training: bool) -> Tensor:
 def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
          dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ — W is never combined with B·A."""
-    y = F.linear(x, weight, bias)  # (..., out)
+    y = linear(x, weight, bias)  # (..., out)
     low = F.linear(F.linear(_drop(x, dropout, training).to(A.dtype), A), B)  # (..., r) -> (..., out)
     return (y + scale * low).to(y.dtype)
 
@@ -40,10 +43,10 @@ def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float,
     B (out, r) give n (out,); stacked per task, A (T, r, in) and B (T, out, r) give n (T, out).
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    W, A, B = weight.to(dtype), A.to(dtype), B.to(dtype)
+    W, A, B = weight.to(dtype) if isinstance(weight, Tensor) else weight, A.to(dtype), B.to(dtype)
     if weight_norm_sq is None:
-        weight_norm_sq = W.pow(2).sum(1)  # (out,)
-    WA = W @ A.mT  # (..., out, r)
+        weight_norm_sq = W.pow(2).sum(1) if isinstance(W, Tensor) else W.row_norm_sq()  # (out,)
+    WA = times(W, A).to(dtype)  # (..., out, r)
     AA = A @ A.mT  # (..., r, r)
     sq = weight_norm_sq.to(dtype) + 2 * scale * (WA * B).sum(-1) + scale**2 * ((B @ AA) * B).sum(-1)
     return sq.clamp_min(0).sqrt()
@@ -59,7 +62,7 @@ def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m
     else:
         norm = dora_norm(weight, A, B, scale, weight_norm_sq)
     dtype = torch.promote_types(x.dtype, A.dtype)
-    y = F.linear(x, weight).to(dtype)  # (..., out)
+    y = linear(x, weight).to(dtype)  # (..., out)
     y = y + scale * F.linear(F.linear(_drop(x, dropout, training).to(A.dtype), A), B).to(dtype)
     y = (y * (magnitude / norm).to(dtype)).to(x.dtype)
     return y + bias if bias is not None else y
@@ -86,7 +89,7 @@ def _task_rows(index: Tensor, t: int) -> Tensor:
 def lora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: Tensor,
                 index: Tensor, dropout: tuple[float, ...] = (), training: bool = False) -> Tensor:
     """y_n = x_n·Wᵀ + b + s_t·(drop(x_n)·A_tᵀ)·B_tᵀ with t = index[n]; index -1: y_n = x_n·Wᵀ + b."""
-    y = F.linear(x, weight, bias)  # (N, ..., out)
+    y = linear(x, weight, bias)  # (N, ..., out)
     for t in range(A.shape[0]):
         rows = _task_rows(index, t)
         if rows.numel():
@@ -102,7 +105,7 @@ def dora_routed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """y_n = (m_t / n_t) ⊙ (x_n·Wᵀ + s_t·(drop(x_n)·A_tᵀ)·B_tᵀ) + b with t = index[n] and the task norms n
     given; index -1: y_n = x_n·Wᵀ + b."""
     dtype = torch.promote_types(x.dtype, A.dtype)
-    y = F.linear(x, weight)  # (N, ..., out)
+    y = linear(x, weight)  # (N, ..., out)
     for t in range(A.shape[0]):
         rows = _task_rows(index, t)
         if rows.numel():

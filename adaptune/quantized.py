@@ -1,0 +1,226 @@
+"""Quantized frozen bases: a quantized layer's weight as the ops see it, and `quantize(model, scheme)`.
+
+Supported layers, recognised by what they are (the classes of the layer and of its weight), never by the
+shape of their storage:
+
+| package      | layer (weight)                           | schemes                                            |
+|--------------|------------------------------------------|----------------------------------------------------|
+| bitsandbytes | Linear4bit (Params4bit)                  | nf4, fp4; double quantisation; any compute dtype   |
+| bitsandbytes | Linear8bitLt (Int8Params), inference     | LLM.int8(): int8 rows with absmax scales            |
+
+Any other quantized layer (torchao, GPTQ, AWQ, HQQ, FP8, ...) is refused with a BindError (points.check_quantized).
+
+A `QuantizedWeight` stands where the ops take a weight tensor W (out, in). The reference ops compute x·Wᵀ
+through the layer's own forward (`linear`), W·Aᵀ as the layer applied to the rows of A (`times`: DoRA's
+norm), and ‖W_i‖² from a dequantization of one block of rows at a time (`row_norm_sq`): W is never
+kept dequantized. merge() dequantizes, adds and requantizes (`requantize`), keeping the original storage
+(`storage` / `restore`) so that unmerge() gives it back bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+ROWS_PER_BLOCK = 1024  # rows dequantized at once for the row norms: a (1024, in) float32 temporary
+SCHEMES = ("nf4", "fp4", "int8")  # what quantize() makes (bitsandbytes)
+
+
+def _names(obj: Any) -> set[str]:
+    return {f"{c.__module__}.{c.__name__}" for c in type(obj).__mro__}
+
+
+def scheme(module: nn.Module) -> str | None:
+    """The supported quantization of `module` in words ("bitsandbytes nf4", "bitsandbytes int8"); None when
+    it is not a supported quantized layer."""
+    weight = getattr(module, "weight", None)
+    names = _names(module)
+    if "bitsandbytes.nn.modules.Linear4bit" in names and getattr(weight, "quant_state", None) is not None:
+        return f"bitsandbytes {weight.quant_state.quant_type}"
+    if "bitsandbytes.nn.modules.Linear8bitLt" in names and isinstance(weight, Tensor) and weight.dtype == torch.int8:
+        return "bitsandbytes int8"
+    return None
+
+
+@dataclass(frozen=True)
+class Storage:
+    """What a quantized layer's weight is made of, as merge() found it: given back by `restore`."""
+    data: Tensor
+    state: Any  # bitsandbytes' QuantState (4-bit) or row scales (int8)
+
+
+class QuantizedWeight:
+    """The (out, in) weight of a supported quantized layer, or the output rows `rows` of it."""
+
+    def __init__(self, module: nn.Module, rows: tuple[int, int] | None = None) -> None:
+        self.module, self.rows = module, rows
+        self.scheme = scheme(module)
+        if self.scheme is None:
+            raise ConfigError(f"{type(module).__name__} is not a supported quantized layer")
+        out = module.out_features
+        self.shape = ((rows[1] - rows[0]) if rows else out, module.in_features)
+        self.device = next(t.device for t in (module.weight, module.bias) if t is not None)
+        self.dtype = torch.float32  # the ops compute with it in float32 at least
+        self.requires_grad = False
+
+    def __getitem__(self, rows: slice) -> "QuantizedWeight":
+        start, stop, _ = rows.indices(self.shape[0])
+        base = self.rows[0] if self.rows else 0
+        return QuantizedWeight(self.module, (base + start, base + stop))
+
+    def _select(self, y: Tensor) -> Tensor:
+        return y[..., self.rows[0]:self.rows[1]] if self.rows else y
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x·Wᵀ (+ bias): the layer's own forward (its class's, not a hook's) less its bias; in x's dtype."""
+        module = self.module
+        y = type(module).forward(module, x)
+        if module.bias is not None:
+            y = y - module.bias.to(y.dtype)
+        y = self._select(y).to(x.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def times(self, A: Tensor) -> Tensor:
+        """W·Aᵀ for A (..., r, in): (..., out, r), the layer applied to the rows of A, in A's dtype."""
+        rows = A.reshape(-1, A.shape[-1])
+        y = self.linear(rows)  # (R, out)
+        return y.reshape(*A.shape[:-1], y.shape[-1]).mT
+
+    def dequantize(self, rows: tuple[int, int] | None = None) -> Tensor:
+        """Rows of W in float32: `rows` of this weight (all of them by default)."""
+        start, stop = rows or (0, self.shape[0])
+        base = self.rows[0] if self.rows else 0
+        return _dequantize(self.module)[base + start:base + stop].float()
+
+    def row_norm_sq(self) -> Tensor:
+        """‖W_i‖² (out,) in float32, dequantizing ROWS_PER_BLOCK rows at a time."""
+        with torch.no_grad():
+            return torch.cat([self.dequantize((i, min(i + ROWS_PER_BLOCK, self.shape[0]))).pow(2).sum(1)
+                              for i in range(0, self.shape[0], ROWS_PER_BLOCK)])
+
+    def key(self) -> tuple:
+        """Changes whenever the layer's storage does (a merge, a load): the row-norm cache's key."""
+        w = self.module.weight
+        return (id(self.module), w.data_ptr(), w._version, id(_state(self.module)), self.rows)
+
+    # ---- merging ------------------------------------------------------------------------------
+
+    def storage(self) -> Storage:
+        return Storage(self.module.weight.data, _state(self.module))
+
+    def restore(self, storage: Storage) -> None:
+        _set_storage(self.module, storage)
+
+    def requantize(self, rows: Tensor) -> tuple[float, float]:
+        """Write `rows` (this weight's rows, float) into the layer: dequantize the rest, requantize the whole;
+        returns the error it introduces on these rows (max |ΔW|, and ‖ΔW‖ / ‖W‖)."""
+        whole = _dequantize(self.module).float()
+        start, stop = self.rows or (0, whole.shape[0])
+        whole[start:stop] = rows.to(whole)
+        _set_storage(self.module, _quantize(self.module, whole))
+        error = self.dequantize() - rows.float()
+        return float(error.abs().max()), float(error.norm() / rows.float().norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def row_norm_sq(weight: Tensor | QuantizedWeight) -> Tensor:
+    """‖W_i‖² (out,) in float32, of a float weight or a quantized one."""
+    return weight.row_norm_sq() if isinstance(weight, QuantizedWeight) else weight.detach().float().pow(2).sum(1)
+
+
+def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """x·Wᵀ + b for a float weight or a quantized one."""
+    return weight.linear(x, bias) if isinstance(weight, QuantizedWeight) else F.linear(x, weight, bias)
+
+
+def times(weight: Tensor | QuantizedWeight, A: Tensor) -> Tensor:
+    """W·Aᵀ for a float weight (out, in) or a quantized one, A (..., r, in): (..., out, r)."""
+    return weight.times(A) if isinstance(weight, QuantizedWeight) else weight @ A.mT
+
+
+# ---- the packages' formats ------------------------------------------------------------------------
+
+def _state(module: nn.Module) -> Any:
+    weight = module.weight
+    if hasattr(weight, "quant_state"):
+        return weight.quant_state
+    if getattr(module, "state", None) is not None and type(weight).__name__ == "Int8Params":
+        return module.state.SCB if module.state.SCB is not None else weight.SCB
+    return None
+
+
+def _dequantize(module: nn.Module) -> Tensor:
+    weight = module.weight
+    if hasattr(weight, "quant_state"):  # bitsandbytes 4-bit: its CPU path may have repacked the storage
+        import bitsandbytes.functional as bnb_f
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # its inverse rewrites the state it is given
+            data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb_f.dequantize_4bit(data, state)
+    import bitsandbytes.functional as bnb_f  # Int8Params
+    return bnb_f.int8_vectorwise_dequant(weight.data, _state(module).to(weight.device))
+
+
+def _quantize(module: nn.Module, whole: Tensor) -> Storage:
+    weight = module.weight
+    if hasattr(weight, "quant_state"):
+        import bitsandbytes.functional as bnb_f
+        old = weight.quant_state  # as first quantized (bitsandbytes' CPU repacking keeps the originals aside)
+        dtype, nested = getattr(old, "original_dtype", old.dtype), getattr(old, "original_nested", old.nested)
+        storage = getattr(old, "original_storage_type", weight.data.dtype)
+        data, state = bnb_f.quantize_4bit(whole.to(dtype), blocksize=old.blocksize, compress_statistics=nested,
+                                          quant_type=old.quant_type, quant_storage=storage)
+        return Storage(data, state)
+    import bitsandbytes.functional as bnb_f  # Int8Params: as Int8Params quantizes, from float16
+    data, scales, _ = bnb_f.int8_vectorwise_quant(whole.half())
+    return Storage(data, scales)
+
+
+def _set_storage(module: nn.Module, storage: Storage) -> None:
+    weight = module.weight
+    weight.data = storage.data
+    if hasattr(weight, "quant_state"):
+        weight.quant_state = storage.state
+    elif type(weight).__name__ == "Int8Params":
+        module.state.SCB = storage.state
+        module.state.CB = storage.data
+        weight.SCB = weight.CB = None
+
+
+# ---- quantizing a float model ---------------------------------------------------------------------
+
+def quantize(model: nn.Module, scheme_name: str, *, compute_dtype: torch.dtype = torch.float32,
+             skip: tuple[str, ...] = ("lm_head", "score", "classifier"), double_quant: bool = False) -> nn.Module:
+    """Replace every nn.Linear of `model` (but those whose name ends with one of `skip`: the heads) by a
+    bitsandbytes layer of `scheme_name` ("nf4", "fp4": Linear4bit with `compute_dtype`; "int8": Linear8bitLt),
+    quantized on the device it is on; returns the model. As transformers' BitsAndBytesConfig does on load, and
+    marked as it marks the model (`is_loaded_in_4bit` / `is_loaded_in_8bit`), so that PEFT recognises it."""
+    if scheme_name not in SCHEMES:
+        raise ConfigError(f"unknown quantization {scheme_name!r}; valid: {', '.join(SCHEMES)}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ConfigError(f"quantizing to {scheme_name} needs bitsandbytes (pip install bitsandbytes)") from e
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not name.split(".")[-1].endswith(skip)]
+    for name, linear in targets:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        device = linear.weight.device
+        if scheme_name == "int8":
+            q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=double_quant,
+                                  quant_type=scheme_name)
+        q.load_state_dict(linear.state_dict())
+        q.requires_grad_(False)
+        setattr(parent, name.rpartition(".")[2], q.to(device))
+    setattr(model, "is_loaded_in_8bit" if scheme_name == "int8" else "is_loaded_in_4bit", True)  # as transformers
+    return model
