@@ -260,3 +260,31 @@ def test_an_adapter_peft_trained_on_a_4bit_base_imports_with_its_logits(tmp_path
     import_peft(model, tmp_path / "theirs")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=ATOL_4BIT, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"double_quant": True}, {"compute_dtype": torch.bfloat16}],
+                         ids=["double-quantization", "bf16-compute"])
+def test_double_quantization_and_a_half_compute_dtype(options):
+    """The float32 twin bounds the bf16 compute's rounding (about 2⁻⁸ of the logits' scale); double
+    quantization changes the scales, not the computation, so it keeps float32's agreement."""
+    model = quantize(tiny_llama(hidden=64, heads=4, kv_heads=2), "nf4", **options)
+    twin = tiny_llama(hidden=64, heads=4, kv_heads=2)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if scheme(module):
+                twin.get_submodule(path).weight.copy_(QuantizedWeight(module).dequantize())
+    adaptation = attach(model, {"attn": DoRA(4), "ffn": LoRA(4)})
+    randomize(adaptation)
+    attach(twin, {"attn": DoRA(4), "ffn": LoRA(4)}).load_state_dict(adaptation.state_dict())
+    ids = ids_batch()
+    out, expected = model(input_ids=ids).logits, twin(input_ids=ids).logits
+    tolerance = 2e-2 if "compute_dtype" in options else ATOL_4BIT
+    assert (out.float() - expected).abs().max() <= tolerance * max(1.0, float(expected.abs().max()))
+    out.float().square().mean().backward()
+    grads = [p.grad for p in adaptation.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+    storage = [m.weight.data.clone() for m in model.modules() if scheme(m)]
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="requantized"):
+        adaptation.merge()
+    adaptation.unmerge()
+    assert all(torch.equal(a, m.weight.data) for a, m in zip(storage, [m for m in model.modules() if scheme(m)]))
