@@ -22,7 +22,7 @@ from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
 from .hooks.condition import Condition
 from .hooks.route import Route, checked, route_index
-from .save_format import write as write_saved
+from .save_format import check_state, write as write_saved
 from .points import Point, check_quantized
 from .sites import SiteMap
 
@@ -297,12 +297,8 @@ class Adaptation(nn.Module):
         return self.tasks[name]
 
     def _load_group(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        own = self.tasks[name].state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
-        if missing or unexpected or wrong:
-            raise ConfigError(f"the state given for task {name!r} does not fit its components: missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {sorted(wrong)[:3]}")
+        check_state(self.tasks[name].state_dict(), state, f"the state given for task {name!r}", "its components",
+                    ConfigError)
         self.tasks[name].load_state_dict(state, strict=True)
 
     # ---- routing: a task per sample ---------------------------------------------------------------

@@ -80,16 +80,17 @@ def check_finite(tensors: dict[str, Tensor], where: str) -> None:
                             f"(pass allow_nonfinite=True to load it anyway)")
 
 
-def check_state(own: dict[str, Tensor], given: dict[str, Tensor], what: str, needs: str) -> None:
-    """LoadError unless `given` has exactly the names and shapes of the state dict `own`: `what` names the
-    given tensors' source, `needs` what they must fit (as "<what> does not match <needs>")."""
+def check_state(own: dict[str, Tensor], given: dict[str, Tensor], what: str, needs: str,
+                error: type[Exception] = LoadError) -> None:
+    """`error` (LoadError) unless `given` has exactly the names and shapes of the state dict `own`: `what` names
+    the given tensors' source, `needs` what they must fit (as "<what> does not match <needs>")."""
     missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
     if missing or unexpected:
-        raise LoadError(f"{what} does not match {needs}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise error(f"{what} does not match {needs}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     wrong = [f"{k}: saved {tuple(t.shape)}, model needs {tuple(own[k].shape)}"
              for k, t in given.items() if tuple(t.shape) != tuple(own[k].shape)]
     if wrong:
-        raise LoadError(f"{what} has tensors of other shapes than {needs}: " + "; ".join(wrong[:3]))
+        raise error(f"{what} has tensors of other shapes than {needs}: " + "; ".join(wrong[:3]))
 
 
 def write(adaptation: Any, path: str | os.PathLike) -> Path:

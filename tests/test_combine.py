@@ -407,7 +407,7 @@ def test_a_failed_add_task_leaves_everything_as_it_was():
     with torch.no_grad():
         before_logits = model(IDS).logits
     before = _state(ours)
-    with pytest.raises(ConfigError, match="does not fit its components: missing"):
+    with pytest.raises(ConfigError, match="state given for task .sts. does not match its components: missing"):
         ours.add_task("sts", {"ffn": Adapter(8)}, state={})
     with pytest.raises(ConfigError, match="letters, digits"):
         ours.add_task("a b", {"ffn": Adapter(8)})
