@@ -166,8 +166,8 @@ def check_quantized(point: Point, what: str) -> None:
                             f"trains or reads it as float weights. On a quantized base, adapt its projections "
                             f"with LoRA, DoRA or BitFit, and keep Trainable for modules left in float (the heads)")
         raise BindError(f"{what} at {point.where()}: the layer is quantized{inside}: {found}, which adaptune does "
-                        f"not support. Supported: bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt; load the "
-                        f"model with one of those or without quantization, "
+                        f"not support. Supported: bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt, and torchao "
+                        f"weight-only tensors; load the model with one of those or without quantization, "
                         f"or use components that do not read the weight (Adapter, Prefix, HyperAdapter, ...)")
 
 

@@ -7,8 +7,11 @@ shape of their storage:
 |--------------|------------------------------------------|----------------------------------------------------|
 | bitsandbytes | Linear4bit (Params4bit)                  | nf4, fp4; double quantisation; any compute dtype   |
 | bitsandbytes | Linear8bitLt (Int8Params), inference     | LLM.int8(): int8 rows with absmax scales            |
+| torchao      | nn.Linear with a TorchAOBaseTensor weight | weight-only int8 / int4 (quantize_ with its configs) |
 
-Any other quantized layer (torchao, GPTQ, AWQ, HQQ, FP8, ...) is refused with a BindError (points.check_quantized).
+Any other quantized layer (GPTQ, AWQ, HQQ, FP8, ...) is refused with a BindError (points.check_quantized).
+merge() requantizes bitsandbytes weights; a torchao weight's requantization is its config's, which the layer
+does not keep, so merge() refuses it (merge into a float copy of the model instead).
 
 A `QuantizedWeight` stands where the ops take a weight tensor W (out, in). The reference ops compute x·Wᵀ
 through the layer's own forward (`linear`), W·Aᵀ as the layer applied to the rows of A (`times`: DoRA's
@@ -37,14 +40,16 @@ def _names(obj: Any) -> set[str]:
 
 
 def scheme(module: nn.Module) -> str | None:
-    """The supported quantization of `module` in words ("bitsandbytes nf4", "bitsandbytes int8"); None when
-    it is not a supported quantized layer."""
+    """The supported quantization of `module` in words ("bitsandbytes nf4", "bitsandbytes int8", "torchao
+    Int8Tensor"); None when it is not a supported quantized layer."""
     weight = getattr(module, "weight", None)
     names = _names(module)
     if "bitsandbytes.nn.modules.Linear4bit" in names and getattr(weight, "quant_state", None) is not None:
         return f"bitsandbytes {weight.quant_state.quant_type}"
     if "bitsandbytes.nn.modules.Linear8bitLt" in names and isinstance(weight, Tensor) and weight.dtype == torch.int8:
         return "bitsandbytes int8"
+    if isinstance(module, nn.Linear) and "torchao.utils.TorchAOBaseTensor" in _names(weight):
+        return f"torchao {type(weight).__name__}"
     return None
 
 
@@ -93,10 +98,11 @@ class QuantizedWeight:
         return y.reshape(*A.shape[:-1], y.shape[-1]).mT
 
     def dequantize(self, rows: tuple[int, int] | None = None) -> Tensor:
-        """Rows of W in float32: `rows` of this weight (all of them by default)."""
+        """Rows of W in float32: `rows` of this weight (all of them by default), dequantized alone where the
+        format allows (bitsandbytes: blocks within rows), else sliced from the whole."""
         start, stop = rows or (0, self.shape[0])
         base = self.rows[0] if self.rows else 0
-        return _dequantize(self.module)[base + start:base + stop].float()
+        return _dequantize(self.module, base + start, base + stop).float()
 
     def row_norm_sq(self) -> Tensor:
         """‖W_i‖² (out,) in float32, dequantizing ROWS_PER_BLOCK rows at a time."""
@@ -111,6 +117,11 @@ class QuantizedWeight:
 
     # ---- merging ------------------------------------------------------------------------------
 
+    @property
+    def requantizable(self) -> bool:
+        """Whether merge() can write into it: bitsandbytes' formats are requantized here, torchao's are not."""
+        return self.scheme.startswith("bitsandbytes")
+
     def storage(self) -> Storage:
         return Storage(self.module.weight.data, _state(self.module))
 
@@ -120,7 +131,7 @@ class QuantizedWeight:
     def requantize(self, rows: Tensor) -> tuple[float, float]:
         """Write `rows` (this weight's rows, float) into the layer: dequantize the rest, requantize the whole;
         returns the error it introduces on these rows (max |ΔW|, and ‖ΔW‖ / ‖W‖)."""
-        whole = _dequantize(self.module).float()
+        whole = _dequantize(self.module).float()  # (out, in)
         start, stop = self.rows or (0, whole.shape[0])
         whole[start:stop] = rows.to(whole)
         _set_storage(self.module, _quantize(self.module, whole))
@@ -155,16 +166,33 @@ def _state(module: nn.Module) -> Any:
     return None
 
 
-def _dequantize(module: nn.Module) -> Tensor:
+def _dequantize(module: nn.Module, start: int = 0, stop: int | None = None) -> Tensor:
+    """Rows start:stop of the layer's weight, dequantized (in its float dtype)."""
     weight = module.weight
+    stop = module.out_features if stop is None else stop
     if hasattr(weight, "quant_state"):  # bitsandbytes 4-bit: its CPU path may have repacked the storage
         import bitsandbytes.functional as bnb_f
         data, state = weight.data, weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):  # its inverse rewrites the state it is given
             data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
-        return bnb_f.dequantize_4bit(data, state)
-    import bitsandbytes.functional as bnb_f  # Int8Params
-    return bnb_f.int8_vectorwise_dequant(weight.data, _state(module).to(weight.device))
+            if state.absmax.dim() == 2:  # it leaves unnested scales as packed: (in / blocksize, out), bf16
+                state.absmax = state.absmax.T.reshape(-1).float()
+        columns = module.in_features
+        if columns % state.blocksize or columns % 2:  # blocks straddle rows: the whole, then the rows
+            return bnb_f.dequantize_4bit(data, state)[start:stop]
+        absmax = state.absmax
+        if state.nested:  # double quantization: the block scales are quantized too (1/blocksize of W's size)
+            absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        per_row = columns // state.blocksize
+        rows = bnb_f.QuantState(absmax=absmax[start * per_row:stop * per_row].float(), shape=(stop - start, columns),
+                                code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
+                                dtype=state.dtype)
+        packed = data.reshape(-1).view(torch.uint8)[start * columns // 2:stop * columns // 2]  # 2 values a byte
+        return bnb_f.dequantize_4bit(packed.reshape(-1, 1), rows)
+    if type(weight).__name__ == "Int8Params":
+        import bitsandbytes.functional as bnb_f
+        return bnb_f.int8_vectorwise_dequant(weight.data[start:stop], _state(module)[start:stop].to(weight.device))
+    return weight.dequantize()[start:stop]  # torchao: its tensors dequantize whole
 
 
 def _quantize(module: nn.Module, whole: Tensor) -> Storage:
@@ -177,9 +205,11 @@ def _quantize(module: nn.Module, whole: Tensor) -> Storage:
         data, state = bnb_f.quantize_4bit(whole.to(dtype), blocksize=old.blocksize, compress_statistics=nested,
                                           quant_type=old.quant_type, quant_storage=storage)
         return Storage(data, state)
-    import bitsandbytes.functional as bnb_f  # Int8Params: as Int8Params quantizes, from float16
-    data, scales, _ = bnb_f.int8_vectorwise_quant(whole.half())
-    return Storage(data, scales)
+    if type(weight).__name__ == "Int8Params":
+        import bitsandbytes.functional as bnb_f  # as Int8Params quantizes, from float16
+        data, scales, _ = bnb_f.int8_vectorwise_quant(whole.half())
+        return Storage(data, scales)
+    raise ConfigError(f"adaptune cannot requantize {scheme(module)} weights")
 
 
 def _set_storage(module: nn.Module, storage: Storage) -> None:

@@ -14,7 +14,7 @@ pytest.importorskip("bitsandbytes")
 
 from helpers import VOCAB, bound, tiny_llama  # noqa: E402
 
-from adaptune import (Adapter, BindError, BitFit, ConfigError, DoRA, HyperAdapter, LoRA, Prefix,  # noqa: E402
+from adaptune import (Adapter, BindError, BitFit, ConfigError, DoRA, HyperAdapter, LoRA, MergeError, Prefix,  # noqa: E402
                       PromptTuning, Trainable, attach, detach, load)
 from adaptune.quantized import QuantizedWeight, quantize, scheme  # noqa: E402
 
@@ -288,3 +288,55 @@ def test_double_quantization_and_a_half_compute_dtype(options):
         adaptation.merge()
     adaptation.unmerge()
     assert all(torch.equal(a, m.weight.data) for a, m in zip(storage, [m for m in model.modules() if scheme(m)]))
+
+
+@pytest.mark.parametrize("options", [{}, {"double_quant": True}], ids=["nf4", "nf4-double"])
+def test_row_blocks_dequantize_as_the_whole(options, monkeypatch):
+    """Row norms from blocks of rows (here 16) equal the whole weight's, also after bitsandbytes repacked a weight
+    for its CPU kernel (eval, no gradients, where the CPU has AVX512-BF16)."""
+    import adaptune.quantized as quantized
+    model = quantize(tiny_llama(hidden=64, heads=4, kv_heads=2), "nf4", **options)
+    layer = model.model.layers[0].mlp.up_proj  # (intermediate, 64)
+    whole = quantized._dequantize(layer).float()
+    monkeypatch.setattr(quantized, "ROWS_PER_BLOCK", 16)
+    weight = QuantizedWeight(layer)
+    torch.testing.assert_close(weight.row_norm_sq(), whole.pow(2).sum(1))
+    torch.testing.assert_close(weight.dequantize((5, 40)), whole[5:40])
+    model.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # may repack the storage (bitsandbytes' choice on this CPU), its scales in bf16
+    torch.testing.assert_close(weight.dequantize((5, 40)), quantized._dequantize(layer).float()[5:40])
+    torch.testing.assert_close(weight.dequantize(), whole, atol=0, rtol=2 ** -7)  # bf16 scales: 8 bits
+
+
+def torchao_pair():
+    """A tiny Llama with torchao weight-only int8 Linears (heads left in float), and its dequantized float twin."""
+    torchao = pytest.importorskip("torchao.quantization")
+    model, twin = tiny_llama(hidden=64, heads=4, kv_heads=2), tiny_llama(hidden=64, heads=4, kv_heads=2)
+    torchao.quantize_(model.model, torchao.Int8WeightOnlyConfig())
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if scheme(module):
+                twin.get_submodule(path).weight.copy_(QuantizedWeight(module).dequantize())
+    return model, twin
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adapter"])
+def test_torchao_int8_weights_take_components_as_bitsandbytes_ones_do(kind):
+    model, twin = torchao_pair()
+    assert scheme(model.model.layers[0].self_attn.q_proj) == "torchao Int8Tensor"
+    ids = ids_batch()
+    base = model(input_ids=ids).logits
+    adaptation = attach(model, SPECS[kind])
+    torch.testing.assert_close(model(input_ids=ids).logits, base)
+    randomize(adaptation)
+    attach(twin, SPECS[kind]).load_state_dict(adaptation.state_dict())
+    out, expected = model(input_ids=ids).logits, twin(input_ids=ids).logits
+    torch.testing.assert_close(out, expected, atol=ATOL_4BIT, rtol=0)  # weight-only: float activations
+    out.square().mean().backward()
+    grads = [p.grad for p in adaptation.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+    if kind != "adapter":
+        with pytest.raises(MergeError, match=r"quantized \(torchao Int8Tensor\), which adaptune does not requantize"):
+            adaptation.merge()
+        assert not adaptation.merged

@@ -127,6 +127,10 @@ class ProjectionHook(ForwardHook):
             if tied:
                 raise MergeError(f"cannot merge {what}: its weight is tied to {', '.join(tied)}, which merging "
                                  f"would change too; nothing was merged")
+            if isinstance(rows, QuantizedWeight) and not rows.requantizable:
+                raise MergeError(f"cannot merge {what}: its layer is quantized ({rows.scheme}), which adaptune does "
+                                 f"not requantize (the quantizer's config is not kept with the layer); merge into a "
+                                 f"float copy of the model instead; nothing was merged")
             with torch.no_grad():
                 merged = self._merged(b, rows).to(rows.dtype)  # as merge() writes it (before requantization)
                 if not torch.isfinite(merged).all():
