@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .adaptation import Adaptation
     from .attach import attach, counts, detach
     from .combine import combine
+    from .merged import merged_float
     from .components import (PSA, Adapter, AtM, Bidirectional, BitFit, Component, DoRA, HyperAdapter, LoRA, Prefix,
                              PromptTuning, Stack, Trainable)
     from .errors import AdaptuneError, BindError, ConfigError, LoadError, MergeError, SiteError, TaskError, WriteError
@@ -29,6 +30,7 @@ _EXPORTS = {  # name -> the module it comes from
     **dict.fromkeys(["Counts"], ".accounting"),
     **dict.fromkeys(["attach", "counts", "detach"], ".attach"),
     **dict.fromkeys(["combine"], ".combine"),
+    **dict.fromkeys(["merged_float"], ".merged"),
     **dict.fromkeys(["quantize"], ".quantized"),
     **dict.fromkeys(["export_peft"], ".peft_export"),
     **dict.fromkeys(["import_peft"], ".peft_import"),
@@ -44,7 +46,7 @@ _EXPORTS = {  # name -> the module it comes from
 __all__ = [
     "Adaptation", "Adapter", "AdaptuneError", "BindError", "Component", "ConfigError", "DoRA", "HyperAdapter",
     "LoRA", "LoadError", "MergeError", "SiteError", "Stack", "TaskError", "attach", "detach",
-    "export_peft", "import_peft", "combine", "quantize",
+    "export_peft", "import_peft", "combine", "merged_float", "quantize",
     "Counts", "counts", "load", "parse_spec", "save",
     "DataError", "Prefix", "PromptTuning", "TrainingError", "WriteError", "BitFit", "Trainable",
     "AtM", "Bidirectional", "PSA",

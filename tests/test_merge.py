@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from adaptune import Adapter, DoRA, LoRA, MergeError, attach, detach
-from helpers import bound, out, randomize, tiny_gpt2
+from adaptune import Adapter, BitFit, DoRA, LoRA, MergeError, attach, detach
+from helpers import VOCAB, bound, out, randomize, tiny_gpt2
 
 
 def snapshot(model):
@@ -152,3 +152,21 @@ def test_merging_into_a_tied_weight_raises_and_changes_nothing(ids):
         adaptation.merge()
     assert same_state(model, base) and not adaptation.merged
     assert torch.equal(out(model, ids), expected)
+
+
+def test_merged_float_of_a_float_base_folds_fused_slices_and_biases_and_refuses_tied_weights():
+    from adaptune import merged_float
+
+    model = tiny_gpt2()
+    adaptation = attach(model, {"attn": LoRA(2) | BitFit(), "ffn.up": DoRA(2)})
+    randomize(adaptation)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids).logits
+    plain = merged_float(model)
+    assert not hasattr(plain, "adaptune") and type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)
+    detach(model)
+    attach(model, {"embed": LoRA(2)})
+    with pytest.raises(MergeError, match=r"embed \(layer None\) updates a weight tied to lm_head"):
+        merged_float(model)

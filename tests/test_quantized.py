@@ -340,3 +340,23 @@ def test_torchao_int8_weights_take_components_as_bitsandbytes_ones_do(kind):
         with pytest.raises(MergeError, match=r"quantized \(torchao Int8Tensor\), which adaptune does not requantize"):
             adaptation.merge()
         assert not adaptation.merged
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_merged_float_is_a_plain_float_model_computing_what_the_adapted_one_does(name):
+    from adaptune import merged_float
+
+    model, _ = quantized_pair(name)
+    adaptation = attach(model, {"attn": LoRA(4), "ffn": DoRA(4), "lm_head": Trainable()})
+    randomize(adaptation)
+    ids = ids_batch()
+    expected = model(input_ids=ids).logits
+    plain = merged_float(model)
+    assert not hasattr(plain, "adaptune") and not any(scheme(m) for m in plain.modules())
+    assert {type(m).__name__ for m in plain.model.layers.modules()} >= {"Linear"}
+    close(plain(input_ids=ids).logits, expected, name)
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)  # the adapted model as it was
+    detach(model)
+    attach(model, {"ffn": Adapter(8)})
+    with pytest.raises(MergeError, match="the active AdapterModule cannot be folded"):
+        merged_float(model)
