@@ -13,12 +13,16 @@ from ...errors import ConfigError
 from ..common.config import DEVICE, check_run_name
 from ..common.datasets import REGRESSION, get_dataset
 from ..common.methods import METHODS, Method
+from ..common.quantize import COMPONENTS, check_quantize, option, refuse_base_training
 from .bases import NAMES
 
 MODES = ("zero-shot", "prompt", "head")
 QUICK = {"steps": 8, "test_limit": 64, "eval_every": 4}
 FULL = {"steps": 100, "test_limit": None, "eval_every": 25}
 _SEEDS = re.compile(r"\d+")
+COMPONENT_METHODS = (f"--method lora, dora, adapter, lora+adapter, hyper, prefix, prompt or --spec ({COMPONENTS}), "
+                     f"or head-only with --mode head")
+QUANTIZABLE = "smollm2-135m, tiny-llama, tiny-bert-mlm, minilm, bert-tiny"  # bases whose projections are nn.Linear
 
 
 def _budget(text: str, key: str) -> dict:
@@ -48,6 +52,7 @@ class FewShotConfig:
     dataset: str = field(default="sst-binary", metadata={
         "help": "a classification dataset of the registry (sst-binary, cfimdb, sst, para, ...)", "panel": "Task"})
     model: str = field(default="smollm2-135m", metadata={"help": _base_help(), "panel": "Task"})
+    quantize: str | None = field(default=None, metadata=option("Task"))
     mode: str = field(default="prompt", metadata={
         "help": "zero-shot: the prompt's label words scored, nothing trained; prompt: prompt-based fine-tuning "
                 "(cross entropy over the label words' logits); head: a new linear head on the mean-pooled "
@@ -133,6 +138,9 @@ class FewShotConfig:
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.name is not None:
             check_run_name(self.name)
+        check_quantize(self.quantize)
+        if self.method.name == "full" and self.mode != "zero-shot":
+            refuse_base_training(self.quantize, "--method full", COMPONENT_METHODS)
 
     def seed_list(self) -> list[int]:
         seeds = [str(s).strip() for s in self.seeds]
@@ -152,7 +160,8 @@ class FewShotConfig:
                  self.mode] + ([] if self.mode == "zero-shot" else [re.sub(r"[^A-Za-z0-9.+]+", "", self.method.label())])
         parts += [f"k{self.k}"] + ([f"ens{self.self_ensemble}"] if self.self_ensemble else []) + (
             [f"sd{self.self_distill:g}"] if self.self_distill is not None else []) + (
-            ["tapt"] if self.init_from else []) + (["quick"] if self.quick else [])
+            ["tapt"] if self.init_from else []) + ([self.quantize] if self.quantize else []) + (
+            ["quick"] if self.quick else [])
         return "-".join(parts)
 
 
@@ -174,6 +183,7 @@ class TaptConfig:
                                                          "panel": "Task"})
     model: str = field(default="smollm2-135m", metadata={"help": "a causal or masked LM (see run fewshot --model)",
                                                          "panel": "Task"})
+    quantize: str | None = field(default=None, metadata=option("Task"))
     data_dir: str | None = field(default=None, metadata={"help": "default: $ADAPTUNE_DATA, else ../shared/data/cs224n",
                                                          "metavar": "<dir>", "panel": "Task"})
     steps: int = field(default=100, metadata={"help": "training steps", "panel": "Budget"})
@@ -203,3 +213,4 @@ class TaptConfig:
         if self.method.name in ("head-only", "full"):
             raise ConfigError(f"TAPT trains components and saves them; method {self.method.name!r} has none: "
                               f"give a component method (lora, dora, adapter, prefix, prompt, spec, ...)")
+        check_quantize(self.quantize)

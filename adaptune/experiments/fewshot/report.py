@@ -19,9 +19,9 @@ REQUIRED = {"name": str, "config": dict, "config.dataset": str, "config.model": 
             "config.method": str, "seeds": list, "summary": dict, "summary.test.mean": NUMBER,
             "summary.test.std": NUMBER, "data.test": int}
 OPTIONAL = {"summary.ensemble_test.mean": NUMBER, "summary.ensemble_test.std": NUMBER, "config.self_ensemble": int,
-            "config.self_distill": NUMBER}
+            "config.self_distill": NUMBER, "config.quantize": str}
 SEED, SEED_OPTIONAL = {"test": NUMBER}, {"best_dev": NUMBER, "train_s": NUMBER, "trainable": int}
-TERMINAL = ("dataset", "mode", "method", "recipes", "seeds", "test acc", "self-ensemble acc", "best dev",
+TERMINAL = ("dataset", "base", "mode", "method", "recipes", "seeds", "test acc", "self-ensemble acc", "best dev",
             "train s/seed")
 
 
@@ -48,6 +48,12 @@ def recipes(config: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def base(config: dict) -> str:
+    """The base's name, and its quantization (--quantize) if any: 'tiny-llama (nf4)'."""
+    name = Path(str(config["model"])).name
+    return f"{name} ({config['quantize']})" if config.get("quantize") else name
+
+
 def _pm(summary: dict | None) -> str:
     return "-" if not summary else f"{summary['mean']:.3f} ± {summary['std']:.3f}"
 
@@ -59,13 +65,13 @@ def _mean(values: list[float]) -> float | None:
 def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (by dataset, base, mode, method, recipes), for rich and markdown alike."""
     out = []
-    for r in sorted(results, key=lambda r: (r["config"]["dataset"], r["config"]["model"], r["config"]["mode"],
+    for r in sorted(results, key=lambda r: (r["config"]["dataset"], base(r["config"]), r["config"]["mode"],
                                             r["config"]["method"], recipes(r["config"]))):
         c, seeds = r["config"], r["seeds"]
         zero = c["mode"] == "zero-shot"
         dev, train_s = _mean([s["best_dev"] for s in seeds if "best_dev" in s]), _mean(
             [s["train_s"] for s in seeds if "train_s" in s])
-        out.append([r["name"], c["dataset"], Path(str(c["model"])).name, c["mode"], "-" if zero else c["method"],
+        out.append([r["name"], c["dataset"], base(c), c["mode"], "-" if zero else c["method"],
                     recipes(c), "-" if zero else str(len(seeds)),
                     f"{seeds[0]['test']:.3f}" if zero else _pm(r["summary"]["test"]),
                     _pm(r["summary"].get("ensemble_test")), "-" if dev is None else f"{dev:.3f}",

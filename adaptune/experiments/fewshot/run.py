@@ -4,6 +4,8 @@ the method's components (or `adaptune tapt`'s), training (train.py), and accurac
 file (one seeded subset with --test-limit, the same for every seed). Zero-shot trains nothing and samples nothing:
 one evaluation. The summary is the mean and the population std over the seeds (numpy's default, as LM-BFF).
 
+With --quantize each seed's base is quantized on the run's device as it is loaded, before the components attach.
+
 OUT/NAME/ holds results.json (config, every seed's numbers and curves, the summary, device) and command.txt;
 it is written atomically, after every seed has run, and a run that fails writes nothing.
 """
@@ -25,10 +27,11 @@ from ..common.data import default_data_dir, load_dataset, subset
 from ..common.datasets import CLASSES, get_dataset
 from ..common.machine import cpu_name, peak_rss_mb
 from ..common.methods import param_groups
+from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination
 from ..common.training import EVAL_BATCH, Encoder
 from .bases import CAUSAL, ENCODER, kind_of, load_lm
-from .config import FewShotConfig
+from .config import QUANTIZABLE, FewShotConfig
 from .prompts import Prompt, default_prompt
 from .recipes import ParameterAverage, few_shot
 from .tapt import TASK, load_tapt, read_tapt
@@ -65,10 +68,12 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
         if progress is not None:  # a line per seed, which a log file keeps too
             progress.console.print(_seed_line(per_seed[-1]), highlight=False)
     summary = {key: _mean_std([r[key] for r in per_seed]) for key in ("test", "ensemble_test") if key in per_seed[0]}
+    layers = [r.pop("quantized_layers") for r in per_seed][0]  # every seed's fresh base alike
     result = {
         "format": FORMAT, "experiment": "fewshot", "name": run_dir.name, "command": cfg.command,
         "config": {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "method"},
                    "method": cfg.method.label(), **{k: cfg.budget(k) for k in ("steps", "eval_every", "test_limit")}},
+        "quantize": cfg.quantize, "quantized_layers": layers,
         "template": template, "verbalizer": verbalizer, "classes": n_classes,
         "data": {**splits.info, "test": len(test)}, "seeds": per_seed, "summary": summary,
         "wall_s": time.perf_counter() - start, "peak_memory_mb": peak_rss_mb(),
@@ -91,6 +96,7 @@ def _one_seed(cfg: FewShotConfig, seed: int | None, pool: list, test: list, n_cl
     set_seed(seed or 0)
     model, tok, kind = load_lm(cfg.model, seed=seed or 0)
     device = torch.device(cfg.device)
+    quantize_base(model, cfg.quantize, device, QUANTIZABLE)
     prompt = Prompt.build(template, verbalizer, tok, kind == CAUSAL, n_classes) if cfg.mode != "head" else None
     encoder = Encoder(model, tok, cfg.max_length, device)
     head = None
@@ -98,14 +104,16 @@ def _one_seed(cfg: FewShotConfig, seed: int | None, pool: list, test: list, n_cl
         torch.manual_seed(seed or 0)
         head = nn.Linear(model.config.hidden_size, n_classes)
     if cfg.mode != "zero-shot":
-        _components(cfg, model)  # attached to the model: its hooks run inside model's forward
+        with binding(cfg.quantize):
+            _components(cfg, model)  # attached to the model: its hooks run inside model's forward
     model.to(device)
+    layers = quantized_layers(model)  # the base as it runs
     modules = [model] + ([head.to(device)] if head is not None else [])
     score = scorer(model, prompt, head, encoder, cfg.max_length, device)
     label = "zero-shot" if seed is None else f"seed {seed}"
     if seed is None:
         preds = _test(score, modules, test, progress, label)
-        return {"seed": None, "test": accuracy(preds, test)}
+        return {"seed": None, "test": accuracy(preds, test), "quantized_layers": layers}
     train, dev = few_shot(pool, cfg.k, seed, n_classes)
     lr = cfg.lr if cfg.lr is not None else cfg.method.default_lr
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
@@ -128,7 +136,7 @@ def _one_seed(cfg: FewShotConfig, seed: int | None, pool: list, test: list, n_cl
                      on_step=on_step)
     out = {"seed": seed, "train": len(train), "dev": len(dev), "best_dev": log["best_dev"],
            "best_step": log["best_step"], "train_s": time.perf_counter() - t0, "history": log["history"],
-           "trainable": sum(p.numel() for p in params)}
+           "trainable": sum(p.numel() for p in params), "quantized_layers": layers}
     out["test"] = accuracy(_test(score, modules, test, progress, label), test)
     if ensemble is not None:
         with ensemble.swapped():

@@ -5,7 +5,7 @@ masked LM (15% of the tokens chosen; of those 80% [MASK], 10% a random token, 10
 pretraining is the same on another dataset's text. The output directory holds
 
     adaptation.safetensors   the components (adaptune.save), what `adaptune run fewshot --init-from DIR` loads
-    tapt.json                the settings, the base and method they belong to, the loss curve
+    tapt.json                the settings, the base (and its --quantize) and method they belong to, the loss curve
 """
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ from ..common.data import default_data_dir, load_dataset
 from ..common.datasets import get_dataset
 from ..common.errors import TrainingError
 from ..common.methods import Method, method_label, param_groups
+from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination, malformed
 from ..common.training import warmup_linear
 from .bases import CAUSAL, ENCODER, kind_of, load_lm
-from .config import TaptConfig
+from .config import QUANTIZABLE, TaptConfig
 
 TASK = "task"  # the adaptune task name of the components in tapt and fewshot runs
 FORMAT = "adaptune-tapt/1"
@@ -73,9 +74,11 @@ def tapt(cfg: TaptConfig, progress: Any = None) -> dict:
     model, tok, kind = load_lm(cfg.model, seed=cfg.seed)
     if kind != CAUSAL and tok.mask_token_id is None:
         raise ConfigError(f"the tokenizer of {cfg.model!r} has no mask token: the MLM loss needs one")
-    adaptation = cfg.method.prepare(model, [TASK])
-    adaptation.use(TASK)
     device = torch.device(cfg.device)
+    quantize_base(model, cfg.quantize, device, QUANTIZABLE)
+    with binding(cfg.quantize):
+        adaptation = cfg.method.prepare(model, [TASK])
+    adaptation.use(TASK)
     model.to(device).train()
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
     groups = param_groups(model, nn.Identity(), cfg.lr or cfg.method.default_lr, 0.0, n_layers)
@@ -105,7 +108,8 @@ def tapt(cfg: TaptConfig, progress: Any = None) -> dict:
         if bar is not None:
             progress.update(bar, advance=1, description=f"TAPT  loss {losses[-1]:.3f}")
     info = {"format": FORMAT, "command": cfg.command, "model": cfg.model, "kind": kind, "dataset": cfg.dataset,
-            "method": cfg.method.label(), "config": {**asdict(cfg), "method": asdict(cfg.method)},
+            "method": cfg.method.label(), "quantize": cfg.quantize, "quantized_layers": quantized_layers(model),
+            "config": {**asdict(cfg), "method": asdict(cfg.method)},
             "texts": len(texts), "losses": losses, "train_s": time.perf_counter() - t0}
 
     def write(tmp: Path) -> None:

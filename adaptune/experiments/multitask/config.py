@@ -21,9 +21,12 @@ from ..common.config import DEVICE, check_device, check_run_name
 from ..common.data import SHARED_DATA, DatasetSplits, default_data_dir, load_dataset
 from ..common.datasets import ALIASES, DATASETS, DEFAULT_DATASETS, parse_datasets
 from ..common.methods import RENAMED, Method, lr_defaults, method_fields
+from ..common.quantize import COMPONENTS, check_quantize, option, refuse_base_training
 from .eda import augment, load_synonyms
 
 BATCHING = ("round-robin", "mixed")
+COMPONENT_METHODS = (f"--method lora, dora, adapter, lora+adapter, hyper, prefix, prompt, head-only or --spec "
+                     f"({COMPONENTS}; the heads stay float)")
 QUICK = {"epochs": 1, "train_limit": 512, "dev_limit": 400, "max_length": 64, "batch_size": 16}
 FULL = {"epochs": 3, "train_limit": None, "dev_limit": None, "max_length": 128, "batch_size": 32}
 
@@ -49,6 +52,7 @@ class ExperimentConfig:
         "panel": "Model and data"})
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer directory or hub name (default: the model's)", "panel": "Model and data"})
+    quantize: str | None = field(default=None, metadata=option("Model and data"))
     tasks: tuple[str, ...] = field(default=DEFAULT_DATASETS, metadata={
         "help": f"datasets, comma-separated, of {', '.join(DATASETS)} (aliases: "
                 f"{', '.join(f'{a}={n}' for a, n in ALIASES.items())})", "panel": "Model and data"})
@@ -117,6 +121,9 @@ class ExperimentConfig:
         _check(self, "out", "a directory path", lambda v: isinstance(v, (str, os.PathLike)) and bool(str(v).strip()))
         if self.name is not None:
             check_run_name(self.name)
+        check_quantize(self.quantize)
+        if self.method.name == "full":
+            refuse_base_training(self.quantize, "--method full", COMPONENT_METHODS)
 
     def run_dir(self) -> Path:
         """OUT/NAME, NAME defaulting to default_name (of the resolved settings: call on cfg.resolved())."""
@@ -141,6 +148,7 @@ class ExperimentConfig:
 
 
 NOT_HASHED = ("name", "out", "overwrite", "command")  # where a run goes and how it was typed, not what it computes
+ADDED = ("quantize",)  # settings added since names were first hashed: hashed only when set, so earlier names stay
 
 
 def _real(v: Any) -> bool:
@@ -161,7 +169,7 @@ def default_name(cfg: ExperimentConfig) -> str:
     """'<method label>-seed<seed>-<hash>': the hash (8 hex digits) of every setting but NOT_HASHED, so runs that
     differ in any setting (--lr, --epochs, the data) get different names."""
     label = re.sub(r"[^A-Za-z0-9.+]+", "-", cfg.method.label().replace("=", "")).strip("-")
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED and not (k in ADDED and v is None)}
     former = {new: old for old, new in RENAMED.items()}  # Method.spec hashed as `stack`, its name before the rename,
     settings["method"] = {former.get(k, k): v for k, v in settings["method"].items()}  # so default names stay
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -7,17 +7,20 @@ from torch import nn
 from ...adaptation import Adaptation
 from ...attach import counts
 from ..common.methods import Method
+from ..common.quantize import base_params as count_base
 
 ACCOUNTING = ("% updated per task = (parameters trained for that task: shared components + the task's own "
               "components + its head; for full fine-tuning every base parameter) / base parameters. "
               "% stored = (extra parameters kept for all tasks together: shared components once + every task's "
               "components + every head) / base parameters; full fine-tuning stores one fine-tuned model for all "
-              "tasks in place of the base, counted as 0% extra as in seed 004 Table 2, plus its heads.")
+              "tasks in place of the base, counted as 0% extra as in seed 004 Table 2, plus its heads. A quantized "
+              "base (--quantize) counts its parameters as the float base has them (out × in per weight).")
 
 
 def base_params(model: nn.Module, adaptation: Adaptation | None) -> int:
+    """The base's parameters, as in float (a quantized weight counts out × in)."""
     own = {id(p) for p in adaptation.parameters()} if adaptation is not None else set()
-    return sum(p.numel() for p in model.parameters() if id(p) not in own)
+    return count_base(model, own)
 
 
 def accounting(method: Method, model: nn.Module, adaptation: Adaptation | None, heads: nn.ModuleDict) -> dict:

@@ -42,9 +42,17 @@ def _lr_note(result: dict) -> str:
     return f", lr={lr:g}"
 
 
+def _setting_note(result: dict) -> str:
+    """', mixed batches' and ', nf4' (the base's quantization) as the run has them, else ''."""
+    cfg = result.get("config", {})
+    return (", mixed batches" if cfg.get("batching") == "mixed" else "") + \
+        (f", {cfg['quantize']}" if cfg.get("quantize") else "")
+
+
 def run_label(result: dict) -> str:
-    """The method's label, with the learning rate when it is not the method's default, and mixed batching."""
-    note = _lr_note(result) + (", mixed batches" if result.get("config", {}).get("batching") == "mixed" else "")
+    """The method's label, with the learning rate when it is not the method's default, mixed batching and the
+    base's quantization (--quantize)."""
+    note = _lr_note(result) + _setting_note(result)
     label = result["label"]
     return (label[:-1] + note + "]" if label.endswith("]") else f"{label}[{note[2:]}]") if note else label
 
@@ -101,8 +109,7 @@ def plot(results: list[dict], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(9.5, 5.2))
     families: dict[tuple[str, str, str], list[dict]] = {}
     for r in results:
-        mixed = ", mixed batches" if r.get("config", {}).get("batching") == "mixed" else ""
-        families.setdefault((r.get("method", r["label"]), r["sharing"], _lr_note(r) + mixed), []).append(r)
+        families.setdefault((r.get("method", r["label"]), r["sharing"], _lr_note(r) + _setting_note(r)), []).append(r)
     methods = sorted({m for m, _, _ in families})
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for (method, sharing, note), runs in sorted(families.items()):

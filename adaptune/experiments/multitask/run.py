@@ -10,6 +10,9 @@ and the datasets' mean losses are weighted by their share of the batch (every sa
 warm-up (10% of the steps) then linear decay, gradients clipped to norm 1. Seeded: the same config
 and seed give the same metrics on CPU (torch.use_deterministic_algorithms during the run).
 
+With --quantize the base is quantized on the run's device as it is loaded, before the components attach
+(common/quantize.py); a reloaded run quantizes its base the same way.
+
 Under torchrun (WORLD_SIZE > 1) the run is data parallel: each batch is split across the ranks and the
 gradients summed with one all-reduce per step (distributed.py); only rank 0 writes the run directory.
 
@@ -36,13 +39,14 @@ from ..common.encoders import load_base, load_tokenizer
 from ..common.errors import TrainingError
 from ..common.machine import cpu_name, peak_rss_mb
 from ..common.methods import param_groups
+from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination
 from ..common.training import Encoder, warmup_linear
 from . import metrics
 from .config import QUICK, ExperimentConfig, default_name, load_data
 from .distributed import Ranks, setup
 from .heads import accounting, make_heads
-from .runs import ARTIFACTS, FORMAT, load_run, predict_run, save_run
+from .runs import ARTIFACTS, FORMAT, QUANTIZABLE, load_run, predict_run, save_run
 from .training import evaluate, loss_of, mixed_loss, mixed_schedule, routed, schedule
 
 
@@ -60,6 +64,7 @@ def score(data: dict[str, DatasetSplits], preds: dict[str, list[float]]) -> dict
 def build(cfg: ExperimentConfig, data: dict[str, DatasetSplits]) -> tuple[nn.Module, Any, nn.ModuleDict, Encoder]:
     set_seed(cfg.seed)
     model = load_base(cfg.model, cfg.seed)
+    quantize_base(model, cfg.quantize, cfg.device, QUANTIZABLE)
     tok = load_tokenizer(cfg.model, cfg.tokenizer)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tok) > vocab:
@@ -69,7 +74,8 @@ def build(cfg: ExperimentConfig, data: dict[str, DatasetSplits]) -> tuple[nn.Mod
         for t, d in data.items():
             if d.dataset.kind == "regression":
                 heads[t].bias.fill_(sum(e.label for e in d.train) / len(d.train))
-    adaptation = cfg.method.prepare(model, list(data))
+    with binding(cfg.quantize):
+        adaptation = cfg.method.prepare(model, list(data))
     model.to(cfg.device), heads.to(cfg.device)
     return model, adaptation, heads, Encoder(model, tok, cfg.max_length, cfg.device)
 
@@ -212,6 +218,7 @@ def _run(cfg: ExperimentConfig, ranks: Ranks, progress: Any) -> dict:
         "label": cfg.method.label(), "method": cfg.method.name, "sharing": cfg.method.sharing,
         "config": cfg.to_dict(), "spec": adaptation.spec() if adaptation is not None else None,
         "model": {"name": cfg.model, "class": type(model).__name__, "params": counts["base"]},
+        "quantize": cfg.quantize, "quantized_layers": quantized_layers(model),
         "data": {t: d.info for t, d in data.items()}, "skipped_rows": {t: d.skipped for t, d in data.items()},
         "tasks": {t: {"metric": d.dataset.metric, "dev": dev[t], "metrics": scores[t], "loss": d.dataset.loss,
                       "train_loss_by_epoch": [mean(e) for e in log["losses"][t]],

@@ -30,6 +30,7 @@ from ...save_load import load as load_adaptation
 from ..common.config import set_seed
 from ..common.datasets import get_dataset
 from ..common.encoders import load_base, load_tokenizer
+from ..common.quantize import quantize_base
 from ..common.runs import NUMBER, check_destination, malformed
 from ..common.training import Encoder
 from .config import ExperimentConfig, load_data
@@ -42,6 +43,8 @@ ARTIFACTS = ("command.txt", "heads.safetensors", "predictions.json", "adapters.s
 REQUIRED = {"name": str, "label": str, "method": str, "sharing": str, "config": dict, "files": dict, "tasks": dict,
             "model.name": str, "params.base": int, "params.pct_stored": NUMBER, "dev_average": NUMBER,
             "pct_updated_mean": NUMBER, "peak_memory_mb": NUMBER, "wall_s": NUMBER}  # what reports and reloads read
+OPTIONAL = {"config.quantize": str}  # runs saved before --quantize have none: a float base
+QUANTIZABLE = "minilm, the bert presets, or a BERT / Llama directory"  # bases whose projections are nn.Linear
 REQUIRED_PER_DATASET = {"metric": str, "dev": NUMBER, "metrics": dict, "pct_updated": NUMBER,
                         "train_loss_by_epoch": list}
 
@@ -76,7 +79,7 @@ def check_results(result: Any, path: Path) -> dict:
     if not isinstance(result, dict) or result.get("format") != FORMAT:
         found = f"format {result.get('format')!r}" if isinstance(result, dict) else f"a JSON {type(result).__name__}"
         raise LoadError(f"{path}: not a multitask results.json ({found}); expected {valid}")
-    wrong = malformed(result, REQUIRED)
+    wrong = malformed(result, REQUIRED, OPTIONAL)
     if "tasks" not in wrong:
         wrong += [f"tasks.{t}.{k}" for t, r in result["tasks"].items() for k in malformed(r, REQUIRED_PER_DATASET)]
     if wrong:
@@ -95,7 +98,8 @@ def read_results(run_dir: str | Path) -> dict:
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, Any, Any, Any, Any]:
-    """(config, model, adaptation or None, heads, encoder) of a saved run on the CPU, ready to predict."""
+    """(config, model, adaptation or None, heads, encoder) of a saved run on the CPU, ready to predict; a run
+    with --quantize on its base quantized the same way."""
     run_dir = Path(run_dir)
     result = read_results(run_dir)
     try:
@@ -105,6 +109,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, Any, Any, Any]:
     cfg.device = "cpu"
     set_seed(cfg.seed)
     model = load_base(cfg.model, cfg.seed)
+    quantize_base(model, cfg.quantize, "cpu", QUANTIZABLE)  # the base as the run had it
     files = result["files"]
     adaptation = None
     if "adapters" in files:

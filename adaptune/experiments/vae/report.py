@@ -22,7 +22,7 @@ def _lam(r: dict) -> float:
 def _setting(r: dict) -> tuple:
     """What a run is apart from λ: the λ sweep joins runs that agree on it."""
     c, v = r["config"], r["config"]["vae"]
-    return (c["corpus"], c["base"], v["latent_gen"], v["injection"], v["placement"], v.get("prefix", 0),
+    return (c["corpus"], c["base"], c.get("quantize"), v["latent_gen"], v["injection"], v["placement"], v.get("prefix", 0),
             bool(v.get("finetune")), v.get("latent_dim"), c.get("steps"), c.get("batch_size"), c["training"].get("lr"))
 
 
@@ -31,7 +31,14 @@ def label(r: dict) -> str:
     parts = ["LG" if v["latent_gen"] == "pool" else "LA", v["injection"].upper(), v["placement"]]
     parts += [f"prefix {v['prefix']}"] if v.get("prefix") else []
     parts += ["fine-tuned"] if v.get("finetune") else []
+    parts += [c["quantize"]] if c.get("quantize") else []
     return f"{c['corpus']} · {' · '.join(parts)}"
+
+
+def base(config: dict) -> str:
+    """The base's name, and its quantization (--quantize) if any: 'tiny-llama (nf4)'."""
+    name = Path(config["base"]).name
+    return f"{name} ({config['quantize']})" if config.get("quantize") else name
 
 
 def lambda_groups(results: list[dict]) -> dict[tuple, list[dict]]:
@@ -47,7 +54,7 @@ def rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     out = []
     for r in sorted(results, key=lambda r: (r["config"]["corpus"], r["config"]["base"], r["test"]["ppl"])):
         c, v, t = r["config"], r["config"]["vae"], r["test"]
-        out.append([r["name"], c["corpus"], Path(c["base"]).name, "LG (pool)" if v["latent_gen"] == "pool" else
+        out.append([r["name"], c["corpus"], base(c), "LG (pool)" if v["latent_gen"] == "pool" else
                     "Latent Attention", v["injection"], v["placement"], str(v.get("prefix") or "-"),
                     "yes" if v.get("finetune") else "no", f"{_lam(r):g}", f"{r['params']['pct_trainable']:.2f}%",
                     f"{t['ppl']:.2f}", f"{t['ppl_optimus_tokens']:.2f}", f"{t['neg_elbo']:.2f}", f"{t['mi']:.3f}",

@@ -18,7 +18,7 @@ REQUIRED = {
     "config.training": dict, "config.training.free_bits": NUMBER, "params.pct_trainable": NUMBER,
     "test.ppl": NUMBER, "test.ppl_optimus_tokens": NUMBER, "test.neg_elbo": NUMBER, "test.mi": NUMBER,
     "test.au": int, "test.base_ppl": NUMBER, "history": list}
-OPTIONAL = {"train_s": NUMBER, "config.steps": int, "config.vae.prefix": int}
+OPTIONAL = {"train_s": NUMBER, "config.steps": int, "config.vae.prefix": int, "config.quantize": str}
 HISTORY = {"step": int, "rec": NUMBER, "kl": NUMBER, "beta": NUMBER}  # per training step
 
 

@@ -1,7 +1,8 @@
 """`adaptune run vae`: train AdaVAE on one corpus, evaluate it on the test split, save runs/<name>/:
 
     results.json              metrics (PPL under both token conventions, −ELBO, MI, AU, base PPL),
-                              parameter counts, budgets, timings, device, the training curves
+                              parameter counts, budgets, timings, device, the training curves, the base's
+                              --quantize and the quantized layers it had
     command.txt               the exact command line
     adapters.safetensors      the encoder's and decoder's components (adaptune.save)
     posterior.safetensors     q(z|x)'s Latent Attention (or pooled) layers
@@ -27,8 +28,10 @@ from ...files import atomic_write_dir
 from ..common.causal import load_base
 from ..common.config import set_seed
 from ..common.machine import cpu_name, peak_rss_mb
+from ..common.quantize import base_params as count_base
+from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination, malformed
-from .config import QUICK, RunConfig, TrainConfig, VAEConfig
+from .config import QUANTIZABLE, QUICK, RunConfig, TrainConfig, VAEConfig
 from .data import Collate, by_length, length_grouped, load_corpus
 from .evaluation import evaluate
 from .generation import decode
@@ -47,12 +50,14 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
     set_seed(cfg.seed)
     start = time.perf_counter()
     base, tokenizer = load_base(cfg.base, seed=cfg.seed)
+    quantize_base(base, cfg.quantize, "cpu", QUANTIZABLE)  # the VAE runs on the CPU
     collate = Collate(tokenizer, cfg.max_length)
     train_set = load_corpus(cfg.corpus, "train", cfg.data_dir, cfg.budget("train_limit"), cfg.seed)
     test_set = load_corpus(cfg.corpus, "test", cfg.data_dir, cfg.budget("eval_limit"), cfg.seed)
     if len(train_set.texts) < batch_size:
         raise ConfigError(f"--batch-size {batch_size} is more than the {len(train_set.texts)} training sentences")
-    vae = VAE(base, cfg.vae)
+    with binding(cfg.quantize):
+        vae = VAE(base, cfg.vae)
     load_s = time.perf_counter() - start
     bar = progress.add_task("train", total=steps) if progress is not None else None
 
@@ -75,8 +80,7 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
             raise ConfigError(f"the test {key} is not finite after {steps} steps; nothing is saved")
     z = torch.randn(3, cfg.vae.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))  # z ~ N(0, I)
     samples = decode(vae, tokenizer, z, max_length=cfg.max_length, seed=cfg.seed)
-    counts = vae.adaptation.counts()
-    base_params = counts.base
+    base_params = count_base(base, {id(p) for p in vae.adaptation.parameters()})  # as in float, if quantized
     trained = sum(p.numel() for p in vae.trainable("encoder") + vae.trainable("decoder"))
     result = {
         "format": FORMAT, "experiment": "vae", "name": run_dir.name, "command": cfg.command,
@@ -84,6 +88,7 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
                    "vae": asdict(cfg.vae), "training": asdict(training),
                    **{k: cfg.budget(k) for k in QUICK}},  # the budgets as run
         "spec": vae.adaptation.spec(), "base": {"name": cfg.base, "class": type(base).__name__, "params": base_params},
+        "quantize": cfg.quantize, "quantized_layers": quantized_layers(base),
         "params": {"trainable": trained, "pct_trainable": 100 * trained / base_params},
         "data": {"train": train_set.info, "test": test_set.info},
         "test": metrics, "samples": samples,
@@ -110,7 +115,8 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
 
 
 def load_run(run_dir: str | Path) -> tuple[VAE, Any, dict]:
-    """(the VAE, its tokenizer, results.json) of a saved run: the base rebuilt from its name, the components
+    """(the VAE, its tokenizer, results.json) of a saved run: the base rebuilt from its name (and quantized as
+    the run's --quantize was), the components
     and the posterior (and with --finetune the base weights) loaded from the run's files. LoadError names the
     file and what is wrong: results.json checked by read_vae, a missing file, tensors of other shapes."""
     run_dir = Path(run_dir)
@@ -126,6 +132,7 @@ def load_run(run_dir: str | Path) -> tuple[VAE, Any, dict]:
     except (TypeError, ConfigError) as e:
         raise LoadError(f"{run_dir / 'results.json'}: config.vae does not rebuild the VAE ({e})") from e
     base, tokenizer = load_base(cfg["base"], seed=cfg["seed"])
+    quantize_base(base, cfg.get("quantize"), "cpu", QUANTIZABLE)  # the base as the run had it
     vae = VAE(base, vae_cfg, adaptation=load(base, run_dir / "adapters.safetensors"))
     _load_state(vae.posterior, run_dir / "posterior.safetensors", f"the posterior of latent size {vae_cfg.latent_dim}")
     if vae_cfg.finetune:
