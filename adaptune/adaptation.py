@@ -22,8 +22,9 @@ from .errors import AdaptuneError, ConfigError, MergeError, TaskError
 from .hooks import Binding, Hook, hook_class
 from .hooks.condition import Condition
 from .hooks.route import Route, checked, route_index
-from .save_format import check_state, write as write_saved
+from .save_format import check_state, fsdp_modules, read_sharded, write as write_saved, write_sharded
 from .points import Point, check_quantized
+from .quantized import keep_differentiable, release
 from .sites import SiteMap
 
 Spec = dict[str, Stack]  # selector -> stack: what one group composes
@@ -123,6 +124,7 @@ class Adaptation(nn.Module):
             for p in self._frozen.flags:
                 p.requires_grad_(False)
             self.train(model.training)  # components follow the model's mode (LoRA dropout off in eval)
+            self._held = keep_differentiable(model)  # gradients through every quantized layer, in any mode
             model.add_module("adaptune", self)
             for hook in self.hooks.values():
                 hook.install()
@@ -137,6 +139,7 @@ class Adaptation(nn.Module):
     def _restore(self, model: nn.Module) -> None:
         for p, flag in self._frozen.flags.items():
             p.requires_grad_(flag)
+        release(getattr(self, "_held", {}))
         if model._modules.get("adaptune") is self:
             del model._modules["adaptune"]
 
@@ -381,6 +384,11 @@ class Adaptation(nn.Module):
         """Fold the active LoRA/DoRA updates into the base weights (exactly undone by unmerge). A quantized
         weight is dequantized, updated and requantized: `merge_errors` and a warning give the error that adds."""
         self._check_attached()
+        if fsdp_modules(self.model):
+            raise MergeError("cannot merge a model sharded by fully_shard: each rank holds only shards of the base "
+                             "weights. Save the adapter (adaptation.save(path), on every rank), then in one process "
+                             "load(model, path) onto the unsharded base and merge() there; or export_peft(model, "
+                             "directory) and merge with PEFT")
         if self._route is not None:
             raise MergeError("cannot merge inside route(): a merged update would apply to every sample of the "
                              "batch; merge outside the route() block")
@@ -420,6 +428,19 @@ class Adaptation(nn.Module):
         """Save the components to one .safetensors file (see adaptune.save_format); returns its path."""
         self._check_attached()
         return write_saved(self, path)
+
+    def save_sharded(self, directory: Any) -> Any:
+        """Save the components as a torch.distributed.checkpoint directory, each rank its own shards without
+        gathering (under FSDP2 every rank calls it); load_sharded reads it back on any number of ranks."""
+        self._check_attached()
+        return write_sharded(self, directory)
+
+    def load_sharded(self, directory: Any) -> "Adaptation":
+        """Load a save_sharded directory into these components (the same stacks) and make its task active."""
+        self._check_attached()
+        self._check_unmerged("load a checkpoint")
+        read_sharded(self, directory)
+        return self
 
     def counts(self) -> Counts:
         """Parameter counts: base, shared, per task (see adaptune.accounting)."""

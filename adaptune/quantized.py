@@ -145,6 +145,29 @@ def row_norm_sq(weight: Tensor | QuantizedWeight) -> Tensor:
     return weight.row_norm_sq() if isinstance(weight, QuantizedWeight) else weight.detach().float().pow(2).sum(1)
 
 
+def keep_differentiable(model: nn.Module) -> dict[nn.Module, bool]:
+    """Keep every bitsandbytes 4-bit layer of `model` on its differentiable path; returns what to give back to
+    `release`. On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time the
+    layer runs in eval mode without gradients, and keeps it so; that kernel has no backward, so every later
+    training step would silently get no gradient through the layer. While adapted, the layers stay unpacked
+    (a weight already repacked is unpacked, its bf16 scales kept as they are)."""
+    held = {}
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and scheme(module):
+            held[module] = True
+            module.support_avx512bf16_for_cpu = False
+            state = module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _unpacked(module.weight.data, state)
+    return held
+
+
+def release(held: dict[nn.Module, bool]) -> None:
+    """Give the layers `keep_differentiable` held their own choice back."""
+    for module, flag in held.items():
+        module.support_avx512bf16_for_cpu = flag
+
+
 def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """x·Wᵀ + b for a float weight or a quantized one."""
     return weight.linear(x, bias) if isinstance(weight, QuantizedWeight) else F.linear(x, weight, bias)
@@ -173,10 +196,8 @@ def _dequantize(module: nn.Module, start: int = 0, stop: int | None = None) -> T
     if hasattr(weight, "quant_state"):  # bitsandbytes 4-bit: its CPU path may have repacked the storage
         import bitsandbytes.functional as bnb_f
         data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # its inverse rewrites the state it is given
-            data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
-            if state.absmax.dim() == 2:  # it leaves unnested scales as packed: (in / blocksize, out), bf16
-                state.absmax = state.absmax.T.reshape(-1).float()
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = _unpacked(data, copy.deepcopy(state))
         columns = module.in_features
         if columns % state.blocksize or columns % 2:  # blocks straddle rows: the whole, then the rows
             return bnb_f.dequantize_4bit(data, state)[start:stop]
@@ -193,6 +214,16 @@ def _dequantize(module: nn.Module, start: int = 0, stop: int | None = None) -> T
         import bitsandbytes.functional as bnb_f
         return bnb_f.int8_vectorwise_dequant(weight.data[start:stop], _state(module)[start:stop].to(weight.device))
     return weight.dequantize()[start:stop]  # torchao: its tensors dequantize whole
+
+
+def _unpacked(data: Tensor, state: Any) -> tuple[Tensor, Any]:
+    """A 4-bit weight bitsandbytes repacked for its CPU kernel, back in its own format (rewrites `state`): its
+    inverse leaves unnested block scales as the packing laid them, (in / blocksize, out) in bf16."""
+    import bitsandbytes.functional as bnb_f
+    data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, state)
+    if state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
 
 
 def _quantize(module: nn.Module, whole: Tensor) -> Storage:

@@ -360,3 +360,20 @@ def test_merged_float_is_a_plain_float_model_computing_what_the_adapted_one_does
     attach(model, {"ffn": Adapter(8)})
     with pytest.raises(MergeError, match="the active AdapterModule cannot be folded"):
         merged_float(model)
+
+
+def test_training_after_an_evaluation_still_reaches_every_component():
+    """On CPUs with AVX512-BF16 bitsandbytes repacks a 4-bit weight for a kernel without backward the first time
+    the layer runs in eval mode without gradients; while adapted, the layers keep their differentiable path."""
+    model, _ = quantized_pair("nf4")
+    adaptation = attach(model, {"layers.0.attn.q": LoRA(4), "layers.1.ffn": Adapter(8)})
+    randomize(adaptation)
+    ids = ids_batch()
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+    model.train()
+    trained = model(input_ids=ids).logits
+    torch.testing.assert_close(trained, evaluated)
+    trained.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in adaptation.parameters())

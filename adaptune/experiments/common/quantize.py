@@ -67,8 +67,6 @@ def quantize_base(model: nn.Module, value: str | None, device: Any = "cpu", base
     model.to(device)
     with torch.random.fork_rng(devices=[]):  # the bitsandbytes layers initialise weights they then replace
         quantize(model, value)
-    for m in model.modules():  # runs alternate training and evaluation: see keep_trainable
-        keep_trainable(m)
     _once(BNB_LOGGER)
     made = quantized_layers(model)
     if not made:
@@ -78,16 +76,6 @@ def quantize_base(model: nn.Module, value: str | None, device: Any = "cpu", base
                           f"quantize{why}; use a base whose projections are nn.Linear"
                           f"{f' ({bases})' if bases else ' (Llama, BERT)'}, or drop --quantize")
     return made
-
-
-def keep_trainable(module: nn.Module) -> None:
-    """Keep a bitsandbytes 4-bit layer on its training path on the CPU. bitsandbytes repacks a Linear4bit's
-    weight for its AVX512-BF16 CPU kernel the first time the layer runs in eval mode without gradients, for good;
-    that kernel (gemv_4bit) has no backward, so every later training step would get no gradient through the
-    layer (components below it would stop learning, silently). Few-shot runs evaluate the dev set between
-    steps, so the repacking is turned off."""
-    if getattr(module, "support_avx512bf16_for_cpu", False):
-        module.support_avx512bf16_for_cpu = False
 
 
 class _Once(logging.Filter):
