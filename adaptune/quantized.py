@@ -145,6 +145,10 @@ def row_norm_sq(weight: Tensor | QuantizedWeight) -> Tensor:
     return weight.row_norm_sq() if isinstance(weight, QuantizedWeight) else weight.detach().float().pow(2).sum(1)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and "transformers" in type(module).__module__
+
+
 def keep_differentiable(model: nn.Module) -> dict[nn.Module, bool]:
     """Keep every bitsandbytes 4-bit layer of `model` on its differentiable path; returns what to give back to
     `release`. On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time the
@@ -258,7 +262,8 @@ def _set_storage(module: nn.Module, storage: Storage) -> None:
 
 def quantize(model: nn.Module, scheme_name: str, *, compute_dtype: torch.dtype = torch.float32,
              skip: tuple[str, ...] = ("lm_head", "score", "classifier"), double_quant: bool = False) -> nn.Module:
-    """Replace every nn.Linear of `model` (but those whose name ends with one of `skip`: the heads) by a
+    """Replace every nn.Linear and transformers Conv1D (GPT-2's, transposed) of `model` (but those whose name ends
+    with one of `skip`: the heads) by a
     bitsandbytes layer of `scheme_name` ("nf4", "fp4": Linear4bit with `compute_dtype`; "int8": Linear8bitLt),
     quantized on the device it is on; returns the model. As transformers' BitsAndBytesConfig does on load, and
     marked as it marks the model (`is_loaded_in_4bit` / `is_loaded_in_8bit`), so that PEFT recognises it."""
@@ -269,18 +274,22 @@ def quantize(model: nn.Module, scheme_name: str, *, compute_dtype: torch.dtype =
     except ImportError as e:
         raise ConfigError(f"quantizing to {scheme_name} needs bitsandbytes (pip install bitsandbytes)") from e
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not name.split(".")[-1].endswith(skip)]
+               if (type(m) is nn.Linear or _is_conv1d(m)) and not name.split(".")[-1].endswith(skip)]
     for name, linear in targets:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         device = linear.weight.device
+        weight = linear.weight.t() if _is_conv1d(linear) else linear.weight  # (out, in)
+        out_features, in_features = weight.shape
         if scheme_name == "int8":
-            q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False)
+            q = bnb.nn.Linear8bitLt(in_features, out_features, bias=linear.bias is not None, has_fp16_weights=False)
         else:
-            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+            q = bnb.nn.Linear4bit(in_features, out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=double_quant,
                                   quant_type=scheme_name)
-        q.load_state_dict(linear.state_dict())
+            if in_features % q.weight.blocksize or out_features % 32:  # bitsandbytes' CPU repacking fails on them
+                q.support_avx512bf16_for_cpu = False
+        q.load_state_dict({"weight": weight.detach().contiguous(),
+                           **({"bias": linear.bias.detach()} if linear.bias is not None else {})})
         q.requires_grad_(False)
         setattr(parent, name.rpartition(".")[2], q.to(device))
     setattr(model, "is_loaded_in_8bit" if scheme_name == "int8" else "is_loaded_in_4bit", True)  # as transformers

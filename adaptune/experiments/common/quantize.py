@@ -54,9 +54,9 @@ def refuse_base_training(value: str | None, what: str, instead: str) -> None:
 
 def quantize_base(model: nn.Module, value: str | None, device: Any = "cpu", bases: str = "") -> dict[str, int] | None:
     """Quantize `model` in place to `value` on `device` (moved there first: bitsandbytes quantizes where the
-    weights are); None when `value` is None, else {layer class: count} of the quantized layers. The random stream is left as it was, so components start as on a float base.
-    ConfigError when the base has no nn.Linear outside its heads (GPT-2's projections are transformers Conv1D
-    layers); `bases`: the bases of this command that have them, for the message."""
+    weights are); None when `value` is None, else {layer class: count} of the quantized layers. The random
+    stream is left as it was, so components start as on a float base. ConfigError when the base has no nn.Linear
+    or Conv1D outside its heads; `bases`: the bases of this command that have them, for the message."""
     check_quantize(value)
     if value is None:
         return None
@@ -70,11 +70,9 @@ def quantize_base(model: nn.Module, value: str | None, device: Any = "cpu", base
     _once(BNB_LOGGER)
     made = quantized_layers(model)
     if not made:
-        conv = any(type(m).__name__ == "Conv1D" for m in model.modules())
-        why = " (its projections are transformers Conv1D layers, as in GPT-2, which quantize() leaves alone)" if conv else ""
-        raise ConfigError(f"--quantize {value}: {type(model).__name__} has no nn.Linear layer outside its heads to "
-                          f"quantize{why}; use a base whose projections are nn.Linear"
-                          f"{f' ({bases})' if bases else ' (Llama, BERT)'}, or drop --quantize")
+        raise ConfigError(f"--quantize {value}: {type(model).__name__} has no nn.Linear or Conv1D layer outside its "
+                          f"heads to quantize; use a base with linear projections"
+                          f"{f' ({bases})' if bases else ' (Llama, GPT-2, BERT)'}, or drop --quantize")
     return made
 
 
