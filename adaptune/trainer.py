@@ -1,18 +1,25 @@
 """Hugging Face Trainer with adapter-only checkpoints.
 
-`AdapterTrainer` is `transformers.Trainer` whose checkpoints and `save_model` hold the adaptation
-(`adapters.safetensors`, the file `adaptune.save` writes) instead of the base weights, and whose
-`train(resume_from_checkpoint=...)` and `load_best_model_at_end` load it back into the model's
-components in place. Optimizer, scheduler, RNG and trainer state are saved and restored by Trainer as
-usual, so a resumed run ends where an uninterrupted one does.
+`AdapterCheckpoints` is a mixin for any `transformers.Trainer` subclass (`class T(AdapterCheckpoints, SFTTrainer)`,
+the mixin first): its checkpoints and `save_model` hold the adaptation (`adapters.safetensors`, the file
+`adaptune.save` writes) instead of the base weights, and its `train(resume_from_checkpoint=...)` and
+`load_best_model_at_end` load it back into the model's components in place. Optimizer, scheduler, RNG and trainer
+state are saved and restored by Trainer as usual, so a resumed run ends where an uninterrupted one does.
+`AdapterTrainer` is the mixin on `transformers.Trainer` itself.
 
 A callback alone cannot do this: Trainer writes the full weights before `on_save` runs, and on resume it
 refuses a checkpoint without them before any callback is called. Hence the two overrides, `_save` and
 `_load_from_checkpoint` (as Trainer special-cases PEFT models in the same two places). Arguments it cannot
-honour (DeepSpeed, FSDP, an output directory that is a file) are refused before Trainer makes anything.
+honour (DeepSpeed, FSDP, an output directory that is a file, a PEFT config) are refused before Trainer makes
+anything.
+
+`BaseReference(model)` stands in for the frozen reference model of trainers that compare a policy with its
+starting point (TRL's `DPOTrainer(ref_model=...)`): the same model run with its components disabled, so the base
+is not held twice.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -31,40 +38,51 @@ from .save_format import check_finite, read
 ADAPTERS_FILE = "adapters.safetensors"
 
 
-def adaptation_for_training(model: nn.Module) -> Adaptation:
+def adaptation_of(model: Any, who: str = "AdapterTrainer") -> Adaptation:
+    """`model`'s adaptation (the model registers it as its submodule `adaptune`); ConfigError naming `who`
+    when there is none."""
+    found = getattr(model, "adaptune", None)
+    if isinstance(found, Adaptation):
+        return found
+    if isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"{who} needs a model with an adaptation, not the model name {str(model)!r}: load the "
+                          f"model, call adaptune.attach(model, ...), and pass the model")
+    raise ConfigError(f"{who} needs a model with an adaptation; {type(model).__name__} has none: "
+                      f"call adaptune.attach(model, ...) before building the trainer")
+
+
+def adaptation_for_training(model: nn.Module, who: str = "AdapterTrainer") -> Adaptation:
     """`model`'s adaptation, checked to be all that trains: ConfigError when there is none, or when base
     parameters require grad (an adapter-only checkpoint would lose them)."""
-    found = getattr(model, "adaptune", None)
-    if not isinstance(found, Adaptation):
-        raise ConfigError(f"AdapterTrainer needs a model with an adaptation; {type(model).__name__} has none: "
-                          f"call adaptune.attach(model, ...) before building the trainer")
+    found = adaptation_of(model, who)
     base = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adaptune.")]
     if base:
-        raise ConfigError(f"AdapterTrainer saves only the adaptation, but {len(base)} base parameters train "
+        raise ConfigError(f"{who} saves only the adaptation, but {len(base)} base parameters train "
                           f"and would be lost from its checkpoints: {', '.join(base[:3])}; freeze them "
                           f"(attach froze them) or use transformers.Trainer")
     return found
 
 
-def check_arguments(args: Any) -> None:
-    """ConfigError for training arguments AdapterTrainer cannot honour: DeepSpeed and FSDP (set in the arguments
-    or by `accelerate launch`) save and load sharded weights through other paths than its adapter-only ones."""
+def check_arguments(args: Any, who: str = "AdapterTrainer") -> None:
+    """ConfigError for training arguments `who` cannot honour: DeepSpeed and FSDP (set in the arguments or by
+    `accelerate launch`) save and load sharded weights through other paths than its adapter-only ones."""
     if args is None:
         return
     used = [f"{k}={getattr(args, k)!r}" for k in ("fsdp", "deepspeed") if getattr(args, k, None)]
     used += [f"{k}=true in the environment" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
              if os.environ.get(k, "false").lower() in ("1", "true", "yes")]
     if used:
-        raise ConfigError(f"AdapterTrainer supports single-process and DDP training (torchrun); DeepSpeed and FSDP "
+        raise ConfigError(f"{who} supports single-process and DDP training (torchrun); DeepSpeed and FSDP "
                           f"are not supported, and the training arguments ask for them: {', '.join(used)}. Drop "
-                          f"them, or use transformers.Trainer (whose checkpoints hold the whole model)")
-    check_directory(args.output_dir)
+                          f"them, or use the trainer without AdapterCheckpoints (whose checkpoints hold the whole "
+                          f"model)")
+    check_directory(args.output_dir, who)
 
 
-def check_directory(path: str | os.PathLike) -> None:
+def check_directory(path: str | os.PathLike, who: str = "AdapterTrainer") -> None:
     """WriteError when `path` exists and is not a directory (checkpoints and save_model write directories)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise WriteError(f"cannot save to {str(path)!r}: it is a file, and AdapterTrainer writes a directory "
+        raise WriteError(f"cannot save to {str(path)!r}: it is a file, and {who} writes a directory "
                          f"there ({ADAPTERS_FILE}, training_args.bin, ...); give a directory path")
 
 
@@ -92,19 +110,53 @@ def load_into(adaptation: Adaptation, path: str | os.PathLike) -> Adaptation:
     return adaptation
 
 
-class AdapterTrainer(Trainer):
-    """transformers.Trainer saving and resuming only the adaptation of its model (see the module doc).
+def _given(init: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call to `init` by parameter name ({} when they do not fit: `init` then says why)."""
+    try:
+        return dict(inspect.signature(init).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return {}
 
-    Single process and DDP; DeepSpeed and FSDP shard or gather weights through other paths and are refused."""
 
-    def __init__(self, model: nn.Module | None = None, args: Any = None, *rest: Any, **kwargs: Any) -> None:
-        check_arguments(args)  # before Trainer builds an accelerator and makes the output directory
-        if model is not None:  # None with model_init: checked when saving or loading
-            adaptation_for_training(model)
-        super().__init__(model, args, *rest, **kwargs)
+class AdapterCheckpoints:
+    """Adapter-only checkpoints for a transformers.Trainer subclass: put it first among the bases,
+    `class T(AdapterCheckpoints, SFTTrainer)`. Checkpoints hold adapters.safetensors, the optimizer, scheduler,
+    RNG and trainer state; resume loads the adapters into the model's components and ends bit-exact.
+
+    The model must carry an adaptation (attach first) and nothing else may train. Refused before the trainer
+    is built: DeepSpeed, FSDP, an output directory that is a file, and `peft_config` (TRL would wrap the model in
+    PEFT adapters these checkpoints do not hold). Single process and DDP."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(AdapterCheckpoints):
+            raise TypeError(f"{cls.__name__}: AdapterCheckpoints must come before the Trainer class among the bases "
+                            f"(class {cls.__name__}(AdapterCheckpoints, ...)), else Trainer's own saving and loading "
+                            f"run instead of its adapter-only ones")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        who = type(self).__name__
+        if not isinstance(self, Trainer):
+            raise TypeError(f"{who}: AdapterCheckpoints is a mixin for transformers.Trainer subclasses "
+                            f"(class {who}(AdapterCheckpoints, Trainer)); {who} is none")
+        given = _given(super().__init__, args, kwargs)
+        check_arguments(given.get("args"), who)  # before Trainer builds an accelerator and makes the output directory
+        if given.get("peft_config") is not None:
+            raise ConfigError(f"{who} trains the model's adaptune components, but peft_config asks the trainer to "
+                              f"wrap the model in PEFT adapters, which its checkpoints would not hold; drop "
+                              f"peft_config (attach adaptune components instead)")
+        if isinstance(given.get("ref_model"), BaseReference) and getattr(given.get("args"), "sync_ref_model", False):
+            raise ConfigError(f"{who}: ref_model=BaseReference(model) is the base and stays the base, but "
+                              f"sync_ref_model=True moves the reference toward the policy; pass a frozen copy of the "
+                              f"model as ref_model, or drop sync_ref_model")
+        if given.get("model") is not None:  # None with model_init: checked once Trainer made the model
+            adaptation_for_training(given["model"], who)
+        super().__init__(*args, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise ConfigError("AdapterTrainer supports single-process and DDP training; "
-                              "DeepSpeed and FSDP are not supported")
+            raise ConfigError(f"{who} supports single-process and DDP training; DeepSpeed and FSDP are not supported")
+        if self.model is not None:  # the model as the trainer keeps it (a subclass may have changed it)
+            self._adaptation()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer.train; resume_from_checkpoint=True takes the last checkpoint-N in output_dir, and a LoadError
@@ -120,7 +172,8 @@ class AdapterTrainer(Trainer):
 
     def _adaptation(self, model: nn.Module | None = None) -> Adaptation:
         model = self.model if model is None else model
-        return adaptation_for_training(self.accelerator.unwrap_model(model, keep_torch_compile=False))
+        return adaptation_for_training(self.accelerator.unwrap_model(model, keep_torch_compile=False),
+                                       type(self).__name__)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write adapters.safetensors (not the base weights), the processing class and the arguments."""
@@ -128,7 +181,7 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         adaptation = self._adaptation()
-        check_directory(output_dir)
+        check_directory(output_dir, type(self).__name__)
         os.makedirs(output_dir, exist_ok=True)
         adaptation.save(Path(output_dir) / ADAPTERS_FILE)
         if self.processing_class is not None:
@@ -140,11 +193,59 @@ class AdapterTrainer(Trainer):
         path = Path(resume_from_checkpoint) / ADAPTERS_FILE
         if not path.is_file():
             raise LoadError(f"{str(resume_from_checkpoint)!r} holds no {ADAPTERS_FILE}: it is not a checkpoint "
-                            f"written by AdapterTrainer")
+                            f"written by AdapterTrainer or AdapterCheckpoints")
         load_into(self._adaptation(model), path)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
-__all__ = ["ADAPTERS_FILE", "AdapterTrainer", "adaptation_for_training", "check_arguments", "load_into"]
+class AdapterTrainer(AdapterCheckpoints, Trainer):
+    """transformers.Trainer saving and resuming only the adaptation of its model (see the module doc).
+
+    Single process and DDP; DeepSpeed and FSDP shard or gather weights through other paths and are refused."""
+
+
+class BaseReference(nn.Module):
+    """`model` run with every component disabled: the base, as a reference model (TRL's
+    `DPOTrainer(model, ref_model=BaseReference(model), ...)`) without a second copy of its weights.
+
+    Calling it runs `model` inside `model.adaptune.disabled()` and in eval mode (no dropout, as a frozen copy
+    would run; each module's mode is restored after); any other attribute (config, base_model,
+    get_output_embeddings, ...) is the model's, so code that patches or inspects a reference model finds what it
+    expects. It holds no parameters of its own (the model is not its submodule), and its state_dict is the base's
+    (the model's without the components). Call it outside merge (disabling components needs them unmerged)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        adaptation_of(model, "BaseReference")
+        object.__setattr__(self, "policy", model)  # not a submodule: optimizers and wrappers never see it twice
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "policy" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["policy"], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        modes = [(m, m.training) for m in self.policy.modules()]
+        try:
+            self.policy.eval()  # no dropout, as in a frozen copy; each module's mode is restored after
+            with self.policy.adaptune.disabled():
+                return super().__call__(*args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.policy(*args, **kwargs)
+
+    def state_dict(self, *, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        full = self.policy.state_dict(prefix=prefix, keep_vars=keep_vars)
+        return {k: v for k, v in full.items() if not k.startswith(f"{prefix}adaptune.")}
+
+
+__all__ = ["ADAPTERS_FILE", "AdapterCheckpoints", "AdapterTrainer", "BaseReference", "adaptation_for_training",
+           "check_arguments", "load_into"]

@@ -2,10 +2,10 @@
 import pytest
 import torch
 from helpers import VOCAB, tiny_gpt2
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from adaptune import ConfigError, LoRA, LoadError, WriteError, attach, load
-from adaptune.trainer import ADAPTERS_FILE, AdapterTrainer
+from adaptune.trainer import ADAPTERS_FILE, AdapterCheckpoints, AdapterTrainer
 
 STEPS, SAVE_EVERY = 8, 4
 
@@ -172,3 +172,40 @@ def test_resume_true_without_a_checkpoint_is_a_load_error(tmp_path):
     with pytest.raises(LoadError, match="'.*missing' does not exist"):
         trainer.train(resume_from_checkpoint=True)
     assert listing(tmp_path) == made and trainer.state.global_step == 0
+
+
+class Counting(Trainer):
+    """A Trainer subclass of its own (as TRL's trainers are): it counts its compute_loss calls."""
+
+    def compute_loss(self, *a, **kw):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().compute_loss(*a, **kw)
+
+
+class CountingAdapters(AdapterCheckpoints, Counting):
+    pass
+
+
+def test_the_mixin_gives_any_trainer_subclass_adapter_checkpoints(runs, tmp_path):
+    assert issubclass(AdapterTrainer, AdapterCheckpoints)
+    first = CountingAdapters(adapted(seed=1), args(tmp_path), train_dataset=dataset(), callbacks=[StopAt(SAVE_EVERY)])
+    first.train()
+    names = {p.name for p in (tmp_path / f"checkpoint-{SAVE_EVERY}").iterdir()}
+    assert ADAPTERS_FILE in names and "optimizer.pt" in names and "model.safetensors" not in names
+    resumed = adapted(seed=2)
+    trainer = CountingAdapters(resumed, args(tmp_path), train_dataset=dataset())
+    trainer.train(resume_from_checkpoint=True)
+    assert first.calls == SAVE_EVERY and trainer.calls == STEPS - SAVE_EVERY
+    w, w1 = weights(resumed), weights(runs["whole"])
+    assert all(torch.equal(w[k], w1[k]) for k in w1)  # the same loss as AdapterTrainer's: the same run
+
+
+def test_the_mixin_needs_a_trainer_after_it():
+    class Alone(AdapterCheckpoints):
+        pass
+
+    with pytest.raises(TypeError, match="a mixin for transformers.Trainer subclasses"):
+        Alone(adapted(seed=1))
+    with pytest.raises(TypeError, match="AdapterCheckpoints must come before the Trainer class"):
+        class Late(Trainer, AdapterCheckpoints):
+            pass
