@@ -214,7 +214,11 @@ class BaseReference(nn.Module):
     would run; each module's mode is restored after); any other attribute (config, base_model,
     get_output_embeddings, ...) is the model's, so code that patches or inspects a reference model finds what it
     expects. It holds no parameters of its own (the model is not its submodule), and its state_dict is the base's
-    (the model's without the components). Call it outside merge (disabling components needs them unmerged)."""
+    (the model's without the components). Call it outside merge (disabling components needs them unmerged).
+
+    The base is the right reference while the policy starts as the base (components that start as the identity, as a
+    fresh LoRA does). Components trained before (SFT) are part of the reference: pass a frozen copy of that model, or
+    ref_model=None with DPOConfig(precompute_ref_log_probs=True) (the model as it is before training)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
