@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from .quantized import parameter_count
+
 
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -15,7 +17,7 @@ def _count(module: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class Counts:
-    base: int  # parameters of the model itself (everything outside the adaptation)
+    base: int  # parameters of the model itself (everything outside the adaptation; a quantized weight as in float)
     shared: int  # component parameters used by every task
     per_task: dict[str, int]  # task-specific component parameters
 
@@ -45,7 +47,6 @@ class Counts:
 def count(adaptation: Any) -> Counts:
     """The counts of an adaptation (anything with model, parameters(), shared, tasks and task_names);
     `adaptune.counts(model)` and `Adaptation.counts()` call it."""
-    own = {id(p) for p in adaptation.parameters()}
-    base = sum(p.numel() for p in adaptation.model.parameters() if id(p) not in own)
+    base = parameter_count(adaptation.model, {id(p) for p in adaptation.parameters()})  # quantized: as in float
     return Counts(base=base, shared=_count(adaptation.shared),
                   per_task={name: _count(adaptation.tasks[name]) for name in adaptation.task_names})

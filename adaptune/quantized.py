@@ -145,6 +145,13 @@ def row_norm_sq(weight: Tensor | QuantizedWeight) -> Tensor:
     return weight.row_norm_sq() if isinstance(weight, QuantizedWeight) else weight.detach().float().pow(2).sum(1)
 
 
+def parameter_count(model: nn.Module, leave_out: set[int] | frozenset[int] = frozenset()) -> int:
+    """The parameters of `model` (but those whose id is in `leave_out`) as in float: a quantized layer's weight
+    counts out × in, whatever its storage holds (4-bit packs two a byte)."""
+    logical = {id(m.weight): m.in_features * m.out_features for m in model.modules() if scheme(m)}
+    return sum(logical.get(id(p), p.numel()) for p in model.parameters() if id(p) not in leave_out)
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and "transformers" in type(module).__module__
 

@@ -405,3 +405,8 @@ def test_narrow_4bit_layers_evaluate_without_bitsandbytes_cpu_repacking_error(ma
     model = quantize(tiny_gpt2() if make == "gpt2" else tiny_llama(), "nf4").eval()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids_batch()).logits).all()
+
+
+def test_counts_take_a_quantized_weight_as_in_float():
+    model, twin = quantized_pair("nf4")
+    assert attach(model, {"attn": LoRA(4)}).counts() == attach(twin, {"attn": LoRA(4)}).counts()

@@ -7,7 +7,6 @@ for `run multitask`, `run fewshot`, `tapt` and `run vae`.
   quantize_base         the loaded base quantized in place on the run's device, before components attach
   quantized_layers      what results.json records: the quantized layers of the base, by class
   binding               a component that needs a float weight (Trainable on a projection) refused as a ConfigError
-  base_params           a base's parameter count as in float (a 4-bit weight's packed storage holds two per byte)
 
 Importing this module imports no torch (the CLI builds its options from the configs that use it)."""
 from __future__ import annotations
@@ -117,13 +116,3 @@ def quantized_layers(model: nn.Module) -> dict[str, int] | None:
 
     found = Counter(type(m).__name__ for m in model.modules() if scheme(m))
     return dict(sorted(found.items())) or None
-
-
-def base_params(model: nn.Module, leave_out: set[int] | None = None) -> int:
-    """The parameters of `model` (but those whose id is in `leave_out`) as in float: a quantized layer's weight
-    counts out × in, whatever its storage (4-bit packs two per byte)."""
-    from ...quantized import scheme
-
-    logical = {id(m.weight): m.in_features * m.out_features for m in model.modules() if scheme(m)}
-    leave_out = leave_out or set()
-    return sum(logical.get(id(p), p.numel()) for p in model.parameters() if id(p) not in leave_out)

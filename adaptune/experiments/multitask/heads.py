@@ -7,7 +7,7 @@ from torch import nn
 from ...adaptation import Adaptation
 from ...attach import counts
 from ..common.methods import Method
-from ..common.quantize import base_params as count_base
+from ...quantized import parameter_count as count_base
 
 ACCOUNTING = ("% updated per task = (parameters trained for that task: shared components + the task's own "
               "components + its head; for full fine-tuning every base parameter) / base parameters. "

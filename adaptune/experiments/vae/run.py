@@ -28,7 +28,7 @@ from ...files import atomic_write_dir
 from ..common.causal import load_base
 from ..common.config import set_seed
 from ..common.machine import cpu_name, peak_rss_mb
-from ..common.quantize import base_params as count_base
+from ...quantized import parameter_count as count_base
 from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination, malformed
 from .config import QUANTIZABLE, QUICK, RunConfig, TrainConfig, VAEConfig
