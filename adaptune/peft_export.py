@@ -58,6 +58,7 @@ from .files import atomic_write_dir
 from .hooks import Binding
 from .points import MODULE, PROJECTION, Conv1D, is_table, linear_weight
 from .quantized import row_norm_sq
+from .save_format import agree, full, gathered, is_sharded, on_rank0
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,22 +96,30 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
     The directory is written into a temporary sibling and swapped into place, so an earlier
     export there survives any failure; a directory holding other files is refused.
     Load the result with `peft.PeftModel.from_pretrained(base_model, directory)`.
+    On a model sharded by FSDP2 every rank calls it: the components are gathered whole and rank 0 writes.
     """
     adaptation = adaptation_of(model_or_adaptation)
-    layers = peft_layers(adaptation, task, skip_unsupported=skip_unsupported)
-    config = peft_config(adaptation.model, layers)
-    saved = saved_modules(adaptation, task)
-    config["modules_to_save"] = sorted(saved) or None
-    tensors = {PREFIX + path + "." + name: t for path, state in saved.items() for name, t in state.items()}
-    for layer in layers:
-        key = PREFIX + layer.path
-        a, b = (".lora_embedding_A", ".lora_embedding_B") if layer.table else (".lora_A.weight", ".lora_B.weight")
-        tensors[key + a], tensors[key + b] = layer.A, layer.B
-        if layer.magnitude is not None:
-            tensors[key + ".lora_magnitude_vector"] = layer.magnitude
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     target = Path(directory)
-    _write_export(target, config, tensors)
+    sharded = is_sharded(adaptation)
+    if sharded:
+        agree("export_peft", target, adaptation)
+    with gathered(adaptation):
+        layers = peft_layers(adaptation, task, skip_unsupported=skip_unsupported)
+        config = peft_config(adaptation.model, layers)
+        saved = saved_modules(adaptation, task)
+        config["modules_to_save"] = sorted(saved) or None
+        tensors = {PREFIX + path + "." + name: t for path, state in saved.items() for name, t in state.items()}
+        for layer in layers:
+            key = PREFIX + layer.path
+            a, b = (".lora_embedding_A", ".lora_embedding_B") if layer.table else (".lora_A.weight", ".lora_B.weight")
+            tensors[key + a], tensors[key + b] = layer.A, layer.B
+            if layer.magnitude is not None:
+                tensors[key + ".lora_magnitude_vector"] = layer.magnitude
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if sharded:
+        on_rank0("export_peft", target, adaptation, lambda: _write_export(target, config, tensors))
+    else:
+        _write_export(target, config, tensors)
     return target
 
 
@@ -196,7 +205,7 @@ def _layer(path: str, module: nn.Module, bindings: list[Binding]) -> PeftLayer:
         col += r
     magnitude = None
     if isinstance(bounds[0], DoRAModule):
-        magnitude = row_norm_sq(weight).sqrt().to(bounds[0].magnitude.dtype)  # (out,): factor 1 off the slices
+        magnitude = full(row_norm_sq(weight)).sqrt().to(bounds[0].magnitude.dtype)  # (out,): factor 1 off the slices
         for binding in bindings:
             magnitude[binding.point.out_rows] = binding.module.magnitude
     dropouts = sorted({b.dropout for b in bounds})

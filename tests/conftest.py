@@ -31,6 +31,7 @@ def ids():
 SLOW = {  # module -> why it takes its time (together most of the suite's)
     "test_kernels_build.py": "builds the C++ extension, in fresh processes",
     "test_distributed.py": "torchrun, two processes",
+    "test_fsdp.py": "torchrun, two processes sharding with FSDP2",
     "test_compile.py": "torch.compile",
     "test_crash_safe.py": "kills writer processes mid-write",
     "test_minilm.py": "a real checkpoint (all-MiniLM-L6-v2)",
