@@ -10,8 +10,9 @@
 #   1 environment  (140)  GPU, versions, the extension built for the device    environment.json, build.log
 #   2 correctness  (100)  the kernel tests (ADAPTUNE_KERNELS=require; fp32,     tests.log, tests.xml
 #                         fp16, bf16) and the routing, half-precision and DoRA model tests on it
-#   3 speed        (180)  ops (4096², 8192²), a Llama-1.1B training step and    results.tar (<suite>-<device>.json
-#                         mixed-task batches beside PEFT; target verdicts        and .md, targets-<device>.*)
+#   3 speed        (180)  ops (4096², 8192²), a Llama-1.1B training step,       results.tar (<suite>-<device>.json
+#                         mixed-task batches and LoRA / DoRA on nf4 / int8       and .md, targets-<device>.*)
+#                         bases beside PEFT; target verdicts
 #   4 rank sweep    (60)  seed 002's Table 2 on BERT-base                        results.tar, as above
 # A phase that fails or runs out of time is recorded in check.log and the next one still runs; bench.log
 # holds the benchmarks' progress. Seven files in all (the device machine returns at most eight).
@@ -96,7 +97,7 @@ where=$([ $rehearse = 1 ] && echo "rehearsal on the CPU" || echo "on $DEVICE")
 log "gpu_check: $where, checkout $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
 phase 1 environment 140 "$PY" -m benchmarks.gpu_check "$OUT" "$DEVICE"
 phase 2 correctness 100 tests
-phase 3 speed 180 bench ops train routing
+phase 3 speed 180 bench ops train routing quantized  # quantized last: a time-out keeps the others
 phase 4 rank-sweep 60 bench sweep
 if [ -s "$STAGE/.verdicts" ]; then log "target verdicts:"; tee -a "$OUT/check.log" < "$STAGE/.verdicts"; fi
 log "gpu_check: done, $([ $failed = 0 ] && echo every phase ok || echo 'some phases failed (above)')"

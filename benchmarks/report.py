@@ -22,6 +22,10 @@ COLUMNS = {  # suite: [(header, record key, format)]
     "ops": [("tokens", "tokens", "{:,}"), ("median ms", "median_ms", "{:.3f}"), ("min–max ms", None, None),
             ("tokens/s", "tokens_per_s", "{:,.0f}"), ("GB/s", "bandwidth_gbs", "{:,.1f}"),
             ("MEM", "peak_mb", "{:,.0f}"), ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
+    "quantized": [("trainable", "trainable", "{:,}"), ("weights MB", "weights_mb", "{:,.0f}"),
+                  ("first step s", "first_step_s", "{:.3f}"), ("median s", "median_s", "{:.3f}"),
+                  ("min–max s", None, None), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MEM", "peak_mb", "{:,.0f}"),
+                  ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
     "routing": [("tasks", "tasks", "{}"), ("trainable", "trainable", "{:,}"), ("median ms", "median_ms", "{:.1f}"),
                 ("min–max ms", None, None), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MEM", "peak_mb", "{:,.0f}"),
                 ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
@@ -52,7 +56,7 @@ def _header(result: dict) -> list[str]:
             "(other jobs share this machine)",
             f"- {s['warm']} warm run(s), then {s['reps']} timed runs per configuration, interleaved round-robin; "
             "each configuration in its own process; medians quoted, min–max is the spread",
-            "- memory: " + _MEMORY_NOTE[env["device"]], ""]
+            "- memory: " + _MEMORY_NOTE[env["device"]]] + [f"- {note}" for note in result.get("notes", [])] + [""]
 
 
 def table(result: dict) -> tuple[list[str], list[list[str]]]:

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import ops, rank_sweep, report, routing, targets, train_step
+from . import ops, quantized, rank_sweep, report, routing, targets, train_step
 from .common import copy_bandwidth, environment
 from .worker import measure, probe_kernels
 
-SUITES = {"train": train_step, "ops": ops, "sweep": rank_sweep, "routing": routing}
+SUITES = {"train": train_step, "ops": ops, "sweep": rank_sweep, "routing": routing, "quantized": quantized}
 RESULTS = Path("benchmarks/results")  # under the current directory: the checkout's results when run from its root
 NOMINAL_BANDWIDTH = (  # bytes/s from NVIDIA's data sheets, most specific name first
     ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
@@ -27,8 +27,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def repetitions(device: str, quick: bool) -> tuple[int, int]:
-    """(warm runs, timed runs) per configuration."""
+def repetitions(device: str, quick: bool, module=None) -> tuple[int, int]:
+    """(warm runs, timed runs) per configuration; a suite's REPETITIONS {device: (warm, timed)} overrides the
+    defaults of its full runs."""
+    if not quick and device in getattr(module, "REPETITIONS", {}):
+        return module.REPETITIONS[device]
     if device == "cuda":
         return (2, 5) if quick else (5, 30)
     return (1, 2) if quick else (1, 7)
@@ -58,7 +61,7 @@ def run_suite(suite: str, device: str, *, quick: bool = False, tiny: bool = Fals
     """Measure one suite, write its results files; returns the result (environment, settings, records)."""
     module = SUITES[suite]
     threads = threads or (2 if device == "cpu" else os.cpu_count() or 1)
-    w, n = repetitions(device, quick)
+    w, n = repetitions(device, quick, module)
     warm, reps = w if warm is None else warm, n if reps is None else reps
     why_not = probe_kernels(device)
     env = environment(device, threads, "bfloat16" if device == "cuda" else "float32")
@@ -82,8 +85,10 @@ def run_suite(suite: str, device: str, *, quick: bool = False, tiny: bool = Fals
         _bandwidth(env, device, records, tiny)
     result = {"suite": module.NAME, "environment": env,
               "settings": {"warm": warm, "reps": reps, "quick": quick, "tiny": tiny}, "records": records}
-    if suite == "train":
-        result["checks"] = train_step.work_checks(records)
+    if hasattr(module, "notes"):  # what the suite's table needs said beside it
+        result["notes"] = module.notes(device, tiny, records)
+    if hasattr(module, "work_checks"):  # PEFT and adaptune train the same parameters
+        result["checks"] = module.work_checks(records)
         for c in result["checks"]:
             log(f"trainable parameters: {c['a']} {c['a_trainable']:,} vs {c['b']} {c['b_trainable']:,}: "
                 f"{'equal' if c['equal'] else 'DIFFERENT'}")

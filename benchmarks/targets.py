@@ -19,7 +19,7 @@ SAME = "same"
 @dataclass(frozen=True)
 class Target:
     device: str  # cpu | cuda
-    suite: str  # train_step | ops | rank_sweep | routing
+    suite: str  # train_step | ops | rank_sweep | routing | quantized
     text: str
     a: dict
     b: dict | None
@@ -41,6 +41,19 @@ _ROUTING = tuple(
     Target(device, "routing", "BERT-base shape, T=8 tasks: LoRA inference, adaptune route <= 1.0 x PEFT adapter_names",
            {**_MIXED, "method": "lora", "mode": "fwd"}, {"how": "peft", "tasks": 8}, 1.0)
     for device in ("cpu", "cuda"))
+_NF4_LORA = {"model": "llama-8l", "base": "nf4", "method": "adaptune-lora"}
+_QUANT_MEMORY = {"cpu": "peak_over_base_mb", "cuda": "peak_mb"}  # CPU: the peak RSS over the process's baseline
+_QUANT_STEP = "Llama 8 layers (hidden 2048), LoRA r=16 on q/k/v/o/gate/up/down, step"
+_QUANTIZED = tuple(t for device, memory in _QUANT_MEMORY.items() for t in (
+    Target(device, "quantized", f"{_QUANT_STEP} peak memory: adaptune LoRA on nf4 <= 0.35 x adaptune LoRA on the "
+           f"{'fp32' if device == 'cpu' else 'bf16'} base",
+           _NF4_LORA, {"model": "llama-8l", "base": "float", "method": "adaptune-lora"}, 0.35, metric=memory),
+    Target(device, "quantized", f"{_QUANT_STEP}: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
+           _NF4_LORA, {"model": "llama-8l", "base": "nf4", "method": "peft-lora"}, 1.0),
+    Target(device, "quantized", f"{_QUANT_STEP} peak memory: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
+           _NF4_LORA, {"model": "llama-8l", "base": "nf4", "method": "peft-lora"}, 1.0, metric=memory),
+    Target(device, "quantized", f"{_QUANT_STEP}: adaptune DoRA on nf4 <= 1.1 x adaptune LoRA on nf4",
+           {"model": "llama-8l", "base": "nf4", "method": "adaptune-dora"}, _NF4_LORA, 1.1)))
 _LLAMA = {"model": "llama-1b"}
 _SQUARE = "square linear (4096², CUDA also 8192²) r=16 fwd+bwd"
 TARGETS = _ROUTING + (
@@ -77,7 +90,7 @@ TARGETS = _ROUTING + (
            {**_LLAMA, "method": "adaptune-dora"}, {**_LLAMA, "method": "adaptune-lora", "path": SAME}, 1.10),
     Target("cuda", "train_step", "Llama-1B step peak memory: adaptune DoRA <= 1.05 x PEFT LoRA",
            {**_LLAMA, "method": "adaptune-dora"}, {**_LLAMA, "method": "peft-lora"}, 1.05, metric="peak_mb"),
-)
+) + _QUANTIZED
 
 
 def _matches(record: dict, selector: dict) -> bool:

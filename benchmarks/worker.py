@@ -201,6 +201,8 @@ def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
                 del live[name]
             elif keep:
                 times[name].extend(payload)
+            else:  # the warm steps' times: what the first step costs beyond the others (one-time work)
+                records[name]["warm_s"] = [round(t, 6) for t in payload]
 
     names = list(live)
     step_all(names, warm, keep=False)

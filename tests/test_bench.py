@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from benchmarks import run, targets
+from benchmarks import quantized, run, targets
 
-STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny", "routing-cpu-tiny")
+STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny", "routing-cpu-tiny", "quantized-cpu-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,28 @@ def test_the_rank_sweep_grows_with_r_and_full_trains_everything(out):
     assert records["bert-tiny head-only"]["trainable"] == 128 * 5 + 5  # the new head alone
 
 
+def test_quantized_bases_store_less_and_train_what_peft_trains(out):
+    result = load(out, "quantized-cpu-tiny")
+    records = {(r["base"], r["method"]): r for r in result["records"]}
+    assert set(records) == set(quantized.CASES)
+    stored = {base: records[(base, "adaptune-lora")]["weights_mb"] for base in ("float", "nf4", "int8")}
+    assert stored["nf4"] < stored["int8"] < stored["float"]
+    assert len({records[(base, "adaptune-lora")]["trainable"] for base in stored}) == 1  # the same LoRA on each
+    assert {c["b"].split(" ", 2)[2] for c in result["checks"]} == {"peft-lora", "peft-dora"}
+    assert all(c["equal"] and c["a_trainable"] > 0 for c in result["checks"])
+
+
+def test_quantized_memory_targets_read_the_peak_over_the_process_baseline_on_cpu():
+    def rec(name, base, method, over, median=1.0):
+        return {"name": name, "model": "llama-8l", "base": base, "method": method, "median_s": median,
+                "peak_mb": 9000.0 + over, "peak_over_base_mb": over}
+    records = [rec("f", "float", "adaptune-lora", 1000.0), rec("q", "nf4", "adaptune-lora", 300.0),
+               rec("p", "nf4", "peft-lora", 400.0), rec("d", "nf4", "adaptune-dora", 300.0, median=1.2)]
+    rows = [r for r in targets.check({"quantized": {"records": records}}, "cpu") if r["suite"] == "quantized"]
+    assert [(r["value"], r["verdict"]) for r in rows] == [(pytest.approx(0.3), "PASS"), (1.0, "PASS"),
+                                                          (pytest.approx(0.75), "PASS"), (1.2, "FAIL")]
+
+
 def test_targets_file_lists_every_cpu_target(out):
     checked = load(out, "targets-cpu-tiny")["targets"]
     assert {r["target"] for r in checked} == {t.text for t in targets.TARGETS if t.device == "cpu"}
@@ -104,7 +126,7 @@ def test_bench_command_rejects_an_unknown_suite(tmp_path):
 
     from adaptune.cli.app import app
     result = CliRunner().invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "train, ops, sweep, routing or all" in result.output
+    assert result.exit_code == 2 and "train, ops, sweep, routing, quantized or all" in result.output
     assert not any(tmp_path.iterdir())
 
 
