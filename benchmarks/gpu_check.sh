@@ -9,7 +9,8 @@
 # must have torch, transformers, peft, pytest, hypothesis and ninja. Phases, with their time budgets (seconds):
 #   1 environment  (140)  GPU, versions, the extension built for the device    environment.json, build.log
 #   2 correctness  (100)  the kernel tests (ADAPTUNE_KERNELS=require; fp32,     tests.log, tests.xml
-#                         fp16, bf16) and the routing, half-precision and DoRA model tests on it
+#                         fp16, bf16) and the routing, half-precision, DoRA and quantized-base model
+#                         tests on it (the last skipped where bitsandbytes is not installed)
 #   3 speed        (180)  ops (4096², 8192²), a Llama-1.1B training step,       results.tar (<suite>-<device>.json
 #                         mixed-task batches and LoRA / DoRA on nf4 / int8       and .md, targets-<device>.*)
 #                         bases beside PEFT; target verdicts
@@ -87,7 +88,7 @@ tests() {
   if [ $rehearse = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
   ADAPTUNE_KERNELS=require ADAPTUNE_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
     "${SELECT[@]}" --junitxml="$OUT/tests.xml" tests/test_kernels.py tests/test_kernels_routed.py tests/test_kernels_half.py \
-    tests/test_routing.py tests/test_half_precision.py tests/test_dora.py > "$OUT/tests.log" 2>&1
+    tests/test_routing.py tests/test_half_precision.py tests/test_dora.py tests/test_quantized.py > "$OUT/tests.log" 2>&1
   local rc=$?
   tail -n 1 "$OUT/tests.log"
   return $rc

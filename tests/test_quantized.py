@@ -11,6 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.on_device  # on $ADAPTUNE_TEST_DEVICE when set (conftest.py): bitsandbytes' CUDA kernels
 
 from helpers import VOCAB, bound, tiny_llama  # noqa: E402
 
