@@ -43,6 +43,8 @@ def scheme(module: nn.Module) -> str | None:
     """The supported quantization of `module` in words ("bitsandbytes nf4", "bitsandbytes int8", "torchao
     Int8Tensor"); None when it is not a supported quantized layer."""
     weight = getattr(module, "weight", None)
+    if weight is None or type(weight) in (nn.Parameter, Tensor):  # a float layer: the quantizers' weights are
+        return None  # subclasses (and torch.compile traces this line, not a walk over classes)
     names = _names(module)
     if "bitsandbytes.nn.modules.Linear4bit" in names and getattr(weight, "quant_state", None) is not None:
         return f"bitsandbytes {weight.quant_state.quant_type}"

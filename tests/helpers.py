@@ -4,6 +4,7 @@ import inspect
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
+from transformers import TrainerCallback
 
 VOCAB = 96
 
@@ -37,6 +38,23 @@ def bound(adaptation, site: str, layer: int | None = None, group: str | None = N
     """The component modules of `group` (None: the shared set) bound at `site` ("attn.q", "ffn", "embed", a
     module path: as the point names it) in `layer` (None: embeddings and module paths), in binding order."""
     return [b.module for b in adaptation.bindings([group]) if b.point.site == site and b.point.layer == layer]
+
+
+class StopAt(TrainerCallback):
+    """Interrupt a Trainer's training after step `step` (after its checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def weights(model) -> dict:
+    """The adaptation's state of `model`, cloned."""
+    return {k: v.detach().clone() for k, v in model.adaptune.state_dict().items()}
 
 
 def with_cache(model, cache) -> dict:

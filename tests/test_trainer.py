@@ -1,8 +1,8 @@
 """AdapterTrainer: adapter-only checkpoints with transformers.Trainer; a resumed run ends bit-exact."""
 import pytest
 import torch
-from helpers import VOCAB, tiny_gpt2
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from helpers import VOCAB, StopAt, tiny_gpt2, weights
+from transformers import Trainer, TrainingArguments
 
 from adaptune import ConfigError, LoRA, LoadError, WriteError, attach, load
 from adaptune.trainer import ADAPTERS_FILE, AdapterCheckpoints, AdapterTrainer
@@ -28,22 +28,6 @@ def args(out, **kw) -> TrainingArguments:
     return TrainingArguments(str(out), max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=4,
                              learning_rate=1e-2, warmup_steps=2, seed=0, use_cpu=True, report_to=[],
                              disable_tqdm=True, dataloader_num_workers=0, logging_strategy="no", **kw)
-
-
-class StopAt(TrainerCallback):
-    """Interrupt training after step `step` (after its checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
-def weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.adaptune.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 DPO's reference is the base (BaseReference: the policy with its components disabled)."""
 import pytest
 import torch
-from helpers import tiny_gpt2, tiny_llama
+from helpers import StopAt, tiny_gpt2, tiny_llama, weights
 
 pytest.importorskip("trl")  # trl needs Python >= 3.11 (setup.py's test extra installs it there)
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from adaptune import ConfigError, LoRA, attach  # noqa: E402
@@ -74,22 +74,6 @@ def dpo(model, out, ref=None, **kw) -> DPO:
     args = DPOConfig(str(out), per_device_train_batch_size=2, **COMMON)
     ref = BaseReference(model) if ref is None else ref
     return DPO(model, ref, args, train_dataset=preferences(), processing_class=tokenizer(), **kw)
-
-
-class StopAt(TrainerCallback):
-    """Interrupt training after step `step` (after its checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
-def weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.adaptune.state_dict().items()}
 
 
 def run(make, root) -> dict:
