@@ -9,13 +9,15 @@ output projection the remaining attention Linear by name (`o_proj`, `out_proj`, 
 module in a block is cross-attention (the one named like `encoder_attn`, `EncDecAttention`,
 `crossattention`, else the later one). The feed-forward Linears are those outside every attention
 (`up_proj` / `fc1` / `wi` ..., `down_proj` / `fc2` / `wo` ..., `gate_proj` / `wi_0`), else the first
-and last of them.
+and last of them. A mixture of experts is the module holding 3-D `gate_up_proj` and `down_proj` parameters
+of one number of experts (transformers' fused experts); then the feed-forward has no Linear up / down
+(a shared expert's Linears beside the experts are reached by path).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from .points import is_linear
 
@@ -36,6 +38,7 @@ class Arch:
     qkv: str | None = None  # q, k, v are one fused projection laid out otherwise: bound whole
     gate: str | None = None  # the gate projection of a gated feed-forward
     cross: "Arch | None" = None  # cross-attention (q, k, v, o, attention; qkv if fused) of a decoder block
+    experts: str | None = None  # the module holding a mixture of experts' fused weights (found by structure)
 
 
 _BERT = Arch("bert", "encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
@@ -110,7 +113,8 @@ def discover(model: nn.Module) -> tuple[list[tuple[str | None, Arch]], str]:
                    f"name modules by path"
     out = []
     for name, path in zip(names, found):
-        arch, why = _block(path, model.get_submodule(path)[0])
+        blocks = model.get_submodule(path)
+        arch, why = _block(path, blocks[0], experts_path(blocks))
         if arch is None:
             return [], why if name is None else f"its {name}: {why}"
         out.append((name, arch))
@@ -136,7 +140,56 @@ def _attention(linears: list[str], anchor: str, fused: bool, others: list[str]) 
     return Arch("", "", q or qkv, k, v, o, None, None, module, qkv=qkv), container, ""
 
 
-def _block(path: str, first: nn.Module) -> tuple[Arch | None, str]:
+def is_experts(module: nn.Module) -> bool:
+    """Whether `module` holds a mixture of experts' fused weights: 3-D `gate_up_proj` and `down_proj` parameters
+    with one number of experts."""
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    return (isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == 3 and down.dim() == 3
+            and gate_up.shape[0] == down.shape[0])
+
+
+def experts_path(blocks: nn.ModuleList) -> str | None:
+    """The path inside a layer of its experts module, from the first layer that has one (some models mix dense
+    and sparse layers)."""
+    for block in blocks:
+        found = next((n for n, m in block.named_modules() if n and is_experts(m)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def experts_layout(module: nn.Module) -> str | None:
+    """None when the experts compute transformers' Mixtral layout, which expert LoRA supports: gate_up_proj
+    (E, 2I, H) with gate then up concatenated, down_proj (E, H, I), no biases, act_fn(gate) · up; else why not."""
+    name = type(module).__name__
+    gate_up, down = module.gate_up_proj, module.down_proj
+    biases = sorted(n for n, _ in module.named_parameters(recurse=False) if "bias" in n)
+    flags = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
+             "has_post_expert_norm": False}
+    odd = [f"{flag}={getattr(module, flag)!r}" for flag, want in flags.items()
+           if getattr(module, flag, want) != want]
+    if getattr(module, "_is_expert_parallel", False):
+        odd.append("expert parallel")
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
+        odd.append("its own _apply_gate (not act_fn(gate) · up)")
+    if not callable(getattr(module, "act_fn", None)):
+        odd.append("no act_fn")
+    E, two_i, h = gate_up.shape
+    if tuple(down.shape) != (E, h, two_i // 2) or two_i % 2:
+        odd.append(f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not (E, 2I, H) and "
+                   f"(E, H, I)")
+    if biases:
+        odd.append(f"biases ({', '.join(biases)})")
+    if not odd:
+        return None
+    return (f"{name} stores its experts in a layout expert LoRA does not support: {'; '.join(odd)} (supported: "
+            f"transformers' Mixtral layout, gate_up_proj (E, 2I, H) as [gate; up], down_proj (E, H, I), no biases, "
+            f"act_fn(gate) · up, as Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE have)")
+
+
+def _block(path: str, first: nn.Module, experts: str | None = None) -> tuple[Arch | None, str]:
     linears = [n for n, m in first.named_modules() if is_linear(m)]
     last = {n: n.rsplit(".", 1)[-1] for n in linears}
     fused = not any(last[n] in _Q for n in linears)
@@ -162,6 +215,8 @@ def _block(path: str, first: nn.Module) -> tuple[Arch | None, str]:
     up, down = _named(rest, _UP), _named(rest, _DOWN)
     if (up is None or down is None or up == down) and len(rest) >= 2:
         up, down = rest[0], rest[-1]
+    if experts is not None:  # a mixture of experts: its Linears (a shared expert) are not the feed-forward
+        up = down = gate = None
     a = found[0]
     return Arch("found:" + type(first).__name__, path, a.q, a.k, a.v, a.o, up, down, a.attention, qkv=a.qkv,
-                gate=gate, cross=found[1] if len(found) > 1 else None), ""
+                gate=gate, cross=found[1] if len(found) > 1 else None, experts=experts), ""

@@ -56,7 +56,7 @@ from .components.trainable import Trainable
 from .errors import AdaptuneError, WriteError
 from .files import atomic_write_dir
 from .hooks import Binding
-from .points import MODULE, PROJECTION, Conv1D, is_table, linear_weight
+from .points import EXPERTS, MODULE, PROJECTION, Conv1D, is_table, linear_weight
 from .quantized import row_norm_sq
 from .save_format import agree, full, gathered, is_sharded, on_rank0
 
@@ -142,6 +142,12 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
     task = adaptation.task if task is None else task
     groups = (None,) if task is None else (None, task)
     bindings = adaptation.bindings(groups, kind=PROJECTION)  # TaskError for an unknown task
+    experts = sorted({b.point.site for b in adaptation.bindings(groups, kind=EXPERTS)})
+    if experts and not skip_unsupported:
+        raise AdaptuneError(f"LoRA on a mixture of experts ({', '.join(experts)}) does not export to PEFT's format "
+                            f"yet: PEFT adapts fused expert weights through LoraConfig(target_parameters=[...]) "
+                            f"(ParamWrapper), which adaptune does not write; pass skip_unsupported=True to export "
+                            f"the other components alone")
     _check_unwrapped(adaptation.model)
     if adaptation.merged:
         raise AdaptuneError("cannot export while updates are merged into the base weights; call unmerge() first")

@@ -11,6 +11,9 @@ A point's `kind` is the role of the components that bind there:
     ATTENTION   the keys, values and mask of an attention module (Prefix, PSA, AtM, Bidirectional):
                 `module` calls transformers' attention interface with `n_kv_heads` heads of `head_dim`
     EMBED       the input embeddings (prompt tuning): `module` is the embedding, `model` runs it
+    EXPERTS     one fused weight of a mixture of experts (LoRA per expert): `module` holds gate_up_proj
+                (E, 2I, H) and down_proj (E, H, I), `part` names which ("gate_up" or "down"), `experts` is E;
+                dim_in / dim_out are one expert's (H, 2I for gate_up; I, H for down)
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ SUBLAYER = "sublayer"
 ATTENTION = "attention"
 EMBED = "embed"
 MODULE = "module"  # a whole module, by its path: `module` is it (a trained copy replaces it)
-KINDS = (PROJECTION, SUBLAYER, ATTENTION, EMBED, MODULE)
+EXPERTS = "experts"
+KINDS = (PROJECTION, SUBLAYER, ATTENTION, EMBED, MODULE, EXPERTS)
+EXPERT_PARTS = ("gate_up", "down")  # the fused expert weights: `<part>_proj` of the experts module
 
 # a sublayer's position (hypernetwork adapters embed it)
 ATTENTION_SUBLAYER, FFN_SUBLAYER, RAW_SUBLAYER, CROSS_SUBLAYER = 0, 1, 2, 3
@@ -60,6 +65,8 @@ class Point:
     head_dim: int | None = None  # ATTENTION
     model: nn.Module | None = None  # EMBED
     depth: int | None = None  # the layer's index among all layers of the model (encoder first); None with layer
+    part: str | None = None  # EXPERTS: "gate_up" or "down"
+    experts: int | None = None  # EXPERTS: the number of experts E
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,12 +115,17 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return inp, out
 
 
+def expert_weight(point: Point) -> Tensor:
+    """The fused 3-D weight of an EXPERTS point: (E, 2I, H) gate_up_proj or (E, H, I) down_proj."""
+    return getattr(point.module, f"{point.part}_proj")
+
+
 # ---- quantized layers: the supported ones by what they are (quantized.py), any other by names, dtypes and shapes ----
 
 QUANTIZERS = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "hqq", "optimum.quanto",
               "torch.ao.nn.quantized", "torch.nn.quantized")  # the packages of quantized layers and tensors
 QUANTIZED_NAMES = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4", "Params4bit", "Int8Params")
-READS_WEIGHT = (PROJECTION, MODULE, EMBED)  # kinds whose components read or train the base weight
+READS_WEIGHT = (PROJECTION, MODULE, EMBED, EXPERTS)  # kinds whose components read or train the base weight
 
 
 def _quantized_class(cls: type) -> str | None:

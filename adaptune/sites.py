@@ -14,21 +14,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .archs import ARCHS, Arch, discover
+from .archs import ARCHS, Arch, discover, experts_layout, is_experts
 from .errors import BindError, SiteError
-from .points import (ATTENTION, ATTENTION_SUBLAYER, CROSS_SUBLAYER, EMBED, FFN_SUBLAYER, MODULE, PROJECTION,
-                     RAW_SUBLAYER, SUBLAYER, Point, is_linear, linear_dims)
+from .points import (ATTENTION, ATTENTION_SUBLAYER, CROSS_SUBLAYER, EMBED, EXPERT_PARTS, EXPERTS, FFN_SUBLAYER,
+                     MODULE, PROJECTION, RAW_SUBLAYER, SUBLAYER, Point, is_linear, linear_dims)
 
 SITES = ("embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down", "ffn.gate",
+         "ffn.experts", "ffn.experts.gate_up", "ffn.experts.down",
          "cross_attn", "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")
 STACKS = ("encoder", "decoder")
 
 
 _SELECTOR = re.compile(r"^(?:(?P<tower>encoder|decoder)\.)?(?:layers\.(?P<range>[^.]+)\.)?"
-                       r"(?P<site>[a-z_]+(?:\.[a-z]+)?)$")
+                       r"(?P<site>[a-z_]+(?:\.[a-z_]+){0,2})$")
 _KIND_SITES = {
-    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, cross_attn[.q|k|v|o], embed, or "
-                "a Linear/Conv1D/Embedding module path",
+    PROJECTION: "attn (q, k, v), attn.q|k|v|o, ffn (up, down), ffn.up|down|gate, ffn.experts[.gate_up|down] (LoRA), "
+                "cross_attn[.q|k|v|o], embed, or a Linear/Conv1D/Embedding module path",
     SUBLAYER: "attn, ffn, cross_attn, or a Linear/Conv1D module path",
     ATTENTION: "attn, cross_attn, or an attention module path",
     EMBED: "embed, or an nn.Embedding path",
@@ -41,6 +42,18 @@ def _require_linear(module: nn.Module, path: str, what: str) -> None:
                    "on it, or attach to the base model)" if hasattr(module, "base_layer") else "")
         raise BindError(f"{what} cannot bind to {path!r}: it is a {type(module).__name__}, not a Linear or "
                         f"Conv1D layer{wrapped}")
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + ".")
+
+
+def _has(block: nn.Module, path: str) -> bool:
+    """Whether `block` holds an experts module at `path` (a dense layer of a mixed model does not)."""
+    try:
+        return is_experts(block.get_submodule(path))
+    except AttributeError:
+        return False
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,6 +184,11 @@ class SiteMap:
         base, _, part = site.partition(".")
         attention = a.cross if base == "cross_attn" else a
         depth = tower.offset + i
+        if base == "ffn" and part.startswith("experts"):
+            if kind != PROJECTION:
+                raise BindError(f"{what} cannot bind to {site!r}: a mixture of experts' weights take LoRA; "
+                                f"{what} binds to {_KIND_SITES[kind]}")
+            return self._experts(tower, i, part, what)
         if kind == PROJECTION:
             if part:
                 names = [part]
@@ -191,10 +209,49 @@ class SiteMap:
         raise BindError(f"{what} cannot bind to {site!r}; it binds to {_KIND_SITES[kind]}")
 
     def _no_ffn(self, tower: Tower, what: str) -> None:
+        path = tower.arch.experts
+        if path is not None:
+            layer = next((b for b in tower.layers if _has(b, path)), tower.layers[0])
+            module = layer.get_submodule(path)
+            holder = path.rpartition(".")[0]
+            beside = [f"{holder}.{n}" if holder else n for n, m in
+                      (layer.get_submodule(holder) if holder else layer).named_modules()
+                      if is_linear(m) and not _within(n, path.rpartition(".")[2])]
+            shared = (f"; its other Linears ({', '.join(beside[:4])}, in every layer) are reached by path, e.g. "
+                      f"'{tower.arch.layers}.*.{beside[0]}'" if beside else "")
+            why = experts_layout(module)
+            use = ("bind LoRA to 'ffn.experts' (each expert's gate_up_proj and down_proj) or to "
+                   "'ffn.experts.gate_up' / 'ffn.experts.down'" if why is None else why)
+            raise BindError(f"{what}: this model's feed-forward is a mixture of experts ({type(module).__name__} at "
+                            f"{tower.site('layers')}.N.{path}) with no Linear up/down projections; {use}{shared}")
         experts = [type(m).__name__ for m in tower.layers[0].modules() if "expert" in type(m).__name__.lower()]
         kind = f" (a mixture of experts: {experts[0]})" if experts else ""
         raise BindError(f"{what}: this model's feed-forward has no Linear up/down projections{kind}; "
                         f"bind to attention sites, or name modules by path")
+
+    def _experts(self, tower: Tower, i: int, part: str, what: str) -> list[Point]:
+        """The EXPERTS points of layer i: 'experts' -> gate_up and down; 'experts.gate_up' / 'experts.down' -> one."""
+        path = tower.arch.experts
+        site = f"ffn.{part}"
+        if path is None:
+            raise BindError(f"{what} cannot bind to {site!r}: this model's feed-forward is not a mixture of experts "
+                            f"(no module with 3-D gate_up_proj and down_proj weights); its sites: ffn, ffn.up, "
+                            f"ffn.down" + (", ffn.gate" if tower.arch.gate else ""))
+        where = f"{tower.site('layers')}.{i}.{path}"
+        if not _has(tower.layers[i], path):
+            sparse = [j for j, b in enumerate(tower.layers) if _has(b, path)]
+            raise BindError(f"{what} cannot bind to {site!r} in layer {i}: that layer's feed-forward is dense (no "
+                            f"{path}); its mixture-of-experts layers are {', '.join(map(str, sparse))}: select them, "
+                            f"e.g. 'layers.{sparse[0]}.{site}'")
+        module = tower.layers[i].get_submodule(path)
+        why = experts_layout(module)
+        if why is not None:
+            raise BindError(f"{what} cannot bind to {site!r} ({where}): {why}")
+        n, two_i, h = module.gate_up_proj.shape
+        dims = {"gate_up": (h, two_i), "down": (two_i // 2, h)}
+        names = list(EXPERT_PARTS) if part == "experts" else [part.partition(".")[2]]
+        return [Point(EXPERTS, tower.key(i, f"ffn.experts.{name}"), tower.site(f"ffn.experts.{name}"), i, module,
+                      *dims[name], depth=tower.offset + i, part=name, experts=n) for name in names]
 
     def _projection(self, tower: Tower, i: int, base: str, name: str, what: str = "a component") -> Point:
         a = tower.arch
@@ -208,7 +265,7 @@ class SiteMap:
             paths = {"up": a.up, "down": a.down, "gate": a.gate}
         path = paths[name]
         if path is None:
-            if name == "gate":
+            if name == "gate" and a.experts is None:
                 raise BindError(f"{what}: this model's feed-forward has no gate projection; "
                                 f"its sites: ffn.up, ffn.down")
             self._no_ffn(tower, what)
@@ -310,6 +367,7 @@ class SiteMap:
                 modules = {id(p.module): p.module for points in per_layer for p in points}
                 paths = [names[id(m)] for m in modules.values()]
                 shown = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
-                count = sum(p.dim_out * (p.dim_in + (p.module.bias is not None)) for p in per_layer[0])
+                count = sum(p.dim_out * p.dim_in * p.experts if p.kind == EXPERTS else
+                            p.dim_out * (p.dim_in + (p.module.bias is not None)) for p in per_layer[0])
                 rows.append((tower.site(site), shown, len(tower.layers), count))
         return rows

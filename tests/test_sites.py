@@ -28,7 +28,7 @@ def projections(model, selector):
 
 def test_sites_are_the_documented_names():
     assert set(SITES) == {"embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "ffn", "ffn.up", "ffn.down", "ffn.gate",
-                          "cross_attn", "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o"}
+                          "ffn.experts", "ffn.experts.gate_up", "ffn.experts.down", "cross_attn", "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o"}
 
 
 @pytest.mark.parametrize("selector, layers, names", [

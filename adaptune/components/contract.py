@@ -13,6 +13,7 @@ a forward needs to know (the running task, a route, a latent) arrives as a `Cont
 | attention  | AttentionModule      | PrefixModule, LatentKV, BidirectionalModule | hooks/attention.py           |
 | embed      | PromptSource         | PromptModule                    | hooks/embed.py                           |
 | module     | (the module's own call) | ModuleCopy (Trainable)       | hooks/module.py                          |
+| experts    | ExpertsUpdate        | ExpertsLoRAModule               | hooks/experts.py                         |
 
 Class attributes (`bias_only`, `rescales_rows`, `parallel`, `routed`, `bidirectional`) are declared by every
 module of the kind, so a hook reads them directly: no probing with hasattr.
@@ -20,7 +21,7 @@ module of the kind, so a hook reads them directly: no probing with hasattr.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +79,18 @@ class LowRankUpdate(Protocol):
     def routed_linear(modules: Sequence["LowRankUpdate"], x: Tensor, weight: Tensor, bias: Tensor | None,
                       index: Tensor) -> Tensor:
         """Each sample n of x through modules[index[n]] (-1: the base alone), batched."""
+
+
+@runtime_checkable
+class ExpertsUpdate(Protocol):
+    """A low-rank update of every expert's fused weight W_e (E, out, in): LoRA on a mixture of experts."""
+    scale: float
+
+    def delta(self, x: Tensor, expert: int) -> Tensor:
+        """What the update adds to expert `expert`'s x·W_eᵀ for its rows x (T, in): (T, out)."""
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """The weight (E, out, in) with every expert's update folded in (float32 at least): what merge() writes."""
 
 
 class BiasShift(Protocol):

@@ -13,12 +13,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError, ConfigError
-from ..points import Point, is_table, linear_weight
+from ..points import EXPERTS, Point, is_table, linear_weight
 from ..quantized import QuantizedWeight, row_norm_sq
 from .lora import LoRA, LoRAModule
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DoRA(LoRA):
     detach_norm: bool = True
 
@@ -29,6 +29,10 @@ class DoRA(LoRA):
                               f"‖W_i‖, which PiSSA / OLoRA's residual would change; use LoRA(init={self.init!r})")
 
     def bind(self, point: Point, shared=None) -> "DoRAModule":
+        if point.kind == EXPERTS:
+            raise BindError(f"{self!r} cannot bind to {point.site!r}: DoRA on a mixture of experts' fused weights is "
+                            f"not supported (it would rescale every expert's rows); use LoRA on ffn.experts, or DoRA "
+                            f"on attention sites")
         if is_table(point.module):
             raise BindError(f"{self!r} cannot bind to {point.site!r}: DoRA rescales the rows of a Linear / Conv1D "
                             f"weight, not an embedding table; use LoRA on embeddings, DoRA on attn (q, k, v), "

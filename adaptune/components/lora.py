@@ -14,9 +14,15 @@ On an embedding table E (num, dim) ('embed' or an nn.Embedding path), as PEFT's 
 y = E[ids] + s·Aᵀ[ids]·Bᵀ with A (r, num) zeros and B (dim, r) normal at first (the identity), the
 lookup of Aᵀ taking the table's padding_idx / max_norm options, times its `embed_scale` if it has one.
 Dropout (on ids) and PiSSA / OLoRA do not apply there; merging adds s·(B·A)ᵀ to E.
+
+On a mixture of experts ('ffn.experts', 'ffn.experts.gate_up|down': fused (E, out, in) weights W_e), a factor
+pair per expert: A (E, r, in), B (E, out, r), B = 0 at first, expert e computing x·W_eᵀ + s·(drop(x)·A_eᵀ)·B_eᵀ
+on the tokens routed to it; experts="one" gives every expert one pair A (r, in), B (out, r). Merging adds
+s·B_e·A_e to each W_e.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,22 +32,35 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import BindError, ConfigError
-from ..points import PROJECTION, Point, is_table, linear_weight
+from ..points import EXPERTS, PROJECTION, Point, is_table, linear_weight
 from ..quantized import QuantizedWeight
 from .base import Component, check_choice, check_dropout, check_positive
 
 INITS = ("default", "pissa", "olora")  # data-free initialisations; PEFT's init_lora_weights True, "pissa", "olora"
+EXPERT_FACTORS = ("each", "one")  # on a mixture of experts: a factor pair per expert, or one for all of them
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LoRA(Component):
     r: int = 8
     alpha: float | None = None  # None: alpha = r (alpha = √r with rslora), so s = 1
     dropout: float = 0.0
     rslora: bool = False  # s = alpha / √r instead of alpha / r
     init: str = "default"  # "default" (A Kaiming-uniform, B = 0), "pissa" or "olora"
+    experts: str = "each"  # on ffn.experts: "each" expert its own factors, or "one" pair for all experts
 
     kind = PROJECTION
+
+    def __repr__(self) -> str:  # `experts` shown only when set: it matters on experts sites alone
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name != "experts" or self.experts != "each"]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if data.get("experts") == "each":
+            del data["experts"]  # as written before the option existed
+        return data
 
     def __post_init__(self) -> None:
         check_positive("r", self.r)
@@ -51,6 +70,7 @@ class LoRA(Component):
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"rslora must be True or False, got {self.rslora!r}")
         check_choice("init", self.init, INITS)
+        check_choice("experts", self.experts, EXPERT_FACTORS)
 
     @property
     def scale(self) -> float:
@@ -58,7 +78,9 @@ class LoRA(Component):
             return 1.0
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
-    def bind(self, point: Point, shared=None) -> "LoRAModule":
+    def bind(self, point: Point, shared=None) -> "LoRAModule | ExpertsLoRAModule":
+        if point.kind == EXPERTS:
+            return ExpertsLoRAModule(self, point)
         return LoRAModule(self, point)
 
 
@@ -153,6 +175,43 @@ class LoRAModule(nn.Module):
         y_lora = _routed(modules, x, weight, bias, index.masked_fill(on, -1), dora=False)
         y_dora = _routed(modules, x, weight, bias, index.masked_fill(~on, -1), dora=True)
         return torch.where(on.view(-1, *[1] * (x.dim() - 1)), y_dora, y_lora)
+
+
+class ExpertsLoRAModule(nn.Module):
+    """The low-rank factors of one fused expert weight (E, out, in): A (E, r, in) and B (E, out, r), or one pair
+    A (r, in), B (out, r) for every expert (experts="one"). An ExpertsUpdate (components/contract.py)."""
+
+    def __init__(self, component: LoRA, point: Point) -> None:
+        super().__init__()
+        r, d_in, d_out, n = component.r, point.dim_in, point.dim_out, point.experts
+        what = f"{component!r} at {point.where()}"
+        if r > min(d_in, d_out):
+            raise BindError(f"{what}: r={r} is larger than one expert's {point.part}_proj ({d_out}×{d_in}); r must "
+                            f"be in 1..{min(d_in, d_out)}")
+        if component.init != "default":
+            raise BindError(f"{what}: init={component.init!r} is not supported on a mixture of experts' weights; "
+                            f"use init='default' there")
+        self.scale, self.dropout = component.scale, component.dropout
+        self.each = component.experts == "each"
+        lead = (n,) if self.each else ()
+        self.A = nn.Parameter(torch.empty(*lead, r, d_in))  # (E, r, in) or (r, in)
+        self.B = nn.Parameter(torch.zeros(*lead, d_out, r))  # (E, out, r) or (out, r)
+        for a in (self.A if self.each else [self.A]):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # per expert: fan-in `in`, as a LoRA's A
+
+    def factors(self, expert: int) -> tuple[Tensor, Tensor]:
+        """(A_e (r, in), B_e (out, r)) of expert `expert`."""
+        return (self.A[expert], self.B[expert]) if self.each else (self.A, self.B)
+
+    def delta(self, x: Tensor, expert: int) -> Tensor:
+        """s·(drop(x)·A_eᵀ)·B_eᵀ for the rows x (T, in) routed to `expert`: (T, out), in x's dtype."""
+        A, B = self.factors(expert)
+        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return (F.linear(F.linear(h.to(A.dtype), A), B) * self.scale).to(x.dtype)
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """W_e + s·B_e·A_e for every expert of weight (E, out, in), in float32 at least; used only by merge()."""
+        return weight.float() + self.scale * (self.B.float() @ self.A.float())
 
 
 def _routed(modules: list[LoRAModule], x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,

@@ -1,6 +1,7 @@
 """Hooks route a model's forward through the components bound to it, one hook per model place."""
-from ..points import ATTENTION, EMBED, MODULE, PROJECTION, SUBLAYER, Point, is_table
+from ..points import ATTENTION, EMBED, EXPERTS, MODULE, PROJECTION, SUBLAYER, Point, is_table
 from .base import Binding, Hook
+from .experts import ExpertsHook
 from .lookup import LookupHook
 from .module import ModuleHook
 from .projection import ProjectionHook
@@ -18,7 +19,7 @@ def hook_class(point: Point) -> type[Hook]:
     if kind == EMBED:
         from .embed import PromptHook
         return PromptHook
-    return {PROJECTION: ProjectionHook, SUBLAYER: SublayerHook, MODULE: ModuleHook}[kind]
+    return {PROJECTION: ProjectionHook, SUBLAYER: SublayerHook, MODULE: ModuleHook, EXPERTS: ExpertsHook}[kind]
 
 
-__all__ = ["Binding", "Hook", "LookupHook", "ModuleHook", "ProjectionHook", "hook_class"]
+__all__ = ["Binding", "ExpertsHook", "Hook", "LookupHook", "ModuleHook", "ProjectionHook", "hook_class"]
