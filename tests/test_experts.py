@@ -337,3 +337,22 @@ def test_export_peft_refuses_expert_lora_naming_target_parameters(tmp_path):
     with pytest.raises(AdaptuneError, match="target_parameters"):
         export_peft(model, tmp_path / "out")
     export_peft(model, tmp_path / "out", skip_unsupported=True)  # the attention LoRA alone
+
+
+def test_a_model_mixing_dense_and_sparse_layers_names_its_sparse_ones():
+    torch.manual_seed(0)
+    model = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                                   shared_expert_intermediate_size=40, mlp_only_layers=[0],
+                                                   **COMMON)).eval()
+    with pytest.raises(BindError, match=r"layer 0: that layer's feed-forward is dense.*layers are 1"):
+        attach(model, {"ffn.experts": LoRA(4)})
+    a = attach(model, {"layers.1.ffn.experts": LoRA(4)})
+    assert {b.point.layer for b in a.bindings()} == {1}
+
+
+def test_merged_float_refuses_expert_lora():
+    from adaptune import MergeError, merged_float
+    model = build("mixtral")
+    attach(model, {"ffn.experts": LoRA(4)})
+    with pytest.raises(MergeError, match="ExpertsLoRAModule cannot be folded"):
+        merged_float(model)
