@@ -51,7 +51,7 @@ from .components.base import Stack
 from .components.dora import DoRA, DoRAModule
 from .components.lora import LoRA
 from .errors import ConfigError, MergeError, TaskError
-from .points import Conv1D, is_table, linear_weight
+from .points import EXPERTS, Conv1D, is_table, linear_weight
 from .quantized import row_norm_sq
 
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
@@ -223,6 +223,9 @@ def _slots(adaptation: Adaptation, names: list[str]) -> dict:
     for name in names:
         layout: dict = {}
         for b in adaptation.bindings([name]):
+            if b.point.kind == EXPERTS:
+                raise ConfigError(f"combine() does not combine expert LoRA yet (task {name!r} at {b.point.where()}); "
+                                  f"it combines LoRA, DoRA and Adapter on projections and sublayers")
             layout.setdefault(b.point.key, (b.point, []))[1].append(b.module)
         layouts.append(layout)
     first = layouts[0]

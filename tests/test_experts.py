@@ -356,3 +356,12 @@ def test_merged_float_refuses_expert_lora():
     attach(model, {"ffn.experts": LoRA(4)})
     with pytest.raises(MergeError, match="ExpertsLoRAModule cannot be folded"):
         merged_float(model)
+
+
+def test_combine_refuses_expert_lora_clearly():
+    from adaptune import ConfigError, combine
+    model = build("mixtral")
+    adaptation = attach(model, tasks={"a": {"ffn.experts": LoRA(2)}, "b": {"ffn.experts": LoRA(2)}})
+    with pytest.raises(ConfigError, match="combine\\(\\) does not combine expert LoRA yet"):
+        combine(adaptation, {"a": 0.5, "b": 0.5}, into="soup")
+    assert adaptation.task_names == ["a", "b"]
