@@ -7,7 +7,7 @@ shape of their storage:
 |--------------|------------------------------------------|----------------------------------------------------|
 | bitsandbytes | Linear4bit (Params4bit)                  | nf4, fp4; double quantisation; any compute dtype   |
 | bitsandbytes | Linear8bitLt (Int8Params), inference     | LLM.int8(): int8 rows with absmax scales            |
-| torchao      | nn.Linear with a TorchAOBaseTensor weight | weight-only int8 / int4 (quantize_ with its configs) |
+| torchao      | nn.Linear with a TorchAOBaseTensor weight | weight-only (Int8WeightOnlyConfig tested; int4: GPU layouts) |
 
 Any other quantized layer (GPTQ, AWQ, HQQ, FP8, ...) is refused with a BindError (points.check_quantized).
 merge() requantizes bitsandbytes weights; a torchao weight's requantization is its config's, which the layer
