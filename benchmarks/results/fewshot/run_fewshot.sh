@@ -34,6 +34,7 @@ for ds in "${DATASETS[@]}"; do  # the rows the lecture asks for, dataset by data
   tapt "$ds"
   run "$ds-prompt-lora-tapt" --dataset "$ds" --mode prompt "${TRAIN[@]}" --init-from "$OUT/tapt-$ds"
   run "$ds-prompt-lora-sd1" --dataset "$ds" --mode prompt "${TRAIN[@]}" --self-distill 1
+  run "$ds-prompt-lora-nf4" --dataset "$ds" --mode prompt "${TRAIN[@]}" --quantize nf4  # the base in 4 bits
 done
 for ds in "${DATASETS[@]}"; do  # the head's recipes
   run "$ds-head-lora-sd1" --dataset "$ds" --mode head "${TRAIN[@]}" --self-distill 1
