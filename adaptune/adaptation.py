@@ -117,6 +117,7 @@ class Adaptation(nn.Module):
         model = self.model
         if "adaptune" in model._modules or hasattr(model, "adaptune"):
             raise ConfigError("this model already has an adaptation attached; detach it first")
+        self._check_unsharded("attach")
         own = {id(p) for p in self.parameters()}
         self._frozen = _Frozen({p: p.requires_grad for p in model.parameters() if id(p) not in own})
         installed: list[Hook] = []
@@ -135,6 +136,12 @@ class Adaptation(nn.Module):
             self._restore(model)
             raise
         self._installed = True
+
+    def _check_unsharded(self, action: str) -> None:
+        if fsdp_modules(self.model):
+            raise ConfigError(f"cannot {action} on a model already sharded by fully_shard: FSDP would neither shard the "
+                              f"new components nor reduce their gradients across the ranks, which would drift apart; "
+                              f"attach (or load) before fully_shard")
 
     def _restore(self, model: nn.Module) -> None:
         for p, flag in self._frozen.flags.items():
@@ -265,6 +272,7 @@ class Adaptation(nn.Module):
         if self._route is not None:
             raise TaskError("cannot add a task inside route(); add it outside the route() block")
         self._check_unmerged("add a task")
+        self._check_unsharded("add a task")
         conditioned = [m for m in self.shared.common.values() if isinstance(m, HyperNetwork) and m.task_names]
         if conditioned:
             raise ConfigError(f"cannot add a task: the shared {conditioned[0].component!r} embeds each task named at "
