@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..errors import MergeError
 from ..points import Point
 
 
@@ -61,6 +63,18 @@ class Hook:
 
     def unmerge(self) -> None:
         """Restore the base weights from the backups, bit-exact."""
+
+    def _check_not_training_merged(self) -> None:
+        if self._backups and self.point.module.training and torch.is_grad_enabled() and any(
+                p.requires_grad for b in self._backups for p in b.module.parameters()):
+            raise MergeError(f"cannot train {self.point.where()} while its updates are merged into the base weights: "
+                             f"merged components get no gradient; call unmerge() before training (or eval() / "
+                             f"torch.no_grad() to run merged)")
+
+
+def together(a: Binding, b: Binding) -> bool:
+    """Whether two bindings can run in the same forward: either is shared, or both belong to one task."""
+    return a.group is None or b.group is None or a.group == b.group
 
 
 class ForwardHook(Hook):

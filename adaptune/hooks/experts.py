@@ -19,7 +19,7 @@ from torch import Tensor
 from ..components.contract import ExpertsUpdate
 from ..errors import BindError, MergeError, TaskError
 from ..points import expert_weight
-from .base import Binding, ForwardHook
+from .base import Binding, ForwardHook, together
 
 
 class ExpertsHook(ForwardHook):
@@ -28,19 +28,11 @@ class ExpertsHook(ForwardHook):
             raise BindError(f"{type(binding.module).__name__} cannot bind to {binding.point.site!r}: a mixture of "
                             f"experts' fused weights take LoRA only")
         for other in self.bindings:
-            if other.point.part == binding.point.part and (
-                    other.group is None or binding.group is None or other.group == binding.group):
+            if other.point.part == binding.point.part and together(other, binding):
                 where = "shared" if binding.group is None else f"task {binding.group!r}"
                 raise BindError(f"two low-rank updates of {binding.point.where()} in {where}: an experts weight takes "
                                 f"at most one LoRA among the shared and each task's components")
         super().add(binding)
-
-    def _check_not_training_merged(self) -> None:
-        if self._backups and self.point.module.training and torch.is_grad_enabled() and any(
-                p.requires_grad for b in self._backups for p in b.module.parameters()):
-            raise MergeError(f"cannot train {self.point.where()} while its updates are merged into the base weights: "
-                             f"merged components get no gradient; call unmerge() before training (or eval() / "
-                             f"torch.no_grad() to run merged)")
 
     def forward(self, *args, **kwargs):
         self._check_not_training_merged()

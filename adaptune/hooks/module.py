@@ -8,13 +8,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import AdaptuneError, BindError
-from .base import Binding, ForwardHook
+from .base import Binding, ForwardHook, together
 
 
 class ModuleHook(ForwardHook):
     def add(self, binding: Binding) -> None:
         for other in self.bindings:
-            if other.group is None or binding.group is None or other.group == binding.group:
+            if together(other, binding):
                 where = "shared" if binding.group is None else f"task {binding.group!r}"
                 raise BindError(f"{binding.point.site!r} is trained twice in {where}: a module takes one Trainable "
                                 f"among the shared and each task's components")

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..errors import BindError, MergeError
 from ..points import linear_weight
 from ..quantized import QuantizedWeight, linear
-from .base import Binding, ForwardHook
+from .base import Binding, ForwardHook, together
 
 
 class ProjectionHook(ForwardHook):
@@ -24,7 +24,7 @@ class ProjectionHook(ForwardHook):
                 continue  # a bias shift and a low-rank update combine
             old = other.point.out_rows
             overlap = old.start < new.stop and new.start < old.stop
-            if overlap and (other.group is None or binding.group is None or other.group == binding.group):
+            if overlap and together(other, binding):
                 where = "shared" if binding.group is None else f"task {binding.group!r}"
                 what = "bias shifts on the same bias" if binding.module.bias_only else "low-rank updates on the same weights"
                 raise BindError(f"two {what} of {binding.point.where()} in {where}: "
@@ -33,13 +33,6 @@ class ProjectionHook(ForwardHook):
                                 f"components")
         super().add(binding)
 
-
-    def _check_not_training_merged(self) -> None:
-        if self._backups and self.point.module.training and torch.is_grad_enabled() and any(
-                p.requires_grad for b in self._backups for p in b.module.parameters()):
-            raise MergeError(f"cannot train {self.point.where()} while its updates are merged into the base weights: "
-                             f"merged components get no gradient; call unmerge() before training (or eval() / "
-                             f"torch.no_grad() to run merged)")
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         self._check_not_training_merged()
