@@ -139,13 +139,18 @@ def write(adaptation: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def check_fits(meta: dict[str, Any], adaptation: Any, where: str) -> None:
-    """LoadError unless the saved `meta` describes `adaptation`'s components: loading into an attached
-    adaptation (a sharded one) takes values only, so the stacks must be the same."""
-    saved, here = meta["model"], fingerprint(adaptation.model)
+def check_model(meta: dict[str, Any], model: nn.Module, where: str) -> None:
+    """LoadError unless the saved `meta` was saved from a model of `model`'s type."""
+    saved, here = meta["model"], fingerprint(model)
     if saved["model_type"] != here["model_type"]:
         raise LoadError(f"{where} was saved from a {saved['model_type'] or saved['class']} model; "
                         f"this model is {here['model_type'] or here['class']}")
+
+
+def check_fits(meta: dict[str, Any], adaptation: Any, where: str) -> None:
+    """LoadError unless the saved `meta` describes `adaptation`'s components: loading into an attached
+    adaptation (a sharded one) takes values only, so the stacks must be the same."""
+    check_model(meta, adaptation.model, where)
     if meta["spec"] != json.loads(json.dumps(adaptation.spec())):
         raise LoadError(f"{where} holds other components than the attached adaptation: saved "
                         f"{json.dumps(meta['spec'])[:300]}, attached {json.dumps(adaptation.spec())[:300]}; "

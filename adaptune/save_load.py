@@ -21,7 +21,7 @@ from .adaptation import Adaptation, adaptation_of
 from .attach import attach
 from .components.base import Stack
 from .errors import AdaptuneError, LoadError
-from .save_format import agree, check_finite, check_fits, check_state, fingerprint, fsdp_modules, is_sharded, read
+from .save_format import agree, check_finite, check_fits, check_model, check_state, fsdp_modules, is_sharded, read
 
 
 def save(model: nn.Module | Adaptation, path: str | os.PathLike) -> Path:
@@ -45,10 +45,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, active: str | None = None
     meta, tensors = read(path)
     if not allow_nonfinite:
         check_finite(tensors, repr(str(path)))
-    saved, here = meta["model"], fingerprint(model)
-    if saved["model_type"] != here["model_type"]:
-        raise LoadError(f"{str(path)!r} was saved from a {saved['model_type'] or saved['class']} model; "
-                        f"this model is {here['model_type'] or here['class']}")
+    check_model(meta, model, repr(str(path)))
     spec = meta["spec"]
     try:
         shared = {sel: Stack.from_dict(s) for sel, s in spec["shared"].items()}
