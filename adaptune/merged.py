@@ -15,7 +15,7 @@ from torch import nn
 
 from .adaptation import Adaptation, adaptation_of
 from .errors import MergeError
-from .points import MODULE, PROJECTION, linear_weight
+from .points import MODULE, PROJECTION, linear_weight, tied_to
 from .quantized import QuantizedWeight, scheme
 
 
@@ -37,10 +37,9 @@ def merged_float(model: nn.Module | Adaptation, dtype: torch.dtype = torch.float
     if no_bias:
         raise MergeError(f"merged_float(): BitFit at {no_bias[0]} shifts a layer without bias, which a plain layer "
                          f"cannot carry; nothing was copied")
-    for b in active:
-        tied = [n for n, m in adaptation.model.named_modules() if m is not b.point.module and b.point.kind == PROJECTION
-                and any(p is b.point.module.weight for p in m.parameters(recurse=False))]
-        if tied and not b.module.bias_only:
+    for b in (b for b in active if b.point.kind == PROJECTION and not b.module.bias_only):
+        tied = tied_to(adaptation.model, b.point.module, b.point.module.weight)
+        if tied:
             raise MergeError(f"merged_float(): {type(b.module).__name__} at {b.point.where()} updates a weight tied to "
                              f"{', '.join(tied)}, which a plain model would change too; nothing was copied")
     twin = copy.deepcopy(adaptation.model)

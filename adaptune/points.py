@@ -105,6 +105,12 @@ def linear_weight(module: nn.Module) -> Tensor | QuantizedWeight:
     return QuantizedWeight(module) if scheme(module) else module.weight
 
 
+def tied_to(model: nn.Module, module: nn.Module, param: Tensor) -> list[str]:
+    """The paths of the other modules of `model` that hold `param` (a weight tied to another module's)."""
+    return [n for n, m in model.named_modules()
+            if m is not module and any(p is param for p in m.parameters(recurse=False))]
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in features, out features): the weight's shape, or what a quantized Linear declares (its weight
     is packed storage: bitsandbytes' 4-bit weight is (in·out/2, 1))."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BindError, MergeError
-from ..points import linear_weight
+from ..points import linear_weight, tied_to
 from ..quantized import QuantizedWeight, linear
 from .base import Binding, ForwardHook, together
 
@@ -115,8 +115,7 @@ class ProjectionHook(ForwardHook):
                 raise MergeError(f"cannot merge {what}: the layer has no bias to add the shift into (BitFit on a "
                                  f"layer without bias runs unmerged); nothing was merged")
             param = module.bias if b.module.bias_only else module.weight
-            tied = [n for n, m in self.adaptation.model.named_modules() if m is not module
-                    and any(p is param for p in m.parameters(recurse=False))]
+            tied = tied_to(self.adaptation.model, module, param)
             if tied:
                 raise MergeError(f"cannot merge {what}: its weight is tied to {', '.join(tied)}, which merging "
                                  f"would change too; nothing was merged")
