@@ -45,7 +45,7 @@ NUMBER = re.compile(
     r"(?:[eE]([-−+]?\d+))?")
 
 
-DOCS = ("benchmarks/results/multitask/README.md", "benchmarks/results/multitask/medium/README.md")
+DOCS = ("README.md", "benchmarks/results/multitask/README.md", "benchmarks/results/multitask/medium/README.md")
 
 
 def docs() -> list[Path]:
