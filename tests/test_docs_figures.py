@@ -10,7 +10,8 @@ Two marks, both HTML comments (invisible when rendered):
   reuses the doc's previous PATH. Several refs separated by spaces give several values. A PATH ending in `.md` reads that
   file's markdown tables: rows by their first cell, columns by header (`table.md#[head-only][dev avg]`). A string
   value gives the numbers written in it. Items separated by `;` concatenate. An item with arithmetic (`+ - * /`,
-  parentheses, numbers) is one derived value: `#train_s / 60`; keep these to unit changes and simple ratios.
+  parentheses, numbers) is one derived value: `#train_s / 60`, and `mean min max median sum` of refs' values (`mean(#losses.0:10)`: a slice `a:b` of a
+  list); keep these to unit changes, simple ratios and summaries of a stored curve.
 - `<!-- table: PATH -->` on the line before a markdown table: each of the doc table's rows is a copy of the row of
   PATH (a table written by `adaptune report`) with the same first cell, cell for cell in the doc's columns (matched
   by header; `**` bold ignored).
@@ -28,6 +29,7 @@ import ast
 import json
 import operator
 import re
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,8 @@ NUMBER = re.compile(
     r"(?:[eE]([-−+]?\d+))?")
 
 
-DOCS = ("README.md", "benchmarks/results/multitask/README.md", "benchmarks/results/multitask/medium/README.md")
+DOCS = ("README.md", "benchmarks/results/multitask/README.md", "benchmarks/results/multitask/medium/README.md",
+        "benchmarks/results/fewshot/README.md")
 
 
 def docs() -> list[Path]:
@@ -166,6 +169,8 @@ def step(node, part: str, where: str):
     elif isinstance(node, list):
         if re.fullmatch(r"-?\d+", part) and -len(node) <= int(part) < len(node):
             return [node[int(part)]]
+        if m := re.fullmatch(r"(-?\d*):(-?\d*)", part):  # a slice: its elements, in order
+            return node[int(m[1]) if m[1] else None:int(m[2]) if m[2] else None]
         named = [x for x in node if isinstance(x, dict) and part in (x.get("name"), x.get("run"))]
         if len(named) == 1:
             return named
@@ -223,19 +228,27 @@ def split_refs(item: str) -> list[tuple[int, int, str, str]]:
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_FUNCTIONS = {"mean": statistics.mean, "median": statistics.median, "min": min, "max": max, "sum": sum}
 
 
-def evaluate(node, names: dict[str, float]) -> float:
+def evaluate(node, names: dict[str, list[float]]) -> float:
     if isinstance(node, ast.Expression):
         return evaluate(node.body, names)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return float(node.value)
     if isinstance(node, ast.Name) and node.id in names:
-        return names[node.id]
+        if len(names[node.id]) != 1:
+            raise FigureError(f"a ref in arithmetic names one value, not {len(names[node.id])} (mean(...)?)")
+        return names[node.id][0]
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](evaluate(node.left, names), evaluate(node.right, names))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -evaluate(node.operand, names)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
+            and not node.keywords and node.args):  # over every value of its arguments
+        args = [v for a in node.args for v in (names[a.id] if isinstance(a, ast.Name) and a.id in names
+                                                else [evaluate(a, names)])]
+        return float(_FUNCTIONS[node.func.id](args))
     raise FigureError(f"not simple arithmetic: {ast.dump(node)[:80]}")
 
 
@@ -265,14 +278,11 @@ def values_of(spec: str, doc: Path, last: list[Path]) -> list[float]:
         if not re.sub(r"_ref\d+|\s", "", expression):  # refs only: their values, in order
             out += [v for vals in resolved for v in vals]
             continue
-        for name, vals in names.items():
-            if len(vals) != 1:
-                raise FigureError(f"{item!r}: a ref in arithmetic must name one value, not {len(vals)}")
         try:
             tree = ast.parse(expression.strip(), mode="eval")
         except SyntaxError as e:
             raise FigureError(f"cannot read {item!r}: {e.msg}") from None
-        out.append(evaluate(tree, {k: v[0] for k, v in names.items()}))
+        out.append(evaluate(tree, names))
     return out
 
 
@@ -441,7 +451,16 @@ def test_missing_files_keys_and_figures_are_reported(tree):
     assert "only 1 figures" in check(tree, "0.578<!-- from: r.json#dev.{average,sst} -->")[0]
     assert "without a file" in check(tree, "0.578<!-- from: #dev.average -->")[0]
     assert "malformed" in check(tree, "0.578<!-- from r.json#dev.average -->")[0]
-    assert "not simple arithmetic" in check(tree, "0.578<!-- from: max(r.json#dev.average, 1) -->")[0]
+    assert "not simple arithmetic" in check(tree, "0.578<!-- from: pow(r.json#dev.average, 1) -->")[0]
+    assert "names one value" in check(tree, "0.80<!-- from: r.json#seeds.*.test * 1 -->")[0]
+
+
+def test_derived_values(tree):
+    assert check(tree, "mean 0.8075<!-- from: mean(r.json#seeds.*.test) -->, 0.7775-0.8375<!-- from: "
+                       "min(#seeds.*.test); max(#seeds.*.test) -->; first 0.778<!-- from: mean(#seeds.0:1.test) -->, "
+                       "60.0 points<!-- from: 100 * (#seeds.-1.test - #seeds.0.test) + 54 -->") == []
+    assert check(tree, "63<!-- from: r.json#wall_s - 81.4 -->-137<!-- from: #mem / 19.2 -->") == []
+    assert check(tree, "0.578 0.297<!-- from: r.json#dev.{average,sst} -->") == []
 
 
 def test_a_table_copied_from_a_report_table(tree):
