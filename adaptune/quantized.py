@@ -143,8 +143,8 @@ class QuantizedWeight:
 
 @torch.no_grad()
 def row_norm_sq(weight: Tensor | QuantizedWeight) -> Tensor:
-    """‖W_i‖² (out,) in float32, of a float weight or a quantized one."""
-    return weight.row_norm_sq() if isinstance(weight, QuantizedWeight) else weight.detach().float().pow(2).sum(1)
+    """‖W_i‖² (out,) in float32, of a float weight or a quantized one; (E, out) of one weight per expert."""
+    return weight.row_norm_sq() if isinstance(weight, QuantizedWeight) else weight.detach().float().pow(2).sum(-1)
 
 
 def parameter_count(model: nn.Module, leave_out: set[int] | frozenset[int] = frozenset()) -> int:

@@ -186,7 +186,7 @@ class SiteMap:
         depth = tower.offset + i
         if base == "ffn" and part.startswith("experts"):
             if kind != PROJECTION:
-                raise BindError(f"{what} cannot bind to {site!r}: a mixture of experts' weights take LoRA; "
+                raise BindError(f"{what} cannot bind to {site!r}: a mixture of experts' weights take LoRA or DoRA; "
                                 f"{what} binds to {_KIND_SITES[kind]}")
             return self._experts(tower, i, part, what)
         if kind == PROJECTION:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as T
 
-from adaptune import (Adapter, AdaptuneError, BindError, BitFit, DoRA, LoRA, Stack, TaskError, Trainable, attach,
+from adaptune import (Adapter, AdaptuneError, BindError, BitFit, LoRA, Stack, TaskError, Trainable, attach,
                       detach, export_peft, load)
 from adaptune.points import EXPERTS
 from adaptune.sites import SiteMap
@@ -147,13 +147,14 @@ def test_router_takes_trainable_by_path_and_lora_is_refused_there():
 @pytest.mark.parametrize("name", ARCHS)
 def test_a_fresh_expert_lora_is_the_base(name):
     model = build(name)
-    model.set_experts_implementation("eager")
+    model.set_experts_implementation("grouped_mm")
     base = model(ids()).logits
+    model.set_experts_implementation("eager")
+    eager = model(ids()).logits
     a = attach(model, {"ffn.experts": LoRA(4, alpha=8)})
     assert len(list(a.bindings())) == 4
-    assert torch.equal(model(ids()).logits, base)  # B = 0: the same loop, plus exact zeros
-    model.set_experts_implementation("grouped_mm")
-    assert torch.allclose(model(ids()).logits, base, atol=1e-5)  # the hook runs its loop under any implementation
+    for expected in (base, eager):  # B = 0: the base's function, up to the order of float sums
+        assert torch.allclose(model(ids()).logits, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -313,11 +314,10 @@ def test_gpt_oss_experts_are_refused_naming_the_layout():
 
 
 @pytest.mark.parametrize("component, match", [
-    (DoRA(4), "DoRA on a mixture of experts"),
     (LoRA(4, init="pissa"), "init='pissa' is not supported on a mixture of experts"),
     (LoRA(64), "r=64 is larger"),
-    (BitFit(), "take LoRA only"),
-    (Adapter(8), "mixture of experts' weights take LoRA"),
+    (BitFit(), "take LoRA or DoRA only"),
+    (Adapter(8), "mixture of experts' weights take LoRA or DoRA"),
 ])
 def test_other_components_on_experts_are_refused(component, match):
     model = build("mixtral")

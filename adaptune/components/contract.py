@@ -13,7 +13,7 @@ a forward needs to know (the running task, a route, a latent) arrives as a `Cont
 | attention  | AttentionModule      | PrefixModule, LatentKV, BidirectionalModule | hooks/attention.py           |
 | embed      | PromptSource         | PromptModule                    | hooks/embed.py                           |
 | module     | (the module's own call) | ModuleCopy (Trainable)       | hooks/module.py                          |
-| experts    | ExpertsUpdate        | ExpertsLoRAModule               | hooks/experts.py                         |
+| experts    | ExpertsUpdate        | ExpertsLoRAModule, ExpertsDoRAModule | hooks/experts.py                  |
 
 Class attributes (`bias_only`, `rescales_rows`, `parallel`, `routed`, `bidirectional`) are declared by every
 module of the kind, so a hook reads them directly: no probing with hasattr.
@@ -83,11 +83,16 @@ class LowRankUpdate(Protocol):
 
 @runtime_checkable
 class ExpertsUpdate(Protocol):
-    """A low-rank update of every expert's fused weight W_e (E, out, in): LoRA on a mixture of experts."""
+    """A low-rank update of every expert's fused weight W_e (E, out, in): LoRA or DoRA on a mixture of experts,
+    expert e computing r_e ⊙ (x·W_eᵀ + s·(drop(x)·A_eᵀ)·B_eᵀ) on its rows (ops.grouped_lora)."""
+    rescales_rows: ClassVar[bool]  # DoRA: r_e = m_e / n_e; LoRA: r_e = 1
     scale: float
+    dropout: float
+    A: Tensor  # (E, r, in), or (r, in) for every expert
+    B: Tensor  # (E, out, r), or (out, r)
 
-    def delta(self, x: Tensor, expert: int) -> Tensor:
-        """What the update adds to expert `expert`'s x·W_eᵀ for its rows x (T, in): (T, out)."""
+    def row_scale(self, weight: Tensor) -> Tensor | None:
+        """r (E, out) for the current weight (E, out, in), or None (LoRA)."""
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         """The weight (E, out, in) with every expert's update folded in (float32 at least): what merge() writes."""

@@ -180,6 +180,7 @@ class LoRAModule(nn.Module):
 class ExpertsLoRAModule(nn.Module):
     """The low-rank factors of one fused expert weight (E, out, in): A (E, r, in) and B (E, out, r), or one pair
     A (r, in), B (out, r) for every expert (experts="one"). An ExpertsUpdate (components/contract.py)."""
+    rescales_rows = False  # ExpertsDoRAModule: True
 
     def __init__(self, component: LoRA, point: Point) -> None:
         super().__init__()
@@ -203,11 +204,9 @@ class ExpertsLoRAModule(nn.Module):
         """(A_e (r, in), B_e (out, r)) of expert `expert`."""
         return (self.A[expert], self.B[expert]) if self.each else (self.A, self.B)
 
-    def delta(self, x: Tensor, expert: int) -> Tensor:
-        """s·(drop(x)·A_eᵀ)·B_eᵀ for the rows x (T, in) routed to `expert`: (T, out), in x's dtype."""
-        A, B = self.factors(expert)
-        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return (F.linear(F.linear(h.to(A.dtype), A), B) * self.scale).to(x.dtype)
+    def row_scale(self, weight: Tensor) -> None:
+        """LoRA rescales no rows (ExpertsDoRAModule: m / n)."""
+        return None
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         """W_e + s·B_e·A_e for every expert of weight (E, out, in), in float32 at least; used only by merge()."""

@@ -1,21 +1,23 @@
 """Routes a mixture of experts (transformers' fused experts: gate_up_proj (E, 2I, H), down_proj (E, H, I)) through
-the active low-rank updates of its weights (LoRA per expert: an ExpertsUpdate, components/contract.py).
+the active low-rank updates of its weights (LoRA or DoRA per expert: an ExpertsUpdate, components/contract.py).
 
 The experts module's `forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))` is replaced on the
-instance (whatever experts implementation its config names; weights and state-dict keys untouched), by the
-reference loop over the experts that tokens are routed to, as transformers' eager forward:
+instance (whatever experts implementation its config names; weights and state-dict keys untouched). The (token,
+expert) pairs are sorted by expert, and each weight with its update is one ops.grouped_lora over all of them:
 
-    gate, up = (x·W_gate_up,eᵀ + Δ_gate_up,e(x)).chunk(2);  h = act_fn(gate) · up
-    y_e = (h·W_down,eᵀ + Δ_down,e(h)) · routing weight;  summed over each token's experts
+    gate, up = U_gate_up(x).chunk(2);  h = act_fn(gate) · up;  y = U_down(h) · routing weight
+    U_e(x) = r_e ⊙ (x·W_eᵀ + s·(drop(x)·A_eᵀ)·B_eᵀ)  (a weight without an update: x·W_eᵀ);  y summed over each
+    token's experts
 
-With no update active the original forward runs. `remove()` puts the original back.
+as transformers' grouped forward does. Pairs routed to an expert this process does not hold (expert parallelism:
+an index ≥ E) add nothing. With no update active the original forward runs. `remove()` puts the original back.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
 from ..components.contract import ExpertsUpdate
 from ..errors import BindError, MergeError, TaskError
 from ..points import expert_weight
@@ -26,12 +28,12 @@ class ExpertsHook(ForwardHook):
     def add(self, binding: Binding) -> None:
         if not isinstance(binding.module, ExpertsUpdate):
             raise BindError(f"{type(binding.module).__name__} cannot bind to {binding.point.site!r}: a mixture of "
-                            f"experts' fused weights take LoRA only")
+                            f"experts' fused weights take LoRA or DoRA only")
         for other in self.bindings:
             if other.point.part == binding.point.part and together(other, binding):
                 where = "shared" if binding.group is None else f"task {binding.group!r}"
                 raise BindError(f"two low-rank updates of {binding.point.where()} in {where}: an experts weight takes "
-                                f"at most one LoRA among the shared and each task's components")
+                                f"at most one LoRA or DoRA among the shared and each task's components")
         super().add(binding)
 
     def forward(self, *args, **kwargs):
@@ -48,29 +50,19 @@ class ExpertsHook(ForwardHook):
     def _experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *,
                  updates: dict[str, ExpertsUpdate]) -> Tensor:
         module = self.point.module
-        gate_up, down = module.gate_up_proj, module.down_proj  # (E, 2I, H), (E, H, I)
-        n = gate_up.shape[0]
-        out = torch.zeros_like(hidden_states)  # (T, H)
-        with torch.no_grad():
-            mask = F.one_hot(top_k_index, num_classes=n + 1).permute(2, 1, 0)  # (E + 1, k, T)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        up_update, down_update = updates.get("gate_up"), updates.get("down")
-        for e in hit[:, 0].tolist():
-            if e == n:  # the slot of tokens routed elsewhere (expert parallel)
-                continue
-            slot, token = torch.where(mask[e])
-            x = hidden_states[token]  # (t, H)
-            h = F.linear(x, gate_up[e])  # (t, 2I)
-            if up_update is not None:
-                h = h + up_update.delta(x, e)
-            gate, up = h.chunk(2, dim=-1)
-            h = module.act_fn(gate) * up  # (t, I)
-            y = F.linear(h, down[e])  # (t, H)
-            if down_update is not None:
-                y = y + down_update.delta(h, e)
-            y = y * top_k_weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+        n = module.gate_up_proj.shape[0]
+        tokens, k = top_k_index.shape
+        pairs = top_k_index.reshape(-1)  # (T·k,) the expert of each (token, slot)
+        order = torch.sort(pairs, stable=True).indices
+        counts = torch.bincount(pairs.clamp(max=n), minlength=n + 1)[:n]  # index ≥ E: held elsewhere, sorted last
+        offsets = counts.cumsum(0)
+        held = order[:int(offsets[-1])]  # (S,) the pairs of this process's experts, grouped by expert
+        x = hidden_states[held // k]  # (S, H)
+        gate, up = _project(x, offsets, module.gate_up_proj, updates.get("gate_up")).chunk(2, dim=-1)
+        y = _project(module.act_fn(gate) * up, offsets, module.down_proj, updates.get("down"))  # (S, H)
+        y = y * top_k_weights.reshape(-1)[held, None].to(y.dtype)
+        out = y.new_zeros(tokens * k, y.shape[-1]).index_copy(0, held, y)
+        return out.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
     # ---- merge / unmerge: W_e <- W_e + s·B_e·A_e for every expert; the whole former weight kept here
 
@@ -99,3 +91,11 @@ class ExpertsHook(ForwardHook):
         for b, backup in reversed(self._backups.items()):  # last first: the weight ends as it began
             expert_weight(b.point).copy_(backup)
         self._backups.clear()
+
+
+def _project(x: Tensor, offsets: Tensor, weight: Tensor, update: ExpertsUpdate | None) -> Tensor:
+    """Each expert's rows of x through its weight W_e (E, out, in) and the update's part of it, if any."""
+    if update is None:
+        return ops.grouped_lora(x, offsets, weight, None, None, 0.0)
+    return ops.grouped_lora(x, offsets, weight, update.A, update.B, update.scale, update.row_scale(weight),
+                            update.dropout, update.training)

@@ -7,6 +7,7 @@
 | dora_norm  | n by the factored formula (no out×in temporary); stacked tasks: A (T, r, in) -> n (T, out) |
 | bottleneck | y = residual + s·up(act(down(x)))                              |
 | lora_routed, dora_routed, bottleneck_routed | the same with a task per sample: x (N, ...), index (N,) |
+| grouped_lora | rows grouped by expert (a mixture of experts): y = r_e ⊙ (x·W_eᵀ + s·(drop(x)·A_eᵀ)·B_eᵀ) |
 
 Each op runs the compiled kernel (csrc/, built on first use, see `build.py`) when it is built for
 the tensor's device, else its pure-PyTorch reference (`adaptune.ops.reference`), which is also the
@@ -30,14 +31,14 @@ import torch
 from torch import Tensor
 
 from ..errors import AdaptuneError, ConfigError
-from . import reference
+from . import grouped, reference
 from .reference import ACTIVATIONS
 
 if TYPE_CHECKING:
     from .build import Build
 
 MODES = ("auto", "off", "require")
-OPS = ("lora", "dora", "dora_norm", "bottleneck", "lora_routed", "dora_routed", "bottleneck_routed")
+OPS = ("lora", "dora", "dora_norm", "bottleneck", "lora_routed", "dora_routed", "bottleneck_routed", "grouped_lora")
 _mode = os.environ.get("ADAPTUNE_KERNELS", "auto").strip().lower() or "auto"
 _builds = None  # device type -> build.Build, after the one build attempt
 _warned: set[str] = set()
@@ -137,6 +138,11 @@ def path(op: str, device: str) -> tuple[str, str]:
     current = mode()
     if current == "off":
         return "reference", "kernels off (ADAPTUNE_KERNELS=off or use_kernels('off'))"
+    if op == "grouped_lora":
+        if grouped._GROUPED_MM is None:
+            return "reference", f"torch {torch.__version__} has no grouped matrix multiply"
+        return "kernel", ("torch's grouped matrix multiply where it takes the operands (one dtype; CUDA: bfloat16, "
+                          "compute capability 8.0+), else the reference")
     if device not in ("cpu", "cuda"):
         return "reference", f"no kernels for device type {device!r}"
     result = builds()[device]
@@ -145,20 +151,23 @@ def path(op: str, device: str) -> tuple[str, str]:
     return "reference", f"kernels not available: {result.reason.splitlines()[0]}"
 
 
-def _op(like: str = "x", frozen: tuple[str, ...] = (), same_dtype: tuple[str, ...] = ()):
+def _op(like: str = "x", frozen: tuple[str, ...] = (), same_dtype: tuple[str, ...] = (),
+        ndim: dict[str, int] | None = None):
     """Turns a signature (a def with a docstring and no body) into the op of that name: a call runs
     `kernels.<name>` when `_use_kernel` allows it, else `reference.<name>`, with the same arguments.
 
     like: the argument whose device picks the kernels and whose dtype the others must have;
     frozen: the base weight and bias, which must not require grad (the kernels compute no gradient for them);
-    same_dtype: the components, which must have `like`'s dtype (the kernels take operands of one dtype).
-    All three name parameters without a default.
+    same_dtype: the components, which must have `like`'s dtype (the kernels take operands of one dtype);
+    ndim: {argument: the number of dimensions the kernel takes}, other shapes running the reference.
+    All of them name parameters without a default.
     """
     def wrap(signature):
         op = signature.__name__
         assert op in OPS, f"{op} is missing from OPS"
         params = inspect.signature(signature).parameters
-        position = {name: list(params).index(name) for name in (like, *frozen, *same_dtype)}
+        shapes = ndim or {}
+        position = {name: list(params).index(name) for name in (like, *frozen, *same_dtype, *shapes)}
         assert all(params[name].default is inspect.Parameter.empty for name in position), op
 
         def arg(args: tuple, kwargs: dict, name: str):
@@ -170,7 +179,9 @@ def _op(like: str = "x", frozen: tuple[str, ...] = (), same_dtype: tuple[str, ..
 
         @functools.wraps(signature)
         def dispatch(*args, **kwargs) -> Tensor:
-            if _use_kernel(op, arg(args, kwargs, like), [arg(args, kwargs, name) for name in frozen],
+            shaped = all(not isinstance(t := arg(args, kwargs, name), Tensor) or t.dim() == n
+                         for name, n in shapes.items())  # not a tensor (a quantized weight): _use_kernel says no
+            if shaped and _use_kernel(op, arg(args, kwargs, like), [arg(args, kwargs, name) for name in frozen],
                            [arg(args, kwargs, name) for name in same_dtype]):
                 from . import kernels
                 return getattr(kernels, op)(*args, **kwargs)
@@ -186,9 +197,10 @@ def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ; see `reference.lora`."""
 
 
-@_op(like="weight", frozen=("weight",), same_dtype=("A", "B"))
+@_op(like="weight", frozen=("weight",), same_dtype=("A", "B"), ndim={"weight": 2})
 def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_norm_sq: Tensor | None = None) -> Tensor:
-    """Row norms of W + s·B·A by the factored formula; see `reference.dora_norm`."""
+    """Row norms of W + s·B·A by the factored formula (one weight per expert, (E, out, in): the reference);
+    see `reference.dora_norm`."""
 
 
 @_op(frozen=("weight", "bias"), same_dtype=("A", "B", "magnitude"))
@@ -222,5 +234,14 @@ def bottleneck_routed(x: Tensor, residual: Tensor, down_weight: Tensor, down_bia
     """Bottleneck adapters with a task per sample: down (T, m, d_in), up (T, d, m); see `reference.bottleneck_routed`."""
 
 
+def grouped_lora(x: Tensor, offsets: Tensor, weight: Tensor, A: Tensor | None, B: Tensor | None, scale: float,
+                 row_scale: Tensor | None = None, dropout: float = 0.0, training: bool = False) -> Tensor:
+    """Rows grouped by expert: x (S, in), offsets (E,) cumulative row counts, weight (E, out, in), A (E, r, in) and
+    B (E, out, r) or one pair for every expert or None, row_scale (E, out) or None; see `reference.grouped_lora`.
+    torch's grouped multiply (`grouped.py`) where it takes the operands and the mode is not off, else the loop."""
+    impl = grouped if mode() != "off" and grouped.supports(x, weight, A, B) else reference
+    return impl.grouped_lora(x, offsets, weight, A, B, scale, row_scale, dropout, training)
+
+
 __all__ = ["ACTIVATIONS", "MODES", "OPS", "bottleneck", "bottleneck_routed", "builds", "dora", "dora_norm",
-           "dora_routed", "lora", "lora_routed", "mode", "path", "reference", "use_kernels"]
+           "dora_routed", "grouped_lora", "lora", "lora_routed", "mode", "path", "reference", "use_kernels"]

@@ -40,12 +40,13 @@ def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float,
     """Row norms n_i = ‖W_i + s·B_i·A‖ by the factored formula, without an (out, in) temporary.
 
     n² = ‖W_i‖² + 2s·(W·Aᵀ)_i·B_i + s²·B_i·(A·Aᵀ)·B_iᵀ, computed in float32 at least. A (r, in) and
-    B (out, r) give n (out,); stacked per task, A (T, r, in) and B (T, out, r) give n (T, out).
+    B (out, r) give n (out,); stacked per task, A (T, r, in) and B (T, out, r) give n (T, out); one weight per
+    expert, W (E, out, in) with A (E, r, in) and B (E, out, r), gives n (E, out).
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
     W, A, B = weight.to(dtype) if isinstance(weight, Tensor) else weight, A.to(dtype), B.to(dtype)
     if weight_norm_sq is None:
-        weight_norm_sq = W.pow(2).sum(1) if isinstance(W, Tensor) else W.row_norm_sq()  # (out,)
+        weight_norm_sq = W.pow(2).sum(-1) if isinstance(W, Tensor) else W.row_norm_sq()  # (..., out)
     WA = times(W, A).to(dtype)  # (..., out, r)
     AA = A @ A.mT  # (..., r, r)
     sq = weight_norm_sq.to(dtype) + 2 * scale * (WA * B).sum(-1) + scale**2 * ((B @ AA) * B).sum(-1)
@@ -127,3 +128,27 @@ def bottleneck_routed(x: Tensor, residual: Tensor, down_weight: Tensor, down_bia
                                                  down_weight[t], down_bias[t], up_weight[t], up_bias[t],
                                                  scale[t].item(), act))
     return y
+
+
+# ---- grouped op: rows grouped by expert ------------------------------------------------------------
+# x (S, in) holds S rows sorted by expert: expert e owns rows offsets[e-1]:offsets[e] (offsets (E,) the cumulative
+# row counts, offsets[-1] = S). weight (E, out, in); A (E, r, in) and B (E, out, r), or one pair A (r, in),
+# B (out, r) for every expert, or None (the base alone); row_scale (E, out) or None. The reference loops over
+# the experts, each expert's rows through the single-expert math.
+
+def grouped_lora(x: Tensor, offsets: Tensor, weight: Tensor, A: Tensor | None, B: Tensor | None, scale: float,
+                 row_scale: Tensor | None = None, dropout: float = 0.0, training: bool = False) -> Tensor:
+    """y = r_e ⊙ (x·W_eᵀ + s·(drop(x)·A_eᵀ)·B_eᵀ) on the rows of expert e (r_e = 1 without row_scale): (S, out)."""
+    bounds = [0, *offsets.tolist()]
+    pieces = []
+    for e in range(weight.shape[0]):
+        rows = x[bounds[e]:bounds[e + 1]]
+        y = F.linear(rows, weight[e])  # (n, out)
+        if A is not None:
+            a, b = (A[e], B[e]) if A.dim() == 3 else (A, B)
+            dtype = torch.promote_types(x.dtype, a.dtype)
+            y = y.to(dtype) + scale * F.linear(F.linear(_drop(rows, dropout, training).to(a.dtype), a), b).to(dtype)
+        if row_scale is not None:
+            y = y * row_scale[e].to(y.dtype)
+        pieces.append(y.to(x.dtype))
+    return torch.cat(pieces)
