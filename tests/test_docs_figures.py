@@ -10,8 +10,9 @@ Two marks, both HTML comments (invisible when rendered):
   reuses the doc's previous PATH. Several refs separated by spaces give several values. A PATH ending in `.md` reads that
   file's markdown tables: rows by their first cell, columns by header (`table.md#[head-only][dev avg]`). A string
   value gives the numbers written in it. Items separated by `;` concatenate. An item with arithmetic (`+ - * /`,
-  parentheses, numbers) is one derived value: `#train_s / 60`, and `mean min max median sum` of refs' values (`mean(#losses.0:10)`: a slice `a:b` of a
-  list); keep these to unit changes, simple ratios and summaries of a stored curve.
+  parentheses, numbers) is one derived value: `#train_s / 60`, `mean min max median sum` of refs' values (`mean(#losses.0:10)`: a slice `a:b` of a
+  list) and `log exp` (natural) of one value; keep these to unit changes, simple ratios and summaries of a stored
+  curve.
 - `<!-- table: PATH -->` on the line before a markdown table: each of the doc table's rows is a copy of the row of
   PATH (a table written by `adaptune report`) with the same first cell, cell for cell in the doc's columns (matched
   by header; `**` bold ignored).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import re
 import statistics
@@ -48,7 +50,7 @@ NUMBER = re.compile(
 
 
 DOCS = ("README.md", "benchmarks/results/multitask/README.md", "benchmarks/results/multitask/medium/README.md",
-        "benchmarks/results/fewshot/README.md")
+        "benchmarks/results/fewshot/README.md", "benchmarks/results/vae/README.md")
 
 
 def docs() -> list[Path]:
@@ -228,7 +230,8 @@ def split_refs(item: str) -> list[tuple[int, int, str, str]]:
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-_FUNCTIONS = {"mean": statistics.mean, "median": statistics.median, "min": min, "max": max, "sum": sum}
+_FUNCTIONS = {"mean": statistics.mean, "median": statistics.median, "min": min, "max": max, "sum": sum,
+              "log": lambda v: math.log(*v), "exp": lambda v: math.exp(*v)}
 
 
 def evaluate(node, names: dict[str, list[float]]) -> float:
@@ -461,6 +464,7 @@ def test_derived_values(tree):
                        "60.0 points<!-- from: 100 * (#seeds.-1.test - #seeds.0.test) + 54 -->") == []
     assert check(tree, "63<!-- from: r.json#wall_s - 81.4 -->-137<!-- from: #mem / 19.2 -->") == []
     assert check(tree, "0.578 0.297<!-- from: r.json#dev.{average,sst} -->") == []
+    assert check(tree, "4.97 nats<!-- from: log(r.json#wall_s) -->") == []
 
 
 def test_a_table_copied_from_a_report_table(tree):
