@@ -25,7 +25,23 @@ config's modules_to_save. BitFit has no PEFT equivalent (PEFT's bias="all" / "lo
 values into the base biases themselves, of every layer or of every LoRA layer): it is refused, or left
 out with skip_unsupported.
 
-import_peft (peft_import.py): the inverse, onto raw module paths of the model, all or nothing.
+LoRA on a mixture of experts' fused weights (ExpertsLoRAModule: 'ffn.experts[.gate_up|down]', A (E, r, in),
+B (E, out, r)) exports as PEFT's LoRA on bare parameters: `target_parameters` lists the parameter paths
+(`<experts module>.gate_up_proj` / `.down_proj`) and PEFT's ParamWrapper holds, for a weight (E, out, in)
+of E experts of rank r, lora_A.weight (E·r, in) with expert e's A_e in rows e·r … e·r+r−1 (expert-major)
+and lora_B.weight (out, r·E) with column j·E + e holding column j of B_e (expert-minor): lora_A = A.reshape(E·r,
+in), lora_B = B.permute(1, 2, 0).reshape(out, r·E); scaling lora_alpha / r with r the rank of one expert.
+PEFT wraps the targeted parameters of one module in the order the module declares them, the first innermost,
+so the keys of the inner wrapper have `.base_layer` in them: with both targeted,
+`<experts>.base_layer.lora_A.weight` is gate_up_proj's and `<experts>.lora_A.weight` is down_proj's.
+rank_pattern / alpha_pattern keys of such a layer are its parameter path. experts="one" (one pair for every
+expert) exports with the pair repeated for each expert (the same outputs; re-imported, every expert has its
+own copy). PEFT's ParamWrapper refuses lora_dropout, use_dora and fan_in_fan_out: with expert layers
+lora_dropout is written as 0 (with a warning when a component has dropout), and DoRA or a Conv1D layer
+beside them is refused.
+
+import_peft (peft_import.py): the inverse, onto raw module paths of the model (expert LoRAs onto
+'layers.N.ffn.experts.gate_up|down'), all or nothing.
 
 Not carried over: DoRA's detach_norm=False (PEFT always detaches the norm; outputs are equal);
 differing dropouts (PEFT has one lora_dropout: the largest is written, with a warning); adaptune's
@@ -51,12 +67,12 @@ from torch import Tensor, nn
 
 from .adaptation import Adaptation, adaptation_of
 from .components.dora import DoRA, DoRAModule
-from .components.lora import LoRA, LoRAModule
+from .components.lora import ExpertsLoRAModule, LoRA, LoRAModule
 from .components.trainable import Trainable
 from .errors import AdaptuneError, WriteError
 from .files import atomic_write_dir
 from .hooks import Binding
-from .points import EXPERTS, MODULE, PROJECTION, Conv1D, is_table, linear_weight
+from .points import EXPERTS, MODULE, PROJECTION, Conv1D, expert_weight, is_table, linear_weight
 from .quantized import row_norm_sq
 from .save_format import agree, full, gathered, is_sharded, on_rank0
 
@@ -76,13 +92,16 @@ class PeftLayer:
     magnitude: Tensor | None  # (out,) for DoRA
     dropout: float
     conv1d: bool
-    rslora: bool  # every component on the module has rslora=True
+    rslora: bool | None  # every component on the module has rslora=True; None: either (an expert layer)
     alpha: float = 0.0  # PEFT's lora_alpha: s = alpha / r (alpha / √r with use_rslora); set by peft_layers
     table: bool = False  # an embedding table: saved as lora_embedding_A / lora_embedding_B
+    experts: int = 0  # E for a LoRA on a fused experts parameter (`path` is the parameter's path,
+    # A (E·r, in), B (out, r·E) in PEFT's layout); 0 for a module
+    key: str = ""  # the module path in the tensor names (`.base_layer` inside for a nested ParamWrapper); "": path
 
     @property
     def r(self) -> int:
-        return self.A.shape[0]
+        return self.A.shape[0] // max(self.experts, 1)
 
 
 def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os.PathLike,
@@ -92,6 +111,7 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
 
     task: the task whose components join the shared ones (default: the active task).
     skip_unsupported: leave out components other than LoRA / DoRA / Trainable (default: raise AdaptuneError).
+    LoRA on a mixture of experts ('ffn.experts') is written as PEFT's target_parameters (see above).
     Exports whether or not the components are enabled; refuses while they are merged.
     The directory is written into a temporary sibling and swapped into place, so an earlier
     export there survives any failure; a directory holding other files is refused.
@@ -110,7 +130,7 @@ def export_peft(model_or_adaptation: nn.Module | Adaptation, directory: str | os
         config["modules_to_save"] = sorted(saved) or None
         tensors = {PREFIX + path + "." + name: t for path, state in saved.items() for name, t in state.items()}
         for layer in layers:
-            key = PREFIX + layer.path
+            key = PREFIX + (layer.key or layer.path)
             a, b = (".lora_embedding_A", ".lora_embedding_B") if layer.table else (".lora_A.weight", ".lora_B.weight")
             tensors[key + a], tensors[key + b] = layer.A, layer.B
             if layer.magnitude is not None:
@@ -142,12 +162,6 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
     task = adaptation.task if task is None else task
     groups = (None,) if task is None else (None, task)
     bindings = adaptation.bindings(groups, kind=PROJECTION)  # TaskError for an unknown task
-    experts = sorted({b.point.site for b in adaptation.bindings(groups, kind=EXPERTS)})
-    if experts and not skip_unsupported:
-        raise AdaptuneError(f"LoRA on a mixture of experts ({', '.join(experts)}) does not export to PEFT's format "
-                            f"yet: PEFT adapts fused expert weights through LoraConfig(target_parameters=[...]) "
-                            f"(ParamWrapper), which adaptune does not write; pass skip_unsupported=True to export "
-                            f"the other components alone")
     _check_unwrapped(adaptation.model)
     if adaptation.merged:
         raise AdaptuneError("cannot export while updates are merged into the base weights; call unmerge() first")
@@ -164,13 +178,23 @@ def peft_layers(adaptation: Adaptation, task: str | None = None, *,
         if type(b.module) in (LoRAModule, DoRAModule):
             by_module.setdefault(b.point.module, []).append(b)
     layers = [_layer(names[id(module)], module, found) for module, found in by_module.items()]
-    if not layers:
+    experts = expert_layers([b for b in adaptation.bindings(groups, kind=EXPERTS)
+                             if not skip_unsupported or type(b.module) is ExpertsLoRAModule], names)
+    if not layers + experts:
         where = "the shared set" + (f" and task {task!r}" if task is not None else "")
         raise AdaptuneError(f"nothing to export: {where} has no LoRA or DoRA component")
     if len({layer.magnitude is None for layer in layers}) > 1:
         raise AdaptuneError("this adaptation mixes LoRA and DoRA, but PEFT's format has one use_dora flag for all "
                             "modules; export an adaptation (or task) that uses only LoRA or only DoRA")
-    rslora = all(layer.rslora for layer in layers)  # PEFT has one use_rslora flag: alpha follows it
+    if experts:
+        beside = [layer.path for layer in layers if layer.magnitude is not None or layer.conv1d]
+        if beside:
+            raise AdaptuneError(f"LoRA on a mixture of experts exports as PEFT's target_parameters, whose ParamWrapper "
+                                f"refuses use_dora and fan_in_fan_out, but this adaptation also has DoRA or a Conv1D "
+                                f"layer at {', '.join(beside[:3])}; export those in a separate adaptation (or task)")
+    layers += experts
+    votes = [layer.rslora for layer in layers if layer.rslora is not None]
+    rslora = bool(votes) and all(votes)  # PEFT has one use_rslora flag: alpha follows it
     for layer in layers:
         layer.rslora = rslora
         layer.alpha = _number(layer.scale * (layer.r ** 0.5 if rslora else layer.r))
@@ -220,6 +244,33 @@ def _layer(path: str, module: nn.Module, bindings: list[Binding]) -> PeftLayer:
                      all(b.rslora for b in bounds), table=is_table(module))
 
 
+@torch.no_grad()
+def expert_layers(bindings: list[Binding], names: dict[int, str]) -> list[PeftLayer]:
+    """The PEFT LoRAs on bare parameters (target_parameters) equal to the expert LoRAs of `bindings`."""
+    wrapped: dict[nn.Module, set[str]] = {}
+    for b in bindings:
+        if type(b.module) is not ExpertsLoRAModule:
+            raise AdaptuneError(f"{type(b.module).__name__} at {b.point.where()} does not export to PEFT's format: "
+                                f"PEFT adapts a mixture of experts' fused weights with plain LoRA only "
+                                f"(target_parameters, whose ParamWrapper refuses use_dora); use LoRA on the experts, "
+                                f"or pass skip_unsupported=True to export the other components alone")
+        wrapped.setdefault(b.point.module, set()).add(f"{b.point.part}_proj")
+    out = []
+    for b in bindings:
+        module, param = b.point.module, f"{b.point.part}_proj"
+        order = [n for n, _ in module.named_parameters(recurse=False) if n in wrapped[module]]  # PEFT's nesting
+        path = names[id(module)]
+        E, d_out, d_in = expert_weight(b.point).shape
+        A, B = b.module.A, b.module.B  # (E, r, in), (E, out, r); experts="one": (r, in), (out, r), repeated
+        if A.dim() == 2:
+            A, B = A.expand(E, *A.shape), B.expand(E, *B.shape)
+        r = A.shape[1]
+        out.append(PeftLayer(f"{path}.{param}", A.reshape(E * r, d_in), B.permute(1, 2, 0).reshape(d_out, r * E),
+                             b.module.scale, None, b.module.dropout, False, getattr(b.module, "rslora", None),
+                             experts=E, key=path + ".base_layer" * (len(order) - 1 - order.index(param))))
+    return out
+
+
 def _pattern_key(path: str) -> str:
     """A rank_pattern / alpha_pattern key matching `path` under PEFT's regex (dots may stay bare)."""
     escaped = re.escape(path)
@@ -231,7 +282,12 @@ def peft_config(model: nn.Module, layers: list[PeftLayer]) -> dict[str, Any]:
     r = Counter(layer.r for layer in layers).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers).most_common(1)[0][0]
     dropouts = sorted({layer.dropout for layer in layers})
-    if len(dropouts) > 1:
+    experts = any(layer.experts for layer in layers)
+    dropout = 0.0 if experts else dropouts[-1]
+    if experts and dropouts[-1]:
+        warnings.warn(f"PEFT's LoRA on a mixture of experts (target_parameters) refuses lora_dropout; these components "
+                      f"use {dropouts}, writing 0.0 (dropout does not change outputs in eval mode)", stacklevel=3)
+    elif len(dropouts) > 1:
         warnings.warn(f"PEFT's format has one lora_dropout; these components use {dropouts}, writing "
                       f"{dropouts[-1]} (dropout does not change outputs in eval mode)", stacklevel=3)
     config = getattr(model, "config", None)
@@ -242,10 +298,11 @@ def peft_config(model: nn.Module, layers: list[PeftLayer]) -> dict[str, Any]:
         "base_model_name_or_path": name,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(layer.path for layer in layers),
+        "target_modules": sorted(layer.path for layer in layers if not layer.experts),
+        "target_parameters": sorted(layer.path for layer in layers if layer.experts) or None,
         "rank_pattern": {_pattern_key(layer.path): layer.r for layer in layers if layer.r != r},
         "alpha_pattern": {_pattern_key(layer.path): layer.alpha for layer in layers if layer.alpha != alpha},
-        "lora_dropout": dropouts[-1],
+        "lora_dropout": dropout,
         "fan_in_fan_out": any(layer.conv1d for layer in layers),
         "bias": "none",
         "use_rslora": layers[0].rslora,
