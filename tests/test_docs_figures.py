@@ -50,7 +50,7 @@ NUMBER = re.compile(
 
 
 DOCS = ("README.md", "benchmarks/results/multitask/README.md", "benchmarks/results/multitask/medium/README.md",
-        "benchmarks/results/fewshot/README.md", "benchmarks/results/vae/README.md")
+        "benchmarks/results/fewshot/README.md", "benchmarks/results/vae/README.md", "benchmarks/results/README.md")
 
 
 def docs() -> list[Path]:
