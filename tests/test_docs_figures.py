@@ -2,27 +2,28 @@
 
 Two marks, both HTML comments (invisible when rendered):
 
-- `0.578<!-- from: benchmarks/results/multitask/quick/default.json#dev.average -->` after a figure. The comment
-  names values; the doc's last N numbers before it (on its line, after any earlier comment there) must equal the N
-  values in order. `PATH#KEY` is a value of a JSON file (PATH relative to the doc's directory, as a markdown link),
-  KEY its dotted path: `a.b.0` (list index), `[any text]` (a key with dots or spaces; in a list, the dict whose
-  `name` or `run` is that text), `*` (every element, in order), `{x,y}` (each of these keys, in order). `#KEY`
-  reuses the doc's previous PATH. Several refs separated by spaces give several values. A PATH ending in `.md` reads that
-  file's markdown tables: rows by their first cell, columns by header (`table.md#[head-only][dev avg]`). A string
-  value gives the numbers written in it. Items separated by `;` concatenate. An item with arithmetic (`+ - * /`,
-  parentheses, numbers) is one derived value: `#train_s / 60`, `mean min max median sum` of refs' values (`mean(#losses.0:10)`: a slice `a:b` of a
-  list) and `log exp` (natural) of one value; keep these to unit changes, simple ratios and summaries of a stored
-  curve.
-- `<!-- table: PATH -->` on the line before a markdown table: each of the doc table's rows is a copy of the row of
+- `0.577<!-- from: benchmarks/results/multitask/quick/default.json#dev_average -->` right after a figure. The
+  comment names N values; the doc's last N numbers before it (on its line, after any earlier comment there) must
+  equal them, in order.
+  `PATH#KEY` is a value of a JSON file (PATH relative to the doc's directory, as in a markdown link) and KEY its
+  dotted path: `a.b.0` (a list index), `[any text]` (a key with dots or spaces; in a list, the dict whose `name` or
+  `run` is that text), `*` (every element, in order), `0:10` (a slice), `{x,y.z}` (each of these paths, in order).
+  `#KEY` reuses the doc's previous PATH; several refs separated by spaces give several values. A PATH ending in
+  `.md` reads that file's markdown tables: rows by their first cell, columns by header (`table.md#[head-only][sst]`).
+  A string value gives the numbers written in it. Items separated by `;` concatenate. An item with arithmetic is one
+  derived value: `+ - * /`, parentheses and numbers (`#train_s / 60`), `mean min max median sum` over refs' values
+  (`mean(#losses.0:10)`), `log exp` of one value. Keep these to unit changes, simple ratios and summaries of a
+  stored curve; a derived figure worth quoting is better written into a results file by a committed command.
+- `<!-- table: PATH -->` on the line before a markdown table: each row of the doc's table is a copy of the row of
   PATH (a table written by `adaptune report`) with the same first cell, cell for cell in the doc's columns (matched
   by header; `**` bold ignored).
 
-Rounding rule: a doc figure equals the file's value rounded to the digits it shows: |shown - value| is at most half
-a unit of its last digit (ties either way). Thousands separators are ignored, a trailing `%` or unit is not part of
-the number (store percentages as percentages, or multiply in the comment), `-` / `−` make it negative only when it
-follows a space or an opening bracket (so `63-137` is a range), and 1.5e-3 is scientific notation.
+Rounding rule: a doc figure equals the file's value rounded to the digits it shows, that is |shown - value| is at
+most half a unit of its last digit (an exact tie passes either way). Thousands separators are ignored; a `%` or unit
+after the number is not part of it (store percentages as percentages, or multiply in the comment); `-` / `−` make a
+number negative only after a space or an opening bracket (`63-137` is a range); 1.5e-3 is scientific notation.
 
-The files must be tracked by git (when the checkout is a git repository): a figure comes from a committed file.
+A file a figure comes from must be tracked by git (when the checkout is a git repository).
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_DIRS = ("benchmarks/results/multitask/per-task/",)  # a run in progress writes there
 
 COMMENT = re.compile(r"<!--(.*?)-->", re.S)
 NUMBER = re.compile(
@@ -49,12 +49,9 @@ NUMBER = re.compile(
     r"(?:[eE]([-−+]?\d+))?")
 
 
-DOCS = ("README.md", "benchmarks/results/multitask/README.md", "benchmarks/results/multitask/medium/README.md",
-        "benchmarks/results/fewshot/README.md", "benchmarks/results/vae/README.md", "benchmarks/results/README.md")
-
-
 def docs() -> list[Path]:
-    return [ROOT / d for d in DOCS]
+    """README.md and every results README: each must mark its figures."""
+    return [ROOT / "README.md", *sorted((ROOT / "benchmarks" / "results").rglob("README.md"))]
 
 
 @dataclass(frozen=True)
