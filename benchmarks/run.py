@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import ops, quantized, rank_sweep, report, routing, targets, train_step
+from . import experts, ops, quantized, rank_sweep, report, routing, targets, train_step
 from .common import copy_bandwidth, environment
 from .worker import measure, probe_kernels
 
-SUITES = {"train": train_step, "ops": ops, "sweep": rank_sweep, "routing": routing, "quantized": quantized}
+SUITES = {"train": train_step, "ops": ops, "sweep": rank_sweep, "routing": routing, "quantized": quantized,
+          "experts": experts}
 RESULTS = Path("benchmarks/results")  # under the current directory: the checkout's results when run from its root
 NOMINAL_BANDWIDTH = (  # bytes/s from NVIDIA's data sheets, most specific name first
     ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),

@@ -19,7 +19,7 @@ SAME = "same"
 @dataclass(frozen=True)
 class Target:
     device: str  # cpu | cuda
-    suite: str  # train_step | ops | rank_sweep | routing | quantized
+    suite: str  # train_step | ops | rank_sweep | routing | quantized | experts
     text: str
     a: dict
     b: dict | None
@@ -54,6 +54,11 @@ _QUANTIZED = tuple(t for device, memory in _QUANT_MEMORY.items() for t in (
            _NF4_LORA, {"model": "llama-8l", "base": "nf4", "method": "peft-lora"}, 1.0, metric=memory),
     Target(device, "quantized", f"{_QUANT_STEP}: adaptune DoRA on nf4 <= 1.1 x adaptune LoRA on nf4",
            {"model": "llama-8l", "base": "nf4", "method": "adaptune-dora"}, _NF4_LORA, 1.1)))
+_EXPERTS = tuple(
+    Target(device, "experts", "Mixtral-shaped MoE block, LoRA r=16 on every expert, fwd+bwd: adaptune <= 0.6 x PEFT "
+           "target_parameters", {"impl": "adaptune", "method": "lora", "path": "grouped"},
+           {"impl": "peft", "method": "lora", "tokens": SAME}, 0.6)
+    for device in ("cpu", "cuda"))
 _LLAMA = {"model": "llama-1b"}
 _SQUARE = "square linear (4096², CUDA also 8192²) r=16 fwd+bwd"
 TARGETS = _ROUTING + (
@@ -90,7 +95,7 @@ TARGETS = _ROUTING + (
            {**_LLAMA, "method": "adaptune-dora"}, {**_LLAMA, "method": "adaptune-lora", "path": SAME}, 1.10),
     Target("cuda", "train_step", "Llama-1B step peak memory: adaptune DoRA <= 1.05 x PEFT LoRA",
            {**_LLAMA, "method": "adaptune-dora"}, {**_LLAMA, "method": "peft-lora"}, 1.05, metric="peak_mb"),
-) + _QUANTIZED
+) + _QUANTIZED + _EXPERTS
 
 
 def _matches(record: dict, selector: dict) -> bool:

@@ -186,7 +186,7 @@ def _benchmarks():
 
 @app.command()
 def bench(out: Path = typer.Option(..., "--out", help="results directory, e.g. benchmarks/results"),
-          suite: str = typer.Option("all", "--suite", help="train, ops, sweep, routing, quantized or all"),
+          suite: str = typer.Option("all", "--suite", help="train, ops, sweep, routing, quantized, experts or all"),
           device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
           quick: bool = typer.Option(False, "--quick", help="fewer runs, ranks and sizes: a rough look")) -> None:
     """Time training steps, ops and a rank sweep side by side with Hugging Face PEFT; check the targets

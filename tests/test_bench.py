@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from benchmarks import quantized, run, targets
+from benchmarks import experts, quantized, run, targets
 
-STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny", "routing-cpu-tiny", "quantized-cpu-tiny")
+STEMS = ("train_step-cpu-tiny", "ops-cpu-tiny", "rank_sweep-cpu-tiny", "routing-cpu-tiny", "quantized-cpu-tiny",
+         "experts-cpu-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def test_every_results_file_says_where_and_when_and_holds_measured_records(out):
             if "skipped" in record:  # kernel cases where kernels are not built
                 continue
             assert record["runs"] == 1 and record["median_s"] > 0 and record["peak_mb"] > 0
-            assert (record["trainable"] > 0 or record.get("op") == "frozen") and record["tokens_per_s"] > 0
+            frozen = "frozen" in (record.get("op"), record.get("method"))  # the floor: no adapter
+            assert (record["trainable"] > 0 or frozen) and record["tokens_per_s"] > 0
 
 
 def test_routed_and_single_task_batches_hold_the_same_components(out):
@@ -59,6 +61,20 @@ def test_peft_and_adaptune_train_the_same_parameters(out):
     ops = {r["name"]: r for r in load(out, "ops-cpu-tiny")["records"]}
     for op in ("lora", "dora"):
         assert ops[f"{op} 256 adaptune [reference]"]["trainable"] == ops[f"{op} 256 peft"]["trainable"]
+
+
+def test_expert_lora_trains_what_peft_trains_on_every_expert(out):
+    result = load(out, "experts-cpu-tiny")
+    records = {(r["impl"], r["method"], r["path"]): r for r in result["records"]}
+    assert set(records) == {case[:3] for case in experts.CASES}
+    hidden, inter, n, _, _ = experts.SHAPES["tiny"]
+    lora = n * experts.R * (hidden + 2 * inter) + n * experts.R * (inter + hidden)  # gate_up, down
+    assert records["peft", "lora", "-"]["trainable"] == lora
+    assert records["adaptune", "lora", "grouped"]["trainable"] == records["adaptune", "lora", "reference"][
+        "trainable"] == lora
+    assert records["adaptune", "dora", "grouped"]["trainable"] == lora + n * (2 * inter + hidden)  # magnitudes
+    assert result["checks"] and all(c["equal"] for c in result["checks"])
+    assert records["transformers", "frozen", "grouped_mm"]["trainable"] == 0
 
 
 def test_the_rank_sweep_grows_with_r_and_full_trains_everything(out):
@@ -126,7 +142,7 @@ def test_bench_command_rejects_an_unknown_suite(tmp_path):
 
     from adaptune.cli.app import app
     result = CliRunner().invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "train, ops, sweep, routing, quantized or all" in result.output
+    assert result.exit_code == 2 and "train, ops, sweep, routing, quantized, experts or all" in result.output
     assert not any(tmp_path.iterdir())
 
 

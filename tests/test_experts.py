@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers as T
 
-from adaptune import (Adapter, AdaptuneError, BindError, BitFit, LoRA, Stack, TaskError, Trainable, attach,
-                      detach, export_peft, load)
+from adaptune import (Adapter, BindError, BitFit, LoRA, Stack, TaskError, Trainable, attach,
+                      detach, load)
 from adaptune.points import EXPERTS
 from adaptune.sites import SiteMap
 
@@ -329,14 +329,6 @@ def test_other_components_on_experts_are_refused(component, match):
 def test_two_expert_loras_on_one_weight_are_refused():
     with pytest.raises(BindError, match="two low-rank updates"):
         attach(build("mixtral"), {"ffn.experts": LoRA(4), "ffn.experts.down": LoRA(2)})
-
-
-def test_export_peft_refuses_expert_lora_naming_target_parameters(tmp_path):
-    model = build("mixtral")
-    attach(model, {"ffn.experts": LoRA(4), "attn.q": LoRA(2)})
-    with pytest.raises(AdaptuneError, match="target_parameters"):
-        export_peft(model, tmp_path / "out")
-    export_peft(model, tmp_path / "out", skip_unsupported=True)  # the attention LoRA alone
 
 
 def test_a_model_mixing_dense_and_sparse_layers_names_its_sparse_ones():

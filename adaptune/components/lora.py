@@ -192,7 +192,7 @@ class ExpertsLoRAModule(nn.Module):
         if component.init != "default":
             raise BindError(f"{what}: init={component.init!r} is not supported on a mixture of experts' weights; "
                             f"use init='default' there")
-        self.scale, self.dropout = component.scale, component.dropout
+        self.scale, self.dropout, self.rslora = component.scale, component.dropout, component.rslora
         self.each = component.experts == "each"
         lead = (n,) if self.each else ()
         self.A = nn.Parameter(torch.empty(*lead, r, d_in))  # (E, r, in) or (r, in)
