@@ -115,8 +115,10 @@ def test_every_component_kind_trains_and_generate_is_the_same_with_and_without_c
     ids, mask, target = batch
     out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=target, labels=target)
     out.loss.backward()
-    trained = [p for p in adaptation.parameters() if p.requires_grad]
-    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+    trained = [(n, p) for n, p in adaptation.named_parameters() if p.requires_grad]
+    assert trained
+    for n, p in trained:  # every component's every parameter gets a real gradient: none cut off, none zero
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("adaptune."))
     with torch.no_grad():
         cached = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True)

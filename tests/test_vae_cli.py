@@ -28,11 +28,18 @@ def test_every_ablation_runs_and_saves_its_run(ablation, tmp_path):
     test = results["test"]
     assert test["sentences"] == 4 and test["tokens_optimus"] - test["tokens_scored"] == 4
     assert all(math.isfinite(test[k]) for k in ("ppl", "neg_elbo", "mi", "base_ppl")), test  # not NaN, not inf
+    # the metrics are the sums they are defined by: −ELBO = reconstruction + KL, PPL = exp(NLL per scored token)
+    assert test["neg_elbo"] == pytest.approx(test["rec"] + test["kl"]) and test["kl"] >= 0 and test["rec"] > 0
+    for ppl, tokens in (("ppl", "tokens_scored"), ("ppl_optimus_tokens", "tokens_optimus")):
+        assert test[ppl] == pytest.approx(math.exp(test["nll"] * test["sentences"] / test[tokens])), ppl
+    assert test["ppl"] > test["ppl_optimus_tokens"] > 1 and test["base_ppl"] > 1
+    assert len(test["au_variances"]) == 4 and 0 <= test["au"] <= 4  # --latent-dim 4
     assert len(results["history"]) == 2 and len(results["samples"]) == 3
     assert (run / "command.txt").read_text().startswith("adaptune run vae")
     assert load_file(str(run / "posterior.safetensors"))
     assert (run / "model.safetensors").exists() == (ablation == "finetune")
     pct = results["params"]["pct_trainable"]
+    assert pct == pytest.approx(100 * results["params"]["trainable"] / results["base"]["params"])
     assert (pct > 90) if ablation == "finetune" else (0 < pct < 50)
 
 
