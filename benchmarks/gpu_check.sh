@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The one-shot GPU check: every phase in one call, each writing its results under OUTDIR as it ends.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR              # on a GPU machine (H100/H200): budgets of 480 s in all
+#   bash benchmarks/gpu_check.sh OUTDIR              # on a GPU machine (H100/H200): budgets of 490 s in all
 #   bash benchmarks/gpu_check.sh --rehearse OUTDIR   # the same phases on the CPU, tiny shapes: under 3 minutes
 #                                                    # (the tests' LoRA cases only; budgets x3 for 2 CPU cores)
 #
 # It installs nothing: the checkout is put on PYTHONPATH, and the machine's python3 (PYTHON overrides it)
 # must have torch, transformers, peft, pytest, hypothesis and ninja. Phases, with their time budgets (seconds):
-#   1 environment  (140)  GPU, versions, the extension built for the device    environment.json, build.log
+#   1 environment  (130)  GPU, versions, the extension built for the device    environment.json, build.log
 #   2 correctness  (100)  the kernel tests (ADAPTUNE_KERNELS=require; fp32,     tests.log, tests.xml
-#                         fp16, bf16) and the routing, half-precision, DoRA and quantized-base model
-#                         tests on it (the last skipped where bitsandbytes is not installed)
+#                         fp16, bf16) and the routing, half-precision, DoRA, quantized-base (skipped
+#                         where bitsandbytes is not installed) and experts' grouped-op model tests on it
 #   3 speed        (180)  ops (4096², 8192²), a Llama-1.1B training step,       results.tar (<suite>-<device>.json
 #                         mixed-task batches and LoRA / DoRA on nf4 / int8       and .md, targets-<device>.*)
 #                         bases beside PEFT; target verdicts
-#   4 rank sweep    (60)  seed 002's Table 2 on BERT-base                        results.tar, as above
+#   4 sweep+experts (80)  seed 002's Table 2 on BERT-base; LoRA on every expert  results.tar, as above
+#                         of a Mixtral-8x7B-shaped MoE block beside PEFT
 # A phase that fails or runs out of time is recorded in check.log and the next one still runs; bench.log
 # holds the benchmarks' progress. Seven files in all (the device machine returns at most eight).
 # GPU_CHECK_MAX_BUDGET=N caps every phase at N seconds (the tests use it to check the time-out path).
@@ -88,7 +89,8 @@ tests() {
   if [ $rehearse = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
   ADAPTUNE_KERNELS=require ADAPTUNE_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
     "${SELECT[@]}" --junitxml="$OUT/tests.xml" tests/test_kernels.py tests/test_kernels_routed.py tests/test_kernels_half.py \
-    tests/test_routing.py tests/test_half_precision.py tests/test_dora.py tests/test_quantized.py > "$OUT/tests.log" 2>&1
+    tests/test_routing.py tests/test_half_precision.py tests/test_dora.py tests/test_quantized.py \
+    tests/test_experts_grouped.py > "$OUT/tests.log" 2>&1
   local rc=$?
   tail -n 1 "$OUT/tests.log"
   return $rc
@@ -96,10 +98,10 @@ tests() {
 
 where=$([ $rehearse = 1 ] && echo "rehearsal on the CPU" || echo "on $DEVICE")
 log "gpu_check: $where, checkout $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
-phase 1 environment 140 "$PY" -m benchmarks.gpu_check "$OUT" "$DEVICE"
+phase 1 environment 130 "$PY" -m benchmarks.gpu_check "$OUT" "$DEVICE"
 phase 2 correctness 100 tests
 phase 3 speed 180 bench ops train routing quantized  # quantized last: a time-out keeps the others
-phase 4 rank-sweep 60 bench sweep
+phase 4 sweep-experts 80 bench sweep experts
 if [ -s "$STAGE/.verdicts" ]; then log "target verdicts:"; tee -a "$OUT/check.log" < "$STAGE/.verdicts"; fi
 log "gpu_check: done, $([ $failed = 0 ] && echo every phase ok || echo 'some phases failed (above)')"
 exit $failed

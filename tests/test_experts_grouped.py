@@ -8,34 +8,45 @@ from test_experts import ARCHS, bound, build, experts_of, ids, perturb, routing
 from adaptune import DoRA, LoRA, attach, detach, load, ops
 from adaptune.ops import grouped, reference
 
+pytestmark = pytest.mark.on_device  # on $ADAPTUNE_TEST_DEVICE when set (conftest.py)
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=0.1, rtol=0.02)}
 
-def grouped_inputs(counts=(5, 0, 3, 8), d_in=16, d_out=24, r=4, one=False, seed=0):
+
+def grouped_inputs(counts=(5, 0, 3, 8), d_in=16, d_out=24, r=4, one=False, seed=0, dtype=torch.float32):
     """Rows sorted by expert (expert 1 has none), weights, factors and row scales with gradients on."""
     g = torch.Generator().manual_seed(seed)
     E = len(counts)
-    x = torch.randn(sum(counts), d_in, generator=g, requires_grad=True)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+
+    x = rand(sum(counts), d_in)
     offsets = torch.tensor(counts).cumsum(0)
-    weight = torch.randn(E, d_out, d_in, generator=g)
+    weight = rand(E, d_out, d_in, grad=False)
     lead = () if one else (E,)
-    A = torch.randn(*lead, r, d_in, generator=g, requires_grad=True)
-    B = torch.randn(*lead, d_out, r, generator=g, requires_grad=True)
+    A, B = rand(*lead, r, d_in), rand(*lead, d_out, r)
     row_scale = torch.rand(E, d_out, generator=g).add(0.5).requires_grad_()
     return x, offsets, weight, A, B, row_scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("one", [False, True])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_grouped_multiply_equals_the_reference_loop(one, rescale):
-    x, offsets, weight, A, B, row_scale = grouped_inputs(one=one)
-    assert grouped.supports(x, weight, A, B)  # the grouped path really runs here
+def test_grouped_multiply_equals_the_reference_loop(one, rescale, dtype, test_device):
+    x, offsets, weight, A, B, row_scale = grouped_inputs(one=one, dtype=dtype, r=16 // dtype.itemsize)  # 16-byte rows
+    if test_device == "cpu" or dtype == torch.bfloat16:  # torch groups these (CUDA: bfloat16 only)
+        assert grouped.supports(x, weight, A, B)
+    elif not grouped.supports(x, weight, A, B):
+        pytest.skip(f"torch has no grouped multiply for {dtype} on {test_device}")
     scales = row_scale if rescale else None
     inputs = [x, A, B, *([row_scale] if rescale else [])]
     y = grouped.grouped_lora(x, offsets, weight, A, B, 0.5, scales)
     ref = reference.grouped_lora(x, offsets, weight, A, B, 0.5, scales)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    assert y.dtype == ref.dtype == dtype
+    torch.testing.assert_close(y, ref, **TOLERANCE[dtype])
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype])
     if not one:  # expert 1 has no rows: no gradient reaches its factors
         dA = torch.autograd.grad(grouped.grouped_lora(x, offsets, weight, A, B, 0.5, scales), A, g)[0]
         assert dA[1].abs().sum() == 0 and dA[0].abs().sum() > 0

@@ -13,7 +13,7 @@ import pytest
 from benchmarks import targets
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("1 environment", "2 correctness", "3 speed", "4 rank-sweep")
+PHASES = ("1 environment", "2 correctness", "3 speed", "4 sweep-experts")
 RETURNED = {"check.log", "environment.json", "build.log", "tests.log", "tests.xml", "results.tar", "bench.log"}
 
 
@@ -59,7 +59,7 @@ def test_results_hold_every_suite_and_a_verdict_for_every_target(rehearsal):
     _, out = rehearsal
     with tarfile.open(out / "results.tar") as tar:
         names = {Path(n).name for n in tar.getnames()}
-        suites = ("ops", "train_step", "routing", "rank_sweep", "targets")
+        suites = ("ops", "train_step", "routing", "rank_sweep", "experts", "targets")
         assert {f"{s}-cpu-tiny.{ext}" for s in suites for ext in ("json", "md")} <= names
         checked = json.load(tar.extractfile("./targets-cpu-tiny.json"))
         sweep = json.load(tar.extractfile("./rank_sweep-cpu-tiny.json"))
@@ -73,4 +73,4 @@ def test_a_phase_past_its_budget_is_recorded_and_the_next_still_runs(tmp_path):
     done = rehearse(tmp_path, GPU_CHECK_MAX_BUDGET="1")
     log = (tmp_path / "check.log").read_text()
     assert done.returncode == 1
-    assert "phase 2 correctness: TIMED OUT" in log and "phase 4 rank-sweep: started" in log, log
+    assert "phase 2 correctness: TIMED OUT" in log and "phase 4 sweep-experts: started" in log, log
