@@ -82,8 +82,12 @@ def test_classify_reports_every_method_budget_and_seed():
 
 
 def test_minilm_features_are_mean_pooled_384_vectors():
-    x = minilm_features(["the food was great .", "terrible service"])
+    texts = ["the food was great .", "terrible service"]
+    x = minilm_features(texts)
     assert x.shape == (2, 384) and torch.isfinite(x).all()
+    alone = torch.cat([minilm_features([t]) for t in texts])  # one text a batch: no padding at all
+    torch.testing.assert_close(x, alone, atol=1e-5, rtol=1e-4)  # the shorter text's padding is left out of its mean
+    assert (x[0] - x[1]).abs().max() > 1e-2  # and the two texts are told apart
 
 
 def test_vae_classify_cli_writes_results_and_plot_into_the_run(tmp_path):
