@@ -25,8 +25,11 @@ def test_tiny_bases_load_offline_and_generate(name):
     batch = Collate(tok)(["hello world .", "a b"])
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     assert torch.isfinite(out.loss)
-    ids = model.generate(batch["input_ids"][:1, :4], max_new_tokens=5, do_sample=False)
-    assert ids.shape == (1, 9) and isinstance(tok.decode(ids[0]), str)
+    prompt = batch["input_ids"][:1, :4]
+    ids = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert ids.shape == (1, 9) and torch.equal(ids[:, :4], prompt)
+    with torch.no_grad():  # greedy: the first new token is the forward's most likely next token
+        assert ids[0, 4] == model(input_ids=prompt).logits[0, -1].argmax()
     assert tok.decode(tok("héllo wörld .", add_special_tokens=False)["input_ids"]) == "héllo wörld ."
     assert _same_weights(model, load_base(name)[0]) and not _same_weights(model, load_base(name, seed=1)[0])
 
