@@ -17,6 +17,7 @@ Two marks, both HTML comments (invisible when rendered):
 - `<!-- table: PATH -->` on the line before a markdown table: each row of the doc's table is a copy of the row of
   PATH (a table written by `adaptune report`) with the same first cell, cell for cell in the doc's columns (matched
   by header; `**` bold ignored).
+Code (inline spans and fenced blocks) is not read: a mark or a number there is an example.
 
 Rounding rule: a doc figure equals the file's value rounded to the digits it shows, that is |shown - value| is at
 most half a unit of its last digit (an exact tie passes either way). Thousands separators are ignored; a `%` or unit
@@ -42,6 +43,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 COMMENT = re.compile(r"<!--(.*?)-->", re.S)
+CODE = re.compile(r"`[^`]*`")  # an inline code span
 NUMBER = re.compile(
     r"(?:(?:(?<=[\s(\[{])|^)([-−+]))?"  # a sign only after a space or an opening bracket: 63-137 is a range
     r"(?<![\w.,])"  # not inside a word, a version or a larger number
@@ -306,7 +308,13 @@ def check_text(text: str, doc: Path, tracked: set[str] | None = None) -> tuple[l
         if tracked is not None and path.is_file() and rel(path) not in tracked:
             problems.append(Problem(name, line, f"{rel(path)} is not committed (git ls-files does not list it)"))
 
+    fenced = False
     for i, line in enumerate(lines, 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced or line.lstrip().startswith("```"):
+            continue  # code shows marks and numbers, it does not make them
+        line = CODE.sub(lambda c: "\0" * len(c.group(0)), line)
         window_start = 0
         # comments blanked out (not to spaces: `63<!-- ... -->-137` is a range, not 63 and -137)
         on_line = numbers(COMMENT.sub(lambda c: "\0" * len(c.group(0)), line))
@@ -473,6 +481,12 @@ def test_a_table_copied_from_a_report_table(tree):
     assert "not in table.md" in check(tree, "<!-- table: table.md -->\n" + table.replace("dev avg", "dev"))[0]
     assert "no such file" in check(tree, "<!-- table: gone.md -->\n" + table)[0]
     assert check(tree, "0.608 (100%)<!-- from: table.md#[full][dev avg] #[full][% of full] -->") == []
+
+
+def test_code_is_not_read(tree):
+    assert check(tree, "`0.9<!-- from: r.json#dev.average -->` and\n```\n<!-- table: gone.md -->\n```\n") == []
+    assert check(tree, "0.578<!-- from: r.json#dev.average --> (`--lr 3e-3`)") == []
+    assert "only 0 figures" in check(tree, "`0.578`<!-- from: r.json#dev.average -->")[0]
 
 
 def test_a_file_git_does_not_track_is_reported(tree):
