@@ -34,7 +34,8 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 @dataclass
 class _Frozen:
-    flags: dict[nn.Parameter, bool] = field(default_factory=dict)
+    flags: dict[str, bool] = field(default_factory=dict)  # by name: holding the tensors would keep them alive (a
+    # weight fully_shard replaced by its shard, a layer the user swapped out) and lose nothing by their names
 
 
 class Group(nn.Module):
@@ -119,10 +120,11 @@ class Adaptation(nn.Module):
             raise ConfigError("this model already has an adaptation attached; detach it first")
         self._check_unsharded("attach")
         own = {id(p) for p in self.parameters()}
-        self._frozen = _Frozen({p: p.requires_grad for p in model.parameters() if id(p) not in own})
+        base = [(name, p) for name, p in model.named_parameters() if id(p) not in own]
+        self._frozen = _Frozen({name: p.requires_grad for name, p in base})
         installed: list[Hook] = []
         try:
-            for p in self._frozen.flags:
+            for _, p in base:
                 p.requires_grad_(False)
             self.train(model.training)  # components follow the model's mode (LoRA dropout off in eval)
             self._held = keep_differentiable(model)  # gradients through every quantized layer, in any mode
@@ -144,8 +146,8 @@ class Adaptation(nn.Module):
                               f"attach (or load) before fully_shard")
 
     def _restore(self, model: nn.Module) -> None:
-        for p, flag in self._frozen.flags.items():
-            p.requires_grad_(flag)
+        for name, flag in self._frozen.flags.items():
+            model.get_parameter(name).requires_grad_(flag)
         release(getattr(self, "_held", {}))
         if model._modules.get("adaptune") is self:
             del model._modules["adaptune"]

@@ -170,3 +170,26 @@ def test_merged_float_of_a_float_base_folds_fused_slices_and_biases_and_refuses_
     attach(model, {"embed": LoRA(2)})
     with pytest.raises(MergeError, match=r"embed \(layer None\) updates a weight tied to lm_head"):
         merged_float(model)
+
+
+def test_an_adaptation_holds_no_base_weight_alive(model):
+    """fully_shard (or a user) may replace base parameters after attach: the adaptation must not keep the old
+    tensors alive (under FSDP2 that would hold every full weight beside its shard), and detach still restores
+    the requires_grad flags, by name, on the parameters the model has then."""
+    import gc
+    import weakref
+    attach(model, {"attn": LoRA(2) | Adapter(4), "ffn.up": DoRA(2)})
+    base = [(m, name) for m in model.modules() if not any(m is x for x in model.adaptune.modules())
+            for name, p in m._parameters.items() if p is not None]
+    olds, new = [], {}  # a tied weight (GPT-2's wte and head) stays tied
+    for module, name in base:
+        old = module._parameters[name]
+        if id(old) not in new:
+            new[id(old)] = torch.nn.Parameter(old.detach().clone(), requires_grad=False)
+            olds.append(weakref.ref(old))
+        module._parameters[name] = new[id(old)]
+    del old
+    gc.collect()
+    assert olds and all(ref() is None for ref in olds)
+    detach(model)
+    assert all(p.requires_grad for p in model.parameters())
