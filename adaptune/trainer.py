@@ -7,6 +7,11 @@ the mixin first): its checkpoints and `save_model` hold the adaptation (`adapter
 state are saved and restored by Trainer as usual, so a resumed run ends where an uninterrupted one does.
 `AdapterTrainer` is the mixin on `transformers.Trainer` itself.
 
+Multitask training in one step: `task_column="task"` names a dataset column holding each sample's task (a name,
+an index, or None for the shared components only), and every training and evaluation step runs inside
+`adaptation.route(...)`, so several tasks' components (of any type) train together on the one frozen base, each
+sample's gradients reaching only its task's components and the shared ones (adaptune.trainer_routing).
+
 A callback alone cannot do this: Trainer writes the full weights before `on_save` runs, and on resume it
 refuses a checkpoint without them before any callback is called. Hence the two overrides, `_save` and
 `_load_from_checkpoint` (as Trainer special-cases PEFT models in the same two places). Arguments it cannot
@@ -22,8 +27,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -34,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .adaptation import Adaptation
 from .errors import ConfigError, LoadError, WriteError
 from .save_format import check_finite, read
+from .trainer_routing import TaskColumn, check_task_column, split_batch
 
 ADAPTERS_FILE = "adapters.safetensors"
 
@@ -125,7 +132,14 @@ class AdapterCheckpoints:
 
     The model must carry an adaptation (attach first) and nothing else may train. Refused before the trainer
     is built: DeepSpeed, FSDP, an output directory that is a file, and `peft_config` (TRL would wrap the model in
-    PEFT adapters these checkpoints do not hold). Single process and DDP."""
+    PEFT adapters these checkpoints do not hold). Single process and DDP.
+
+    task_column: the dataset column naming each sample's task (names, indices, None / -1 for shared only); each
+    training and prediction step then routes every sample to its task's components (see the module doc). Refused
+    before the trainer is built: an adaptation without tasks, tasks the adaptation lacks in a `datasets.Dataset`'s
+    column or the column missing there, TRL's packing / padding-free batches (several samples in one row), and
+    ddp_find_unused_parameters=False (under DDP a task that no sample of a rank's batch has gets no gradient there;
+    unset, it is set to True)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -135,11 +149,12 @@ class AdapterCheckpoints:
                             f"(class {cls.__name__}(AdapterCheckpoints, ...)), else Trainer's own saving and loading "
                             f"run instead of its adapter-only ones")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, task_column: str | None = None, **kwargs: Any) -> None:
         who = type(self).__name__
         if not isinstance(self, Trainer):
             raise TypeError(f"{who}: AdapterCheckpoints is a mixin for transformers.Trainer subclasses "
                             f"(class {who}(AdapterCheckpoints, Trainer)); {who} is none")
+        self.task_column = task_column
         given = _given(super().__init__, args, kwargs)
         check_arguments(given.get("args"), who)  # before Trainer builds an accelerator and makes the output directory
         if given.get("peft_config") is not None:
@@ -150,13 +165,23 @@ class AdapterCheckpoints:
             raise ConfigError(f"{who}: ref_model=BaseReference(model) is the base and stays the base, but "
                               f"sync_ref_model=True moves the reference toward the policy; pass a frozen copy of the "
                               f"model as ref_model, or drop sync_ref_model")
-        if given.get("model") is not None:  # None with model_init: checked once Trainer made the model
-            adaptation_for_training(given["model"], who)
+        model = given.get("model")
+        adaptation = adaptation_for_training(model, who) if model is not None else None  # None: model_init
+        if task_column is not None:
+            evals = given.get("eval_dataset")
+            datasets = {"train": given.get("train_dataset"),
+                        **({f"eval {k!r}": v for k, v in evals.items()} if isinstance(evals, dict) else {"eval": evals})}
+            check_task_column(task_column, adaptation, model, given.get("args"), datasets, who)
+            if getattr(given.get("args"), "ddp_find_unused_parameters", False) is None:  # DDP: the components of
+                given["args"].ddp_find_unused_parameters = True  # a task no sample of a rank's batch has get no grad
         super().__init__(*args, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise ConfigError(f"{who} supports single-process and DDP training; DeepSpeed and FSDP are not supported")
         if self.model is not None:  # the model as the trainer keeps it (a subclass may have changed it)
-            self._adaptation()
+            adaptation = self._adaptation()
+            if task_column is not None:
+                check_task_column(task_column, adaptation, self.model, self.args, {}, who)
+                self.data_collator = TaskColumn(self.data_collator, task_column, adaptation.task_names)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer.train; resume_from_checkpoint=True takes the last checkpoint-N in output_dir, and a LoadError
@@ -169,6 +194,34 @@ class AdapterCheckpoints:
                 raise LoadError(f"resume_from_checkpoint=True resumes from the last checkpoint in output_dir, but "
                                 f"{str(out)!r} {state}; train without it, or give a checkpoint directory's path")
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The model's inputs as Trainer finds them, and the task column: `remove_unused_columns` keeps it."""
+        super()._set_signature_columns_if_needed()
+        if self.task_column is not None and self.task_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.task_column]
+
+    @contextmanager
+    def _routed(self, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The batch without the task column, inside a route of its samples to their tasks (no task column: the
+        batch as it is, unrouted)."""
+        if self.task_column is None:
+            yield inputs
+            return
+        tasks, rest = split_batch(inputs, self.task_column)
+        with self._adaptation().route(tasks):
+            yield rest
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Trainer's step; with a task column, the forward and the backward (which gradient checkpointing runs
+        the forward again in) inside the batch's route."""
+        with self._routed(inputs) as inputs:
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Trainer's evaluation step; with a task column, inside the batch's route."""
+        with self._routed(inputs) as inputs:
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
     def _adaptation(self, model: nn.Module | None = None) -> Adaptation:
         model = self.model if model is None else model
