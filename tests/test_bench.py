@@ -180,3 +180,16 @@ def test_a_targets_file_from_several_environments_names_each_rows_file(tmp_path)
     assert "**2 environments**" in text and "Xeon" in text and "EPYC" in text
     assert {r["source"] for r in rows if r["suite"] == "train_step"} == {"train_step-cpu.json (d1)"}
     assert len(json.loads((tmp_path / "targets-cpu.json").read_text())["environments"]) == 2
+
+
+def test_scale_out_runs_ddp_and_fsdp2_on_two_processes_and_they_train_alike(tmp_path):
+    from benchmarks import scale_out
+    scale_out.main(["--tiny", "--steps", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "scale_out-cpu-tiny.json").read_text())
+    records = result["records"]
+    assert sorted((r["mode"], r["rank"]) for r in records) == [("ddp", 0), ("ddp", 1), ("fsdp2", 0), ("fsdp2", 1)]
+    assert all(len(r["losses"]) == 2 and r["held_over_baseline_mb"] > 0 and r["peak_mb"] >= r["baseline_mb"]
+               for r in records)
+    assert result["losses_agree"] and result["max_loss_diff"] < 1e-3  # the same training under both engines
+    assert {r["trainable"] for r in records} == {records[0]["trainable"]} and records[0]["trainable"] > 0
+    assert "fsdp2" in (tmp_path / "scale_out-cpu-tiny.md").read_text()
