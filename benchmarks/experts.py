@@ -46,7 +46,7 @@ def cases(device: str, kernels: bool, tiny: bool = False, quick: bool = False) -
         for impl, method, path, mode in CASES:
             params = {"model": "mixtral-block", "hidden": hidden, "intermediate": inter, "experts": experts,
                       "top_k": k, "tokens": tokens, "r": R, "impl": impl, "method": method, "path": path}
-            group.append(Case(NAME, f"{hidden} {tokens} tokens {impl} {method} [{path}]", params, mode))
+            group.append(Case(NAME, f"hidden {hidden}, {tokens} tokens: {impl} {method} [{path}]", params, mode))
         groups.append(group)
     return groups
 

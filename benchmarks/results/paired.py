@@ -47,7 +47,12 @@ def pairs() -> dict[str, dict[str, tuple[str, str]]]:
     quantized = {"nf4_lora_over_peft": (f"{q} nf4 adaptune-lora", f"{q} nf4 peft-lora"),
                  "nf4_dora_over_nf4_lora": (f"{q} nf4 adaptune-dora", f"{q} nf4 adaptune-lora"),
                  "nf4_dora_over_peft": (f"{q} nf4 adaptune-dora", f"{q} nf4 peft-dora")}
-    return {"ops": ops, "train_step": step, "routing": routing, "quantized": quantized}
+    e = "hidden 1024, 1024 tokens: "
+    experts = {"lora_over_peft": (f"{e}adaptune lora [grouped]", f"{e}peft lora [-]"),
+               "grouped_over_reference": (f"{e}adaptune lora [grouped]", f"{e}adaptune lora [reference]"),
+               "lora_over_frozen": (f"{e}adaptune lora [grouped]", f"{e}transformers frozen [grouped_mm]"),
+               "dora_over_lora": (f"{e}adaptune dora [grouped]", f"{e}adaptune lora [grouped]")}
+    return {"ops": ops, "train_step": step, "routing": routing, "quantized": quantized, "experts": experts}
 
 
 def main(device: str = "cpu") -> Path:
