@@ -112,10 +112,12 @@ def no_dropout_model_dir(tmp_path_factory):
     return str(d)
 
 
-def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("batching", ["round-robin", "mixed"])
+def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path, batching):  # noqa: F811
     """`torchrun --no-python -- adaptune run multitask` (`--` keeps torchrun from reading `--r` as its `--rdzv...`): each batch split over 2 ranks (5 examples in batches of 4:
     the last one leaves rank 1 without any), one run directory, the same adapters, heads and dev metrics as one
-    process on the whole batches (to float tolerance)."""
+    process on the whole batches (to float tolerance); round robin, and mixed batches (every batch mixes the
+    datasets, each sample routed to its dataset's adapters)."""
     import json
 
     from safetensors.torch import load_file
@@ -123,7 +125,7 @@ def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path)
     from adaptune.experiments.common.methods import Method
     from adaptune.experiments.multitask.run import ExperimentConfig, run
     settings = dict(model=no_dropout_model_dir, data_dir=tiny_data, epochs=2, train_limit=5, dev_limit=8,
-                    max_length=24, batch_size=4, seed=0)
+                    max_length=24, batch_size=4, seed=0, batching=batching)
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     cli = Path(sys.executable).with_name("adaptune")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

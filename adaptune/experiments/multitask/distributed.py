@@ -36,10 +36,18 @@ class Ranks:
         return (mine, len(mine) / len(idx)) if mine else (idx[:1], 0.0)
 
     def reduce(self, params: list[torch.Tensor], loss: torch.Tensor) -> float:
-        """Sum the gradients (those not None) and the loss across ranks in one all-reduce; the summed loss."""
+        """Sum the gradients and the loss across ranks; the summed loss. A gradient present on some ranks only (a
+        mixed batch whose share on this rank lacks a dataset) counts as zero where it is None; one that is None
+        on every rank stays None, as in one process (AdamW then leaves the parameter and its moments alone)."""
         if self.world == 1:
             return loss.item()
-        grads = [p.grad for p in params if p.grad is not None]
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        dist.all_reduce(present)
+        used = [p for p, n in zip(params, present.tolist()) if n > 0]
+        for p in used:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in used]
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0] if grads else loss)])
         dist.all_reduce(flat)
         offset = 0
@@ -47,6 +55,17 @@ class Ranks:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
         return flat[-1].item()
+
+    def dataset_means(self, parts: dict[str, float], names: list[str], datasets: list[str]) -> dict[str, float]:
+        """Each dataset's mean loss over the whole mixed batch, from every rank's means over its share (`parts`,
+        `names`: this rank's samples' datasets): what one process records; datasets in no rank's share left out."""
+        if self.world == 1:
+            return parts
+        counts = [names.count(t) for t in datasets]
+        sums = torch.tensor([parts.get(t, 0.0) * n for t, n in zip(datasets, counts)] + counts, dtype=torch.float64)
+        dist.all_reduce(sums)
+        k = len(datasets)
+        return {t: (sums[i] / sums[k + i]).item() for i, t in enumerate(datasets) if sums[k + i] > 0}
 
     def gather(self, preds: dict[str, list]) -> dict[str, list[float]]:
         """Every rank's dev predictions (None where another rank predicted) merged into one list per dataset."""

@@ -131,15 +131,13 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
                 parts = {names[0]: None}
             if ranks.world > 1:
                 loss = loss * share  # summed across ranks: the whole batch's mean
+                if mixed:
+                    parts = ranks.dataset_means(parts, names, list(data))
             step += 1
             where = f"step {step} of {total} (epoch {epoch + 1}, " + \
                 (f"datasets {', '.join(parts)})" if mixed else f"dataset {names[0]!r})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if mixed and ranks.world > 1:  # every rank all-reduces the same gradients, present or not
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
             value = _finite(ranks.reduce(params, loss), "the loss", where, cfg)
             _finite(torch.nn.utils.clip_grad_norm_(params, 1.0).item(), "the gradient norm", where, cfg)
             opt.step()
