@@ -1,0 +1,54 @@
+"""Mean and standard deviation over seeds of the per-task LoRA / DoRA runs in per-run/ (run.sh writes them).
+
+Usage (from the repository root): python benchmarks/results/multitask/per-task/summarize.py
+Writes summary.json and summary.md here: per method and rank, the number of seeds, and the mean and sample
+standard deviation (n - 1) of the dev average and of each dataset's dev score; and DoRA - LoRA per seed where both
+ran (the paired difference, which cancels what a seed does to both).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATASETS = ("sst", "para", "sts")
+
+
+def _stats(values: list[float]) -> dict:
+    return {"n": len(values), "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+
+
+def main() -> Path:
+    runs = [json.loads(p.read_text()) for p in sorted((HERE / "per-run").glob("*.json"))]
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(f"{run['config']['method']['name']}-r{run['config']['method']['r']}", []).append(run)
+    out: dict = {"how": __doc__.split("\n\n")[0], "groups": {}, "dora_minus_lora": {}}
+    for key, group in sorted(groups.items()):
+        group.sort(key=lambda run: run["config"]["seed"])
+        out["groups"][key] = {"seeds": [run["config"]["seed"] for run in group],
+                              "dev_average": _stats([run["dev_average"] for run in group]),
+                              **{t: _stats([run["tasks"][t]["dev"] for run in group]) for t in DATASETS},
+                              "pct_updated_mean": group[0]["pct_updated_mean"]}
+    for r in sorted({run["config"]["method"]["r"] for run in runs}):
+        lora, dora = out["groups"].get(f"lora-r{r}"), out["groups"].get(f"dora-r{r}")
+        if lora and dora:
+            both = sorted(set(lora["seeds"]) & set(dora["seeds"]))
+            diffs = [dora["dev_average"]["values"][dora["seeds"].index(s)] -
+                     lora["dev_average"]["values"][lora["seeds"].index(s)] for s in both]
+            if diffs:
+                out["dora_minus_lora"][f"r{r}"] = {"seeds": both, **_stats(diffs)}
+    (HERE / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = ["| method | seeds | dev average | sst | para | sts | % updated/task |", "|---|---|---|---|---|---|---|"]
+    for key, g in out["groups"].items():
+        cell = lambda s: f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["std"] is not None else "")  # noqa: E731
+        lines.append(f"| {key} per task | {g['dev_average']['n']} | {cell(g['dev_average'])} | "
+                     f"{cell(g['sst'])} | {cell(g['para'])} | {cell(g['sts'])} | {g['pct_updated_mean']:.3g}% |")
+    (HERE / "summary.md").write_text("\n".join(lines) + "\n")
+    return HERE / "summary.json"
+
+
+if __name__ == "__main__":
+    print(main())
