@@ -6,8 +6,11 @@ import json
 import peft
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file
+
+from test_experts import MOE as ALL
+from test_experts import build as build_moe
+from test_experts import gpt_oss, ids
 
 from adaptune import AdaptuneError, DoRA, LoadError, LoRA, attach
 from adaptune.peft_export import CONFIG_NAME, WEIGHTS_NAME, export_peft
@@ -15,26 +18,12 @@ from adaptune.peft_import import import_peft
 from adaptune.points import EXPERTS
 
 ATOL = 1e-5
-COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=64, max_position_embeddings=64)
-MOE = {
-    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **COMMON)),
-    "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8, **COMMON)),
-    "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(num_experts=4, num_experts_per_tok=2, **COMMON)),
-}
-GPT_OSS = {"gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(num_local_experts=4, num_experts_per_tok=2,
-                                                                 head_dim=8, **COMMON))}
+MOE = {name: ALL[name] for name in ("mixtral", "qwen3_moe", "olmoe")}  # the shapes tests/test_experts.py builds
 BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def build(name="mixtral"):
-    torch.manual_seed(0)
-    return {**MOE, **GPT_OSS}[name]().eval()
-
-
-def ids(seed=0):
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(seed))
+    return gpt_oss() if name == "gpt_oss" else build_moe(name)
 
 
 @torch.no_grad()
