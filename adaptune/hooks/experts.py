@@ -64,7 +64,8 @@ class ExpertsHook(ForwardHook):
         out = y.new_zeros(tokens * k, y.shape[-1]).index_copy(0, held, y)
         return out.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    # ---- merge / unmerge: W_e <- W_e + s·B_e·A_e for every expert; the whole former weight kept here
+    # ---- merge / unmerge: W_e <- the update folded in for every expert (LoRA: W_e + s·B_e·A_e; DoRA: its rows
+    # rescaled to m_e); the whole former weight kept here
 
     def mergeable(self) -> list[Binding]:
         out = []
