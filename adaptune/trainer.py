@@ -15,8 +15,23 @@ sample's gradients reaching only its task's components and the shared ones (adap
 A callback alone cannot do this: Trainer writes the full weights before `on_save` runs, and on resume it
 refuses a checkpoint without them before any callback is called. Hence the two overrides, `_save` and
 `_load_from_checkpoint` (as Trainer special-cases PEFT models in the same two places). Arguments it cannot
-honour (DeepSpeed, FSDP, an output directory that is a file, a PEFT config) are refused before Trainer makes
-anything.
+honour (FSDP1 and XLA's FSDP, an output directory that is a file, a PEFT config) are refused before Trainer
+makes anything.
+
+Sharded engines (Accelerate's, as Trainer sets them up from `TrainingArguments(fsdp=..., deepspeed=...)` or
+`accelerate launch`), where saving and loading are collectives that every rank calls, as Trainer's own are there:
+- FSDP2 (`fully_shard`; the components are DTensors in the root's group): adapters.safetensors is gathered whole
+  and written once by rank 0 (`Adaptation.save` under FSDP2), and loaded back into the shards; the optimizer state
+  is Accelerate's (`save_fsdp_optimizer` / `load_fsdp_optimizer`: the components' state only, since nothing else
+  trains), without the whole-model file Trainer would write beside it.
+- DeepSpeed (ZeRO-1/2/3): under ZeRO-3 the components' partitions are gathered (`deepspeed.zero.GatheredParameters`)
+  before rank 0 writes, and a component that is still an empty partition is never written; loading fills the
+  gathered components on every rank and rank 0's values go back into the partitions. The optimizer state is
+  DeepSpeed's own checkpoint (`global_stepN/`: its fp32 master copies and moments of the components, per rank)
+  written with `exclude_frozen_parameters=True`, so it holds no base weight either; on resume it is loaded without
+  DeepSpeed's module load (whose strict check wants the base), the components coming from adapters.safetensors.
+A checkpoint resumes under the engine that wrote it (its optimizer state is that engine's format); another
+engine's checkpoint is a LoadError before anything runs.
 
 `BaseReference(model)` stands in for the frozen reference model of trainers that compare a policy with its
 starting point (TRL's `DPOTrainer(ref_model=...)`): the same model run with its components disabled, so the base
@@ -27,6 +42,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,12 +50,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adaptation import Adaptation
 from .errors import ConfigError, LoadError, WriteError
-from .save_format import check_finite, read
+from .save_format import agree, check_finite, is_sharded, on_rank0, read
+from .save_load import load
 from .trainer_routing import TaskColumn, check_task_column, split_batch
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -70,19 +88,32 @@ def adaptation_for_training(model: nn.Module, who: str = "AdapterTrainer") -> Ad
     return found
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def check_arguments(args: Any, who: str = "AdapterTrainer") -> None:
-    """ConfigError for training arguments `who` cannot honour: DeepSpeed and FSDP (set in the arguments or by
-    `accelerate launch`) save and load sharded weights through other paths than its adapter-only ones."""
+    """ConfigError for training arguments `who` cannot honour: FSDP1 and XLA's FSDP (set in the arguments or by
+    `accelerate launch`), whose flattened parameters are not the components' own (FSDP2 and DeepSpeed are
+    supported); WriteError for an output directory that is a file."""
     if args is None:
         return
-    used = [f"{k}={getattr(args, k)!r}" for k in ("fsdp", "deepspeed") if getattr(args, k, None)]
-    used += [f"{k}=true in the environment" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-             if os.environ.get(k, "false").lower() in ("1", "true", "yes")]
+    used = []
+    if getattr(args, "fsdp", None):
+        version = (getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version", 2)
+        config = getattr(args, "fsdp_config", None)
+        if version != 2:
+            used.append(f"fsdp_config={{'version': {version}}}")
+        if isinstance(config, dict) and config.get("xla"):
+            used.append("fsdp_config={'xla': True}")
+    elif _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        used.append(f"ACCELERATE_USE_FSDP=true with FSDP_VERSION={os.environ.get('FSDP_VERSION', '1 (unset)')} in "
+                    f"the environment (accelerate launch --use_fsdp without --fsdp_version 2)")
     if used:
-        raise ConfigError(f"{who} supports single-process and DDP training (torchrun); DeepSpeed and FSDP "
-                          f"are not supported, and the training arguments ask for them: {', '.join(used)}. Drop "
-                          f"them, or use the trainer without AdapterCheckpoints (whose checkpoints hold the whole "
-                          f"model)")
+        raise ConfigError(f"{who} supports FSDP2 (fully_shard) and DeepSpeed, not FSDP1 or XLA's FSDP, whose "
+                          f"flattened parameters are not the components' own; the training arguments ask for "
+                          f"{', '.join(used)}. Use FSDP2: TrainingArguments(fsdp=True, fsdp_config={{'version': 2}}) "
+                          f"(version 2 is the default) or accelerate launch --use_fsdp --fsdp_version 2")
     check_directory(args.output_dir, who)
 
 
@@ -125,14 +156,49 @@ def _given(init: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
         return {}
 
 
+@contextmanager
+def zero3_gathered(adaptation: Adaptation, write: bool = False) -> Iterator[Adaptation]:
+    """Inside: the components that DeepSpeed ZeRO-3 partitions are whole on every rank (a collective: every rank
+    enters); write=True: rank 0's values go back into the partitions on the way out. Without partitioned
+    components (no DeepSpeed, ZeRO-1/2, components below ZeRO-3's persistence threshold) nothing happens."""
+    partitioned = [p for p in adaptation.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield adaptation
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if write else None):
+        yield adaptation
+
+
+ENGINES = {"fsdp": "FSDP2", "deepspeed": "DeepSpeed", None: "one process or DDP"}
+
+
+def written_by(checkpoint: str | os.PathLike) -> str | None | bool:
+    """The engine whose optimizer state `checkpoint` holds (a key of ENGINES); False when it holds none
+    (save_only_model)."""
+    names = os.listdir(checkpoint)
+    folders = [n for n in names if os.path.isdir(os.path.join(checkpoint, n))]
+    if any(n.startswith("global_step") for n in folders):
+        return "deepspeed"
+    if "optimizer.bin" in names or any(n.startswith("optimizer_") for n in folders):
+        return "fsdp"
+    return None if "optimizer.pt" in names else False
+
+
+def _components_loaded(src: dict, dst: nn.Module) -> None:
+    """DeepSpeed's module load on resume, left out: its state holds the components only (no base, which its strict
+    load would want), and they were loaded from adapters.safetensors already."""
+
+
 class AdapterCheckpoints:
     """Adapter-only checkpoints for a transformers.Trainer subclass: put it first among the bases,
     `class T(AdapterCheckpoints, SFTTrainer)`. Checkpoints hold adapters.safetensors, the optimizer, scheduler,
     RNG and trainer state; resume loads the adapters into the model's components and ends bit-exact.
 
     The model must carry an adaptation (attach first) and nothing else may train. Refused before the trainer
-    is built: DeepSpeed, FSDP, an output directory that is a file, and `peft_config` (TRL would wrap the model in
-    PEFT adapters these checkpoints do not hold). Single process and DDP.
+    is built: FSDP1 and XLA's FSDP, an output directory that is a file, and `peft_config` (TRL would wrap the model
+    in PEFT adapters these checkpoints do not hold). Single process, DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 (see the
+    module doc); under FSDP2 and DeepSpeed `save_model` is a collective that every rank calls.
 
     task_column: the dataset column naming each sample's task (names, indices, None / -1 for shared only); each
     training and prediction step then routes every sample to its task's components (see the module doc). Refused
@@ -175,8 +241,13 @@ class AdapterCheckpoints:
             if getattr(given.get("args"), "ddp_find_unused_parameters", False) is None:  # DDP: the components of
                 given["args"].ddp_find_unused_parameters = True  # a task no sample of a rank's batch has get no grad
         super().__init__(*args, **kwargs)
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise ConfigError(f"{who} supports single-process and DDP training; DeepSpeed and FSDP are not supported")
+        if self._engine() == "fsdp" and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ConfigError(f"{who} supports FSDP2 (fully_shard), not FSDP1, whose flattened parameters are not the "
+                              f"components' own: use TrainingArguments(fsdp=True, fsdp_config={{'version': 2}}) or "
+                              f"accelerate launch --use_fsdp --fsdp_version 2")
+        if self._engine() == "deepspeed" and not hasattr(Trainer, "_prepare_for_training"):
+            raise ConfigError(f"{who} resumes DeepSpeed checkpoints through Trainer._prepare_for_training, which this "
+                              f"transformers lacks; upgrade transformers (tested with 5.24)")
         if self.model is not None:  # the model as the trainer keeps it (a subclass may have changed it)
             adaptation = self._adaptation()
             if task_column is not None:
@@ -193,7 +264,31 @@ class AdapterCheckpoints:
                 state = "holds no checkpoint-N directory" if os.path.isdir(out) else "does not exist"
                 raise LoadError(f"resume_from_checkpoint=True resumes from the last checkpoint in output_dir, but "
                                 f"{str(out)!r} {state}; train without it, or give a checkpoint directory's path")
+        if resume_from_checkpoint is not None:
+            self._check_resumable(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_resumable(self, checkpoint: str | os.PathLike) -> None:
+        """LoadError unless `checkpoint` is one of these checkpoints with the optimizer state of this trainer's
+        engine (or none, from save_only_model)."""
+        if not (Path(checkpoint) / ADAPTERS_FILE).is_file():
+            raise LoadError(f"{str(checkpoint)!r} holds no {ADAPTERS_FILE}: it is not a checkpoint written by "
+                            f"AdapterTrainer or AdapterCheckpoints")
+        wrote, runs = written_by(checkpoint), self._engine()
+        if wrote is not False and wrote != runs:
+            raise LoadError(f"{str(checkpoint)!r} holds the optimizer state that {ENGINES[wrote]} writes, and this "
+                            f"trainer runs {ENGINES[runs]}, which cannot read it: resume under the engine that wrote "
+                            f"it (the adapters alone load anywhere: adaptune.load(model, "
+                            f"'{Path(checkpoint) / ADAPTERS_FILE}'))")
+
+    def _engine(self) -> str | None:
+        """"fsdp" (FSDP2) or "deepspeed" when Accelerate shards the training through one of them; None for one
+        process and DDP."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return "fsdp"
+        if getattr(self, "is_deepspeed_enabled", False):
+            return "deepspeed"
+        return None
 
     def _set_signature_columns_if_needed(self) -> None:
         """The model's inputs as Trainer finds them, and the task column: `remove_unused_columns` keeps it."""
@@ -228,35 +323,115 @@ class AdapterCheckpoints:
         return adaptation_for_training(self.accelerator.unwrap_model(model, keep_torch_compile=False),
                                        type(self).__name__)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer.save_model, writing adapters.safetensors, the processing class and the arguments. Under FSDP2
+        and DeepSpeed a collective, as Trainer's own is there: every rank calls it (Trainer's would gather the
+        whole model first)."""
+        if self._engine() is None:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            revision = {"revision": self.args.hub_revision} if hasattr(self.args, "hub_revision") else {}
+            self.push_to_hub(commit_message="Model save", **revision)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write adapters.safetensors (not the base weights), the processing class and the arguments."""
+        """Write adapters.safetensors (not the base weights), the processing class and the arguments. Under FSDP2
+        and DeepSpeed every rank comes here: the components are gathered whole and rank 0 writes."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        engine = self._engine()
+        if not self.args.should_save and engine is None:
             return
         adaptation = self._adaptation()
         check_directory(output_dir, type(self).__name__)
-        os.makedirs(output_dir, exist_ok=True)
-        adaptation.save(Path(output_dir) / ADAPTERS_FILE)
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        path = Path(output_dir) / ADAPTERS_FILE
+        if engine == "deepspeed":
+            with zero3_gathered(adaptation):
+                empty = [k for k, v in adaptation.state_dict().items() if v.numel() == 0]
+                if empty:  # on every rank alike: each raises
+                    raise WriteError(f"cannot save to {str(path)!r}: components {', '.join(empty[:3])} are empty "
+                                     f"tensors (partitions DeepSpeed did not gather), which would be saved as such")
+                on_rank0("save", path, adaptation, lambda: adaptation.save(path))
+        else:  # FSDP2: a collective, gathered and written by rank 0; else rank 0 alone comes here
+            adaptation.save(path)
+        if not self.args.should_save:
+            return
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Trainer's, without the base: under FSDP2 Accelerate's optimizer state alone (Trainer writes the whole
+        model beside it), under DeepSpeed its checkpoint with exclude_frozen_parameters=True."""
+        engine = self._engine()
+        if engine is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        own_scheduler = True
+        if engine == "fsdp":
+            from accelerate.utils import save_fsdp_optimizer
+            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                                output_dir)
+        else:
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            own_scheduler = not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper)  # else in DeepSpeed's
+        if self.args.should_save and own_scheduler:
+            with warnings.catch_warnings(record=True) as caught:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            reissue_pt_warnings(caught)
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+        """Trainer's; a DeepSpeed resume is this class's own: the components from adapters.safetensors, DeepSpeed's
+        optimizer state from its global_stepN/ (without its module load), then Trainer's scheduler and scaler."""
+        if resume_from_checkpoint is None or self._engine() != "deepspeed":
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        self._load_from_checkpoint(resume_from_checkpoint)
+        if written_by(resume_from_checkpoint) is False:  # save_only_model: the components alone, as Trainer does
+            return model, train_dataloader
+        loaded, _ = self.model_wrapped.load_checkpoint(resume_from_checkpoint, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True,
+                                                       custom_load_fn=_components_loaded)
+        if loaded is None:
+            raise LoadError(f"DeepSpeed found no checkpoint to resume in {str(resume_from_checkpoint)!r} (its "
+                            f"'latest' file names the global_stepN folder)")
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Load the checkpoint's adapters.safetensors into the model's components."""
+        """Load the checkpoint's adapters.safetensors into the model's components (under FSDP2 and DeepSpeed on
+        every rank: into the shards, or the gathered partitions)."""
         path = Path(resume_from_checkpoint) / ADAPTERS_FILE
         if not path.is_file():
             raise LoadError(f"{str(resume_from_checkpoint)!r} holds no {ADAPTERS_FILE}: it is not a checkpoint "
                             f"written by AdapterTrainer or AdapterCheckpoints")
-        load_into(self._adaptation(model), path)
+        adaptation, engine = self._adaptation(model), self._engine()
+        if engine == "fsdp" and is_sharded(adaptation):
+            load(adaptation.model, path)  # a collective: every rank reads the file and fills its shards
+        elif engine == "deepspeed":
+            with zero3_gathered(adaptation, write=True):
+                error = None
+                try:
+                    load_into(adaptation, path)
+                except Exception as e:  # raised on every rank together, not on one while the others wait
+                    error = e
+                agree("load", path, adaptation, error, LoadError)
+        else:
+            load_into(adaptation, path)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+        optimizer = getattr(self.model_wrapped, "optimizer", None)  # DeepSpeed's fp32 masters follow the components
+        if self._engine() == "deepspeed" and hasattr(optimizer, "refresh_fp32_params"):
+            optimizer.refresh_fp32_params()
 
 
 class AdapterTrainer(AdapterCheckpoints, Trainer):
     """transformers.Trainer saving and resuming only the adaptation of its model (see the module doc).
 
-    Single process and DDP; DeepSpeed and FSDP shard or gather weights through other paths and are refused."""
+    Single process, DDP, FSDP2 and DeepSpeed ZeRO-1/2/3; FSDP1 and XLA's FSDP are refused."""
 
 
 class BaseReference(nn.Module):
@@ -305,4 +480,4 @@ class BaseReference(nn.Module):
 
 
 __all__ = ["ADAPTERS_FILE", "AdapterCheckpoints", "AdapterTrainer", "BaseReference", "adaptation_for_training",
-           "check_arguments", "load_into"]
+           "check_arguments", "load_into", "written_by", "zero3_gathered"]

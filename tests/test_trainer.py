@@ -129,22 +129,27 @@ def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("kw, env, fragment", [
-    ({"fsdp": True}, None, "fsdp=True"),
-    ({"fsdp": "full_shard auto_wrap", "fsdp_config": {"min_num_params": 10}}, None, "fsdp=True"),
-    ({}, ("deepspeed", {"zero_optimization": {"stage": 2}}), "deepspeed={'zero_optimization'"),
-    ({}, ("ACCELERATE_USE_FSDP", "true"), "ACCELERATE_USE_FSDP=true in the environment"),
-], ids=["fsdp", "fsdp-legacy-string", "deepspeed", "accelerate-launch-fsdp"])
-def test_deepspeed_and_fsdp_are_refused_before_trainer_makes_anything(tmp_path, monkeypatch, kw, env, fragment):
-    """TrainingArguments(deepspeed=...) itself needs the deepspeed package; where it is installed the arguments
-    hold the config, as set here."""
-    training = args(tmp_path / "out", **kw)
-    if env and env[0] == "deepspeed":
-        training.deepspeed = env[1]
-    elif env:
+    ({"fsdp": True, "fsdp_config": {"version": 1}}, None, "fsdp_config={'version': 1}"),
+    ({}, ("ACCELERATE_USE_FSDP", "true"), "ACCELERATE_USE_FSDP=true with FSDP_VERSION=1 (unset) in the environment"),
+], ids=["fsdp1", "accelerate-launch-fsdp1"])
+def test_fsdp1_is_refused_before_trainer_makes_anything(tmp_path, monkeypatch, kw, env, fragment):
+    """FSDP2 and DeepSpeed train (tests/test_trainer_sharded.py); FSDP1, whose flat parameters are not the
+    components' own, is refused, asked for in the arguments or by `accelerate launch --use_fsdp` (FSDP_VERSION
+    unset: 1)."""
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    if env:
         monkeypatch.setenv(*env)
-    with pytest.raises(ConfigError, match=f"DeepSpeed and FSDP are not supported.*{fragment}"):
+    training = args(tmp_path / "out", **kw)
+    with pytest.raises(ConfigError, match="supports FSDP2 \\(fully_shard\\) and DeepSpeed, not FSDP1") as e:
         AdapterTrainer(adapted(seed=1), training, train_dataset=dataset())
+    assert fragment in str(e.value) and "--fsdp_version 2" in str(e.value)
     assert listing(tmp_path) == []  # the output directory is not made
+
+
+def test_accelerate_launch_with_fsdp2_is_not_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    AdapterTrainer(adapted(seed=1), args(tmp_path / "out"), train_dataset=dataset())  # one process: FSDP stays off
 
 
 def test_resume_true_without_a_checkpoint_is_a_load_error(tmp_path):
