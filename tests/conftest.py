@@ -32,6 +32,7 @@ SLOW = {  # module -> why it takes its time (together most of the suite's)
     "test_kernels_build.py": "builds the C++ extension, in fresh processes",
     "test_distributed.py": "torchrun, two processes",
     "test_fsdp.py": "torchrun, two processes sharding with FSDP2",
+    "test_trainer_sharded.py": "torchrun, two processes per engine: DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3",
     "test_compile.py": "torch.compile",
     "test_crash_safe.py": "kills writer processes mid-write",
     "test_minilm.py": "a real checkpoint (all-MiniLM-L6-v2)",
