@@ -10,7 +10,8 @@ state are saved and restored by Trainer as usual, so a resumed run ends where an
 Multitask training in one step: `task_column="task"` names a dataset column holding each sample's task (a name,
 an index, or None for the shared components only), and every training and evaluation step runs inside
 `adaptation.route(...)`, so several tasks' components (of any type) train together on the one frozen base, each
-sample's gradients reaching only its task's components and the shared ones (adaptune.trainer_routing).
+sample's gradients reaching only its task's components and the shared ones (adaptune.trainer_routing). One
+process and DDP; refused under FSDP and DeepSpeed (`check_routing_engine`).
 
 A callback alone cannot do this: Trainer writes the full weights before `on_save` runs, and on resume it
 refuses a checkpoint without them before any callback is called. Hence the two overrides, `_save` and
@@ -115,6 +116,27 @@ def check_arguments(args: Any, who: str = "AdapterTrainer") -> None:
                           f"{', '.join(used)}. Use FSDP2: TrainingArguments(fsdp=True, fsdp_config={{'version': 2}}) "
                           f"(version 2 is the default) or accelerate launch --use_fsdp --fsdp_version 2")
     check_directory(args.output_dir, who)
+
+
+def sharding_asked(args: Any) -> list[str]:
+    """The sharded engines (FSDP, DeepSpeed) the training arguments or `accelerate launch` ask for."""
+    asked = [k for k in ("fsdp", "deepspeed") if getattr(args, k, None)]
+    return asked + [f"{k}=true in the environment" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+                    if _flag(k)]
+
+
+def check_routing_engine(column: str, engines: list[str], who: str) -> None:
+    """ConfigError for a task column under FSDP or DeepSpeed: a task that no sample of one rank's batch has leaves its
+    components without gradient on that rank, and these engines reduce gradients by collectives that need the same
+    parameters' gradients on every rank (they have no find_unused_parameters): the ranks stop matching (gloo
+    aborts at the first backward)."""
+    if engines:
+        raise ConfigError(f"{who}: task_column={column!r} is supported with one process and DDP, not under FSDP or "
+                          f"DeepSpeed ({', '.join(engines)}): a task that no sample of one rank's batch has leaves its "
+                          f"components without gradient on that rank, and FSDP2's reduce-scatter and ZeRO's reduction "
+                          f"need every rank to reduce the same gradients (there is no find_unused_parameters), so "
+                          f"the ranks' collectives stop matching; train multitask under DDP (torchrun), or without "
+                          f"task_column")
 
 
 def check_directory(path: str | os.PathLike, who: str = "AdapterTrainer") -> None:
@@ -238,6 +260,7 @@ class AdapterCheckpoints:
             datasets = {"train": given.get("train_dataset"),
                         **({f"eval {k!r}": v for k, v in evals.items()} if isinstance(evals, dict) else {"eval": evals})}
             check_task_column(task_column, adaptation, model, given.get("args"), datasets, who)
+            check_routing_engine(task_column, sharding_asked(given.get("args")), who)
             if getattr(given.get("args"), "ddp_find_unused_parameters", False) is None:  # DDP: the components of
                 given["args"].ddp_find_unused_parameters = True  # a task no sample of a rank's batch has get no grad
         super().__init__(*args, **kwargs)
@@ -252,6 +275,7 @@ class AdapterCheckpoints:
             adaptation = self._adaptation()
             if task_column is not None:
                 check_task_column(task_column, adaptation, self.model, self.args, {}, who)
+                check_routing_engine(task_column, [ENGINES[self._engine()]] if self._engine() else [], who)
                 self.data_collator = TaskColumn(self.data_collator, task_column, adaptation.task_names)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
