@@ -268,6 +268,9 @@ class AdapterCheckpoints:
             raise ConfigError(f"{who} supports FSDP2 (fully_shard), not FSDP1, whose flattened parameters are not the "
                               f"components' own: use TrainingArguments(fsdp=True, fsdp_config={{'version': 2}}) or "
                               f"accelerate launch --use_fsdp --fsdp_version 2")
+        if getattr(self.args, "fsdp", None) and self._engine() is None and self.args.world_size > 1:
+            warnings.warn(f"{who}: fsdp=True, but Accelerate did not turn FSDP on (it does for GPU-like devices only, "
+                          f"not on the CPU): the ranks train under DDP, each holding the whole model", stacklevel=2)
         if self._engine() == "deepspeed" and not hasattr(Trainer, "_prepare_for_training"):
             raise ConfigError(f"{who} resumes DeepSpeed checkpoints through Trainer._prepare_for_training, which this "
                               f"transformers lacks; upgrade transformers (tested with 5.24)")
