@@ -168,7 +168,16 @@ def quantization(module: nn.Module) -> str | None:
 def check_quantized(point: Point, what: str) -> None:
     """BindError when a component that reads or trains the base weight at `point` meets a quantized layer it
     cannot use. LoRA, DoRA and BitFit (projections) take the supported ones (adaptune.quantized); Trainable
-    and PromptTuning need float weights; any other quantization is refused, naming what is supported."""
+    and PromptTuning need float weights; any other quantization is refused, naming what is supported. A layer
+    whose weights DeepSpeed ZeRO-3 has already partitioned (zero.Init) is refused too: what this rank holds is
+    a slice (often empty), not the weight."""
+    for name, param in point.module.named_parameters():
+        if hasattr(param, "ds_id"):  # a DeepSpeed ZeRO-3 parameter: its data is this rank's partition
+            raise BindError(f"{what} at {point.where()}: the layer's weights are partitioned by DeepSpeed ZeRO-3 "
+                            f"({name or 'weight'!r} holds {tuple(param.shape)} of {tuple(getattr(param, 'ds_shape', ()))} "
+                            f"here); attach before ZeRO-3 partitions the model: build (from_pretrained) and attach "
+                            f"before creating TrainingArguments(deepspeed=...) with stage 3, deepspeed.initialize "
+                            f"or zero.Init")
     if point.kind not in READS_WEIGHT:
         return
     for name, module in point.module.named_modules():

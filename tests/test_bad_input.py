@@ -346,3 +346,15 @@ def test_fewshot_and_tapt_from_python_refuse_a_device_this_machine_lacks(which, 
     with pytest.raises(ConfigError, match="--device 'cuda'"):
         (run if which == "fewshot" else tapt)(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_deepspeed_zero3_already_partitioned_is_refused_naming_zero3():
+    """Under ZeRO-3's zero.Init a rank holds a slice of each weight (marked by DeepSpeed's ds_id / ds_shape): binding
+    there would read the slice as the weight (it once read as a 'packed' quantized layer)."""
+    model = tiny_llama()
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    weight.ds_id, weight.ds_shape = 7, weight.shape  # as DeepSpeed marks the parameters it partitioned
+    weight.data = torch.empty(0)
+    with pytest.raises(BindError, match="partitioned by DeepSpeed ZeRO-3.*attach before ZeRO-3 partitions"):
+        attach(model, {"attn": LoRA(2)})
+    assert not hasattr(model, "adaptune")
