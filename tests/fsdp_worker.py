@@ -5,7 +5,7 @@
 For each method of METHODS: the tiny Llama with the components attached, then sharded; STEPS SGD steps on this
 rank's data shard; then, on every rank, save (one file), export_peft (LoRA, DoRA), save_sharded and load_sharded
 (after the components were changed), load of the saved file into the sharded components, merge (refused) and a
-last training step. The first method also checks the errors of mismatched calls. Rank R writes OUT/rank{R}.pt:
+last training step. The last method (lora) also checks the errors of mismatched calls. Rank R writes OUT/rank{R}.pt:
 per method the components gathered whole (torch's own DTensor.full_tensor) after training and after the last
 step, what each call returned or raised; then rank 1 leaves and rank 0 saves alone (OUT/alone.txt: the error).
 """
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
 import adaptune.save_format as save_format
-from adaptune import Adapter, DoRA, LoRA, attach, export_peft, load
+from adaptune import Adapter, DoRA, LoRA, Prefix, PromptTuning, attach, export_peft, load
 
 STEPS = 3
 LR = 0.5
@@ -29,12 +29,17 @@ METHODS = {  # LoRA's attn rank 3 shards unevenly over 2 ranks (2 rows and 1)
     "lora": lambda: {"attn": LoRA(3), "ffn": LoRA(4)},
     "dora": lambda: {"attn": DoRA(2), "ffn": DoRA(2)},
     "adapter": lambda: {"ffn": Adapter(8)},
+    "prefix": lambda: {"attn": Prefix(4)},
+    "prompt": lambda: {"embed": PromptTuning(3)},
+    "routed": lambda: {"attn": LoRA(2)},  # shared, beside the tasks of TASKS: each batch routes a sample to each
 }
+TASKS = {"routed": lambda: {"a": {"ffn": LoRA(2)}, "b": {"ffn": Adapter(4), "attn.o": DoRA(2)}}}
+ROUTE = ["a", "b"]  # the tasks of a batch's two samples (method "routed")
 
 
 def build(method: str):
     model = tiny_llama(seed=0)  # no dropout anywhere: comparable to one process
-    adaptation = attach(model, METHODS[method]())
+    adaptation = attach(model, METHODS[method](), tasks=TASKS[method]() if method in TASKS else None)
     perturb(adaptation)  # off the identity start: every factor gets a first-order gradient from the first step
     model.train()
     return model, adaptation
@@ -51,9 +56,17 @@ def shard(rank: int, step: int) -> torch.Tensor:
     return torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1000 * rank + step))
 
 
-def train_step(model, opt, rank: int, step: int) -> None:
+def loss_of(model, adaptation, ids: torch.Tensor) -> torch.Tensor:
+    """The language-model loss of a batch; with tasks, inside a route() giving each sample its task."""
+    if not adaptation.task_names:
+        return model(ids, labels=ids).loss
+    with adaptation.route(ROUTE[:len(ids)]):
+        return model(ids, labels=ids).loss
+
+
+def train_step(model, adaptation, opt, rank: int, step: int) -> None:
     ids = shard(rank, step)
-    loss = model(ids, labels=ids).loss
+    loss = loss_of(model, adaptation, ids)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -84,12 +97,12 @@ def run(method: str, out: Path, rank: int, writes: list) -> dict:
     shard_model(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     for step in range(STEPS):
-        train_step(model, opt, rank, step)
+        train_step(model, adaptation, opt, rank, step)
     res = {"final": whole(adaptation), "sharded": type(next(adaptation.parameters())).__name__}
     before = len(writes)
     res["saved"] = str(adaptation.save(out / f"{method}.safetensors"))
     res["writes"] = len(writes) - before
-    if method != "adapter":
+    if method in ("lora", "dora"):
         res["peft"] = str(export_peft(model, out / f"peft-{method}"))
     res["dcp"] = str(adaptation.save_sharded(out / f"dcp-{method}"))
     local = {k: v.to_local().clone() for k, v in adaptation.state_dict().items()}
@@ -102,7 +115,7 @@ def run(method: str, out: Path, rank: int, writes: list) -> dict:
     res["load_returned"] = load(model, out / f"{method}.safetensors") is adaptation
     res["load_exact"] = all(torch.equal(v, res["final"][k]) for k, v in whole(adaptation).items())
     res["merge"] = caught(adaptation.merge)
-    train_step(model, opt, rank, STEPS)  # training goes on after the gathers and loads
+    train_step(model, adaptation, opt, rank, STEPS)  # training goes on after the gathers and loads
     res["after"] = whole(adaptation)
     if method == "lora":
         res["errors"] = mismatches(model, adaptation, out, rank)
@@ -154,7 +167,7 @@ def main(out: str) -> None:
         return atomic_write(*args, **kwargs)
     save_format.atomic_write = counted
     results = {"rank": rank, "world": int(os.environ["WORLD_SIZE"]), "backend": dist.get_backend()}
-    for method in ("dora", "adapter", "lora"):  # dcp-dora exists when the lora run checks the errors
+    for method in ("dora", "adapter", "prefix", "prompt", "routed", "lora"):  # lora last: it checks errors with dcp-dora
         results[method] = run(method, out, rank, writes)
     torch.save(results, out / f"rank{rank}.pt")
     model, adaptation = build("lora")

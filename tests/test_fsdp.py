@@ -1,8 +1,9 @@
 """FSDP2 on CPU: 2 processes (gloo) under torchrun, fully_shard on each decoder layer of a tiny Llama and the root.
 
 One launch (tests/fsdp_worker.py) runs every check on the ranks; the tests below read what each rank saw and
-compare it with one process: training LoRA, DoRA and an Adapter equals one process on the mean of both shards'
-losses; the file saved under FSDP2 loads in one process as the trained adapter, bit for bit; a sharded (DCP)
+compare it with one process: training LoRA, DoRA, an Adapter, Prefix, PromptTuning and per-task components in
+route()d batches (a sample of each task per batch, beside a shared LoRA) equals one process on the mean of both
+shards' losses; the file saved under FSDP2 loads in one process as the trained adapter, bit for bit; a sharded (DCP)
 checkpoint and a load of the saved file refill the sharded components exactly; export_peft writes what one process
 writes; merge is refused; mismatched calls give an AdaptuneError on every rank instead of a hang.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_worker import LR, METHODS, STEPS, build, shard
+from fsdp_worker import LR, METHODS, STEPS, build, loss_of, shard
 from helpers import perturb, tiny_llama
 from safetensors.torch import load_file
 
@@ -58,7 +59,7 @@ def reference(method: str) -> tuple[dict, dict, dict]:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     states = []
     for step in range(STEPS + 1):
-        loss = sum(model(ids, labels=ids).loss for ids in (shard(0, step), shard(1, step))) / 2
+        loss = sum(loss_of(model, adaptation, ids) for ids in (shard(0, step), shard(1, step))) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
