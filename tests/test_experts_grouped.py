@@ -155,3 +155,18 @@ def test_expert_dora_saves_loads_and_trains_its_magnitudes(tmp_path):
     assert loaded.spec() == a.spec()
     with torch.no_grad():
         assert torch.equal(fresh(ids()).logits, want)
+
+
+def test_expert_dora_on_a_bfloat16_base_matches_float32_and_keeps_float32_magnitudes():
+    """The norms of a half-precision experts weight are computed in float32 an expert at a time: the bf16 model's
+    DoRA scales equal those of the same weights in float32."""
+    model = build("mixtral")
+    a = attach(model, {"layers.0.ffn.experts": DoRA(4, alpha=8)})
+    perturb(a)
+    module = bound(a)["gate_up"]
+    weight = experts_of(model).gate_up_proj
+    want = module.row_scale(weight)
+    got = module.row_scale(weight.detach().to(torch.bfloat16))
+    assert module.magnitude.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert (got - want).abs().max() > 0  # the bf16 weight was read, not a float32 copy kept elsewhere
