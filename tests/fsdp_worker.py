@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import VOCAB, perturb, tiny_llama
+from helpers import VOCAB, caught, perturb, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
@@ -81,15 +81,6 @@ def change(adaptation) -> None:
     with torch.no_grad():
         for p in adaptation.parameters():
             p.add_(1.0)
-
-
-def caught(call) -> str:
-    """What `call` raised: "<class>: <message>" ("returned" if nothing)."""
-    try:
-        call()
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return "returned"
 
 
 def run(method: str, out: Path, rank: int, writes: list) -> dict:

@@ -84,6 +84,15 @@ def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 3) -> None:
             p.add_(std * torch.randn(p.shape, generator=g))
 
 
+def caught(call, catch: type[BaseException] = Exception) -> str:
+    """What `call` raised, as "<class>: <message>" ("returned" if nothing); exceptions not of `catch` propagate."""
+    try:
+        call()
+    except catch as e:
+        return f"{type(e).__name__}: {e}"
+    return "returned"
+
+
 def main_output(out):
     """The logits of an LM head model, else the last hidden states."""
     return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import VOCAB, StopAt, tiny_llama
+from helpers import VOCAB, StopAt, caught, tiny_llama
 from transformers import TrainingArguments
 
 from adaptune import Adapter, LoRA, attach
@@ -106,14 +106,6 @@ def held(model) -> str:
     return "whole" if all(p.numel() > 0 for p in params) else "mixed"
 
 
-def caught(call) -> str:
-    try:
-        call()
-    except AdaptuneError as e:
-        return f"{type(e).__name__}: {e}"
-    return "returned"
-
-
 def other_engines_checkpoint(engine: str, out: Path, rank: int) -> Path:
     """A checkpoint as another engine writes it: this run's adapters and that engine's optimizer state (a stand-in)."""
     fake = out / "other" / f"checkpoint-{SAVE_EVERY}"
@@ -154,8 +146,8 @@ def main(engine: str, out: str) -> None:
     res["resumed"], res["steps"] = whole(resumed.model), resumed.state.global_step
     resumed.save_model(str(out / "final"))  # on every rank
     dist.barrier()
-    res["other"] = caught(lambda: resumed.train(resume_from_checkpoint=str(other_engines_checkpoint(engine, out,
-                                                                                                    rank))))
+    other = other_engines_checkpoint(engine, out, rank)
+    res["other"] = caught(lambda: resumed.train(resume_from_checkpoint=str(other)), AdaptuneError)
     res["after_refusal"] = whole(resumed.model)  # nothing ran, and the ranks are still together
     torch.save(res, out / f"rank{rank}.pt")
     dist.barrier()
