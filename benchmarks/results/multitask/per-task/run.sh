@@ -4,7 +4,8 @@
 # Usage: benchmarks/results/multitask/per-task/run.sh [OUT]   (run from the repository root)
 # Each run: sst + para + sts, seeded subsets of 2048 train / 800 dev examples per dataset (--data-seed 0), 2 epochs,
 # batches of 16, at most 64 tokens, components lr 3e-3, heads 3e-3, one torch thread. Resumable: a run whose
-# results.json exists is skipped; each finished run's results.json is copied to per-run/ here.
+# results.json exists in OUT, or whose file is already in per-run/ here, is skipped; each finished run's
+# results.json is copied to per-run/ here.
 set -uo pipefail
 OUT=${1:-/tmp/adaptune-multitask/per-task}
 ADAPTUNE=${ADAPTUNE:-adaptune}
@@ -13,6 +14,7 @@ COMMON=(--quick --train-limit 2048 --dev-limit 800 --epochs 2 --data-seed 0 --th
 mkdir -p "$HERE/per-run"
 run() {  # run METHOD R SEED
   local name="$1-r$2-per-task-seed$3"
+  [ -f "$HERE/per-run/$name.json" ] && return
   if [ ! -f "$OUT/$name/results.json" ]; then
     echo "=== $name ($(date -u +%H:%M:%S))"
     $ADAPTUNE run multitask "${COMMON[@]}" --method "$1" --r "$2" --seed "$3" --name "$name" > /dev/null || { echo "=== FAILED: $name"; return; }
