@@ -11,7 +11,8 @@ Multitask training in one step: `task_column="task"` names a dataset column hold
 an index, or None for the shared components only), and every training and evaluation step runs inside
 `adaptation.route(...)`, so several tasks' components (of any type) train together on the one frozen base, each
 sample's gradients reaching only its task's components and the shared ones (adaptune.trainer_routing). One
-process and DDP; refused under FSDP and DeepSpeed (`check_routing_engine`).
+process, DDP (find_unused_parameters) and FSDP2 (every absent task's components get a zero gradient:
+`trainer_routing.AbsentTasks`); refused under DeepSpeed (`trainer_routing.check_routing_engine`).
 
 A callback alone cannot do this: Trainer writes the full weights before `on_save` runs, and on resume it
 refuses a checkpoint without them before any callback is called. Hence the two overrides, `_save` and
@@ -50,7 +51,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.trainer_utils import get_last_checkpoint
@@ -59,10 +60,9 @@ from .adaptation import Adaptation
 from .errors import ConfigError, LoadError, WriteError
 from .save_format import agree, check_finite, is_sharded, on_rank0, read
 from .save_load import load
-from .trainer_routing import TaskColumn, check_task_column, split_batch
-
-ADAPTERS_FILE = "adapters.safetensors"
-
+from .trainer_engines import ADAPTERS_FILE, ENGINES, _components_loaded, check_arguments, check_directory, \
+    deepspeed_asked, written_by, zero3_gathered
+from .trainer_routing import AbsentTasks, TaskColumn, check_routing_engine, check_task_column, split_batch
 
 def adaptation_of(model: Any, who: str = "AdapterTrainer") -> Adaptation:
     """`model`'s adaptation (the model registers it as its submodule `adaptune`); ConfigError naming `who`
@@ -87,63 +87,6 @@ def adaptation_for_training(model: nn.Module, who: str = "AdapterTrainer") -> Ad
                           f"and would be lost from its checkpoints: {', '.join(base[:3])}; freeze them "
                           f"(attach froze them) or use transformers.Trainer")
     return found
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def check_arguments(args: Any, who: str = "AdapterTrainer") -> None:
-    """ConfigError for training arguments `who` cannot honour: FSDP1 and XLA's FSDP (set in the arguments or by
-    `accelerate launch`), whose flattened parameters are not the components' own (FSDP2 and DeepSpeed are
-    supported); WriteError for an output directory that is a file."""
-    if args is None:
-        return
-    used = []
-    if getattr(args, "fsdp", None):
-        version = (getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version", 2)
-        config = getattr(args, "fsdp_config", None)
-        if version != 2:
-            used.append(f"fsdp_config={{'version': {version}}}")
-        if isinstance(config, dict) and config.get("xla"):
-            used.append("fsdp_config={'xla': True}")
-    elif _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
-        used.append(f"ACCELERATE_USE_FSDP=true with FSDP_VERSION={os.environ.get('FSDP_VERSION', '1 (unset)')} in "
-                    f"the environment (accelerate launch --use_fsdp without --fsdp_version 2)")
-    if used:
-        raise ConfigError(f"{who} supports FSDP2 (fully_shard) and DeepSpeed, not FSDP1 or XLA's FSDP, whose "
-                          f"flattened parameters are not the components' own; the training arguments ask for "
-                          f"{', '.join(used)}. Use FSDP2: TrainingArguments(fsdp=True, fsdp_config={{'version': 2}}) "
-                          f"(version 2 is the default) or accelerate launch --use_fsdp --fsdp_version 2")
-    check_directory(args.output_dir, who)
-
-
-def sharding_asked(args: Any) -> list[str]:
-    """The sharded engines (FSDP, DeepSpeed) the training arguments or `accelerate launch` ask for."""
-    asked = [k for k in ("fsdp", "deepspeed") if getattr(args, k, None)]
-    return asked + [f"{k}=true in the environment" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-                    if _flag(k)]
-
-
-def check_routing_engine(column: str, engines: list[str], who: str) -> None:
-    """ConfigError for a task column under FSDP or DeepSpeed: a task that no sample of one rank's batch has leaves its
-    components without gradient on that rank, and these engines reduce gradients by collectives that need the same
-    parameters' gradients on every rank (they have no find_unused_parameters): the ranks stop matching (gloo
-    aborts at the first backward)."""
-    if engines:
-        raise ConfigError(f"{who}: task_column={column!r} is supported with one process and DDP, not under FSDP or "
-                          f"DeepSpeed ({', '.join(engines)}): a task that no sample of one rank's batch has leaves its "
-                          f"components without gradient on that rank, and FSDP2's reduce-scatter and ZeRO's reduction "
-                          f"need every rank to reduce the same gradients (there is no find_unused_parameters), so "
-                          f"the ranks' collectives stop matching; train multitask under DDP (torchrun), or without "
-                          f"task_column")
-
-
-def check_directory(path: str | os.PathLike, who: str = "AdapterTrainer") -> None:
-    """WriteError when `path` exists and is not a directory (checkpoints and save_model write directories)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise WriteError(f"cannot save to {str(path)!r}: it is a file, and {who} writes a directory "
-                         f"there ({ADAPTERS_FILE}, training_args.bin, ...); give a directory path")
 
 
 def load_into(adaptation: Adaptation, path: str | os.PathLike) -> Adaptation:
@@ -176,40 +119,6 @@ def _given(init: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
         return dict(inspect.signature(init).bind(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         return {}
-
-
-@contextmanager
-def zero3_gathered(adaptation: Adaptation, write: bool = False) -> Iterator[Adaptation]:
-    """Inside: the components that DeepSpeed ZeRO-3 partitions are whole on every rank (a collective: every rank
-    enters); write=True: rank 0's values go back into the partitions on the way out. Without partitioned
-    components (no DeepSpeed, ZeRO-1/2, components below ZeRO-3's persistence threshold) nothing happens."""
-    partitioned = [p for p in adaptation.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield adaptation
-        return
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if write else None):
-        yield adaptation
-
-
-ENGINES = {"fsdp": "FSDP2", "deepspeed": "DeepSpeed", None: "one process or DDP"}
-
-
-def written_by(checkpoint: str | os.PathLike) -> str | None | bool:
-    """The engine whose optimizer state `checkpoint` holds (a key of ENGINES); False when it holds none
-    (save_only_model)."""
-    names = os.listdir(checkpoint)
-    folders = [n for n in names if os.path.isdir(os.path.join(checkpoint, n))]
-    if any(n.startswith("global_step") for n in folders):
-        return "deepspeed"
-    if "optimizer.bin" in names or any(n.startswith("optimizer_") for n in folders):
-        return "fsdp"
-    return None if "optimizer.pt" in names else False
-
-
-def _components_loaded(src: dict, dst: nn.Module) -> None:
-    """DeepSpeed's module load on resume, left out: its state holds the components only (no base, which its strict
-    load would want), and they were loaded from adapters.safetensors already."""
 
 
 class AdapterCheckpoints:
@@ -260,7 +169,7 @@ class AdapterCheckpoints:
             datasets = {"train": given.get("train_dataset"),
                         **({f"eval {k!r}": v for k, v in evals.items()} if isinstance(evals, dict) else {"eval": evals})}
             check_task_column(task_column, adaptation, model, given.get("args"), datasets, who)
-            check_routing_engine(task_column, sharding_asked(given.get("args")), who)
+            check_routing_engine(task_column, deepspeed_asked(given.get("args")), who)
             if getattr(given.get("args"), "ddp_find_unused_parameters", False) is None:  # DDP: the components of
                 given["args"].ddp_find_unused_parameters = True  # a task no sample of a rank's batch has get no grad
         super().__init__(*args, **kwargs)
@@ -278,8 +187,12 @@ class AdapterCheckpoints:
             adaptation = self._adaptation()
             if task_column is not None:
                 check_task_column(task_column, adaptation, self.model, self.args, {}, who)
-                check_routing_engine(task_column, [ENGINES[self._engine()]] if self._engine() else [], who)
+                check_routing_engine(task_column, ["DeepSpeed"] * (self._engine() == "deepspeed"), who)
                 self.data_collator = TaskColumn(self.data_collator, task_column, adaptation.task_names)
+        self._absent = None  # under FSDP2 with a task column: absent tasks' zero gradients
+        if task_column is not None and self._engine() == "fsdp":
+            self._absent = AbsentTasks()
+            self.add_callback(_SettleAbsent(self._absent))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer.train; resume_from_checkpoint=True takes the last checkpoint-N in output_dir, and a LoadError
@@ -331,8 +244,22 @@ class AdapterCheckpoints:
             yield inputs
             return
         tasks, rest = split_batch(inputs, self.task_column)
+        if self._absent is not None:
+            self._absent.seen(tasks, self._adaptation())
         with self._adaptation().route(tasks):
             yield rest
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     **kwargs: Any) -> Any:
+        """The trainer's loss; in training under FSDP2 with a task column, plus the zero that gives
+        the components of the tasks absent from the batch their (zero) gradient (trainer_routing.AbsentTasks)."""
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        term = self._absent.term() if self._absent is not None and model.training else None
+        if term is None:
+            return out
+        if return_outputs:
+            return out[0] + term.to(out[0].dtype), out[1]
+        return out + term.to(out.dtype)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Trainer's step; with a task column, the forward and the backward (which gradient checkpointing runs
@@ -453,6 +380,16 @@ class AdapterCheckpoints:
         optimizer = getattr(self.model_wrapped, "optimizer", None)  # DeepSpeed's fp32 masters follow the components
         if self._engine() == "deepspeed" and hasattr(optimizer, "refresh_fp32_params"):
             optimizer.refresh_fp32_params()
+
+
+class _SettleAbsent(TrainerCallback):
+    """Calls AbsentTasks.settle() before each optimizer step."""
+
+    def __init__(self, absent: AbsentTasks) -> None:
+        self.absent = absent
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.absent.settle()
 
 
 class AdapterTrainer(AdapterCheckpoints, Trainer):

@@ -11,7 +11,18 @@ since gradient checkpointing recomputes the forward during the backward.
 Checked before the trainer is built (`check_task_column`): the column's name, that the adaptation has tasks, that
 no row mixes samples (TRL's packing and padding-free batches), that DDP may leave parameters without gradient
 (a task that no sample of a rank's batch has), and, for each `datasets.Dataset` given, that it has the column and
-names only tasks the adaptation has. Other datasets are checked batch by batch."""
+names only tasks the adaptation has. Other datasets are checked batch by batch.
+
+Under FSDP2 (`AbsentTasks`): a task that no sample of one rank's batch has would leave its components without
+gradient on that rank, and FSDP2's reduce-scatter needs the same parameters' gradients on every rank (there is
+no find_unused_parameters). So every training step adds 0 × (the sum of each absent task's parameters) to the
+loss: those components get a zero gradient, which adds nothing to the other ranks' in the reduction (FSDP2
+reduces its group's gradients in the order of its parameters, whatever order the backward produced them in). A
+task that no rank had since the last optimizer step gets its gradient set back to None before the step (one
+all-reduce of a flag per task), so AdamW leaves it alone as it does in one process.
+Refused under DeepSpeed (`check_routing_engine`): ZeRO reduces gradients in the order the backward produces
+them, which differs between ranks whose batches hold other tasks (measured: ZeRO-2 trained wrong components
+silently, ZeRO-3 aborted)."""
 from __future__ import annotations
 
 import inspect
@@ -84,6 +95,58 @@ def split_batch(inputs: Mapping[str, Any], column: str) -> tuple[torch.Tensor, d
                           f"your own must too")
     rest = {k: v for k, v in inputs.items() if k != column}
     return inputs[column], rest
+
+
+def check_routing_engine(column: str, asked: list[str], who: str) -> None:
+    """ConfigError for a task column under DeepSpeed (`asked`: how it was asked for; [] when it was not)."""
+    if asked:
+        raise ConfigError(f"{who}: task_column={column!r} is supported with one process, DDP and FSDP2, not under "
+                          f"DeepSpeed ({', '.join(asked)}): ZeRO reduces the components' gradients in the order the "
+                          f"backward produces them, and ranks whose batches hold other tasks produce them in other "
+                          f"orders (measured on 2 ranks: ZeRO-2 trained wrong components without an error, ZeRO-3 "
+                          f"aborted); train multitask under FSDP2 or DDP, or without task_column")
+
+
+class AbsentTasks:
+    """Under FSDP2 every task's components get a gradient at every training step, a zero one where a rank's batch
+    lacks the task (see the module doc). `seen(index, adaptation)` for each batch routed, `term()` the zero to add
+    to its loss, `settle()` before each optimizer step (a collective)."""
+
+    def __init__(self) -> None:
+        self.adaptation: Adaptation | None = None  # the adaptation of the batches (seen())
+        self.batch: set[int] = set()  # the tasks of the batch being trained
+        self.since_step: set[int] = set()  # the tasks any batch of this rank had since the last optimizer step
+
+    def seen(self, index: torch.Tensor, adaptation: Adaptation) -> None:
+        self.adaptation, self.batch = adaptation, set(index.tolist())
+        self.since_step |= self.batch
+
+    def _params(self, absent: Iterable[int]) -> list[nn.Parameter]:
+        names = self.adaptation.task_names
+        return [p for i in absent for p in self.adaptation.tasks[names[i]].parameters() if p.requires_grad]
+
+    def term(self) -> torch.Tensor | None:
+        """0 × the sum of the parameters of every task absent from the batch (None: none is absent)."""
+        every = range(len(self.adaptation.task_names))
+        params = self._params(i for i in every if i not in self.batch)
+        if not params:
+            return None
+        return torch.stack([p.sum().float() for p in params]).sum() * 0.0
+
+    def settle(self) -> None:
+        """Before the optimizer step: the gradients of the tasks no rank had since the last step go back to None
+        (AdamW then leaves them alone, as in one process)."""
+        had, self.since_step = self.since_step, set()
+        if self.adaptation is None:
+            return
+        import torch.distributed as dist
+        flags = torch.zeros(len(self.adaptation.task_names))
+        flags[[i for i in had if i >= 0]] = 1.0
+        if dist.is_available() and dist.is_initialized():
+            flags = flags.to(next(iter(self.adaptation.parameters())).device)  # nccl: on the device
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        for p in self._params(i for i, f in enumerate(flags.tolist()) if f == 0):
+            p.grad = None
 
 
 def check_task_column(column: Any, adaptation: Adaptation | None, model: nn.Module | None, args: Any,

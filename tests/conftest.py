@@ -33,6 +33,7 @@ SLOW = {  # module -> why it takes its time (together most of the suite's)
     "test_distributed.py": "torchrun, two processes",
     "test_fsdp.py": "torchrun, two processes sharding with FSDP2",
     "test_trainer_sharded.py": "torchrun, two processes per engine: DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3",
+    "test_multitask_sharded.py": "torchrun, two processes per engine: a task column under DDP and FSDP2",
     "test_compile.py": "torch.compile",
     "test_crash_safe.py": "kills writer processes mid-write",
     "test_minilm.py": "a real checkpoint (all-MiniLM-L6-v2)",

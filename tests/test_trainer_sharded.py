@@ -7,7 +7,7 @@ bit-exact with the uninterrupted one; the checkpoint's adapters.safetensors hold
 empty partition) and equal to the components gathered at that step, next to the engine's own optimizer state,
 which holds the components' state only; the engines train alike; save_model writes a file one process loads; a
 checkpoint of another engine is refused. DeepSpeed runs on its CPU accelerator (its tests skip without it).
-A task column (multitask routing) is refused under FSDP and DeepSpeed, before the trainer is built.
+A task column (multitask routing) under these engines: tests/test_multitask_sharded.py.
 """
 import os
 import subprocess
@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_llama
+from helpers import tiny_llama
 from safetensors.torch import load_file
 from trainer_worker import ENGINES, SAVE_EVERY, STEPS, adapted
-from transformers import TrainingArguments
 
-from adaptune import Adapter, ConfigError, LoRA, attach, load
-from adaptune.trainer import AdapterTrainer
+from adaptune import load
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
 CHECKPOINT = f"checkpoint-{SAVE_EVERY}"
@@ -182,24 +180,3 @@ def test_checkpoint_of_another_engine_is_refused(run):
     for r in (r0, r1):
         assert r["other"].startswith(f"LoadError: '{r['other'].split(chr(39))[1]}' holds the optimizer state that "
                                      f"{wrote} writes, and this trainer runs {runs}, which cannot read it"), r["other"]
-
-
-@pytest.mark.parametrize("how", ["fsdp", "deepspeed", "accelerate-launch-fsdp", "accelerate-launch-deepspeed"])
-def test_task_column_is_refused_under_fsdp_and_deepspeed(tmp_path, monkeypatch, how):
-    """A task absent from one rank's batch leaves its components without gradient there; FSDP2 and ZeRO then reduce
-    different gradients on the ranks (measured with this worker and a task column: gloo aborts at the first
-    backward under FSDP2, ZeRO-2 and ZeRO-3; DDP trains and resumes bit-exact)."""
-    model = tiny_llama(seed=0)
-    attach(model, tasks={"a": {"attn": LoRA(2)}, "b": {"ffn": Adapter(4)}})
-    ids = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-    data = [{"input_ids": row, "labels": row, "task": task} for row, task in zip(ids, "ab")]
-    training = TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to=[], fsdp=how == "fsdp")
-    if how == "deepspeed":
-        training.deepspeed = {"zero_optimization": {"stage": 2}}  # as TrainingArguments(deepspeed=...) holds it
-    elif how.startswith("accelerate"):
-        monkeypatch.setenv("FSDP_VERSION", "2")
-        monkeypatch.setenv(f"ACCELERATE_USE_{how.split('-')[-1].upper()}", "true")
-    with pytest.raises(ConfigError, match="task_column='task' is supported with one process and DDP, not under FSDP "
-                                          "or DeepSpeed .*there is no find_unused_parameters"):
-        AdapterTrainer(model, training, train_dataset=data, task_column="task")
-    assert not (tmp_path / "out").exists()

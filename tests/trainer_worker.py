@@ -77,15 +77,17 @@ def cpu_state(engine: str) -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def args(engine: str, out: Path) -> TrainingArguments:
+def args(engine: str, out: Path, **extra) -> TrainingArguments:
+    """The training arguments of a run under `engine` (`extra` replaces or adds arguments)."""
     kw = {"use_cpu": True}
     if engine == "fsdp2":
         kw.update(fsdp=True, fsdp_config={"version": 2}, accelerator_config={"use_configured_state": True})
     elif engine.startswith("zero"):
         kw = {"deepspeed": deepspeed_config(int(engine[-1])), "accelerator_config": {"use_configured_state": True}}
-    return TrainingArguments(str(out), max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=2,
-                             learning_rate=1e-2, warmup_steps=1, seed=0, report_to=[], disable_tqdm=True,
-                             dataloader_num_workers=0, logging_strategy="no", **kw)
+    kw = {"max_steps": STEPS, "save_steps": SAVE_EVERY, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
+          "warmup_steps": 1, "seed": 0, "report_to": [], "disable_tqdm": True, "dataloader_num_workers": 0,
+          "logging_strategy": "no", **kw, **extra}
+    return TrainingArguments(str(out), **kw)
 
 
 def whole(model) -> dict[str, torch.Tensor]:
