@@ -46,7 +46,7 @@ LEGACY_OPTIONS = {
     "--data-dir", "--quick", "--epochs", "--train-limit", "--dev-limit", "--max-length", "--batch-size", "--lr",
     "--head-lr", "--layer-lr-decay", "--split-ratio", "--augment", "--n-aug", "--synonyms", "--seed", "--data-seed",
     "--device", "--threads", "--name", "--out", "--overwrite"}
-ADDED_OPTIONS = {"--batching", "--quantize"}  # options added since; never removed
+ADDED_OPTIONS = {"--batching", "--quantize", "--fsdp"}  # options added since; never removed
 
 
 def multitask_command():

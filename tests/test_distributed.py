@@ -112,12 +112,15 @@ def no_dropout_model_dir(tmp_path_factory):
     return str(d)
 
 
-@pytest.mark.parametrize("batching", ["round-robin", "mixed"])
-def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path, batching):  # noqa: F811
+@pytest.mark.parametrize("batching,fsdp", [("round-robin", False), ("mixed", False), ("round-robin", True),
+                                           ("mixed", True)], ids=["round-robin", "mixed", "fsdp", "fsdp-mixed"])
+def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path, batching, fsdp):  # noqa: F811
     """`torchrun --no-python -- adaptune run multitask` (`--` keeps torchrun from reading `--r` as its `--rdzv...`): each batch split over 2 ranks (5 examples in batches of 4:
     the last one leaves rank 1 without any), one run directory, the same adapters, heads and dev metrics as one
     process on the whole batches (to float tolerance); round robin, and mixed batches (every batch mixes the
-    datasets, each sample routed to its dataset's adapters)."""
+    datasets, each sample routed to its dataset's adapters); and with --fsdp (FSDP2 shards the BERT's layers and
+    the components; in mixed batches a rank's share often lacks a dataset, whose adapter then gets a zero gradient
+    there)."""
     import json
 
     from safetensors.torch import load_file
@@ -130,17 +133,18 @@ def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path,
     cli = Path(sys.executable).with_name("adaptune")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "--no-python", "--", str(cli), "run", "multitask", "--method", "lora+adapter",
-           "--r", "2", "--dim", "4", "--name", "ddp", "--out", str(tmp_path / "runs"), *opts]
+           "--r", "2", "--dim", "4", "--name", "ddp", "--out", str(tmp_path / "runs"), *opts, *(["--fsdp"] * fsdp)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("saved to") == 1  # rank 0 prints, rank 1 is quiet
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
     ddp = json.loads((tmp_path / "runs" / "ddp" / "results.json").read_text())
-    assert ddp["distributed"] == {"world_size": 2, "backend": "gloo"} and ddp["train_examples"] == 2 * 3 * 5
+    assert ddp["distributed"] == {"world_size": 2, "backend": "gloo", "fsdp": fsdp}
+    assert ddp["train_examples"] == 2 * 3 * 5
 
     one = run(ExperimentConfig(Method("lora+adapter", r=2, dim=4), name="one", out=str(tmp_path / "one"), **settings))
-    assert one["distributed"] == {"world_size": 1, "backend": None}
+    assert one["distributed"] == {"world_size": 1, "backend": None, "fsdp": False}
     for f in ("adapters.safetensors", "heads.safetensors"):
         a, b = load_file(tmp_path / "runs" / "ddp" / f), load_file(tmp_path / "one" / "one" / f)
         assert a.keys() == b.keys()
@@ -149,3 +153,16 @@ def test_run_multitask_under_torchrun(no_dropout_model_dir, tiny_data, tmp_path,
     for t, r in one["tasks"].items():
         assert ddp["tasks"][t]["dev"] == pytest.approx(r["dev"], rel=1e-3, abs=1e-4), t
         assert ddp["tasks"][t]["train_loss_by_epoch"] == pytest.approx(r["train_loss_by_epoch"], rel=1e-4), t
+
+
+def test_fsdp_is_refused_in_one_process_and_with_what_it_cannot_shard(tmp_path):
+    from adaptune.errors import ConfigError
+    from adaptune.experiments.common.methods import Method
+    from adaptune.experiments.multitask.run import ExperimentConfig, run
+    with pytest.raises(ConfigError, match="--fsdp shards the model across torchrun's ranks, and this run has one "
+                                          "process"):
+        run(ExperimentConfig(Method("lora"), fsdp=True, out=str(tmp_path)))
+    assert not any(tmp_path.iterdir())
+    for kw, what in (({"method": Method("full")}, "--method full"), ({"quantize": "nf4"}, "--quantize nf4")):
+        with pytest.raises(ConfigError, match=f"--fsdp shards a float frozen base .*; {what}"):
+            ExperimentConfig(fsdp=True, **kw)

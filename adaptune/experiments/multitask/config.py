@@ -101,6 +101,10 @@ class ExperimentConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "replace a run saved under the same OUT/NAME (once the new run is complete); without it the run "
                 "is refused before training", "flags": ("--overwrite",), "panel": "Run"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun: shard the frozen base and the components across the ranks with FSDP2 "
+                "(fully_shard on each layer and the model), the heads replicated", "flags": ("--fsdp",),
+        "panel": "Run"})
     command: str = ""  # the command line that started the run, recorded in command.txt
 
     def __post_init__(self) -> None:
@@ -112,7 +116,7 @@ class ExperimentConfig:
             _check(self, what, "an integer of at least 1", lambda v: _integer(v) and v >= 1, optional=what != "n_aug")
         for what in ("seed", "data_seed"):
             _check(self, what, "an integer", _integer)
-        for what in ("quick", "overwrite"):
+        for what in ("quick", "overwrite", "fsdp"):
             _check(self, what, "True or False", lambda v: isinstance(v, bool))
         _check(self, "augment", "'eda'", lambda v: v == "eda", optional=True)
         _check(self, "batching", "'round-robin' or 'mixed'", lambda v: v in BATCHING)
@@ -124,6 +128,11 @@ class ExperimentConfig:
         check_quantize(self.quantize)
         if self.method.name == "full":
             refuse_base_training(self.quantize, "--method full", COMPONENT_METHODS)
+        if self.fsdp and (self.method.name == "full" or self.quantize is not None):
+            what = "--method full (the whole base trains)" if self.method.name == "full" else \
+                f"--quantize {self.quantize} (fully_shard does not shard quantized layers)"
+            raise ConfigError(f"--fsdp shards a float frozen base under the components; {what} is not supported "
+                              f"with it: train components on a float base, or drop --fsdp")
 
     def run_dir(self) -> Path:
         """OUT/NAME, NAME defaulting to default_name (of the resolved settings: call on cfg.resolved())."""
@@ -147,7 +156,7 @@ class ExperimentConfig:
         return ExperimentConfig(**{**d, "method": Method(**method_fields(d["method"])), "tasks": tuple(d["tasks"])})
 
 
-NOT_HASHED = ("name", "out", "overwrite", "command")  # where a run goes and how it was typed, not what it computes
+NOT_HASHED = ("name", "out", "overwrite", "command", "fsdp")  # where and how a run goes, not what it computes
 ADDED = ("quantize",)  # settings added since names were first hashed: hashed only when set, so earlier names stay
 
 

@@ -14,7 +14,8 @@ With --quantize the base is quantized on the run's device as it is loaded, befor
 (common/quantize.py); a reloaded run quantizes its base the same way.
 
 Under torchrun (WORLD_SIZE > 1) the run is data parallel: each batch is split across the ranks and the
-gradients summed with one all-reduce per step (distributed.py); only rank 0 writes the run directory.
+gradients summed with one all-reduce per step (distributed.py); only rank 0 writes the run directory. With
+--fsdp the model is sharded by FSDP2 across the ranks (distributed.py `shard`).
 
 Before anything is loaded the destination is checked (common/runs.py check_destination); a non-finite loss or
 gradient norm stops training with a TrainingError naming the step and the dataset, and non-finite dev
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...trainer_routing import AbsentTasks
 from ..common.config import set_seed
 from ..common.data import DatasetSplits
 from ..common.encoders import load_base, load_tokenizer
@@ -44,7 +46,7 @@ from ..common.runs import check_destination
 from ..common.training import Encoder, warmup_linear
 from . import metrics
 from .config import QUICK, ExperimentConfig, default_name, load_data
-from .distributed import Ranks, setup
+from .distributed import Ranks, setup, shard
 from .heads import accounting, make_heads
 from .runs import ARTIFACTS, FORMAT, QUANTIZABLE, load_run, predict_run, save_run
 from .training import evaluate, loss_of, mixed_loss, mixed_schedule, routed, schedule
@@ -107,6 +109,7 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
     params = [p for g in opt.param_groups for p in g["params"]]
     kinds = {t: d.dataset.kind for t, d in data.items()}
     losses: dict[str, list[list[float]]] = {t: [] for t in data}
+    absent = AbsentTasks() if ranks.sharded and mixed and adaptation is not None else None  # see distributed.py
     seen, seconds, step, total = 0, 0.0, 0, sum(map(len, plans))
     set_seed(cfg.seed + ranks.rank)  # the same weights on every rank (built before), not the same dropout
     for epoch, plan in enumerate(plans):
@@ -130,16 +133,23 @@ def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Modul
                 loss = loss_of(kinds[names[0]], heads[names[0]](encoder([data[t].train[i] for t, i in mine])), labels)
                 parts = {names[0]: None}
             if ranks.world > 1:
-                loss = loss * share  # summed across ranks: the whole batch's mean
+                loss = loss * ranks.weight(share)  # summed across ranks: the whole batch's mean
                 if mixed:
                     parts = ranks.dataset_means(parts, names, list(data))
             step += 1
             where = f"step {step} of {total} (epoch {epoch + 1}, " + \
                 (f"datasets {', '.join(parts)})" if mixed else f"dataset {names[0]!r})")
             opt.zero_grad(set_to_none=True)
+            if absent is not None:
+                absent.seen(torch.tensor([adaptation.task_names.index(t) if t in adaptation.task_names else -1
+                                          for t in names]), adaptation)
+                term = absent.term()
+                loss = loss if term is None else loss + term
             loss.backward()
+            if absent is not None:
+                absent.settle()
             value = _finite(ranks.reduce(params, loss), "the loss", where, cfg)
-            _finite(torch.nn.utils.clip_grad_norm_(params, 1.0).item(), "the gradient norm", where, cfg)
+            _finite(ranks.clip(params, 1.0), "the gradient norm", where, cfg)
             opt.step()
             sched.step()
             for t, part in parts.items():
@@ -174,7 +184,7 @@ def run(cfg: ExperimentConfig, progress: Any = None) -> dict:
 
     progress: a rich.progress.Progress (optional): one bar per dataset and epoch, one per dev set."""
     cfg = cfg.resolved()
-    ranks, device = setup(cfg.device)
+    ranks, device = setup(cfg.device, cfg.fsdp)
     try:
         result = _run(replace(cfg, device=device), ranks, progress if ranks.main else None)
     except BaseException:
@@ -193,12 +203,16 @@ def _run(cfg: ExperimentConfig, ranks: Ranks, progress: Any) -> dict:
     try:
         data = load_data(cfg)
         model, adaptation, heads, encoder = build(cfg, data)
+        if cfg.fsdp:
+            shard(model, ranks)
         if cfg.device != "cpu":
             torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
         log = train(cfg, data, model, adaptation, heads, encoder, progress, ranks)
         t0 = time.perf_counter()
-        preds = ranks.gather(evaluate(encoder, heads, adaptation, data, progress=progress,
-                                      shard=(ranks.rank, ranks.world), mixed=cfg.batching == "mixed"))
+        split = (0, 1) if ranks.sharded else (ranks.rank, ranks.world)  # under FSDP2 every rank runs every batch
+        preds = evaluate(encoder, heads, adaptation, data, progress=progress, shard=split,
+                         mixed=cfg.batching == "mixed")
+        preds = preds if ranks.sharded else ranks.gather(preds)
         eval_s = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -230,11 +244,13 @@ def _run(cfg: ExperimentConfig, ranks: Ranks, progress: Any) -> dict:
         "eval_examples": sum(len(d.dev) for d in data.values()), "eval_s": eval_s,
         "eval_examples_per_s": sum(len(d.dev) for d in data.values()) / eval_s if eval_s else None,
         "device": device_info(cfg.device),
-        "distributed": {"world_size": ranks.world, "backend": ranks.backend},
+        "distributed": {"world_size": ranks.world, "backend": ranks.backend, "fsdp": ranks.sharded},
     }
     result["wall_s"] = time.perf_counter() - start
     result["run_dir"] = str(run_dir)
-    if ranks.main:
+    if ranks.sharded:  # saving the components is a collective: every rank joins rank 0's save
+        save_run(run_dir, cfg, model, adaptation, heads, preds, result, ranks=ranks)
+    elif ranks.main:
         save_run(run_dir, cfg, model, adaptation, heads, preds, result)
     return result
 

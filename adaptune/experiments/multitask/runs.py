@@ -49,8 +49,30 @@ REQUIRED_PER_DATASET = {"metric": str, "dev": NUMBER, "metrics": dict, "pct_upda
                         "train_loss_by_epoch": list}
 
 
-def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, preds: dict, result: dict) -> None:
-    """Write the run, results.json last, into a new directory swapped in for run_dir; sets result["files"]."""
+def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, preds: dict, result: dict,
+             ranks: Any = None) -> None:
+    """Write the run, results.json last, into a new directory swapped in for run_dir; sets result["files"].
+    ranks: the ranks of a model sharded by FSDP2, where every rank calls this: rank 0 writes, and the others join
+    its save of the components (a collective) in the directory it shares with them."""
+    if ranks is not None and not ranks.main:
+        where = ranks.share(None)
+        if where is not None:  # None: rank 0 failed before saving (it raises the error)
+            adaptation.save(Path(where) / "adapters.safetensors")
+        return
+    told: list[Path] = []
+
+    def tell(tmp: Path) -> None:
+        told.append(tmp)
+        ranks.share(str(tmp))
+    try:
+        _write_run(run_dir, cfg, model, adaptation, heads, preds, result, share=None if ranks is None else tell)
+    finally:
+        if ranks is not None and not told:  # failed before the save: the other ranks stop waiting
+            ranks.share(None)
+
+
+def _write_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, preds: dict, result: dict,
+               share: Any) -> None:
     check_destination(run_dir, cfg.overwrite, ARTIFACTS)  # again: another process may have saved there meanwhile
     files = {"command": "command.txt", "heads": "heads.safetensors", "predictions": "predictions.json"}
     if adaptation is not None:
@@ -64,6 +86,8 @@ def save_run(run_dir: Path, cfg: Any, model: Any, adaptation: Any, heads: Any, p
         (tmp / "command.txt").write_text(cfg.command + "\n")
         save_file(tensors, str(tmp / "heads.safetensors"))
         if adaptation is not None:
+            if share is not None:
+                share(tmp)  # the other ranks join the save below
             adaptation.save(tmp / "adapters.safetensors")
         elif cfg.method.name == "full":
             st_save_model(model, str(tmp / "model.safetensors"))
