@@ -142,14 +142,15 @@ class QuantizedWeight:
 
 
 @torch.no_grad()
-def row_norm_sq(weight: Tensor | QuantizedWeight) -> Tensor:
-    """‖W_i‖² (out,) in float32, of a float weight or a quantized one; (E, out) of one weight per expert, computed
-    an expert at a time (a float32 copy of every expert's weight at once would be E times one layer's)."""
+def row_norm_sq(weight: Tensor | QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """‖W_i‖² (out,) in `dtype` (float32 for a quantized weight), of a float weight or a quantized one, outside
+    autograd; (E, out) of one weight per expert, computed an expert at a time (a float32 copy of every expert's
+    weight at once would be E times one layer's)."""
     if isinstance(weight, QuantizedWeight):
         return weight.row_norm_sq()
     if weight.dim() == 3:
-        return torch.stack([w.detach().float().pow(2).sum(-1) for w in weight])
-    return weight.detach().float().pow(2).sum(-1)
+        return torch.stack([w.detach().to(dtype).pow(2).sum(-1) for w in weight])
+    return weight.detach().to(dtype).pow(2).sum(-1)
 
 
 def parameter_count(model: nn.Module, leave_out: set[int] | frozenset[int] = frozenset()) -> int:

@@ -1,6 +1,8 @@
 """What the tests share: tiny models built from configs (nothing is downloaded), and helpers on their outputs."""
 import inspect
 
+from pathlib import Path
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
@@ -140,3 +142,21 @@ class OnDevice(TorchFunctionMode):
                 return func(*args, **kwargs).to(self.device)
             kwargs["device"] = self.device
         return func(*args, **kwargs)
+
+
+def two_ranks(worker: Path, *args: str, timeout: int = 600) -> tuple[dict, dict]:
+    """Run tests/`worker` on 2 CPU processes under torchrun (gloo) with `args`, the last being its output
+    directory; rank 0's and rank 1's results (OUT/rank{R}.pt), checked to come from a world of 2 with gloo."""
+    import os
+    import subprocess
+    import sys
+    # --standalone: torchrun takes a free port itself (no window for another process to take it first)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(cmd, cwd=worker.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    out = Path(args[-1])
+    r0, r1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world"], r0["backend"]) == (0, 1, 2, "gloo")
+    return r0, r1

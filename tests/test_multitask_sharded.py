@@ -7,14 +7,11 @@ lacks get a zero gradient there (trainer_routing.AbsentTasks); without it the ra
 The tests replay the recorded batches in one process (AdamW on the mean of the two ranks' losses, each batch
 routed) and compare.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_llama
+from helpers import VOCAB, tiny_llama, two_ranks
 from multitask_worker import ORDER, STEPS, TASKS, adapted
 from test_trainer_sharded import ATOL
 from transformers import TrainingArguments
@@ -28,15 +25,7 @@ WORKER = Path(__file__).with_name("multitask_worker.py")
 @pytest.fixture(scope="module", params=("ddp", "fsdp2"))
 def run(request, tmp_path_factory):
     engine = request.param
-    out = tmp_path_factory.mktemp(engine)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           engine, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run(cmd, cwd=WORKER.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{engine}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
-    r0, r1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
-    assert (r0["rank"], r1["rank"], r0["world"], r0["backend"]) == (0, 1, 2, "gloo")
-    return engine, r0, r1
+    return engine, *two_ranks(WORKER, engine, tmp_path_factory.mktemp(engine))
 
 
 def one_process(r0: dict, r1: dict, skip_absent: bool = True) -> dict[str, torch.Tensor]:

@@ -9,14 +9,11 @@ which holds the components' state only; the engines train alike; save_model writ
 checkpoint of another engine is refused. DeepSpeed runs on its CPU accelerator (its tests skip without it).
 A task column (multitask routing) under these engines: tests/test_multitask_sharded.py.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_llama, two_ranks
 from safetensors.torch import load_file
 from trainer_worker import ENGINES, SAVE_EVERY, STEPS, adapted
 
@@ -47,15 +44,7 @@ def launches(tmp_path_factory):
 def launch(engine: str, out: Path):
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
-    # --standalone: torchrun takes a free port itself (no window for another process to take it first)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           engine, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run(cmd, cwd=WORKER.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{engine}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
-    r0, r1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
-    assert (r0["rank"], r1["rank"], r0["world"], r0["backend"]) == (0, 1, 2, "gloo")
-    return engine, out, r0, r1
+    return engine, out, *two_ranks(WORKER, engine, out)
 
 
 @pytest.fixture(scope="module", params=ENGINES)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quantized import linear, times
+from ..quantized import linear, row_norm_sq, times
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -45,15 +45,12 @@ def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float,
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
     A, B = A.to(dtype), B.to(dtype)
+    if weight_norm_sq is None:
+        weight_norm_sq = row_norm_sq(weight, dtype)  # (..., out); per expert (E, out), one expert at a time
     if isinstance(weight, Tensor) and weight.dim() == 3:  # per expert: one expert's weight in `dtype` at a time
-        if weight_norm_sq is None:
-            weight_norm_sq = torch.stack([w.to(dtype).pow(2).sum(-1) for w in weight])  # (E, out)
         WA = torch.stack([w.to(dtype) @ a.mT for w, a in zip(weight, A)])  # (E, out, r)
     else:
-        W = weight.to(dtype) if isinstance(weight, Tensor) else weight
-        if weight_norm_sq is None:
-            weight_norm_sq = W.pow(2).sum(-1) if isinstance(W, Tensor) else W.row_norm_sq()  # (..., out)
-        WA = times(W, A).to(dtype)  # (..., out, r)
+        WA = times(weight.to(dtype) if isinstance(weight, Tensor) else weight, A).to(dtype)  # (..., out, r)
     AA = A @ A.mT  # (..., r, r)
     sq = weight_norm_sq.to(dtype) + 2 * scale * (WA * B).sum(-1) + scale**2 * ((B @ AA) * B).sum(-1)
     return sq.clamp_min(0).sqrt()
