@@ -43,6 +43,8 @@ PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 ADAPTUNE_TARGETS = ("attn", "attn.o", "ffn", "ffn.gate")  # q, k, v; o; up, down; gate
 CASES = (("float", "adaptune-lora"), ("nf4", "adaptune-lora"), ("nf4", "peft-lora"), ("int8", "adaptune-lora"),
          ("nf4", "adaptune-dora"), ("nf4", "peft-dora"))
+CHECKPOINTED = (("float", "adaptune-lora"), ("nf4", "adaptune-lora"), ("nf4", "peft-lora"))  # also with gradient
+# checkpointing (QLoRA's setting): the layers' activations recomputed in the backward, so the weights dominate
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -58,11 +60,14 @@ def cases(device: str, kernels: bool, tiny: bool = False, quick: bool = False) -
     model = "llama-tiny" if tiny else MODEL
     batch, seq = TOKENS["tiny" if tiny else device]
     group = []
-    for base, method in CASES:
-        impl, kind = method.split("-")
-        params = {"model": model, "base": base, "method": method, "impl": impl, "kind": kind, "r": R,
-                  "batch": batch, "seq": seq, "dtype": str(dtype_for(device)).removeprefix("torch."), "path": "reference"}
-        group.append(Case(NAME, f"{model} {base_label(base, device)} {method}", params, "off"))
+    for checkpointing, chosen in ((False, CASES), (True, CHECKPOINTED)):
+        for base, method in chosen:
+            impl, kind = method.split("-")
+            params = {"model": model, "base": base, "method": method, "impl": impl, "kind": kind, "r": R,
+                      "batch": batch, "seq": seq, "dtype": str(dtype_for(device)).removeprefix("torch."),
+                      "path": "reference", "checkpointing": checkpointing}
+            name = f"{model} {base_label(base, device)} {method}{' +checkpointing' * checkpointing}"
+            group.append(Case(NAME, name, params, "off"))
     return [group]
 
 
@@ -154,6 +159,8 @@ def build(params: dict, device: str) -> Built:
     except ImportError as e:
         raise Skip("bitsandbytes is not installed (pip install bitsandbytes)") from e
     model = apply_method(base_model(params["model"], params["base"], device), params["method"], params["r"])
+    if params.get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -184,6 +191,8 @@ def notes(device: str, tiny: bool, records: list[dict]) -> list[str]:
             f"compute dtype {dtype}), int8 (bitsandbytes Linear8bitLt, LLM.int8()), made by adaptune.quantize for "
             f"every Linear of the layers; the embedding table, the norms and the head stay {dtype}; weights MB: the "
             "parameters and buffers as stored (quantization scales included), adapters included",
+            "+checkpointing: gradient checkpointing on every decoder layer (transformers' "
+            "gradient_checkpointing_enable, non-reentrant), the layers' activations recomputed in the backward",
             "first step s: the warm step, which takes the one-time costs (DoRA's cached ‖W‖², the optimizer's "
             "state, first allocations); median s: the timed steps after it",
             "adaptune's ops take their reference path in every case: a quantized weight always does "
@@ -207,7 +216,7 @@ def work_checks(records: list[dict]) -> list[dict]:
         if rec["impl"] != "adaptune":
             continue
         peft = next((r for r in records if r["impl"] == "peft" and r["base"] == rec["base"]
-                     and r["kind"] == rec["kind"]), None)
+                     and r["kind"] == rec["kind"] and r.get("checkpointing") == rec.get("checkpointing")), None)
         if peft is None or "trainable" not in peft or "trainable" not in rec:
             continue
         checks.append({"model": rec["model"], "a": rec["name"], "b": peft["name"], "a_trainable": rec["trainable"],

@@ -41,19 +41,21 @@ _ROUTING = tuple(
     Target(device, "routing", "BERT-base shape, T=8 tasks: LoRA inference, adaptune route <= 1.0 x PEFT adapter_names",
            {**_MIXED, "method": "lora", "mode": "fwd"}, {"how": "peft", "tasks": 8}, 1.0)
     for device in ("cpu", "cuda"))
-_NF4_LORA = {"model": "llama-8l", "base": "nf4", "method": "adaptune-lora"}
+_NF4_LORA = {"model": "llama-8l", "base": "nf4", "method": "adaptune-lora"}  # with and without checkpointing
+_SAME_CKPT = {"model": "llama-8l", "checkpointing": SAME}
 _QUANT_MEMORY = {"cpu": "peak_over_base_mb", "cuda": "peak_mb"}  # CPU: the peak RSS over the process's baseline
 _QUANT_STEP = "Llama 8 layers (hidden 2048), LoRA r=16 on q/k/v/o/gate/up/down, step"
 _QUANTIZED = tuple(t for device, memory in _QUANT_MEMORY.items() for t in (
     Target(device, "quantized", f"{_QUANT_STEP} peak memory: adaptune LoRA on nf4 <= 0.35 x adaptune LoRA on the "
            f"{'fp32' if device == 'cpu' else 'bf16'} base",
-           _NF4_LORA, {"model": "llama-8l", "base": "float", "method": "adaptune-lora"}, 0.35, metric=memory),
+           _NF4_LORA, {**_SAME_CKPT, "base": "float", "method": "adaptune-lora"}, 0.35, metric=memory),
     Target(device, "quantized", f"{_QUANT_STEP}: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
-           _NF4_LORA, {"model": "llama-8l", "base": "nf4", "method": "peft-lora"}, 1.0),
+           _NF4_LORA, {**_SAME_CKPT, "base": "nf4", "method": "peft-lora"}, 1.0),
     Target(device, "quantized", f"{_QUANT_STEP} peak memory: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
-           _NF4_LORA, {"model": "llama-8l", "base": "nf4", "method": "peft-lora"}, 1.0, metric=memory),
+           _NF4_LORA, {**_SAME_CKPT, "base": "nf4", "method": "peft-lora"}, 1.0, metric=memory),
     Target(device, "quantized", f"{_QUANT_STEP}: adaptune DoRA on nf4 <= 1.1 x adaptune LoRA on nf4",
-           {"model": "llama-8l", "base": "nf4", "method": "adaptune-dora"}, _NF4_LORA, 1.1)))
+           {"model": "llama-8l", "base": "nf4", "method": "adaptune-dora"}, {**_NF4_LORA, "checkpointing": SAME},
+           1.1)))
 _EXPERTS = tuple(
     Target(device, "experts", "Mixtral-shaped MoE block, LoRA r=16 on every expert, fwd+bwd: adaptune <= 0.6 x PEFT "
            "target_parameters", {"impl": "adaptune", "method": "lora", "path": "grouped"},

@@ -86,12 +86,17 @@ def test_the_rank_sweep_grows_with_r_and_full_trains_everything(out):
 
 def test_quantized_bases_store_less_and_train_what_peft_trains(out):
     result = load(out, "quantized-cpu-tiny")
-    records = {(r["base"], r["method"]): r for r in result["records"]}
+    records = {(r["base"], r["method"]): r for r in result["records"] if not r["checkpointing"]}
     assert set(records) == set(quantized.CASES)
+    checkpointed = {(r["base"], r["method"]): r for r in result["records"] if r["checkpointing"]}
+    assert set(checkpointed) == set(quantized.CHECKPOINTED)
+    for case, r in checkpointed.items():  # the same model and work; the activations recomputed
+        assert (r["trainable"], r["weights_mb"]) == (records[case]["trainable"], records[case]["weights_mb"])
     stored = {base: records[(base, "adaptune-lora")]["weights_mb"] for base in ("float", "nf4", "int8")}
     assert stored["nf4"] < stored["int8"] < stored["float"]
     assert len({records[(base, "adaptune-lora")]["trainable"] for base in stored}) == 1  # the same LoRA on each
-    assert {c["b"].split(" ", 2)[2] for c in result["checks"]} == {"peft-lora", "peft-dora"}
+    assert {c["b"].split(" ", 2)[2] for c in result["checks"]} == {"peft-lora", "peft-dora",
+                                                                    "peft-lora +checkpointing"}
     assert all(c["equal"] and c["a_trainable"] > 0 for c in result["checks"])
 
 
@@ -104,6 +109,16 @@ def test_quantized_memory_targets_read_the_peak_over_the_process_baseline_on_cpu
     rows = [r for r in targets.check({"quantized": {"records": records}}, "cpu") if r["suite"] == "quantized"]
     assert [(r["value"], r["verdict"]) for r in rows] == [(pytest.approx(0.3), "PASS"), (1.0, "PASS"),
                                                           (pytest.approx(0.75), "PASS"), (1.2, "FAIL")]
+    # with checkpointing: each nf4 record against the yardstick of its own setting, never the other's
+    for r in records:
+        r["checkpointing"] = False
+    records += [{**rec("fc", "float", "adaptune-lora", 500.0), "checkpointing": True},
+                {**rec("qc", "nf4", "adaptune-lora", 100.0), "checkpointing": True},
+                {**rec("pc", "nf4", "peft-lora", 100.0, median=2.0), "checkpointing": True}]
+    rows = [r for r in targets.check({"quantized": {"records": records}}, "cpu") if r["suite"] == "quantized"]
+    assert [(r["value"], r["verdict"]) for r in rows] == [
+        (pytest.approx(0.3), "PASS"), (pytest.approx(0.2), "PASS"), (1.0, "PASS"), (0.5, "PASS"),
+        (pytest.approx(0.75), "PASS"), (1.0, "PASS"), (1.2, "FAIL")]
 
 
 def test_targets_file_lists_every_cpu_target(out):
