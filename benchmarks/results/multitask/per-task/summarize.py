@@ -2,8 +2,9 @@
 
 Usage (from the repository root): python benchmarks/results/multitask/per-task/summarize.py
 Writes summary.json and summary.md here: per method and rank, the number of seeds, and the mean and sample
-standard deviation (n - 1) of the dev average and of each dataset's dev score; and DoRA - LoRA per seed where both
-ran (the paired difference, which cancels what a seed does to both).
+standard deviation (n - 1) of the dev average and of each dataset's dev score; DoRA - LoRA per seed where both
+ran (the paired difference, which cancels what a seed does to both); and per method the step from one rank to the
+next (r = 12 minus r = 4, r = 24 minus r = 12), paired by seed the same way.
 """
 from __future__ import annotations
 
@@ -20,12 +21,22 @@ def _stats(values: list[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
 
 
+def paired(a: dict | None, b: dict | None) -> dict | None:
+    """b's dev average minus a's, per seed both ran: the seeds and the differences' statistics (None: no seed)."""
+    if not a or not b:
+        return None
+    both = sorted(set(a["seeds"]) & set(b["seeds"]))
+    diffs = [b["dev_average"]["values"][b["seeds"].index(s)] - a["dev_average"]["values"][a["seeds"].index(s)]
+             for s in both]
+    return {"seeds": both, **_stats(diffs)} if diffs else None
+
+
 def main() -> Path:
     runs = [json.loads(p.read_text()) for p in sorted((HERE / "per-run").glob("*.json"))]
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(f"{run['config']['method']['name']}-r{run['config']['method']['r']}", []).append(run)
-    out: dict = {"how": __doc__.split("\n\n")[0], "groups": {}, "dora_minus_lora": {}}
+    out: dict = {"how": __doc__.split("\n\n")[0], "groups": {}, "dora_minus_lora": {}, "rank_steps": {}}
     for key, group in sorted(groups.items()):
         group.sort(key=lambda run: run["config"]["seed"])
         out["groups"][key] = {"seeds": [run["config"]["seed"] for run in group],
@@ -33,13 +44,15 @@ def main() -> Path:
                               **{t: _stats([run["tasks"][t]["dev"] for run in group]) for t in DATASETS},
                               "pct_updated_mean": group[0]["pct_updated_mean"]}
     for r in sorted({run["config"]["method"]["r"] for run in runs}):
-        lora, dora = out["groups"].get(f"lora-r{r}"), out["groups"].get(f"dora-r{r}")
-        if lora and dora:
-            both = sorted(set(lora["seeds"]) & set(dora["seeds"]))
-            diffs = [dora["dev_average"]["values"][dora["seeds"].index(s)] -
-                     lora["dev_average"]["values"][lora["seeds"].index(s)] for s in both]
+        diffs = paired(out["groups"].get(f"lora-r{r}"), out["groups"].get(f"dora-r{r}"))
+        if diffs:
+            out["dora_minus_lora"][f"r{r}"] = diffs
+    ranks = sorted({run["config"]["method"]["r"] for run in runs})
+    for method in ("lora", "dora"):
+        for low, high in zip(ranks, ranks[1:]):
+            diffs = paired(out["groups"].get(f"{method}-r{low}"), out["groups"].get(f"{method}-r{high}"))
             if diffs:
-                out["dora_minus_lora"][f"r{r}"] = {"seeds": both, **_stats(diffs)}
+                out["rank_steps"][f"{method}-r{high}-minus-r{low}"] = diffs
     (HERE / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = ["| method | seeds | dev average | sst | para | sts | % updated/task |", "|---|---|---|---|---|---|---|"]
     for key, g in out["groups"].items():
