@@ -1,5 +1,6 @@
-"""Multitask SFT in one step under DDP and FSDP2: AdapterTrainer(task_column=...) on 2 CPU processes (gloo), one
-torchrun launch of tests/multitask_worker.py per engine; refused under DeepSpeed.
+"""Multitask SFT in one step under DDP and FSDP2: AdapterTrainer(task_column=...) on 2 CPU processes (gloo), and
+TRL's SFTTrainer with the mixin under FSDP2, one torchrun launch of tests/multitask_worker.py per engine; refused
+under DeepSpeed.
 
 The worker trains in order, so the tasks of each rank's batch are known (step 0: rank 0 has task a only, rank 1
 task b only; step 2: no rank has b; task c is never named). Under FSDP2 the components of a task a rank's batch
@@ -22,9 +23,11 @@ from adaptune.trainer import AdapterTrainer
 WORKER = Path(__file__).with_name("multitask_worker.py")
 
 
-@pytest.fixture(scope="module", params=("ddp", "fsdp2"))
+@pytest.fixture(scope="module", params=("ddp", "fsdp2", "fsdp2-sft"))
 def run(request, tmp_path_factory):
     engine = request.param
+    if engine.endswith("sft"):
+        pytest.importorskip("trl")
     return engine, *two_ranks(WORKER, engine, tmp_path_factory.mktemp(engine))
 
 
@@ -40,7 +43,7 @@ def one_process(r0: dict, r1: dict, skip_absent: bool = True) -> dict[str, torch
         loss = 0
         for b in (b0, b1):
             with adaptation.route(b["task"]):
-                loss = loss + model(input_ids=b["input_ids"], labels=b["input_ids"]).loss / 2
+                loss = loss + model(input_ids=b["input_ids"], labels=b["labels"]).loss / 2
         loss.backward()
         if not skip_absent:
             for p in params:
@@ -58,7 +61,8 @@ def reference(run):
 
 def test_the_engine_ran_on_the_planned_batches(run):
     engine, r0, r1 = run
-    assert r0["engine_seen"] == {"fsdp": engine == "fsdp2", "deepspeed": False}
+    assert r0["engine_seen"] == {"fsdp": engine.startswith("fsdp2"), "deepspeed": False}
+    assert r0["checkpointing"] == engine.endswith("sft")  # SFTConfig's default: the forward recomputed, routed
     names = list(TASKS)
     for rank, r in ((0, r0), (1, r1)):
         assert len(r["batches"]) == STEPS

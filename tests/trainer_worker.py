@@ -77,8 +77,9 @@ def cpu_state(engine: str) -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def args(engine: str, out: Path, **extra) -> TrainingArguments:
-    """The training arguments of a run under `engine` (`extra` replaces or adds arguments)."""
+def args(engine: str, out: Path, kind: type = TrainingArguments, **extra) -> TrainingArguments:
+    """The training arguments (of class `kind`: TRL's SFTConfig too) of a run under `engine` (`extra` replaces or
+    adds arguments)."""
     kw = {"use_cpu": True}
     if engine == "fsdp2":
         kw.update(fsdp=True, fsdp_config={"version": 2}, accelerator_config={"use_configured_state": True})
@@ -87,7 +88,7 @@ def args(engine: str, out: Path, **extra) -> TrainingArguments:
     kw = {"max_steps": STEPS, "save_steps": SAVE_EVERY, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
           "warmup_steps": 1, "seed": 0, "report_to": [], "disable_tqdm": True, "dataloader_num_workers": 0,
           "logging_strategy": "no", **kw, **extra}
-    return TrainingArguments(str(out), **kw)
+    return kind(str(out), **kw)
 
 
 def whole(model) -> dict[str, torch.Tensor]:
