@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU experiments of benchmarks/results/vae/README.md (seed 001's Tables 1-3 and Figure 1, scaled down).
 # Usage: benchmarks/results/vae/run_tables.sh [OUT] [PART]   (from the repository root; PART: t1, t2, t3, smol,
-# long or all). The base is small-gpt2 (`adaptune pretrain-lm`, built first when missing); every run: Yelp unless
+# long, smol-long or all). The base is small-gpt2 (`adaptune pretrain-lm`, built first when missing); every run: Yelp unless
 # named, seed 0, batches of 32 sentences of at most 32 tokens, $STEPS steps, test metrics on a seeded subset of
 # $EVAL_LIMIT test sentences with $EVAL_SAMPLES importance samples; components at lr 1e-3, full fine-tuning 1e-4.
 set -uo pipefail
@@ -52,6 +52,18 @@ if want long; then  # a learning-rate check, and AdaVAE, fine-tuning and LG at 6
   for v in adavae finetune lg; do
     case $v in finetune) extra=(--finetune --lr 1e-4);; lg) extra=(--latent-gen pool --lr 1e-3);; *) extra=(--lr 1e-3);; esac
     run "$v-long" --steps "${LONG_STEPS:-2400}" "${extra[@]}"
+  done
+fi
+if [ "$PART" = smol-long ]; then  # seed 001's Table 1 on a GPT-2-small-sized base: AdaVAE, LG and fine-tuning on
+  # SmolLM2-135M at $SMOL_LONG_STEPS steps (the smol part's 60 steps trained in 85 s on two threads), one run at a time,
+  # resumable by run (a finished run is skipped); not part of "all"
+  SMOL=(--base smollm2-135m --steps "${SMOL_LONG_STEPS:-1200}" --batch-size 8 --train-limit 20000 --eval-limit 300
+        --eval-samples 50 --seed 0 --threads "$THREADS" --out "$OUT")
+  for v in adavae lg finetune; do
+    case $v in finetune) extra=(--finetune --lr 1e-4);; lg) extra=(--latent-gen pool --lr 1e-3);; *) extra=(--lr 1e-3);; esac
+    [ -f "$OUT/smol-long-$v/results.json" ] && continue
+    echo "=== smol-long-$v ($(date -u +%H:%M:%S))"
+    $ADAPTUNE run vae "${SMOL[@]}" --name "smol-long-$v" "${extra[@]}" || echo "=== FAILED: smol-long-$v"
   done
 fi
 echo "=== done ($(date -u +%H:%M:%S))"
