@@ -60,9 +60,10 @@ from .adaptation import Adaptation
 from .errors import ConfigError, LoadError, WriteError
 from .save_format import agree, check_finite, is_sharded, on_rank0, read
 from .save_load import load
-from .trainer_engines import ADAPTERS_FILE, ENGINES, _components_loaded, check_arguments, check_directory, \
+from .trainer_engines import ADAPTERS_FILE, ENGINES, no_module_load, check_arguments, check_directory, \
     deepspeed_asked, written_by, zero3_gathered
 from .trainer_routing import AbsentTasks, TaskColumn, check_routing_engine, check_task_column, split_batch
+
 
 def adaptation_of(model: Any, who: str = "AdapterTrainer") -> Adaptation:
     """`model`'s adaptation (the model registers it as its submodule `adaptune`); ConfigError naming `who`
@@ -346,7 +347,7 @@ class AdapterCheckpoints:
             return model, train_dataloader
         loaded, _ = self.model_wrapped.load_checkpoint(resume_from_checkpoint, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True,
-                                                       custom_load_fn=_components_loaded)
+                                                       custom_load_fn=no_module_load)
         if loaded is None:
             raise LoadError(f"DeepSpeed found no checkpoint to resume in {str(resume_from_checkpoint)!r} (its "
                             f"'latest' file names the global_stepN folder)")

@@ -86,6 +86,6 @@ def written_by(checkpoint: str | os.PathLike) -> str | None | bool:
     return None if "optimizer.pt" in names else False
 
 
-def _components_loaded(src: dict, dst: nn.Module) -> None:
+def no_module_load(src: dict, dst: nn.Module) -> None:
     """DeepSpeed's module load on resume, left out: its state holds the components only (no base, which its strict
     load would want), and they were loaded from adapters.safetensors already."""
