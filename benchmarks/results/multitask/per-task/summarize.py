@@ -9,26 +9,14 @@ next (r = 12 minus r = 4, r = 24 minus r = 12), paired by seed the same way.
 from __future__ import annotations
 
 import json
-import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from seeds import cell, paired, stats  # noqa: E402
+
 DATASETS = ("sst", "para", "sts")
-
-
-def _stats(values: list[float]) -> dict:
-    return {"n": len(values), "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
-
-
-def paired(a: dict | None, b: dict | None) -> dict | None:
-    """b's dev average minus a's, per seed both ran: the seeds and the differences' statistics (None: no seed)."""
-    if not a or not b:
-        return None
-    both = sorted(set(a["seeds"]) & set(b["seeds"]))
-    diffs = [b["dev_average"]["values"][b["seeds"].index(s)] - a["dev_average"]["values"][a["seeds"].index(s)]
-             for s in both]
-    return {"seeds": both, **_stats(diffs)} if diffs else None
 
 
 def main() -> Path:
@@ -40,8 +28,8 @@ def main() -> Path:
     for key, group in sorted(groups.items()):
         group.sort(key=lambda run: run["config"]["seed"])
         out["groups"][key] = {"seeds": [run["config"]["seed"] for run in group],
-                              "dev_average": _stats([run["dev_average"] for run in group]),
-                              **{t: _stats([run["tasks"][t]["dev"] for run in group]) for t in DATASETS},
+                              "dev_average": stats([run["dev_average"] for run in group]),
+                              **{t: stats([run["tasks"][t]["dev"] for run in group]) for t in DATASETS},
                               "pct_updated_mean": group[0]["pct_updated_mean"]}
     for r in sorted({run["config"]["method"]["r"] for run in runs}):
         diffs = paired(out["groups"].get(f"lora-r{r}"), out["groups"].get(f"dora-r{r}"))
@@ -56,7 +44,6 @@ def main() -> Path:
     (HERE / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = ["| method | seeds | dev average | sst | para | sts | % updated/task |", "|---|---|---|---|---|---|---|"]
     for key, g in out["groups"].items():
-        cell = lambda s: f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["std"] is not None else "")  # noqa: E731
         lines.append(f"| {key} per task | {g['dev_average']['n']} | {cell(g['dev_average'])} | "
                      f"{cell(g['sst'])} | {cell(g['para'])} | {cell(g['sts'])} | {g['pct_updated_mean']:.3g}% |")
     (HERE / "summary.md").write_text("\n".join(lines) + "\n")
