@@ -14,9 +14,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from seeds import cell, paired, stats  # noqa: E402
+from seeds import group_stats, paired, table  # noqa: E402
 
-DATASETS = ("sst", "para", "sts")
 
 
 def main() -> Path:
@@ -25,12 +24,7 @@ def main() -> Path:
     for run in runs:
         groups.setdefault(f"{run['config']['method']['name']}-r{run['config']['method']['r']}", []).append(run)
     out: dict = {"how": __doc__.split("\n\n")[0], "groups": {}, "dora_minus_lora": {}, "rank_steps": {}}
-    for key, group in sorted(groups.items()):
-        group.sort(key=lambda run: run["config"]["seed"])
-        out["groups"][key] = {"seeds": [run["config"]["seed"] for run in group],
-                              "dev_average": stats([run["dev_average"] for run in group]),
-                              **{t: stats([run["tasks"][t]["dev"] for run in group]) for t in DATASETS},
-                              "pct_updated_mean": group[0]["pct_updated_mean"]}
+    out["groups"] = {key: group_stats(group) for key, group in sorted(groups.items())}
     for r in sorted({run["config"]["method"]["r"] for run in runs}):
         diffs = paired(out["groups"].get(f"lora-r{r}"), out["groups"].get(f"dora-r{r}"))
         if diffs:
@@ -42,11 +36,7 @@ def main() -> Path:
             if diffs:
                 out["rank_steps"][f"{method}-r{high}-minus-r{low}"] = diffs
     (HERE / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = ["| method | seeds | dev average | sst | para | sts | % updated/task |", "|---|---|---|---|---|---|---|"]
-    for key, g in out["groups"].items():
-        lines.append(f"| {key} per task | {g['dev_average']['n']} | {cell(g['dev_average'])} | "
-                     f"{cell(g['sst'])} | {cell(g['para'])} | {cell(g['sts'])} | {g['pct_updated_mean']:.3g}% |")
-    (HERE / "summary.md").write_text("\n".join(lines) + "\n")
+    (HERE / "summary.md").write_text(table(out["groups"], "method", " per task"))
     return HERE / "summary.json"
 
 

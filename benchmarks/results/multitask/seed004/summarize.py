@@ -15,9 +15,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from seeds import cell, paired, stats  # noqa: E402
+from seeds import group_stats, paired, table  # noqa: E402
 
-DATASETS = ("sst", "para", "sts")
 CLAIMS = {"adapter_minus_lora": ("lora-r12", "adapter-dim18"), "lora_adapter_minus_full": ("full", "lora+adapter-r8-dim32")}
 
 
@@ -27,22 +26,13 @@ def main() -> Path:
         run = json.loads(path.read_text())
         groups.setdefault(re.sub(r"-seed\d+$", "", run["name"]), []).append(run)
     out: dict = {"how": __doc__.split("\n\n")[0], "groups": {}, "claims": {}}
-    for key, group in sorted(groups.items()):
-        group.sort(key=lambda run: run["config"]["seed"])
-        out["groups"][key] = {"seeds": [run["config"]["seed"] for run in group],
-                              "dev_average": stats([run["dev_average"] for run in group]),
-                              **{t: stats([run["tasks"][t]["dev"] for run in group]) for t in DATASETS},
-                              "pct_updated_mean": group[0]["pct_updated_mean"]}
+    out["groups"] = {key: group_stats(group) for key, group in sorted(groups.items())}
     for claim, (a, b) in CLAIMS.items():
         diff = paired(out["groups"].get(a), out["groups"].get(b))
         if diff:
             out["claims"][claim] = {"of": f"{b} minus {a}", **diff}
     (HERE / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = ["| configuration | seeds | dev average | sst | para | sts | % updated/task |", "|---|---|---|---|---|---|---|"]
-    for key, g in out["groups"].items():
-        lines.append(f"| {key} | {g['dev_average']['n']} | {cell(g['dev_average'])} | {cell(g['sst'])} | "
-                     f"{cell(g['para'])} | {cell(g['sts'])} | {g['pct_updated_mean']:.3g}% |")
-    (HERE / "summary.md").write_text("\n".join(lines) + "\n")
+    (HERE / "summary.md").write_text(table(out["groups"], "configuration", ""))
     return HERE / "summary.json"
 
 
