@@ -24,6 +24,8 @@ from adaptune.experiments.common.errors import DataError
 from adaptune.experiments.common.methods import Method
 from adaptune.experiments.multitask.eda import load_synonyms
 from adaptune.experiments.multitask.run import ExperimentConfig, TrainingError, load_run
+from adaptune.experiments.vae.config import RunConfig as VAERunConfig
+from adaptune.experiments.vae.run import run as vae_run
 
 runner = CliRunner()
 WORDS = "good bad movie great awful plot fine dull bright dark film story acting".split()
@@ -251,6 +253,14 @@ CASES = [
          "available devices here: cpu", prepare=no_cuda),
     Case("device-cuda-without-cuda-api", lambda e: e.config(device="cuda").resolved(), ConfigError,
          "available devices here: cpu", prepare=no_cuda),
+    Case("device-cuda-without-cuda-vae-cli", lambda e: ["run", "vae", "--quick", "--base", "tiny-gpt2", "--out",
+                                                        str(e.tmp / "v"), "--device", "cuda"], CLI,
+         "available devices here: cpu", prepare=no_cuda),
+    Case("device-cuda-without-cuda-vae-api", lambda e: vae_run(VAERunConfig(base="tiny-gpt2", quick=True, device="cuda",
+                                                                            out=str(e.tmp / "v"))), ConfigError,
+         "available devices here: cpu", prepare=no_cuda),
+    Case("device-typo-vae-api", lambda e: VAERunConfig(device="gpu"), ConfigError,
+         "--device must be cpu, cuda or cuda:N, got 'gpu'"),
     Case("device-past-the-gpus-cli", lambda e: fewshot(e, "--device", "cuda:1"), CLI,
          "--device 'cuda:1': this machine has 1 CUDA device(s); available devices here: cpu, cuda, cuda:0",
          prepare=one_gpu),

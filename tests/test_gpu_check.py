@@ -17,8 +17,8 @@ PHASES = ("1 environment", "2 correctness", "3 speed", "4 sweep-experts")
 RETURNED = {"check.log", "environment.json", "build.log", "tests.log", "tests.xml", "results.tar", "bench.log"}
 
 
-def rehearse(out: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "benchmarks/gpu_check.sh", "--rehearse", str(out)], cwd=ROOT, text=True,
+def rehearse(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "benchmarks/gpu_check.sh", "--rehearse", *args, str(out)], cwd=ROOT, text=True,
                           capture_output=True, timeout=900, env={**os.environ, "PYTHON": sys.executable, **env})
 
 
@@ -74,3 +74,29 @@ def test_a_phase_past_its_budget_is_recorded_and_the_next_still_runs(tmp_path):
     log = (tmp_path / "check.log").read_text()
     assert done.returncode == 1
     assert "phase 2 correctness: TIMED OUT" in log and "phase 4 sweep-experts: started" in log, log
+
+
+def test_the_optional_seed001_phase_pretrains_a_base_and_packs_each_vae_run(tmp_path):
+    done = rehearse(tmp_path, "--phases", "5")
+    log = (tmp_path / "check.log").read_text()
+    assert done.returncode == 0, done.stdout + done.stderr + log
+    assert {p.name for p in tmp_path.iterdir()} == {"check.log", "seed001.tar"}  # phases 1-4 were not listed
+    assert "phase 1 environment" not in log and "phase 5 seed001: ok in" in log
+    with tarfile.open(tmp_path / "seed001.tar") as tar:
+        pretrain = json.load(tar.extractfile("./pretrain.json"))
+        runs = {v: json.load(tar.extractfile(f"./{v}/results.json")) for v in ("adavae", "lg", "finetune")}
+        assert not [n for n in tar.getnames() if n.endswith(".safetensors") or n.startswith("./base")]
+    assert pretrain["config"]["layers"] == 2 and pretrain["device"]["device"] == "cpu"
+    for v, r in runs.items():
+        assert r["config"]["base"].endswith("seed001/base") and r["config"]["device"] == "cpu"
+        assert r["config"]["steps"] == 6 and r["config"]["batch_size"] == 8
+        assert r["config"]["training"]["decoder_after"] == pytest.approx(1 / 6)
+        assert 1 < r["test"]["ppl"] < 1e4 and f"seed001: {v} ended" in log
+    assert runs["finetune"]["config"]["vae"]["finetune"] and runs["lg"]["config"]["vae"]["latent_gen"] == "pool"
+    assert runs["adavae"]["config"]["vae"]["latent_gen"] == "attn"
+
+
+@pytest.mark.parametrize("phases", ["6", "1,,2", "all", ""])
+def test_a_bad_phase_list_is_refused_with_the_usage(tmp_path, phases):
+    done = rehearse(tmp_path, "--phases", phases)
+    assert done.returncode == 2 and "phases 1-5; default 1,2,3,4" in done.stderr and not (tmp_path / "check.log").exists()

@@ -25,7 +25,7 @@ from ...files import atomic_write_dir
 from ..common.config import check_device, set_seed
 from ..common.data import default_data_dir, load_dataset, subset
 from ..common.datasets import CLASSES, get_dataset
-from ..common.machine import cpu_name, peak_rss_mb
+from ..common.machine import device_info, peak_memory_mb
 from ..common.methods import param_groups
 from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination
@@ -69,6 +69,7 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
             progress.console.print(_seed_line(per_seed[-1]), highlight=False)
     summary = {key: _mean_std([r[key] for r in per_seed]) for key in ("test", "ensemble_test") if key in per_seed[0]}
     layers = [r.pop("quantized_layers") for r in per_seed][0]  # every seed's fresh base alike
+    memory, memory_how = peak_memory_mb(cfg.device)
     result = {
         "format": FORMAT, "experiment": "fewshot", "name": run_dir.name, "command": cfg.command,
         "config": {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "method"},
@@ -76,9 +77,8 @@ def run(cfg: FewShotConfig, progress: Any = None) -> dict:
         "quantize": cfg.quantize, "quantized_layers": layers,
         "template": template, "verbalizer": verbalizer, "classes": n_classes,
         "data": {**splits.info, "test": len(test)}, "seeds": per_seed, "summary": summary,
-        "wall_s": time.perf_counter() - start, "peak_memory_mb": peak_rss_mb(),
-        "device": {"device": cfg.device, "name": cpu_name() if cfg.device == "cpu" else torch.cuda.get_device_name(),
-                   "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "wall_s": time.perf_counter() - start, "peak_memory_mb": memory, "peak_memory_how": memory_how,
+        "device": device_info(cfg.device),
     }
 
     def write(tmp: Path) -> None:

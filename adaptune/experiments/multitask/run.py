@@ -24,8 +24,6 @@ predictions stop the run too: a failed run saves nothing (runs.py).
 from __future__ import annotations
 
 import math
-import os
-import platform
 import time
 from dataclasses import replace
 from typing import Any
@@ -39,7 +37,7 @@ from ..common.config import set_seed
 from ..common.data import DatasetSplits
 from ..common.encoders import load_base, load_tokenizer
 from ..common.errors import TrainingError
-from ..common.machine import cpu_name, peak_rss_mb
+from ..common.machine import device_info, peak_memory_mb
 from ..common.methods import param_groups
 from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination
@@ -80,20 +78,6 @@ def build(cfg: ExperimentConfig, data: dict[str, DatasetSplits]) -> tuple[nn.Mod
         adaptation = cfg.method.prepare(model, list(data))
     model.to(cfg.device), heads.to(cfg.device)
     return model, adaptation, heads, Encoder(model, tok, cfg.max_length, cfg.device)
-
-
-def device_info(device: str) -> dict:
-    import transformers
-    name = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else cpu_name()
-    return {"device": device, "name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-
-
-def peak_memory_mb(device: str) -> tuple[float, str]:
-    if device != "cpu":
-        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, "torch.cuda.max_memory_allocated"
-    return peak_rss_mb(), "peak resident set size of the process"
 
 
 def train(cfg: ExperimentConfig, data: dict[str, DatasetSplits], model: nn.Module, adaptation: Any,

@@ -11,6 +11,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ..common.causal import DEFAULT_BASE
+from ..common.config import DEVICE
 from ..common.quantize import check_quantize, option, refuse_base_training
 
 INJECTIONS = ("psa", "atm", "both")
@@ -126,6 +127,7 @@ class RunConfig:
                                                                     "eval_samples"))
     seed: int = field(default=0, metadata={"help": "seed of data order, sampling and initialisation",
                                            "panel": "Run"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N", "panel": "Run"})
     name: str | None = field(default=None, metadata={"help": "run directory name (default: from the settings)",
                                                      "panel": "Run"})
     out: str = field(default="runs", metadata={"help": "where run directories go", "panel": "Run"})
@@ -142,6 +144,8 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
+            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         check_quantize(self.quantize)
         if self.vae.finetune:
             refuse_base_training(self.quantize, "--finetune", "the VAE's adapters and prefixes (leave --finetune "
@@ -186,6 +190,7 @@ class PretrainConfig:
     data_dir: str | None = field(default=None, metadata=_p(
         "the folder holding yelp/, ptb/, wikitext-2/ (default $ADAPTUNE_LM_DATA, else ../shared/data/lm)", "Run",
         metavar="<dir>"))
+    device: str = field(default="cpu", metadata=_p("cpu, cuda or cuda:N", "Run"))
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "vocab", "steps", "batch_size", "eval_limit"):
@@ -194,6 +199,8 @@ class PretrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.train_limit is not None and (not isinstance(self.train_limit, int) or self.train_limit < 1):
             raise ConfigError(f"--train-limit must be a positive integer, got {self.train_limit!r}")
+        if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
+            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.hidden % self.heads:
             raise ConfigError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
         if self.vocab < 258:

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ...errors import ConfigError
 from ..common.data import default_data_dir, find, subset
@@ -253,6 +253,12 @@ def by_length(texts: Sequence[str], batch_size: int, collate: Collate) -> list[d
     lengths = [len(r) for r in collate.ids(texts)]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     return [collate([texts[j] for j in order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
+
+
+def on_device(batches: Iterable[dict], device: Any) -> Iterator[dict]:
+    """Each batch's tensors moved to `device`, batch by batch (lazily: `batches` may be endless)."""
+    for batch in batches:
+        yield {k: v.to(device) for k, v in batch.items()}
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")  # the keys a causal LM's forward takes

@@ -32,7 +32,7 @@ def evaluate(vae: VAE, batches: Iterable[dict], samples: int = 100, chunk: int =
              on_batch: Callable[[int], None] | None = None) -> dict:
     """The metrics over every batch (input_ids, attention_mask, n_tokens, n_scored)."""
     vae.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(next(vae.posterior.parameters()).device).manual_seed(seed)  # where z is drawn
     totals = {"log_px": 0.0, "rec": 0.0, "kl": 0.0, "base": 0.0, "scored": 0, "tokens": 0, "n": 0}
     means, logvars = [], []
     for batch in batches:

@@ -1,5 +1,6 @@
 """`adaptune pretrain-lm`: a small GPT-2 trained from scratch on this machine, the base `small-gpt2` of
-`adaptune run vae` for fast CPU experiments.
+`adaptune run vae` for fast CPU experiments (any size, on any device: `--layers 12 --hidden 768 --heads 12
+--device cuda` is GPT-2 small's shape).
 
   text       the train splits of yelp, ptb and wikitext2 (data.py), never their valid or test splits
   tokenizer  a byte-level BPE (the PyPI package tokenizers) trained on that text; one special token,
@@ -26,12 +27,12 @@ import torch
 from ...errors import ConfigError
 from ...files import atomic_write_dir
 from ..common.causal import SMALL_GPT2, cache_root
-from ..common.config import set_seed
+from ..common.config import check_device, set_seed
 from ..common.errors import TrainingError
-from ..common.machine import cpu_name
+from ..common.machine import device_info
 from ..common.training import warmup_linear
 from .config import PretrainConfig
-from .data import CORPORA, Collate, length_grouped, load_corpus
+from .data import CORPORA, Collate, length_grouped, load_corpus, on_device
 from .model import sentence_log_px
 
 FORMAT = "adaptune-pretrain-lm/1"
@@ -67,8 +68,8 @@ def held_out_ppl(model: Any, texts: list[str], collate: Collate, batch_size: int
     """exp(−Σ log p / Σ scored tokens) over the texts (every token after BOS is scored)."""
     model.eval()
     log_p, scored = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        batch = collate(texts[i:i + batch_size])
+    device = next(model.parameters()).device
+    for batch in on_device((collate(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)), device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         log_p += sentence_log_px(logits, batch["input_ids"], batch["attention_mask"]).sum().item()
         scored += int(batch["n_scored"].sum())
@@ -84,6 +85,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None,
     """Train the tokenizer and the model, measure held-out perplexity, save to `out` (atomically);
     returns what pretrain.json holds."""
     out = Path(out) if out is not None else default_out()
+    device = torch.device(check_device(cfg.device))
     set_seed(cfg.seed)
     start = time.perf_counter()
     train = {name: load_corpus(name, "train", cfg.data_dir, cfg.train_limit, cfg.seed) for name in CORPORA}
@@ -94,12 +96,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None,
     log(f"{len(texts):,} training sentences ({', '.join(f'{k} {len(v):,}' for k, v in train.items())})")
     tokenizer = train_tokenizer(texts, cfg.vocab)
     collate = Collate(tokenizer, cfg.max_length)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer).to(device)
     params = sum(p.numel() for p in model.parameters())
     log(f"tokenizer: {len(tokenizer):,} tokens; model: {params:,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = warmup_linear(opt, cfg.steps, cfg.warmup)
-    batches = length_grouped(texts, cfg.batch_size, collate, cfg.seed)
+    batches = on_device(length_grouped(texts, cfg.batch_size, collate, cfg.seed), device)
     history, t0 = [], time.perf_counter()
     model.train()
     for step in range(cfg.steps):
@@ -124,8 +126,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None,
               "train_sentences": {k: len(v) for k, v in train.items()},
               "held_out": {k: {"split": "valid", "sentences": len(v), "ppl": ppl[k]} for k, v in held.items()},
               "history": history, "train_s": train_s, "total_s": time.perf_counter() - start,
-              "device": {"device": "cpu", "name": cpu_name(), "threads": torch.get_num_threads(),
-                         "torch": torch.__version__}}
+              "device": device_info(cfg.device)}
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -26,13 +26,13 @@ from ... import load
 from ...errors import ConfigError, LoadError
 from ...files import atomic_write_dir
 from ..common.causal import load_base
-from ..common.config import set_seed
-from ..common.machine import cpu_name, peak_rss_mb
+from ..common.config import check_device, set_seed
+from ..common.machine import device_info, peak_memory_mb
 from ...quantized import parameter_count as count_base
 from ..common.quantize import binding, quantize_base, quantized_layers
 from ..common.runs import check_destination, malformed
 from .config import QUANTIZABLE, QUICK, RunConfig, TrainConfig, VAEConfig
-from .data import Collate, by_length, length_grouped, load_corpus
+from .data import Collate, by_length, length_grouped, load_corpus, on_device
 from .evaluation import evaluate
 from .generation import decode
 from .model import VAE
@@ -47,17 +47,20 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
     check_destination(run_dir, cfg.overwrite, ARTIFACTS)
     steps, batch_size = cfg.budget("steps"), cfg.budget("batch_size")
     training = TrainConfig(**{**asdict(cfg.training), "steps": steps})
+    device = torch.device(check_device(cfg.device))
     set_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     base, tokenizer = load_base(cfg.base, seed=cfg.seed)
-    quantize_base(base, cfg.quantize, "cpu", QUANTIZABLE)  # the VAE runs on the CPU
+    quantize_base(base, cfg.quantize, device, QUANTIZABLE)
     collate = Collate(tokenizer, cfg.max_length)
     train_set = load_corpus(cfg.corpus, "train", cfg.data_dir, cfg.budget("train_limit"), cfg.seed)
     test_set = load_corpus(cfg.corpus, "test", cfg.data_dir, cfg.budget("eval_limit"), cfg.seed)
     if len(train_set.texts) < batch_size:
         raise ConfigError(f"--batch-size {batch_size} is more than the {len(train_set.texts)} training sentences")
     with binding(cfg.quantize):
-        vae = VAE(base, cfg.vae)
+        vae = VAE(base, cfg.vae).to(device)
     load_s = time.perf_counter() - start
     bar = progress.add_task("train", total=steps) if progress is not None else None
 
@@ -66,10 +69,10 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
             progress.update(bar, advance=1, description=f"train  rec {row['rec']:.2f}  KL {row['kl']:.2f}  "
                                                          f"β {row['beta']:.2f}")
     t0 = time.perf_counter()
-    history = train(vae, length_grouped(train_set.texts, batch_size, collate, cfg.seed), training,
-                    generator=torch.Generator().manual_seed(cfg.seed), on_step=on_step)
+    history = train(vae, on_device(length_grouped(train_set.texts, batch_size, collate, cfg.seed), device), training,
+                    generator=torch.Generator(device).manual_seed(cfg.seed), on_step=on_step)
     train_s = time.perf_counter() - t0
-    eval_batches = by_length(test_set.texts, batch_size, collate)
+    eval_batches = on_device(by_length(test_set.texts, batch_size, collate), device)
     ebar = progress.add_task("test metrics", total=len(test_set.texts)) if progress is not None else None
     t0 = time.perf_counter()
     metrics = evaluate(vae, eval_batches, samples=cfg.budget("eval_samples"), seed=cfg.seed,
@@ -79,7 +82,9 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
         if not math.isfinite(metrics[key]):
             raise ConfigError(f"the test {key} is not finite after {steps} steps; nothing is saved")
     z = torch.randn(3, cfg.vae.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))  # z ~ N(0, I)
+    z = z.to(device)  # drawn on the CPU: the same latents on every device
     samples = decode(vae, tokenizer, z, max_length=cfg.max_length, seed=cfg.seed)
+    memory, memory_how = peak_memory_mb(cfg.device)
     base_params = count_base(base, {id(p) for p in vae.adaptation.parameters()})  # as in float, if quantized
     trained = sum(p.numel() for p in vae.trainable("encoder") + vae.trainable("decoder"))
     result = {
@@ -93,9 +98,8 @@ def run(cfg: RunConfig, progress: Any = None) -> dict:
         "data": {"train": train_set.info, "test": test_set.info},
         "test": metrics, "samples": samples,
         "history": history,
-        "load_s": load_s, "train_s": train_s, "eval_s": eval_s, "peak_memory_mb": peak_rss_mb(),
-        "device": {"device": "cpu", "name": cpu_name(), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__},
+        "load_s": load_s, "train_s": train_s, "eval_s": eval_s, "peak_memory_mb": memory,
+        "peak_memory_how": memory_how, "device": device_info(cfg.device),
     }
     adapters = {k: v.detach().cpu().contiguous() for k, v in vae.posterior.state_dict().items()}
 
