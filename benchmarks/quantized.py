@@ -160,7 +160,10 @@ def build(params: dict, device: str) -> Built:
         raise Skip("bitsandbytes is not installed (pip install bitsandbytes)") from e
     model = apply_method(base_model(params["model"], params["base"], device), params["method"], params["r"])
     if params.get("checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name transformers gives it from 5.24 on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -192,7 +195,7 @@ def notes(device: str, tiny: bool, records: list[dict]) -> list[str]:
             f"every Linear of the layers; the embedding table, the norms and the head stay {dtype}; weights MB: the "
             "parameters and buffers as stored (quantization scales included), adapters included",
             "+checkpointing: gradient checkpointing on every decoder layer (transformers' "
-            "gradient_checkpointing_enable, non-reentrant), the layers' activations recomputed in the backward",
+            "activation_checkpointing_enable, non-reentrant), the layers' activations recomputed in the backward",
             "first step s: the warm step, which takes the one-time costs (DoRA's cached ‖W‖², the optimizer's "
             "state, first allocations); median s: the timed steps after it",
             "adaptune's ops take their reference path in every case: a quantized weight always does "
