@@ -107,8 +107,9 @@ def test_quantized_memory_targets_read_the_peak_over_the_process_baseline_on_cpu
     records = [rec("f", "float", "adaptune-lora", 1000.0), rec("q", "nf4", "adaptune-lora", 300.0),
                rec("p", "nf4", "peft-lora", 400.0), rec("d", "nf4", "adaptune-dora", 300.0, median=1.2)]
     rows = [r for r in targets.check({"quantized": {"records": records}}, "cpu") if r["suite"] == "quantized"]
-    assert [(r["value"], r["verdict"]) for r in rows] == [(pytest.approx(0.3), "PASS"), (1.0, "PASS"),
-                                                          (pytest.approx(0.75), "PASS"), (1.2, "FAIL")]
+    assert [(r.get("value"), r["verdict"]) for r in rows] == [(pytest.approx(0.3), "PASS"), (1.0, "PASS"),
+                                                              (pytest.approx(0.75), "PASS"), (1.2, "FAIL"),
+                                                              (None, "MISSING")]
     # with checkpointing: each nf4 record against the yardstick of its own setting, never the other's
     for r in records:
         r["checkpointing"] = False
@@ -116,9 +117,15 @@ def test_quantized_memory_targets_read_the_peak_over_the_process_baseline_on_cpu
                 {**rec("qc", "nf4", "adaptune-lora", 100.0), "checkpointing": True},
                 {**rec("pc", "nf4", "peft-lora", 100.0, median=2.0), "checkpointing": True}]
     rows = [r for r in targets.check({"quantized": {"records": records}}, "cpu") if r["suite"] == "quantized"]
-    assert [(r["value"], r["verdict"]) for r in rows] == [
+    assert [(r.get("value"), r["verdict"]) for r in rows] == [
         (pytest.approx(0.3), "PASS"), (pytest.approx(0.2), "PASS"), (1.0, "PASS"), (0.5, "PASS"),
-        (pytest.approx(0.75), "PASS"), (1.0, "PASS"), (1.2, "FAIL")]
+        (pytest.approx(0.75), "PASS"), (1.0, "PASS"), (1.2, "FAIL"), (None, "MISSING")]
+    # the 24-layer model's target reads its own two records only, never the 8-layer model's
+    deep = [{**rec(name, base, "adaptune-lora", over), "model": "llama-24l", "checkpointing": True}
+            for name, base, over in (("F", "float", 4000.0), ("Q", "nf4", 1000.0))]
+    rows = [r for r in targets.check({"quantized": {"records": records + deep}}, "cpu") if r["suite"] == "quantized"]
+    assert [(r["a"], r["b"], r["value"], r["verdict"]) for r in rows if "24 layers" in r["target"]] == [
+        ("Q", "F", pytest.approx(0.25), "PASS")]
 
 
 def test_targets_file_lists_every_cpu_target(out):
