@@ -13,6 +13,13 @@ from ...errors import ConfigError
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
+def check_device_name(device: Any) -> None:
+    """ConfigError unless `device` is written as a device (cpu, cuda or cuda:N): the settings' own check, made
+    without torch when they are built; whether this machine has the device is check_device's."""
+    if not (isinstance(device, str) and DEVICE.fullmatch(device)):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+
+
 def available_devices() -> list[str]:
     """The devices of this machine: cpu, then cuda and cuda:0..N-1 when torch sees CUDA."""
     import torch

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...errors import ConfigError
-from ..common.config import DEVICE, check_run_name
+from ..common.config import check_device_name, check_run_name
 from ..common.datasets import REGRESSION, get_dataset
 from ..common.methods import METHODS, Method
 from ..common.quantize import COMPONENTS, check_quantize, option, refuse_base_training
@@ -134,8 +134,7 @@ class FewShotConfig:
         if self.mode == "head" and (self.template or self.verbalizer):
             raise ConfigError("--template and --verbalizer apply to --mode zero-shot and prompt, not head")
         self.seed_list()
-        if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
-            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         if self.name is not None:
             check_run_name(self.name)
         check_quantize(self.quantize)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ..common.causal import DEFAULT_BASE
-from ..common.config import DEVICE
+from ..common.config import check_device_name
 from ..common.quantize import check_quantize, option, refuse_base_training
 
 INJECTIONS = ("psa", "atm", "both")
@@ -144,8 +144,7 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
-            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         check_quantize(self.quantize)
         if self.vae.finetune:
             refuse_base_training(self.quantize, "--finetune", "the VAE's adapters and prefixes (leave --finetune "
@@ -199,8 +198,7 @@ class PretrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.train_limit is not None and (not isinstance(self.train_limit, int) or self.train_limit < 1):
             raise ConfigError(f"--train-limit must be a positive integer, got {self.train_limit!r}")
-        if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
-            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         if self.hidden % self.heads:
             raise ConfigError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
         if self.vocab < 258:
