@@ -29,6 +29,7 @@ import torch
 from .worker import Built, Case, Skip
 
 NAME = "quantized"
+LIVE_MEMORY = True  # on the CPU, each case's memory is also measured with freed memory unmapped (worker.measure_live)
 MODEL = "llama-8l"
 DEEP = "llama-24l"  # the same layers, 24 of them: 89% of the weights in the layers, as in Llama-3-8B (87%)
 SHAPES = {  # LlamaConfig fields
@@ -211,7 +212,12 @@ def notes(device: str, tiny: bool, records: list[dict]) -> list[str]:
             "first step s: the warm step, which takes the one-time costs (DoRA's cached ‖W‖², the optimizer's "
             "state, first allocations); median s: the timed steps after it",
             "adaptune's ops take their reference path in every case: a quantized weight always does "
-            "(ADAPTUNE_KERNELS=off for the float base too)"]
+            "(ADAPTUNE_KERNELS=off for the float base too)"] + ([
+            "live over baseline MB: the case built again in a fresh process started with MALLOC_MMAP_THRESHOLD_="
+            "131072 (glibc maps each allocation over 128 KiB on its own and unmaps it when freed), the peak RSS over "
+            "its baseline in the warm step and one more: the memory the step holds, as CUDA's max_memory_allocated "
+            "counts it, where 'over baseline' also counts what glibc kept of the memory the steps freed"]
+            if device == "cpu" else [])
 
 
 def add_rates(record: dict) -> dict:

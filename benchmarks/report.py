@@ -25,7 +25,8 @@ COLUMNS = {  # suite: [(header, record key, format)]
     "quantized": [("trainable", "trainable", "{:,}"), ("weights MB", "weights_mb", "{:,.0f}"),
                   ("first step s", "first_step_s", "{:.3f}"), ("median s", "median_s", "{:.3f}"),
                   ("min–max s", None, None), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MEM", "peak_mb", "{:,.0f}"),
-                  ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
+                  ("over baseline MB", "peak_over_base_mb", "{:,.0f}"),
+                  ("live over baseline MB", "live_peak_over_base_mb", "{:,.0f}")],
     "experts": [("tokens", "tokens", "{:,}"), ("trainable", "trainable", "{:,}"), ("median s", "median_s", "{:.3f}"),
                 ("min–max s", None, None), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("MEM", "peak_mb", "{:,.0f}"),
                 ("over baseline MB", "peak_over_base_mb", "{:,.0f}")],
@@ -67,8 +68,8 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
     device = result["environment"]["device"]
     cols = COLUMNS[result["suite"]]
     ms = result["suite"] in ("ops", "routing")
-    if device == "cuda":  # max_memory_allocated has no process baseline
-        cols = [c for c in cols if c[1] != "peak_over_base_mb"]
+    if device == "cuda":  # max_memory_allocated has no process baseline, and counts only what is held
+        cols = [c for c in cols if c[1] not in ("peak_over_base_mb", "live_peak_over_base_mb")]
     heads = ["configuration"] + [_MEMORY[device] if h == "MEM" else h for h, _, _ in cols]
     rows = []
     for r in result["records"]:

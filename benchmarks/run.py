@@ -13,7 +13,7 @@ from typing import Callable
 
 from . import experts, ops, quantized, rank_sweep, report, routing, targets, train_step
 from .common import copy_bandwidth, environment
-from .worker import measure, probe_kernels
+from .worker import live_memory_unavailable, measure, measure_live, probe_kernels
 
 SUITES = {"train": train_step, "ops": ops, "sweep": rank_sweep, "routing": routing, "quantized": quantized,
           "experts": experts}
@@ -79,7 +79,16 @@ def run_suite(suite: str, device: str, *, quick: bool = False, tiny: bool = Fals
             if case.kernels == "require" and why_not is not None:
                 case.skip = why_not.splitlines()[0]
         log(f"group: {', '.join(c.name for c in group)}")
-        records += measure(group, device, threads, warm, reps, log)
+        measured = measure(group, device, threads, warm, reps, log)
+        if device == "cpu" and getattr(module, "LIVE_MEMORY", False):  # the peak of what the steps hold
+            why_not_live = live_memory_unavailable()
+            ran = {r["name"] for r in measured if "error" not in r and "skipped" not in r}
+            live = measure_live([c for c in group if c.name in ran], threads, warm + 1, log) if not why_not_live else {}
+            for record in measured:
+                record.update(live.get(record["name"], {}))
+            if why_not_live:
+                log(f"live memory not measured: {why_not_live}")
+        records += measured
     records = [module.add_rates(r) for r in records]
     env["load_end"] = round(os.getloadavg()[0], 2)
     if suite == "ops":

@@ -43,24 +43,28 @@ _ROUTING = tuple(
     for device in ("cpu", "cuda"))
 _NF4_LORA = {"model": "llama-8l", "base": "nf4", "method": "adaptune-lora"}  # with and without checkpointing
 _SAME_CKPT = {"model": "llama-8l", "checkpointing": SAME}
-_QUANT_MEMORY = {"cpu": "peak_over_base_mb", "cuda": "peak_mb"}  # CPU: the peak RSS over the process's baseline
+# the peak memory a step's targets read: CUDA's max_memory_allocated; on the CPU the peak RSS over the process's
+# baseline, and the same with freed memory unmapped (worker.measure_live: what the step holds, as on CUDA)
+_QUANT_MEMORY = (("cpu", "peak_over_base_mb", "peak memory"), ("cpu", "live_peak_over_base_mb", "live peak memory"),
+                 ("cuda", "peak_mb", "peak memory"))
 _QUANT_STEP = "Llama 8 layers (hidden 2048), LoRA r=16 on q/k/v/o/gate/up/down, step"
-_QUANTIZED = tuple(t for device, memory in _QUANT_MEMORY.items() for t in (
-    Target(device, "quantized", f"{_QUANT_STEP} peak memory: adaptune LoRA on nf4 <= 0.35 x adaptune LoRA on the "
-           f"{'fp32' if device == 'cpu' else 'bf16'} base",
+_FLOAT = {"cpu": "fp32", "cuda": "bf16"}
+_QUANTIZED = tuple(t for device, memory, what in _QUANT_MEMORY for t in (
+    Target(device, "quantized", f"{_QUANT_STEP} {what}: adaptune LoRA on nf4 <= 0.35 x adaptune LoRA on the "
+           f"{_FLOAT[device]} base",
            _NF4_LORA, {**_SAME_CKPT, "base": "float", "method": "adaptune-lora"}, 0.35, metric=memory),
-    Target(device, "quantized", f"{_QUANT_STEP}: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
-           _NF4_LORA, {**_SAME_CKPT, "base": "nf4", "method": "peft-lora"}, 1.0),
-    Target(device, "quantized", f"{_QUANT_STEP} peak memory: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
+    Target(device, "quantized", f"{_QUANT_STEP} {what}: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
            _NF4_LORA, {**_SAME_CKPT, "base": "nf4", "method": "peft-lora"}, 1.0, metric=memory),
-    Target(device, "quantized", f"{_QUANT_STEP}: adaptune DoRA on nf4 <= 1.1 x adaptune LoRA on nf4",
-           {"model": "llama-8l", "base": "nf4", "method": "adaptune-dora"}, {**_NF4_LORA, "checkpointing": SAME},
-           1.1),
     Target(device, "quantized", "Llama 24 layers (hidden 2048; 89% of the weights in the layers), LoRA r=16, "
-           f"checkpointed step peak memory: adaptune LoRA on nf4 <= 0.35 x adaptune LoRA on the "
-           f"{'fp32' if device == 'cpu' else 'bf16'} base",
+           f"checkpointed step {what}: adaptune LoRA on nf4 <= 0.35 x adaptune LoRA on the {_FLOAT[device]} base",
            {**_NF4_LORA, "model": "llama-24l"}, {"model": "llama-24l", "checkpointing": SAME, "base": "float",
-                                                 "method": "adaptune-lora"}, 0.35, metric=memory)))
+                                                 "method": "adaptune-lora"}, 0.35, metric=memory))) + tuple(
+    t for device in ("cpu", "cuda") for t in (
+        Target(device, "quantized", f"{_QUANT_STEP}: adaptune LoRA on nf4 <= 1.0 x PEFT LoRA on nf4",
+               _NF4_LORA, {**_SAME_CKPT, "base": "nf4", "method": "peft-lora"}, 1.0),
+        Target(device, "quantized", f"{_QUANT_STEP}: adaptune DoRA on nf4 <= 1.1 x adaptune LoRA on nf4",
+               {"model": "llama-8l", "base": "nf4", "method": "adaptune-dora"}, {**_NF4_LORA, "checkpointing": SAME},
+               1.1)))
 _EXPERTS = tuple(
     Target(device, "experts", "Mixtral-shaped MoE block, LoRA r=16 on every expert, fwd+bwd: adaptune <= 0.6 x PEFT "
            "target_parameters", {"impl": "adaptune", "method": "lora", "path": "grouped"},

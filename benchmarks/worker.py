@@ -85,17 +85,19 @@ def probe_kernels(device: str) -> str | None:
     return payload if kind == "reply" else f"probe failed: {payload}"
 
 
-def _start(proc, kernels: str) -> None:
-    """Starts `proc` with ADAPTUNE_KERNELS=kernels in its inherited environment, ours left as it was."""
-    previous = os.environ.get("ADAPTUNE_KERNELS")
-    os.environ["ADAPTUNE_KERNELS"] = kernels
+def _start(proc, kernels: str, env: dict[str, str] | None = None) -> None:
+    """Starts `proc` with ADAPTUNE_KERNELS=kernels (and `env`) in its inherited environment, ours left as it was."""
+    settings = {"ADAPTUNE_KERNELS": kernels, **(env or {})}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         proc.start()
     finally:
-        if previous is None:
-            os.environ.pop("ADAPTUNE_KERNELS", None)
-        else:
-            os.environ["ADAPTUNE_KERNELS"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _serve(conn, case: Case, device: str, threads: int) -> None:
@@ -220,3 +222,44 @@ def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
         if times[name]:
             records[name].update(summary(times[name]))
     return [records[c.name] for c in cases]
+
+
+# glibc reads this when a process starts: every allocation over 128 KiB gets its own mapping, returned to the system
+# when freed, the threshold fixed (by default it rises to 32 MiB as large blocks are freed, which are then kept)
+UNMAPPED = {"MALLOC_MMAP_THRESHOLD_": str(128 * 2**10)}
+
+
+def live_memory_unavailable() -> str | None:
+    """None where measure_live can run (Linux with glibc), else why not."""
+    import platform
+    return None if platform.libc_ver()[0] == "glibc" else "the live-memory pass needs glibc's MALLOC_MMAP_THRESHOLD_"
+
+
+def measure_live(cases: list[Case], threads: int, steps: int, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """CPU: each case built again in a fresh (spawned) process started with UNMAPPED, then `steps` untimed steps.
+    Its peak RSS over its baseline then counts the memory the steps hold, as CUDA's max_memory_allocated does,
+    and not what the allocator kept of what they freed (with glibc's defaults, over a GB on a large model's step).
+    Returns {case name: {"live_peak_over_base_mb": MiB}}, for the cases that ran; a slow pass (every allocation
+    over 128 KiB faults its pages anew), so it is never timed."""
+    ctx = mp.get_context("spawn")
+    found = {}
+    for case in cases:
+        if case.skip:
+            continue
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child, case, "cpu", threads), daemon=True)
+        _start(proc, case.kernels, UNMAPPED)
+        kind, payload = _ask(parent, proc)
+        if kind == "ready":
+            parent.send(("run", steps))
+            kind, payload = _ask(parent, proc)
+        if kind == "times":
+            parent.send(("stop", 0))
+            kind, payload = _ask(parent, proc)
+        if kind == "stats":
+            found[case.name] = {"live_peak_over_base_mb": payload["peak_over_base_mb"]}
+            log(f"  live memory {case.name}: {payload['peak_over_base_mb']:,.0f} MB over baseline")
+        else:
+            log(f"  live memory {case.name}: not measured ({str(payload).strip().splitlines()[-1]})")
+        proc.join(timeout=30)
+    return found

@@ -31,8 +31,12 @@ def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s
          dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ — W is never combined with B·A."""
     y = linear(x, weight, bias)  # (..., out)
-    low = F.linear(F.linear(_drop(x, dropout, training).to(A.dtype), A), B)  # (..., r) -> (..., out)
-    return (y + scale * low).to(y.dtype)
+    h = F.linear(_drop(x, dropout, training).to(A.dtype), A)  # (..., r)
+    # y + s·h·Bᵀ as one multiply-add: no (..., out) temporaries for h·Bᵀ and its scaling, forward or backward
+    dtype = torch.promote_types(y.dtype, A.dtype)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1]).to(dtype), B.mT.to(dtype),
+                      alpha=scale)
+    return out.reshape(y.shape).to(y.dtype)
 
 
 def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float,
