@@ -111,6 +111,11 @@ def _serve(conn, case: Case, device: str, threads: int) -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from the libraries compared
     torch.set_num_threads(threads)
+    for name in PRELOAD:  # what a forked worker has from its server; a spawned one imports it here, so that
+        try:  # every process's baseline holds the same libraries
+            importlib.import_module(name)
+        except ImportError:  # PEFT not installed: its cases are skipped
+            pass
     base_mb = peak_memory_mb("cpu")  # the process's peak RSS before the build
     try:
         kernel_path(device, case.kernels)  # a case that asks for kernels gets them or is skipped

@@ -71,8 +71,9 @@ def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m
         norm = dora_norm(weight, A, B, scale, weight_norm_sq)
     dtype = torch.promote_types(x.dtype, A.dtype)
     y = linear(x, weight).to(dtype)  # (..., out)
-    y = y + scale * F.linear(F.linear(_drop(x, dropout, training).to(A.dtype), A), B).to(dtype)
-    y = (y * (magnitude / norm).to(dtype)).to(x.dtype)
+    h = F.linear(_drop(x, dropout, training).to(A.dtype), A).to(dtype)  # (..., r)
+    y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.mT.to(dtype), alpha=scale)
+    y = (y.reshape(*x.shape[:-1], -1) * (magnitude / norm).to(dtype)).to(x.dtype)
     return y + bias if bias is not None else y
 
 

@@ -45,6 +45,8 @@ def pairs() -> dict[str, dict[str, tuple[str, str]]]:
         routing[f"lora.mixed_over_peft.{t}"] = (f"lora fwd mixed T={t} [kernels]", f"lora fwd peft adapter_names T={t}")
     q = "llama-8l"
     quantized = {"nf4_lora_over_peft": (f"{q} nf4 adaptune-lora", f"{q} nf4 peft-lora"),
+                 "nf4_lora_over_peft_checkpointed": (f"{q} nf4 adaptune-lora +checkpointing",
+                                                     f"{q} nf4 peft-lora +checkpointing"),
                  "nf4_dora_over_nf4_lora": (f"{q} nf4 adaptune-dora", f"{q} nf4 adaptune-lora"),
                  "nf4_dora_over_peft": (f"{q} nf4 adaptune-dora", f"{q} nf4 peft-dora")}
     e = "hidden 1024, 1024 tokens: "
