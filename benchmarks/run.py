@@ -13,7 +13,7 @@ from typing import Callable
 
 from . import experts, ops, quantized, rank_sweep, report, routing, targets, train_step
 from .common import copy_bandwidth, environment
-from .worker import live_memory_unavailable, measure, measure_live, probe_kernels
+from .worker import measure, measure_live, probe_kernels
 
 SUITES = {"train": train_step, "ops": ops, "sweep": rank_sweep, "routing": routing, "quantized": quantized,
           "experts": experts}
@@ -81,13 +81,11 @@ def run_suite(suite: str, device: str, *, quick: bool = False, tiny: bool = Fals
         log(f"group: {', '.join(c.name for c in group)}")
         measured = measure(group, device, threads, warm, reps, log)
         if device == "cpu" and getattr(module, "LIVE_MEMORY", False):  # the peak of what the steps hold
-            why_not_live = live_memory_unavailable()
             ran = {r["name"] for r in measured if "error" not in r and "skipped" not in r}
-            live = measure_live([c for c in group if c.name in ran], threads, warm + 1, log) if not why_not_live else {}
+            live = measure_live([c for c in group if c.name in ran], threads, warm + 1, log)
             for record in measured:
-                record.update(live.get(record["name"], {}))
-            if why_not_live:
-                log(f"live memory not measured: {why_not_live}")
+                if record["name"] in live:
+                    record["live_peak_over_base_mb"] = live[record["name"]]
         records += measured
     records = [module.add_rates(r) for r in records]
     env["load_end"] = round(os.getloadavg()[0], 2)

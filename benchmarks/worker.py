@@ -158,11 +158,12 @@ def _ask(conn, proc, reply: bool = False) -> tuple[str, object]:
 
 
 def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
-            log: Callable[[str], None] = print) -> list[dict]:
+            log: Callable[[str], None] = print, env: dict[str, str] | None = None) -> list[dict]:
     """Build every case in its own process, run `warm` untimed steps each, then `reps` interleaved
     rounds of one timed step per case. Returns one record per case, in the order given; a case with `skip`
-    set is recorded as skipped without a process."""
-    ctx = context(device)
+    set is recorded as skipped without a process. `env`: variables every process starts with (spawned, then:
+    a forked process keeps what its server read when it started)."""
+    ctx = mp.get_context("spawn") if env else context(device)
     records = {c.name: {"name": c.name, "suite": c.suite, "kernels": c.kernels, "inner": c.inner, **c.params}
                for c in cases}
     live: dict[str, tuple] = {}
@@ -186,7 +187,7 @@ def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
             continue
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_serve, args=(child, case, device, threads), daemon=True)
-        _start(proc, case.kernels)  # inherited by the child before any import
+        _start(proc, case.kernels, env)  # inherited by the child before any import
         if device == "cpu":  # built one after another: builds do not compete for the few cores
             ready(case, parent, proc)
         else:  # a GPU machine's many cores start the spawned workers (imports, builds) side by side
@@ -234,37 +235,18 @@ def measure(cases: list[Case], device: str, threads: int, warm: int, reps: int,
 UNMAPPED = {"MALLOC_MMAP_THRESHOLD_": str(128 * 2**10)}
 
 
-def live_memory_unavailable() -> str | None:
-    """None where measure_live can run (Linux with glibc), else why not."""
+def measure_live(cases: list[Case], threads: int, steps: int, log: Callable[[str], None] = print) -> dict[str, float]:
+    """CPU: each case built again in a spawned process started with UNMAPPED, then `steps` untimed steps. Its peak
+    RSS over its baseline then counts the memory the steps hold, as CUDA's max_memory_allocated does, and not what
+    the allocator kept of what they freed (with glibc's defaults, over a GB on a large model's step). Returns
+    {case name: MiB} for the cases that ran; nothing where the C library is not glibc. A slow pass (every
+    allocation over 128 KiB faults its pages anew), so it is never timed."""
     import platform
-    return None if platform.libc_ver()[0] == "glibc" else "the live-memory pass needs glibc's MALLOC_MMAP_THRESHOLD_"
-
-
-def measure_live(cases: list[Case], threads: int, steps: int, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """CPU: each case built again in a fresh (spawned) process started with UNMAPPED, then `steps` untimed steps.
-    Its peak RSS over its baseline then counts the memory the steps hold, as CUDA's max_memory_allocated does,
-    and not what the allocator kept of what they freed (with glibc's defaults, over a GB on a large model's step).
-    Returns {case name: {"live_peak_over_base_mb": MiB}}, for the cases that ran; a slow pass (every allocation
-    over 128 KiB faults its pages anew), so it is never timed."""
-    ctx = mp.get_context("spawn")
-    found = {}
-    for case in cases:
-        if case.skip:
-            continue
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, case, "cpu", threads), daemon=True)
-        _start(proc, case.kernels, UNMAPPED)
-        kind, payload = _ask(parent, proc)
-        if kind == "ready":
-            parent.send(("run", steps))
-            kind, payload = _ask(parent, proc)
-        if kind == "times":
-            parent.send(("stop", 0))
-            kind, payload = _ask(parent, proc)
-        if kind == "stats":
-            found[case.name] = {"live_peak_over_base_mb": payload["peak_over_base_mb"]}
-            log(f"  live memory {case.name}: {payload['peak_over_base_mb']:,.0f} MB over baseline")
-        else:
-            log(f"  live memory {case.name}: not measured ({str(payload).strip().splitlines()[-1]})")
-        proc.join(timeout=30)
+    if platform.libc_ver()[0] != "glibc":
+        log("live memory not measured: it needs glibc's MALLOC_MMAP_THRESHOLD_")
+        return {}
+    found = {r["name"]: r["peak_over_base_mb"] for r in measure(cases, "cpu", threads, steps, 0, log, UNMAPPED)
+             if "peak_over_base_mb" in r}
+    for name, mb in found.items():
+        log(f"  live memory {name}: {mb:,.0f} MB over baseline")
     return found

@@ -27,16 +27,20 @@ def _drop(x: Tensor, p: float, training: bool) -> Tensor:
     return F.dropout(x, p, training) if p > 0.0 and training else x
 
 
+def _plus_low_rank(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """y + s·(x·Aᵀ)·Bᵀ (..., out) in the promoted dtype of y and A, x·Aᵀ in A's dtype; the sum as one multiply-add:
+    no (..., out) temporaries for the product and its scaling, forward or backward."""
+    dtype = torch.promote_types(y.dtype, A.dtype)
+    h = F.linear(x.to(A.dtype), A).to(dtype)  # (..., r)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1]), B.mT.to(dtype), alpha=scale)
+    return out.reshape(y.shape)
+
+
 def lora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
          dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ — W is never combined with B·A."""
     y = linear(x, weight, bias)  # (..., out)
-    h = F.linear(_drop(x, dropout, training).to(A.dtype), A)  # (..., r)
-    # y + s·h·Bᵀ as one multiply-add: no (..., out) temporaries for h·Bᵀ and its scaling, forward or backward
-    dtype = torch.promote_types(y.dtype, A.dtype)
-    out = torch.addmm(y.reshape(-1, y.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1]).to(dtype), B.mT.to(dtype),
-                      alpha=scale)
-    return out.reshape(y.shape).to(y.dtype)
+    return _plus_low_rank(y, _drop(x, dropout, training), A, B, scale).to(y.dtype)
 
 
 def dora_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float,
@@ -70,10 +74,8 @@ def dora(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m
     else:
         norm = dora_norm(weight, A, B, scale, weight_norm_sq)
     dtype = torch.promote_types(x.dtype, A.dtype)
-    y = linear(x, weight).to(dtype)  # (..., out)
-    h = F.linear(_drop(x, dropout, training).to(A.dtype), A).to(dtype)  # (..., r)
-    y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.mT.to(dtype), alpha=scale)
-    y = (y.reshape(*x.shape[:-1], -1) * (magnitude / norm).to(dtype)).to(x.dtype)
+    y = _plus_low_rank(linear(x, weight).to(dtype), _drop(x, dropout, training), A, B, scale)  # (..., out)
+    y = (y * (magnitude / norm).to(dtype)).to(x.dtype)
     return y + bias if bias is not None else y
 
 
